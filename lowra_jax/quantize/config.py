@@ -1,0 +1,97 @@
+"""Quantization settings (`QuantConfig`) and the one error type the quantizer raises."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+METHODS = ("nf", "lloyd", "lowra")
+PACKABLE_BITS = (1, 2, 3, 4)
+Method = Literal["nf", "lloyd", "lowra"]
+Weighting = Literal["absmax2", "absmax", "none"]
+Solver = Literal["auto", "greedy", "milp"]
+
+
+class QuantizationError(ValueError):
+  """Bad input to the quantizer; the message says what is wrong and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How to quantize the selected 2-D kernels of a params pytree.
+
+  Methods:
+    nf:    QLoRA's NormalFloat codebook at `bits` (shared by all channels), absmax scaling per group.
+    lloyd: per-output-channel weighted Lloyd-Max levels at a fixed `bits`.
+    lowra: per-channel Lloyd-Max levels at each precision in `precisions`, then per-channel
+           precision chosen model-wide so that the average *code* bits per parameter <= `budget`.
+  """
+
+  method: Method = "lowra"
+  bits: int = 2
+  """Fixed precision for `nf` and `lloyd` (1..4)."""
+  budget: float = 2.0
+  """`lowra`: average code bits per parameter over all quantized layers, in [1, 4]."""
+  precisions: tuple[int, ...] = (1, 2, 4)
+  """`lowra`: precisions a channel may take."""
+  group_size: int = 64
+  """Input elements sharing one absmax scale. K not divisible by it is zero-padded (stored, counted)."""
+  double_quant: bool = True
+  """Quantize the group scales to int8 (blocks of `dq_block` channels, fp32 block scale), as QLoRA."""
+  dq_block: int = 256
+  lloyd_iters: int = 30
+  """Lloyd-Max iterations (fixed, so results are deterministic and jit-friendly)."""
+  weighting: Weighting = "absmax2"
+  """Lloyd-Max sample weights: `absmax2` minimises the error in weight space (absmax(group)^2)."""
+  lut_clusters: int = 0
+  """0: one lookup table per output channel. C > 0: each precision bucket of a tensor shares C
+  tables (k-means over the channels' tables, then a pooled Lloyd-Max refit) plus a uint8 index per
+  channel -- fewer total bits when in_features is small."""
+  solver: Solver = "auto"
+  """Budget solver: `milp` (exact, scipy/HiGHS), `greedy` (convex-hull, optimal up to one channel),
+  `auto` = milp up to `milp_max_channels` channels, else greedy."""
+  milp_max_channels: int = 20_000
+  skip_patterns: tuple[str, ...] = ("embed", "lm_head", "norm")
+  """Regexes on the '/'-joined parameter path; matching leaves are never quantized."""
+
+  def __post_init__(self):
+    validate(self)
+
+  @property
+  def candidate_bits(self) -> tuple[int, ...]:
+    """Precisions a channel may be given under this config."""
+    return tuple(sorted(self.precisions)) if self.method == "lowra" else (self.bits,)
+
+
+def validate(cfg: QuantConfig) -> None:
+  """Raises `QuantizationError` naming the bad field and the fix."""
+  if cfg.method not in METHODS:
+    raise QuantizationError(f"unknown quantization method {cfg.method!r}: use one of {METHODS}.")
+  if cfg.method == "lowra":
+    bad = [b for b in cfg.precisions if b not in PACKABLE_BITS]
+    if not cfg.precisions or bad:
+      raise QuantizationError(
+          f"precisions={cfg.precisions} must be a non-empty subset of {PACKABLE_BITS}.")
+    if not 1.0 <= cfg.budget <= 4.0:
+      raise QuantizationError(
+          f"budget={cfg.budget} is outside [1, 4]: give the average code bits per parameter, "
+          "e.g. budget=1.5.")
+    if cfg.budget < min(cfg.precisions):
+      raise QuantizationError(
+          f"budget={cfg.budget} is infeasible with precisions={cfg.precisions}: every channel needs "
+          f"at least {min(cfg.precisions)} bits; raise the budget or allow lower precisions.")
+  elif cfg.bits not in PACKABLE_BITS:
+    raise QuantizationError(f"bits={cfg.bits} is not supported: use one of {PACKABLE_BITS}.")
+  if cfg.group_size <= 0 or cfg.group_size % 8:
+    raise QuantizationError(f"group_size={cfg.group_size} must be a positive multiple of 8.")
+  if cfg.dq_block <= 0:
+    raise QuantizationError(f"dq_block={cfg.dq_block} must be positive.")
+  if cfg.lloyd_iters < 0:
+    raise QuantizationError(f"lloyd_iters={cfg.lloyd_iters} must be >= 0.")
+  if cfg.weighting not in ("absmax2", "absmax", "none"):
+    raise QuantizationError(
+        f"unknown weighting {cfg.weighting!r}: use 'absmax2', 'absmax' or 'none'.")
+  if cfg.solver not in ("auto", "greedy", "milp"):
+    raise QuantizationError(f"unknown solver {cfg.solver!r}: use 'auto', 'greedy' or 'milp'.")
+  if not 0 <= cfg.lut_clusters <= 256:
+    raise QuantizationError(
+        f"lut_clusters={cfg.lut_clusters} must be in [0, 256] (0 = one table per channel).")

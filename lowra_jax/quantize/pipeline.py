@@ -1,0 +1,293 @@
+"""Quantizing a params pytree: select kernels, fit tables, solve the budget, encode and pack.
+
+  1. fit (device, per kernel):  absmax per group; Lloyd-Max tables and per-channel errors at every
+     candidate precision (`mapping.fit_channels`); skipped for `nf`, whose table is fixed.
+  2. solve (host, model-wide):  precision per channel under the budget (`precision.solve_budget`).
+  3. encode (device, per kernel): channels permuted into precision buckets; scales double-quantized
+     per bucket; codes = nearest level of w / scale; the exact squared error of the stored result.
+  4. pack (host):  codes into uint8 planes per bucket (`packing.pack`).
+Every jitted step has the kernel's own shape, so a model compiles once per distinct kernel shape;
+data-dependent shapes (bucket sizes) are handled on the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from lowra_jax.quantize import codebooks, mapping, packing, precision, scaling
+from lowra_jax.quantize.config import QuantConfig, QuantizationError
+from lowra_jax.quantize.qtensor import Bucket, QuantizedTensor, dequantize, is_quantized
+
+MAX_LEVELS = 16
+
+
+@dataclasses.dataclass
+class LayerReport:
+  path: str
+  shape: tuple[int, int]
+  code_bits: float
+  total_bits: float
+  sq_error: float
+  sq_norm: float
+  channels_per_bits: dict[int, int]
+
+  @property
+  def rel_error(self) -> float:
+    return float(np.sqrt(self.sq_error / self.sq_norm)) if self.sq_norm else 0.0
+
+
+@dataclasses.dataclass
+class QuantReport:
+  """Per-layer and model-wide results of `quantize_params`; `seconds` per pipeline stage."""
+
+  layers: list[LayerReport]
+  seconds: dict[str, float]
+
+  @property
+  def num_params(self) -> int:
+    return sum(l.shape[0] * l.shape[1] for l in self.layers)
+
+  @property
+  def code_bits(self) -> float:
+    return sum(l.code_bits * l.shape[0] * l.shape[1] for l in self.layers) / self.num_params
+
+  @property
+  def total_bits(self) -> float:
+    return sum(l.total_bits * l.shape[0] * l.shape[1] for l in self.layers) / self.num_params
+
+  @property
+  def rel_error(self) -> float:
+    """||W - W_hat||_F / ||W||_F over all quantized layers together."""
+    return float(np.sqrt(sum(l.sq_error for l in self.layers) / sum(l.sq_norm for l in self.layers)))
+
+  def summary(self) -> str:
+    lines = [f"{'layer':48s} {'shape':>12s} {'code':>6s} {'total':>6s} {'rel.err':>8s}"]
+    for l in self.layers:
+      lines.append(f"{l.path[-48:]:48s} {str(l.shape):>12s} {l.code_bits:6.3f} "
+                   f"{l.total_bits:6.3f} {l.rel_error:8.4f}")
+    lines.append(f"{'all ' + str(len(self.layers)) + ' layers':48s} {self.num_params:>12d} "
+                 f"{self.code_bits:6.3f} {self.total_bits:6.3f} {self.rel_error:8.4f}")
+    return "\n".join(lines)
+
+
+def path_str(path) -> str:
+  """'/'-joined names of a pytree key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def default_filter(config: QuantConfig) -> Callable[[str, jax.Array], bool]:
+  """Every 2-D leaf whose path matches none of `config.skip_patterns` (embeddings, head, norms)."""
+  skip = [re.compile(p) for p in config.skip_patterns]
+  return lambda path, leaf: getattr(leaf, "ndim", 0) == 2 and not any(s.search(path) for s in skip)
+
+
+def _check_leaf(path: str, w) -> None:
+  if w.ndim != 2:
+    raise QuantizationError(
+        f"parameter {path!r} has shape {tuple(w.shape)}: only 2-D kernels [in, out] can be "
+        "quantized; exclude it with skip_patterns or a filter.")
+  if w.size == 0:
+    raise QuantizationError(f"parameter {path!r} is empty (shape {tuple(w.shape)}): nothing to "
+                            "quantize; exclude it with skip_patterns or a filter.")
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise QuantizationError(f"parameter {path!r} has dtype {w.dtype}: expected a float kernel.")
+  if not bool(jnp.isfinite(w).all()):
+    raise QuantizationError(f"parameter {path!r} contains NaN or Inf: repair the checkpoint (or "
+                            "exclude the parameter) before quantizing.")
+
+
+@jax.jit
+def _sq_norm(w):
+  return jnp.sum(jnp.square(w.astype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "weighting"))
+def _normalise(w, *, group_size: int, weighting: str):
+  """w [K, N] -> (x, fit_w, err_w) float32 [N, K_pad] with one channel per row, absmax [G, N]."""
+  wp = scaling.pad_rows(w.astype(jnp.float32), group_size)
+  s = scaling.group_absmax(wp, group_size)
+  se = scaling.expand_groups(s, group_size)
+  x = jnp.where(se > 0, wp / jnp.where(se > 0, se, 1.0), 0.0)
+  real = (jnp.arange(wp.shape[0]) < w.shape[0])[:, None]
+  err_w = jnp.where(real, jnp.square(se), 0.0)
+  fit_w = {"absmax2": err_w, "absmax": jnp.where(real, se, 0.0),
+           "none": jnp.where(real, jnp.ones_like(se), 0.0)}[weighting]
+  return x.T, fit_w.T, err_w.T, s
+
+
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _encode(w, perm, scale, tables, *, group_size: int):
+  """Codes and exact errors of the stored format.
+
+  Args:
+    w: [K, N] kernel.
+    perm: int32 [N], stored column j is channel perm[j].
+    scale: float32 [G, N] dequantized group scales, permuted.
+    tables: float16 [N, 16] each channel's levels (padded with +inf), permuted.
+
+  Returns:
+    codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted).
+  """
+  wp = scaling.pad_rows(w.astype(jnp.float32), group_size)[:, perm]
+  se = scaling.expand_groups(scale, group_size)
+  x = jnp.where(se != 0, wp / jnp.where(se != 0, se, 1.0), 0.0)
+  codes = mapping.nearest_codes(x.T, tables)
+  w_hat = mapping.lookup(tables, codes).T * se
+  real = (jnp.arange(wp.shape[0]) < w.shape[0])[:, None]
+  err = jnp.where(real, jnp.square(wp - w_hat), 0.0).sum(axis=0)
+  return codes.T, err
+
+
+def _pad_tables(t: np.ndarray) -> np.ndarray:
+  t = np.asarray(t, np.float16)
+  return np.pad(t, ((0, 0), (0, MAX_LEVELS - t.shape[1])), constant_values=np.inf)
+
+
+@dataclasses.dataclass
+class _Fitted:
+  """Host results of the fit stage for one kernel."""
+
+  absmax: np.ndarray            # float32 [G, N]
+  tables: dict[int, np.ndarray]  # bits -> float16 [N, 2**bits]; empty for nf
+  errors: np.ndarray | None     # float32 [N, P] for the solver; None for nf/lloyd
+
+
+def _fit(w, cfg: QuantConfig) -> _Fitted:
+  x, fit_w, err_w, absmax = _normalise(w, group_size=cfg.group_size, weighting=cfg.weighting)
+  if cfg.method == "nf":
+    return _Fitted(np.asarray(absmax), {}, None)
+  bits = cfg.candidate_bits
+  tables, errors = mapping.fit_channels(x, fit_w, err_w, bits=bits, iters=cfg.lloyd_iters)
+  return _Fitted(np.asarray(absmax), {b: np.asarray(t) for b, t in zip(bits, tables)},
+                 np.asarray(errors) if cfg.method == "lowra" else None)
+
+
+def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarray):
+  """(tables [T, 2**b], table_index [Nb] or None) for the channels `cols` of precision b."""
+  if cfg.method == "nf":
+    return codebooks.nf_levels(b).astype(np.float16)[None], None
+  own = fitted.tables[b][cols]
+  if not cfg.lut_clusters or len(cols) <= cfg.lut_clusters:
+    return own, None
+  centroids, labels = mapping.kmeans_tables(own, cfg.lut_clusters)
+  segments = np.full(w.shape[1], len(centroids), np.int32)
+  segments[cols] = labels
+  x, fit_w, _, _ = _normalise(w, group_size=cfg.group_size, weighting=cfg.weighting)
+  shared = mapping.refit_shared(x, fit_w, jnp.asarray(centroids), jnp.asarray(segments),
+                                iters=cfg.lloyd_iters)
+  return np.asarray(shared), labels.astype(np.uint8)
+
+
+def _encode_and_pack(w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray,
+                     seconds: dict) -> tuple[QuantizedTensor, np.ndarray]:
+  """Builds the QuantizedTensor of one kernel; also returns its squared error per channel."""
+  t0 = time.perf_counter()
+  k, n = w.shape
+  present = sorted(set(channel_bits.tolist()))
+  order = np.argsort(channel_bits, kind="stable") if len(present) > 1 else np.arange(n)
+  bounds = np.cumsum([0] + [int((channel_bits == b).sum()) for b in present])
+  parts = []
+  for b, lo, hi in zip(present, bounds[:-1], bounds[1:]):
+    cols = order[lo:hi]
+    scales = scaling.make_scales(fitted.absmax[:, cols], cfg.double_quant, cfg.dq_block)
+    tables, index = _bucket_tables(w, cfg, fitted, b, cols)
+    per_channel = tables[index] if index is not None else np.broadcast_to(tables, (hi - lo, 2 ** b))
+    parts.append((b, scales, tables, index, scales.dequantize(np), _pad_tables(per_channel)))
+  codes, err = _encode(w, jnp.asarray(order, jnp.int32),
+                       jnp.asarray(np.concatenate([p[4] for p in parts], axis=1)),
+                       jnp.asarray(np.concatenate([p[5] for p in parts], axis=0)),
+                       group_size=cfg.group_size)
+  codes, err = np.asarray(codes), np.asarray(err)
+  t1 = time.perf_counter()
+  buckets = tuple(
+      Bucket(planes=packing.pack(codes[:, lo:hi], b), tables=tables, scales=scales,
+             table_index=index, bits=b)
+      for (b, scales, tables, index, _, _), lo, hi in zip(parts, bounds[:-1], bounds[1:]))
+  perm = None
+  if len(present) > 1:
+    perm = order.astype(np.int16 if n <= np.iinfo(np.int16).max else np.int32)
+  qt = QuantizedTensor(buckets=buckets, perm=perm, shape=(k, n), group_size=cfg.group_size,
+                       dtype=jnp.dtype(w.dtype).name)
+  qt = jax.tree_util.tree_map(jnp.asarray, qt)
+  seconds["encode"] += t1 - t0
+  seconds["pack"] += time.perf_counter() - t1
+  return qt, err
+
+
+def quantize_params(params, config: QuantConfig = QuantConfig(), *,
+                    filter_fn: Callable[[str, jax.Array], bool] | None = None,
+                    progress: bool = True):
+  """Quantizes the selected 2-D kernels [in, out] of a params pytree.
+
+  Args:
+    params: any pytree of arrays.
+    config: the method and its settings; `lowra`'s budget applies to all selected kernels together.
+    filter_fn: (path, leaf) -> bool choosing leaves; default `default_filter(config)`.
+    progress: show progress bars.
+
+  Returns:
+    (qparams, report): params with each selected leaf replaced by a `QuantizedTensor`, and a
+    `QuantReport` of errors and bits.
+  """
+  filter_fn = filter_fn or default_filter(config)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  selected = [i for i, (p, leaf) in enumerate(flat) if filter_fn(path_str(p), leaf)]
+  if not selected:
+    raise QuantizationError("no parameter was selected for quantization: pass 2-D kernels, or "
+                            "loosen skip_patterns / the filter.")
+  paths = {i: path_str(flat[i][0]) for i in selected}
+  seconds = {"fit": 0.0, "solve": 0.0, "encode": 0.0, "pack": 0.0}
+  for i in selected:
+    _check_leaf(paths[i], flat[i][1])
+
+  t0 = time.perf_counter()
+  fitted = {i: _fit(flat[i][1], config)
+            for i in tqdm(selected, desc="fit", disable=not progress, leave=False)}
+  seconds["fit"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  cand = np.asarray(config.candidate_bits)
+  if config.method == "lowra":
+    errors = np.concatenate([fitted[i].errors for i in selected]).astype(np.float64)
+    costs = np.concatenate([np.full(flat[i][1].shape[1], flat[i][1].shape[0]) for i in selected])
+    choice = precision.solve_budget(errors, costs, cand, config.budget, config.solver,
+                                    config.milp_max_channels)
+    splits = np.cumsum([flat[i][1].shape[1] for i in selected])[:-1]
+    channel_bits = dict(zip(selected, np.split(cand[choice], splits)))
+  else:
+    channel_bits = {i: np.full(flat[i][1].shape[1], cand[0]) for i in selected}
+  seconds["solve"] = time.perf_counter() - t0
+
+  leaves = [leaf for _, leaf in flat]
+  layers = []
+  for i in tqdm(selected, desc="encode+pack", disable=not progress, leave=False):
+    w = flat[i][1]
+    qt, err = _encode_and_pack(w, config, fitted.pop(i), channel_bits[i], seconds)
+    leaves[i] = qt
+    bits, counts = np.unique(channel_bits[i], return_counts=True)
+    layers.append(LayerReport(
+        path=paths[i], shape=tuple(w.shape), code_bits=qt.code_bits / qt.num_params,
+        total_bits=qt.stored_bits / qt.num_params, sq_error=float(err.astype(np.float64).sum()),
+        sq_norm=float(_sq_norm(w)), channels_per_bits=dict(zip(bits.tolist(), counts.tolist()))))
+  return jax.tree_util.tree_unflatten(treedef, leaves), QuantReport(layers, seconds)
+
+
+def quantize_tensor(w, config: QuantConfig = QuantConfig()) -> QuantizedTensor:
+  """Quantizes one kernel W[K, N] (for `lowra`, the budget applies to this kernel alone)."""
+  qparams, _ = quantize_params({"kernel": w}, config, filter_fn=lambda p, leaf: True,
+                               progress=False)
+  return qparams["kernel"]
+
+
+def dequantize_params(qparams, dtype=None):
+  """Replaces every `QuantizedTensor` by its dense kernel (in `dtype`, default the original)."""
+  return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_quantized(x) else x,
+                                qparams, is_leaf=is_quantized)

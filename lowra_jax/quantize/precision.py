@@ -1,0 +1,145 @@
+"""Per-channel precision under an average-bits budget (a multiple-choice knapsack).
+
+Given e[c, p], the squared error of channel c at precision bits[p], and n[c], its number of
+parameters, choose one p per channel minimising sum_c e[c, p_c] subject to
+sum_c n[c] * bits[p_c] <= budget * sum_c n[c].
+
+* `milp`: the exact 0/1 program through scipy's HiGHS (`scipy.optimize.milp`).
+* `greedy`: every channel starts at its cheapest precision; upgrades along each channel's lower
+  convex hull of (bits, error) are taken in order of error saved per bit until the budget is spent,
+  then the leftover budget is filled with the best upgrades that still fit. This is the LP
+  relaxation's solution rounded down, so it is optimal up to one channel's upgrade; it solves
+  LLaMA-7B's ~1.3M channels in about a second.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.optimize
+import scipy.sparse
+
+from lowra_jax.quantize.config import QuantizationError
+
+
+def check_budget(costs: np.ndarray, bits: np.ndarray, budget: float) -> float:
+  """Returns the code-bit capacity budget * sum(costs); raises if even the lowest precision exceeds it."""
+  capacity = budget * float(costs.sum())
+  if float(costs.sum()) * bits.min() > capacity * (1 + 1e-12):
+    raise QuantizationError(
+        f"budget={budget} is infeasible: every channel needs at least {bits.min()} bits; raise the "
+        "budget or allow lower precisions.")
+  return capacity
+
+
+def _hull_steps(errors: np.ndarray, bits: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per-channel lower convex hull of (bits, error), walked from the cheapest precision.
+
+  Returns a list of (from_idx, to_idx) int arrays [N] per step; to_idx == from_idx once a channel's
+  hull ends (no further upgrade saves error).
+  """
+  n, p = errors.shape
+  cur = np.zeros(n, np.int64)
+  rows = np.arange(n)
+  steps = []
+  for _ in range(p - 1):
+    db = bits[None, :] - bits[cur][:, None]
+    de = errors - errors[rows, cur][:, None]
+    slope = np.where(db > 0, de / np.where(db > 0, db, 1), np.inf)
+    nxt = np.argmin(slope, axis=1)
+    ok = slope[rows, nxt] < 0
+    nxt = np.where(ok, nxt, cur)
+    steps.append((cur, nxt))
+    cur = nxt
+  return steps
+
+
+def solve_greedy(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float
+                 ) -> np.ndarray:
+  """Convex-hull greedy; see module docstring. Returns int [N] indices into `bits`."""
+  errors = np.asarray(errors, np.float64)
+  costs = np.asarray(costs, np.float64)
+  n = errors.shape[0]
+  remaining = check_budget(costs, bits, budget) - float(costs.sum()) * bits[0]
+  choice = np.zeros(n, np.int64)
+  if len(bits) == 1 or n == 0:
+    return choice
+  steps = _hull_steps(errors, bits)
+  rows = np.arange(n)
+  chan = np.concatenate([rows for _ in steps])
+  order_in_chain = np.concatenate([np.full(n, i) for i in range(len(steps))])
+  frm = np.concatenate([s[0] for s in steps])
+  to = np.concatenate([s[1] for s in steps])
+  valid = to != frm
+  chan, order_in_chain, frm, to = chan[valid], order_in_chain[valid], frm[valid], to[valid]
+  cost = costs[chan] * (bits[to] - bits[frm])
+  gain = errors[chan, frm] - errors[chan, to]
+  eff = gain / cost
+  order = np.lexsort((order_in_chain, chan, -eff))
+  chan, frm, to, cost, eff = chan[order], frm[order], to[order], cost[order], eff[order]
+
+  # Longest prefix that fits: hull efficiencies fall along each chain, so a prefix respects
+  # every chain's order.
+  within = np.cumsum(cost) <= remaining * (1 + 1e-12)
+  k = int(np.argmin(within)) if not within.all() else len(cost)
+  np.maximum.at(choice, chan[:k], to[:k])  # a chain's later steps have larger `to`
+  remaining -= float(cost[:k].sum())
+  taken = np.zeros(len(cost), bool)
+  taken[:k] = True
+  # Fill: the best remaining upgrade that fits and continues its channel's current state.
+  while True:
+    cand = ~taken & (choice[chan] == frm) & (cost <= remaining * (1 + 1e-12))
+    if not cand.any():
+      return choice
+    i = int(np.flatnonzero(cand)[0])  # list is sorted by efficiency
+    choice[chan[i]] = to[i]
+    remaining -= float(cost[i])
+    taken[i] = True
+
+
+def solve_milp(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float,
+               time_limit: float = 120.0) -> np.ndarray:
+  """Exact 0/1 program via HiGHS. Returns int [N] indices into `bits`."""
+  errors = np.asarray(errors, np.float64)
+  costs = np.asarray(costs, np.float64)
+  n, p = errors.shape
+  capacity = check_budget(costs, bits, budget)
+  if n == 0:
+    return np.zeros(0, np.int64)
+  scale = max(float(np.abs(errors).max()), 1e-300)
+  one_each = scipy.sparse.kron(scipy.sparse.identity(n, format="csr"), np.ones((1, p)))
+  bit_row = (costs[:, None] * bits[None, :]).reshape(1, -1) / costs.sum()
+  constraints = [
+      scipy.optimize.LinearConstraint(one_each, 1, 1),
+      scipy.optimize.LinearConstraint(bit_row, -np.inf, capacity / costs.sum() * (1 + 1e-12)),
+  ]
+  res = scipy.optimize.milp(
+      (errors / scale).reshape(-1), constraints=constraints, integrality=np.ones(n * p),
+      bounds=scipy.optimize.Bounds(0, 1),
+      options={"mip_rel_gap": 1e-9, "time_limit": time_limit, "disp": False})
+  if res.x is None:
+    raise QuantizationError(f"the budget ILP found no solution ({res.message}); use solver='greedy'.")
+  choice = res.x.reshape(n, p).argmax(axis=1)
+  greedy = solve_greedy(errors, costs, bits, budget)  # guard against a time-limited incumbent
+  rows = np.arange(n)
+  return greedy if errors[rows, greedy].sum() < errors[rows, choice].sum() else choice
+
+
+def solve_budget(errors: np.ndarray, costs: np.ndarray, bits, budget: float,
+                 solver: str = "auto", milp_max_channels: int = 20_000) -> np.ndarray:
+  """Chooses one precision per channel under the budget.
+
+  Args:
+    errors: float [N, P], squared error of channel c at precision bits[p].
+    costs: [N] parameters per channel.
+    bits: P precisions, ascending.
+    budget: average code bits per parameter.
+    solver: 'milp', 'greedy' or 'auto' (milp up to `milp_max_channels` channels).
+
+  Returns:
+    int64 [N] indices into `bits`; sum(costs * bits[idx]) <= budget * sum(costs) always.
+  """
+  bits = np.asarray(bits, np.float64)
+  if np.any(np.diff(bits) <= 0):
+    raise QuantizationError(f"bits={bits.tolist()} must be strictly ascending.")
+  use_milp = solver == "milp" or (solver == "auto" and len(costs) <= milp_max_channels)
+  fn = solve_milp if use_milp else solve_greedy
+  return fn(errors, costs, bits, budget)
