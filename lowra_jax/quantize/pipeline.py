@@ -216,7 +216,7 @@ def _encode_and_pack(w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndar
     perm = order.astype(np.int16 if n <= np.iinfo(np.int16).max else np.int32)
   qt = QuantizedTensor(buckets=buckets, perm=perm, shape=(k, n), group_size=cfg.group_size,
                        dtype=jnp.dtype(w.dtype).name)
-  qt = jax.tree_util.tree_map(jnp.asarray, qt)
+  qt = jax.device_put(qt)
   seconds["encode"] += t1 - t0
   seconds["pack"] += time.perf_counter() - t1
   return qt, err
