@@ -147,7 +147,7 @@ def test_greedy_within_one_channel_of_brute_force(bits, max_n, family):
 
 @pytest.mark.parametrize("bits,max_n", CASES)
 def test_milp_respects_budget_and_is_near_optimal_on_wide_error_ranges(bits, max_n):
-    # The exact check for this family is test_milp_exact_when_errors_span_many_decades (xfail).
+    # The exact check for this family is test_milp_exact_when_errors_span_many_decades.
     for seed, budget, errors, costs in _sweep(bits, max_n, "wide", seed0=3000):
         opt = brute_force_optimum(errors, costs, bits, budget)
         choice = solve_milp(errors, costs, bits, budget)
@@ -156,10 +156,6 @@ def test_milp_respects_budget_and_is_near_optimal_on_wide_error_ranges(bits, max
         assert opt - 1e-12 * opt <= got <= opt + 1e-5 * np.abs(errors).max(), (seed, budget)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG precision.py:117 solve_milp: HiGHS' default mip_abs_gap=1e-6 applies to the objective "
-    "normalised by max|e|, so channels whose errors are < ~1e-6 * max|e| are not optimised; "
-    "the result can be ~1e-6 relative above the optimum despite mip_rel_gap=1e-9."))
 def test_milp_exact_when_errors_span_many_decades():
     failures = []
     for bits, max_n in ((BITS3, 7), (BITS4, 5)):
@@ -171,30 +167,49 @@ def test_milp_exact_when_errors_span_many_decades():
     assert not failures, failures
 
 
-def test_milp_abs_gap_regression_instance():
-    # Found by the sweep above: 7 channels, errors from 1e-8 to 0.78 (kept as a fixed case so
-    # the relative gap is visible).  Only the budget and the loose gap are asserted here.
-    rng = np.random.default_rng(197)
-    errors = -np.sort(-rng.random((7, 3)), axis=1) * 10.0 ** rng.uniform(-8, 0, (7, 1))
-    costs = rng.integers(64, 4097, 7).astype(np.float64)
-    opt = brute_force_optimum(errors, costs, BITS3, 3.0)
-    got = objective(errors, solve_milp(errors, costs, BITS3, 3.0))
-    assert opt <= got * (1 + 1e-12) and got <= opt + 1e-5 * errors.max()
+def test_milp_abs_gap_minimal_instance():
+    # Seven channels whose errors span 1e-9 .. 0.78 (found by the sweep above, rounded).
+    errors = np.array([
+        [1.64679544e-06, 1.48311245e-06, 5.38602724e-07],
+        [1.45862242e-02, 2.51811196e-03, 9.07635761e-04],
+        [7.11548652e-02, 6.85102252e-03, 3.01915138e-03],
+        [4.59668416e-02, 3.94192411e-02, 1.32087081e-02],
+        [1.73815296e-08, 1.30259608e-08, 2.87296781e-09],
+        [2.95842840e-08, 1.78980632e-08, 1.72096322e-08],
+        [7.84214252e-01, 6.70985931e-01, 2.20638106e-01]])
+    costs = np.array([3833.0, 3436.0, 3231.0, 3847.0, 3288.0, 1943.0, 2367.0])
+    better = np.array([1, 2, 2, 2, 0, 0, 2])
+    assert used_bits(costs, BITS3, better) <= 3.0 * costs.sum()  # 64,421 <= 3 * 21,945 = 65,835
+    choice = solve_milp(errors, costs, BITS3, 3.0)
+    assert objective(errors, choice) <= objective(errors, better) * (1 + 1e-9)
 
 
 # --------------------------------------------------------------------------------------------
 # Hand-made problems.
 
 
-@pytest.mark.parametrize("solver", ["milp", "greedy"])
-def test_non_convex_channel_jumps_from_1_to_4_bits(solver):
-    # Two channels of equal cost, 5 bits in total. Channel A: 2 bits barely helps, 4 bits does
-    # (its hull skips 2). Options: A4+B1 = 0.01 + 1.0 = 1.01, A1+B4 = 1.0 + 0.1 = 1.1,
-    # A2+B2 = 0.99 + 0.3 = 1.29, A2+B1 / A1+B2 / A1+B1 worse. Optimum: A at 4 bits, B at 1 bit.
-    errors = np.array([[1.0, 0.99, 0.01], [1.0, 0.3, 0.1]])
-    costs = np.array([256.0, 256.0])
-    choice = solve_budget(errors, costs, (1, 2, 4), 2.5, solver=solver)
+NONCONVEX_ERRORS = np.array([[1.0, 0.99, 0.01], [1.0, 0.3, 0.1]])
+
+
+def test_non_convex_channel_milp_jumps_from_1_to_4_bits():
+    # Two channels of equal cost, budget 2.5 -> 5 bits in total. Channel A: 2 bits barely helps,
+    # 4 bits does (its hull skips 2). Options: A4+B1 = 0.01 + 1.0 = 1.01, A1+B4 = 1.0 + 0.1 = 1.1,
+    # A2+B2 = 0.99 + 0.3 = 1.29, the rest worse. Optimum: A at 4 bits, B at 1 bit.
+    choice = solve_budget(NONCONVEX_ERRORS, np.full(2, 256.0), (1, 2, 4), 2.5, solver="milp")
     np.testing.assert_array_equal(choice, [2, 0])
+
+
+def test_non_convex_channel_greedy():
+    costs = np.full(2, 256.0)
+    # Budget 3 -> 6 bits: A4+B2 = 0.31 is optimal (A2+B4 = 1.09, A4+B1 = 1.01); the greedy's
+    # hull walk must take A straight from 1 to 4 bits.
+    np.testing.assert_array_equal(
+        solve_budget(NONCONVEX_ERRORS, costs, (1, 2, 4), 3.0, solver="greedy"), [2, 1])
+    # Budget 2.5: the LP relaxation is fractional on A; rounding it down may lose up to one
+    # channel's gain (0.99) relative to the optimum 1.01, but must stay feasible.
+    choice = solve_budget(NONCONVEX_ERRORS, costs, (1, 2, 4), 2.5, solver="greedy")
+    assert used_bits(costs, BITS3, choice) <= 2.5 * 512
+    assert 1.01 <= objective(NONCONVEX_ERRORS, choice) <= 1.01 + 0.99
 
 
 @pytest.mark.parametrize("solver", ["milp", "greedy"])
@@ -243,7 +258,7 @@ def test_solve_budget_auto_is_exact_on_small_problems():
 
 
 def _collinear_problems(bits):
-    for seed in range(200):
+    for seed in range(60):
         rng = np.random.default_rng(seed)
         x = rng.uniform(0.1, 1.0)
         d = rng.uniform(1e-3, x / bits[-1])
@@ -252,11 +267,6 @@ def _collinear_problems(bits):
             yield seed, float(budget), errors
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG precision.py:76-83 solve_greedy: for errors collinear in bits (e.g. [0.3, 0.2, 0.1, 0.0] "
-    "at bits 1,2,3,4) float rounding makes a later hull step's gain/cost exceed the earlier one's; "
-    "the lexsort then puts the later step first, the prefix takes it alone, and "
-    "np.maximum.at jumps the channel to 4 bits while charging 1 bit: budget 2.0 -> 4 bits used."))
 @pytest.mark.parametrize("solver", ["greedy", "milp"])  # milp returns greedy's lower objective
 def test_collinear_errors_respect_budget(solver):
     over = []
@@ -267,7 +277,6 @@ def test_collinear_errors_respect_budget(solver):
     assert not over, over
 
 
-@pytest.mark.xfail(strict=True, reason="BUG precision.py:76-83, see test_collinear_errors_respect_budget")
 def test_collinear_minimal_example():
     choice = solve_greedy(np.array([[0.3, 0.2, 0.1, 0.0]]), np.ones(1), BITS4, 2.0)
     assert BITS4[choice].sum() <= 2.0  # got 4.0
@@ -284,10 +293,6 @@ def test_collinear_errors_with_bits_124_respect_budget():
 # Known failure: MILP feasibility tolerance.
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG precision.py:110-123 solve_milp: the budget row is only enforced to HiGHS' primal "
-    "feasibility tolerance (1e-7 on the row normalised by sum(costs)) and the result is not "
-    "re-checked: 7 unit-cost channels, budget=2-1e-7 -> 14 bits used > capacity 13.9999993."))
 def test_milp_budget_is_hard_near_integer_capacity():
     errors = np.tile([1.0, 0.5, 0.1], (7, 1))
     costs = np.ones(7)

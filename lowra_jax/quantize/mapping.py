@@ -106,7 +106,10 @@ def nearest_codes(x: jax.Array, levels: jax.Array) -> jax.Array:
   Levels may be padded with +inf at the top (tables of lower precision in a wider array).
   """
   t = thresholds(levels.astype(jnp.float32))
-  return jnp.sum(x[:, :, None] > t[:, None, :], axis=-1, dtype=jnp.int32).astype(jnp.uint8)
+  codes = jnp.zeros(x.shape, jnp.uint8)
+  for j in range(t.shape[1]):  # L - 1 <= 15 elementwise compares, fused into one pass over x
+    codes = codes + (x > t[:, j:j + 1]).astype(jnp.uint8)
+  return codes
 
 
 def lookup(levels: jax.Array, codes: jax.Array) -> jax.Array:

@@ -131,7 +131,7 @@ def _encode(w, perm, scale, tables, *, group_size: int):
     w: [K, N] kernel.
     perm: int32 [N], stored column j is channel perm[j].
     scale: float32 [G, N] dequantized group scales, permuted.
-    tables: float16 [N, 16] each channel's levels (padded with +inf), permuted.
+    tables: float32 [N, 16] each channel's levels (padded with +inf), permuted.
 
   Returns:
     codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted).
@@ -147,7 +147,7 @@ def _encode(w, perm, scale, tables, *, group_size: int):
 
 
 def _pad_tables(t: np.ndarray) -> np.ndarray:
-  t = np.asarray(t, np.float16)
+  t = np.asarray(t, np.float32)
   return np.pad(t, ((0, 0), (0, MAX_LEVELS - t.shape[1])), constant_values=np.inf)
 
 
@@ -173,7 +173,7 @@ def _fit(w, cfg: QuantConfig) -> _Fitted:
 def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarray):
   """(tables [T, 2**b], table_index [Nb] or None) for the channels `cols` of precision b."""
   if cfg.method == "nf":
-    return codebooks.nf_levels(b).astype(np.float16)[None], None
+    return codebooks.nf_levels(b)[None], None  # one float32 table, exactly bitsandbytes' values
   own = fitted.tables[b][cols]
   if not cfg.lut_clusters or len(cols) <= cfg.lut_clusters:
     return own, None

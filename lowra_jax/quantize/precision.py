@@ -30,6 +30,23 @@ def check_budget(costs: np.ndarray, bits: np.ndarray, budget: float) -> float:
   return capacity
 
 
+def _as_problem(errors, costs, bits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """float64 errors [N, P], costs [N], bits [P] (strictly ascending)."""
+  errors = np.asarray(errors, np.float64)
+  costs = np.asarray(costs, np.float64)
+  bits = np.asarray(bits, np.float64)
+  if np.any(np.diff(bits) <= 0):
+    raise QuantizationError(f"bits={bits.tolist()} must be strictly ascending.")
+  if errors.ndim != 2 or errors.shape != (len(costs), len(bits)):
+    raise QuantizationError(
+        f"errors {errors.shape} must be [channels, precisions] = [{len(costs)}, {len(bits)}].")
+  return errors, costs, bits
+
+
+def _used_bits(costs: np.ndarray, bits: np.ndarray, choice: np.ndarray) -> float:
+  return float((costs * bits[choice]).sum())
+
+
 def _hull_steps(errors: np.ndarray, bits: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per-channel lower convex hull of (bits, error), walked from the cheapest precision.
 
@@ -55,8 +72,7 @@ def _hull_steps(errors: np.ndarray, bits: np.ndarray) -> list[tuple[np.ndarray, 
 def solve_greedy(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float
                  ) -> np.ndarray:
   """Convex-hull greedy; see module docstring. Returns int [N] indices into `bits`."""
-  errors = np.asarray(errors, np.float64)
-  costs = np.asarray(costs, np.float64)
+  errors, costs, bits = _as_problem(errors, costs, bits)
   n = errors.shape[0]
   remaining = check_budget(costs, bits, budget) - float(costs.sum()) * bits[0]
   choice = np.zeros(n, np.int64)
@@ -64,15 +80,20 @@ def solve_greedy(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget
     return choice
   steps = _hull_steps(errors, bits)
   rows = np.arange(n)
+  effs, prev = [], np.full(n, np.inf)
+  for frm, to in steps:
+    db = np.where(to != frm, bits[to] - bits[frm], 1.0) * costs
+    # Error saved per code bit; forced non-increasing along a chain (rounding on collinear points).
+    prev = np.minimum(prev, (errors[rows, frm] - errors[rows, to]) / db)
+    effs.append(prev)
   chan = np.concatenate([rows for _ in steps])
   order_in_chain = np.concatenate([np.full(n, i) for i in range(len(steps))])
   frm = np.concatenate([s[0] for s in steps])
   to = np.concatenate([s[1] for s in steps])
+  eff = np.concatenate(effs)
   valid = to != frm
-  chan, order_in_chain, frm, to = chan[valid], order_in_chain[valid], frm[valid], to[valid]
+  chan, order_in_chain, frm, to, eff = (a[valid] for a in (chan, order_in_chain, frm, to, eff))
   cost = costs[chan] * (bits[to] - bits[frm])
-  gain = errors[chan, frm] - errors[chan, to]
-  eff = gain / cost
   order = np.lexsort((order_in_chain, chan, -eff))
   chan, frm, to, cost, eff = chan[order], frm[order], to[order], cost[order], eff[order]
 
@@ -98,29 +119,35 @@ def solve_greedy(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget
 def solve_milp(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float,
                time_limit: float = 120.0) -> np.ndarray:
   """Exact 0/1 program via HiGHS. Returns int [N] indices into `bits`."""
-  errors = np.asarray(errors, np.float64)
-  costs = np.asarray(costs, np.float64)
+  errors, costs, bits = _as_problem(errors, costs, bits)
   n, p = errors.shape
   capacity = check_budget(costs, bits, budget)
   if n == 0:
     return np.zeros(0, np.int64)
-  scale = max(float(np.abs(errors).max()), 1e-300)
+  # HiGHS stops at an absolute objective gap of 1e-6: scale the largest error to 1e6 so that
+  # channels with errors many decades below the largest still count.
+  scale = max(float(np.abs(errors).max()), 1e-300) / 1e6
   one_each = scipy.sparse.kron(scipy.sparse.identity(n, format="csr"), np.ones((1, p)))
   bit_row = (costs[:, None] * bits[None, :]).reshape(1, -1) / costs.sum()
   constraints = [
       scipy.optimize.LinearConstraint(one_each, 1, 1),
-      scipy.optimize.LinearConstraint(bit_row, -np.inf, capacity / costs.sum() * (1 + 1e-12)),
+      scipy.optimize.LinearConstraint(bit_row, -np.inf, capacity / costs.sum()),
   ]
   res = scipy.optimize.milp(
       (errors / scale).reshape(-1), constraints=constraints, integrality=np.ones(n * p),
       bounds=scipy.optimize.Bounds(0, 1),
       options={"mip_rel_gap": 1e-9, "time_limit": time_limit, "disp": False})
+  greedy = solve_greedy(errors, costs, bits, budget)
   if res.x is None:
-    raise QuantizationError(f"the budget ILP found no solution ({res.message}); use solver='greedy'.")
+    return greedy
   choice = res.x.reshape(n, p).argmax(axis=1)
-  greedy = solve_greedy(errors, costs, bits, budget)  # guard against a time-limited incumbent
   rows = np.arange(n)
-  return greedy if errors[rows, greedy].sum() < errors[rows, choice].sum() else choice
+  # HiGHS holds constraints to ~1e-7 and may stop at its time limit: keep the greedy solution
+  # when the ILP's is over budget or worse.
+  if (_used_bits(costs, bits, choice) > capacity
+      or errors[rows, greedy].sum() < errors[rows, choice].sum()):
+    return greedy
+  return choice
 
 
 def solve_budget(errors: np.ndarray, costs: np.ndarray, bits, budget: float,
@@ -137,9 +164,8 @@ def solve_budget(errors: np.ndarray, costs: np.ndarray, bits, budget: float,
   Returns:
     int64 [N] indices into `bits`; sum(costs * bits[idx]) <= budget * sum(costs) always.
   """
-  bits = np.asarray(bits, np.float64)
-  if np.any(np.diff(bits) <= 0):
-    raise QuantizationError(f"bits={bits.tolist()} must be strictly ascending.")
+  if solver not in ("auto", "greedy", "milp"):
+    raise QuantizationError(f"unknown solver {solver!r}: use 'auto', 'greedy' or 'milp'.")
   use_milp = solver == "milp" or (solver == "auto" and len(costs) <= milp_max_channels)
   fn = solve_milp if use_milp else solve_greedy
   return fn(errors, costs, bits, budget)

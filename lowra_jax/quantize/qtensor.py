@@ -5,8 +5,8 @@ channels; concatenating the buckets' columns gives W[:, perm] (perm: int [N], No
 single bucket). Per bucket:
   planes   uint8 [K_pad * w / 8, Nb] per plane width w (see `packing`), K_pad = K rounded up to the
            group size (padding rows are zero weights; they are stored and counted);
-  tables   float16 [T, 2**bits]: T = Nb (one table per channel), 1 (one shared table, e.g. NF-k), or
-           C shared tables picked per channel by `table_index` uint8 [Nb];
+  tables   [T, 2**bits]: T = Nb float16 tables (one per channel), C float16 tables shared through
+           `table_index` uint8 [Nb], or T = 1 float32 table for the whole bucket (NF-k);
   scales   `GroupScales` of absmax per (group of `group_size` inputs, channel), [K_pad/group_size, Nb].
 Dequantized: W_hat[k, n] = tables[n][code[k, n]] * scale[k // group_size, n].
 Static metadata (shape, group size, bits per bucket, dtype) is pytree aux data, so jit specialises
@@ -40,7 +40,7 @@ class Bucket:
     return self.planes[0].shape[1]
 
   def channel_tables(self) -> jax.Array:
-    """float16 [Nb, 2**bits]: each channel's table."""
+    """[Nb, 2**bits]: each channel's table."""
     if self.table_index is not None:
       return self.tables[self.table_index.astype(jnp.int32)]
     return jnp.broadcast_to(self.tables, (self.num_channels, self.tables.shape[1]))
