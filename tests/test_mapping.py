@@ -48,7 +48,7 @@ def test_fit_matches_float64_lloyd_and_never_worse_than_init(bits, seed):
     xc, wc = x[c].astype(np.float64), w[c].astype(np.float64)
     ref = lloyd_f64(xc, wc, init_f64(xc, wc, bits), 20)
     np.testing.assert_allclose(tables[c], ref, atol=2e-3)  # float16 tables
-    np.testing.assert_allclose(errors[c], sq_err_f64(xc, wc, tables[c]), rtol=1e-5)
+    np.testing.assert_allclose(errors[c], sq_err_f64(xc, wc, tables[c]), rtol=1e-4)
     assert errors[c] <= sq_err_f64(xc, wc, init_f64(xc, wc, bits)) * (1 + 1e-3)
     assert np.all(np.diff(tables[c]) >= 0)
 

@@ -49,7 +49,7 @@ class QuantConfig:
   solver: Solver = "auto"
   """Budget solver: `milp` (exact, scipy/HiGHS), `greedy` (convex-hull, optimal up to one channel),
   `auto` = milp up to `milp_max_channels` channels, else greedy."""
-  milp_max_channels: int = 20_000
+  milp_max_channels: int = 2_000
   skip_patterns: tuple[str, ...] = ("embed", "lm_head", "norm")
   """Regexes on the '/'-joined parameter path; matching leaves are never quantized."""
 

@@ -13,6 +13,10 @@ sum_c n[c] * bits[p_c] <= budget * sum_c n[c].
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import numpy as np
 import scipy.optimize
 import scipy.sparse
@@ -41,6 +45,24 @@ def _as_problem(errors, costs, bits) -> tuple[np.ndarray, np.ndarray, np.ndarray
     raise QuantizationError(
         f"errors {errors.shape} must be [channels, precisions] = [{len(costs)}, {len(bits)}].")
   return errors, costs, bits
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+  """Silences native writes to stdout (HiGHS prints MIP diagnostics even with disp=False)."""
+  sys.stdout.flush()
+  try:
+    saved = os.dup(1)
+  except OSError:  # no real stdout (e.g. some notebook kernels): nothing to silence
+    yield
+    return
+  with open(os.devnull, "w") as devnull:
+    os.dup2(devnull.fileno(), 1)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 1)
+      os.close(saved)
 
 
 def _used_bits(costs: np.ndarray, bits: np.ndarray, choice: np.ndarray) -> float:
@@ -117,7 +139,7 @@ def solve_greedy(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget
 
 
 def solve_milp(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float,
-               time_limit: float = 120.0) -> np.ndarray:
+               time_limit: float = 10.0) -> np.ndarray:
   """Exact 0/1 program via HiGHS. Returns int [N] indices into `bits`."""
   errors, costs, bits = _as_problem(errors, costs, bits)
   n, p = errors.shape
@@ -133,10 +155,11 @@ def solve_milp(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: 
       scipy.optimize.LinearConstraint(one_each, 1, 1),
       scipy.optimize.LinearConstraint(bit_row, -np.inf, capacity / costs.sum()),
   ]
-  res = scipy.optimize.milp(
-      (errors / scale).reshape(-1), constraints=constraints, integrality=np.ones(n * p),
-      bounds=scipy.optimize.Bounds(0, 1),
-      options={"mip_rel_gap": 1e-9, "time_limit": time_limit, "disp": False})
+  with _quiet_stdout():
+    res = scipy.optimize.milp(
+        (errors / scale).reshape(-1), constraints=constraints, integrality=np.ones(n * p),
+        bounds=scipy.optimize.Bounds(0, 1),
+        options={"mip_rel_gap": 1e-9, "time_limit": time_limit, "disp": False})
   greedy = solve_greedy(errors, costs, bits, budget)
   if res.x is None:
     return greedy
@@ -151,7 +174,7 @@ def solve_milp(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: 
 
 
 def solve_budget(errors: np.ndarray, costs: np.ndarray, bits, budget: float,
-                 solver: str = "auto", milp_max_channels: int = 20_000) -> np.ndarray:
+                 solver: str = "auto", milp_max_channels: int = 2_000) -> np.ndarray:
   """Chooses one precision per channel under the budget.
 
   Args:
