@@ -1,0 +1,127 @@
+"""`quantized_matmul` and the LUT kernels against float64 numpy dequant-then-matmul.
+
+Kernels run in Pallas' interpreter on CPU (and compiled through Triton when a GPU is present).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowra_jax import quantize
+from lowra_jax.quantize import packing
+from pallas_kernels import lut_matmul as lm
+from pallas_kernels import quantized_matmul, quantized_matmul_reference
+
+BACKENDS = ["interpret", "xla"] + (["triton"] if jax.default_backend() == "gpu" else [])
+TOL = {jnp.float32: 3e-4, jnp.bfloat16: 2e-2}  # relative to ||ref||: tf32 / bf16 operands
+
+
+def rel_err(got, ref):
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  assert np.all(np.isfinite(got)), "non-finite output (unwritten tile?)"
+  return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+def weights(seed, k, n):
+  rng = np.random.default_rng(seed)
+  return (0.02 * rng.standard_t(5, (k, n)) * rng.uniform(0.3, 3.0, (1, n))).astype(np.float32)
+
+
+QT_CONFIGS = {
+    "lloyd1": quantize.QuantConfig(method="lloyd", bits=1),
+    "lloyd2": quantize.QuantConfig(method="lloyd", bits=2),
+    "nf4_nodq": quantize.QuantConfig(method="nf", bits=4, double_quant=False),
+    "lowra1.5": quantize.QuantConfig(budget=1.5),
+    "lowra2_shared": quantize.QuantConfig(budget=2.0, lut_clusters=4),
+    "lowra3_with_3bit": quantize.QuantConfig(budget=3.0, precisions=(1, 2, 3, 4)),
+}
+
+
+@pytest.fixture(scope="module", params=list(QT_CONFIGS))
+def qtensor(request):
+  k, n = 320, 75  # ragged N; 1-bit Kp = 40 has no block_k >= 16: that bucket takes the XLA path
+  w = weights(hash(request.param) % 1000, k, n)
+  return quantize.quantize_tensor(w, QT_CONFIGS[request.param])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,dtype", [(1, jnp.float32), (17, jnp.bfloat16), (40, jnp.float32)])
+def test_forward_matches_float64(qtensor, backend, m, dtype):
+  rng = np.random.default_rng(m)
+  x = rng.normal(size=(m, qtensor.shape[0])).astype(np.float32)
+  w = np.asarray(quantize.dequantize(qtensor, jnp.float32), np.float64)
+  ref = x.astype(np.float64) @ w
+  got = quantized_matmul(jnp.asarray(x, dtype), qtensor, backend=backend)
+  assert got.dtype == dtype and got.shape == (m, qtensor.shape[1])
+  assert rel_err(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_dims_and_ragged_k(backend):
+  w = weights(1, 100, 48)  # K = 100: padded to 128 inside the format
+  qt = quantize.quantize_tensor(w, quantize.QuantConfig(budget=2.0))
+  x = np.random.default_rng(2).normal(size=(2, 3, 100)).astype(np.float32)
+  ref = x.astype(np.float64) @ np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
+  got = quantized_matmul(jnp.asarray(x), qt, backend=backend)
+  assert got.shape == (2, 3, 48) and rel_err(got, ref) < TOL[jnp.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_input_gradient_matches_float64(qtensor, backend, dtype):
+  rng = np.random.default_rng(3)
+  m, (k, n) = 9, qtensor.shape
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  c = rng.normal(size=(m, n)).astype(np.float32)
+  w = np.asarray(quantize.dequantize(qtensor, jnp.float32), np.float64)
+  loss = lambda x: jnp.sum(quantized_matmul(x, qtensor, backend=backend).astype(jnp.float32) * c)
+  gx = jax.grad(loss)(jnp.asarray(x, dtype))
+  assert gx.dtype == dtype
+  assert rel_err(gx, c.astype(np.float64) @ w.T) < TOL[dtype]
+  # Same as differentiating the jnp reference.
+  ref_loss = lambda x: jnp.sum(quantized_matmul_reference(x, qtensor).astype(jnp.float32) * c)
+  assert rel_err(gx, jax.grad(ref_loss)(jnp.asarray(x, dtype))) < TOL[dtype]
+
+
+def test_no_gradient_flows_into_the_frozen_base(qtensor):
+  x = jnp.ones((2, qtensor.shape[0]))
+  g = jax.grad(lambda q: jnp.sum(quantized_matmul(x, q, backend="xla")), allow_int=True)(qtensor)
+  for leaf in jax.tree_util.tree_leaves(g):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      assert not np.any(np.asarray(leaf))
+
+
+KERNEL_CASES = [(1, 1024, 40, 16), (2, 512, 130, 32), (4, 256, 64, 16), (2, 192, 9, 48)]
+
+
+@pytest.mark.parametrize("bits,k,n,m", KERNEL_CASES)
+def test_kernels_write_every_output_tile(bits, k, n, m):
+  """Outputs start NaN-poisoned; every element must be written and correct."""
+  rng = np.random.default_rng(bits * k + n)
+  codes = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
+  (plane,) = packing.pack(codes, bits)
+  tables = rng.normal(size=(n, 1 << bits)).astype(np.float32)
+  scales = rng.uniform(0.5, 2.0, (k // 64, n)).astype(np.float32)
+  w = tables[np.arange(n)[None, :], codes] * np.repeat(scales, 64, axis=0)  # float64 oracle
+  tiles = lm.Tiles(block_m=16, block_n=32, block_k=lm.max_block_k(plane.shape[0]))
+  assert tiles.block_k >= 16
+  args = (jnp.asarray(plane), jnp.asarray(tables.ravel()), jnp.asarray(scales.ravel()))
+  interpret = jax.default_backend() != "gpu"
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  y = lm.lut_matmul(jnp.asarray(x), *args, bits=bits, group=64, tiles=tiles, interpret=interpret,
+                    out=jnp.full((m, n), jnp.nan, jnp.float32))
+  assert rel_err(y, x.astype(np.float64) @ w) < 3e-4
+  g = rng.normal(size=(m, n)).astype(np.float32)
+  dx = lm.lut_matmul_t(jnp.asarray(g), *args, bits=bits, group=64, tiles=tiles,
+                       interpret=interpret, out=jnp.full((m, k), jnp.nan, jnp.float32))
+  assert rel_err(dx, g.astype(np.float64) @ w.T) < 3e-4
+
+
+def test_bad_inputs_raise_clear_errors(qtensor):
+  with pytest.raises(ValueError, match=r"x has 7 features but the quantized kernel expects 320"):
+    quantized_matmul(jnp.ones((2, 7)), qtensor)
+  with pytest.raises(ValueError, match=r"unknown backend 'cuda'"):
+    quantized_matmul(jnp.ones((2, 320)), qtensor, backend="cuda")
+  with pytest.raises(NotImplementedError, match=r"bits=3"):
+    lm.lut_matmul(jnp.ones((16, 64)), jnp.ones((24, 8), jnp.uint8), jnp.ones(64), jnp.ones(8),
+                  bits=3, group=64)
