@@ -2,17 +2,21 @@
 
 One bucket of a `QuantizedTensor` holds Nb output channels at b bits (b in {1, 2, 4}): codes in one
 uint8 plane P[Kp, Nb] packed planar along K (Kp = K_pad * b / 8, p = 8 / b codes per byte, byte r
-holding rows r + i * Kp for i < p), per-channel tables T[Nb, 2^b] and group scales S[G, Nb]:
+holding rows r + i * Kp for i < p), per-channel tables T[2^b, Nb] (one column per channel) and
+group scales S[G, Nb]:
 
-    W[k, n] = T[n, code[k, n]] * S[k // group, n]
+    W[k, n] = T[code[k, n], n] * S[k // group, n]
 
-`lut_matmul(x, ...)`   = x[M, K_pad] @ W          -> [M, Nb]     (forward)
-`lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T        -> [M, K_pad]  (input gradient)
-Both read W only in packed form: a program loads a tile of packed rows [block_k, block_n] once and,
-for each of the p row slabs it holds, unpacks it with one shift and mask, looks the codes up in the
-channel tables and multiplies by the scales (gathers from the flat table/scale refs, which Triton
-lowers to pointer gathers served by L1), then feeds the bf16 tile to the tensor cores with fp32
-accumulation. `*_reference` are the plain jnp equivalents (used on CPU and as test oracles' inputs).
+`lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> [M, Nb]     (forward)
+`lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> [M, K_pad]  (input gradient)
+`lut_dequantize(...)`  = W in bf16           -> [K_pad, Nb] (for XLA's dot at large M)
+W is read only in packed form. A program loads a tile of packed rows [block_k, block_n] and, for
+each of the p row slabs it holds, unpacks it with one shift and mask, picks each code's level
+from the channel's table columns with a binary tree of selects (the columns are loaded once per
+tile of channels; no gathers), multiplies by the group scale (at most two scale rows per slab,
+selected per row) and feeds the tile to the tensor cores with fp32 accumulation. Small M gets more
+programs by splitting the reduction (K for the forward, N for the backward) into partial sums that
+XLA adds up afterwards -- deterministic, unlike atomics. `*_reference` are the jnp equivalents.
 """
 from __future__ import annotations
 
@@ -27,14 +31,16 @@ from jax.experimental.pallas import triton as plgpu
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """Block sizes (powers of two) and Triton launch settings.
+  """Block sizes (powers of two), reduction splits and Triton launch settings.
 
   block_k counts *packed* rows per step; each step covers p = 8 / bits slabs of block_k code rows.
+  splits: the reduction (K forward, N backward) is cut into this many partial sums.
   """
 
   block_m: int = 16
   block_n: int = 64
   block_k: int = 32
+  splits: int = 1
   num_warps: int = 4
   num_stages: int = 3
 
@@ -47,62 +53,97 @@ def max_block_k(kp: int) -> int:
   return bk if bk >= 16 else 0
 
 
-def _dequant_slab(packed, i, *, bits, row0, t_ref, s_ref, n_cl, nb, levels, group):
+def _lookup(codes, columns):
+  """codes int32 [R, C] -> columns[codes] by a binary tree of selects; columns: 2^b of [1, C]."""
+  level, bit = list(columns), 0
+  while len(level) > 1:
+    take_hi = (codes & (1 << bit)) != 0
+    level = [jnp.where(take_hi, hi, lo) for lo, hi in zip(level[::2], level[1::2])]
+    bit += 1
+  return level[0]
+
+
+def _dequant_slab(packed, i, *, bits, row0, columns, s_ref, n0, n_ok, group, num_groups):
   """Slab i of a packed tile [block_k, block_n] -> float32 weights of rows row0 + [0, block_k)."""
-  block_k = packed.shape[0]
+  block_k, block_n = packed.shape
   codes = ((packed >> (i * bits)) & ((1 << bits) - 1)).astype(jnp.int32)
-  values = t_ref[n_cl[None, :] * levels + codes]
+  values = _lookup(codes, columns)
+  g_lo = row0 // group  # a slab of block_k <= group rows spans at most two groups
+  g_hi = jnp.minimum(g_lo + 1, num_groups - 1)
+  s_lo = plgpu.load(s_ref.at[pl.ds(g_lo, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
+  s_hi = plgpu.load(s_ref.at[pl.ds(g_hi, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
   rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
-  scales = s_ref[(rows // group) * nb + n_cl[None, :]]
-  return values * scales
+  return values * jnp.where(rows // group > g_lo, s_hi, s_lo)
 
 
-def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, levels, group, tiles):
+def _columns(t_ref, n0, block_n, n_ok):
+  """The 2^b table rows of this tile of channels: list of float32 [1, block_n]."""
+  return [plgpu.load(t_ref.at[pl.ds(j, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
+          for j in range(t_ref.shape[0])]
+
+
+def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-  m0, n0 = pl.program_id(0) * bm, pl.program_id(1) * bn
-  n_idx = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
-  n_ok = n_idx < nb
-  n_cl = jnp.minimum(n_idx, nb - 1)
-  dq = functools.partial(_dequant_slab, bits=bits, t_ref=t_ref, s_ref=s_ref, n_cl=n_cl, nb=nb,
-                         levels=levels, group=group)
+  m0, n0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
+  n_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < nb
+  dq = functools.partial(_dequant_slab, bits=bits, columns=_columns(t_ref, n0, bn, n_ok),
+                         s_ref=s_ref, n0=n0, n_ok=n_ok, group=group, num_groups=s_ref.shape[0])
 
   def step(s, acc):
     r0 = s * bk
-    packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok[None, :], other=0)
+    packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok, other=0)
     for i in range(8 // bits):
       x = x_ref[pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)]
-      w = dq(packed, i, row0=r0 + i * kp)
-      acc += jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+      acc += jnp.dot(x, dq(packed, i, row0=r0 + i * kp).astype(x.dtype),
+                     preferred_element_type=jnp.float32)
     return acc
 
-  acc = jax.lax.fori_loop(0, kp // bk, step, jnp.zeros((bm, bn), jnp.float32))
-  plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=n_ok[None, :])
+  steps = kp // bk
+  per_split = pl.cdiv(steps, tiles.splits)
+  lo = split * per_split
+  acc = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step,
+                          jnp.zeros((bm, bn), jnp.float32))
+  plgpu.store(o_ref.at[split, pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=n_ok)
 
 
-def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, levels, group, tiles):
+def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-  m0, r0 = pl.program_id(0) * bm, pl.program_id(1) * bk
+  m0, r0, split = pl.program_id(0) * bm, pl.program_id(1) * bk, pl.program_id(2)
   per = 8 // bits
 
   def step(s, accs):
     n0 = s * bn
-    n_idx = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
-    n_ok = n_idx < nb
-    n_cl = jnp.minimum(n_idx, nb - 1)
-    packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok[None, :], other=0)
-    g = plgpu.load(g_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], mask=n_ok[None, :], other=0)
+    n_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < nb
+    packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok, other=0)
+    g = plgpu.load(g_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], mask=n_ok, other=0)
+    columns = _columns(t_ref, n0, bn, n_ok)
     out = []
     for i in range(per):
-      w = _dequant_slab(packed, i, bits=bits, row0=r0 + i * kp, t_ref=t_ref, s_ref=s_ref,
-                        n_cl=n_cl, nb=nb, levels=levels, group=group)
+      w = _dequant_slab(packed, i, bits=bits, row0=r0 + i * kp, columns=columns, s_ref=s_ref,
+                        n0=n0, n_ok=n_ok, group=group, num_groups=s_ref.shape[0])
       out.append(accs[i] + jax.lax.dot_general(
           g, w.astype(g.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
     return tuple(out)
 
+  steps = pl.cdiv(nb, bn)
+  per_split = pl.cdiv(steps, tiles.splits)
+  lo = split * per_split
   init = tuple(jnp.zeros((bm, bk), jnp.float32) for _ in range(per))
-  accs = jax.lax.fori_loop(0, pl.cdiv(nb, bn), step, init)
+  accs = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step, init)
   for i in range(per):
-    o_ref[pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)] = accs[i].astype(o_ref.dtype)
+    o_ref[split, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)] = accs[i].astype(o_ref.dtype)
+
+
+def _dequant_kernel(p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
+  bn, bk = tiles.block_n, tiles.block_k
+  r0, n0 = pl.program_id(0) * bk, pl.program_id(1) * bn
+  n_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < nb
+  packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok, other=0)
+  columns = _columns(t_ref, n0, bn, n_ok)
+  for i in range(8 // bits):
+    w = _dequant_slab(packed, i, bits=bits, row0=r0 + i * kp, columns=columns, s_ref=s_ref,
+                      n0=n0, n_ok=n_ok, group=group, num_groups=s_ref.shape[0])
+    plgpu.store(o_ref.at[pl.ds(r0 + i * kp, bk), pl.ds(n0, bn)], w.astype(o_ref.dtype), mask=n_ok)
 
 
 def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name: str, out):
@@ -120,68 +161,68 @@ def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name
                                            num_stages=tiles.num_stages))(*operands)
 
 
-def _check(x_rows, plane, tables, scales, tiles: Tiles, bits: int):
+def _check(rows, plane, tables, scales, tiles: Tiles, bits: int, group: int):
   kp, nb = plane.shape
   if bits not in (1, 2, 4):
     raise NotImplementedError(f"{bits=}: the LUT kernels handle 1, 2 and 4 bits.")
-  if x_rows % tiles.block_m:
-    raise ValueError(f"{x_rows=} must be a multiple of {tiles.block_m=} (pad M).")
-  if kp % tiles.block_k:
-    raise ValueError(f"packed rows {kp=} must be a multiple of {tiles.block_k=}.")
-  if tables.shape != (nb * (1 << bits),) or scales.size % nb:
+  if rows % tiles.block_m:
+    raise ValueError(f"{rows=} must be a multiple of {tiles.block_m=} (pad M).")
+  if kp % tiles.block_k or tiles.block_k > group:
+    raise ValueError(f"packed rows {kp=} must be a multiple of {tiles.block_k=} <= {group=}.")
+  if tables.shape != (1 << bits, nb) or scales.shape != (kp * 8 // bits // group, nb):
     raise ValueError(f"tables {tables.shape} / scales {scales.shape} do not match {nb=}, {bits=}.")
 
 
 def lut_matmul(x, plane, tables, scales, *, bits: int, group: int, tiles: Tiles = Tiles(),
                interpret: bool = False, out=None):
-  """x [M, K_pad] @ W -> [M, Nb] in x.dtype (fp32 accumulation).
+  """x [M, K_pad] @ W -> float32 partial sums [tiles.splits, M, Nb]; sum over axis 0.
 
   Args:
     x: [M, K_pad] activations, M a multiple of tiles.block_m.
     plane: uint8 [Kp, Nb] packed codes (Kp = K_pad * bits / 8).
-    tables: float32 [Nb * 2**bits], channel n's table at [n * 2**bits, (n + 1) * 2**bits).
-    scales: float32 [G * Nb], scale of (group g, channel n) at g * Nb + n.
-    out: optional [M, Nb] buffer the result is written into (aliased).
+    tables: float32 [2**bits, Nb], column n is channel n's table.
+    scales: float32 [K_pad / group, Nb] group scales.
+    out: optional buffer the result is written into (aliased); NaN-poison it to test coverage.
   """
-  _check(x.shape[0], plane, tables, scales, tiles, bits)
+  _check(x.shape[0], plane, tables, scales, tiles, bits, group)
   kp, nb = plane.shape
-  kernel = functools.partial(_fwd_kernel, bits=bits, kp=kp, nb=nb, levels=1 << bits, group=group,
-                             tiles=tiles)
-  grid = (x.shape[0] // tiles.block_m, pl.cdiv(nb, tiles.block_n))
-  return _call(kernel, (x, plane, tables, scales), jax.ShapeDtypeStruct((x.shape[0], nb), x.dtype),
-               grid, tiles, interpret, f"lut_matmul_{bits}bit", out)
+  kernel = functools.partial(_fwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
+  grid = (x.shape[0] // tiles.block_m, pl.cdiv(nb, tiles.block_n), tiles.splits)
+  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], nb), jnp.float32)
+  return _call(kernel, (x, plane, tables, scales), shape, grid, tiles, interpret,
+               f"lut_matmul_{bits}bit", out)
 
 
 def lut_matmul_t(g, plane, tables, scales, *, bits: int, group: int, tiles: Tiles = Tiles(),
                  interpret: bool = False, out=None):
-  """g [M, Nb] @ W^T -> [M, K_pad] in g.dtype (fp32 accumulation); arguments as `lut_matmul`."""
-  _check(g.shape[0], plane, tables, scales, tiles, bits)
+  """g [M, Nb] @ W^T -> float32 partial sums [tiles.splits, M, K_pad]; other args: lut_matmul."""
+  _check(g.shape[0], plane, tables, scales, tiles, bits, group)
   kp, nb = plane.shape
-  kernel = functools.partial(_bwd_kernel, bits=bits, kp=kp, nb=nb, levels=1 << bits, group=group,
-                             tiles=tiles)
-  grid = (g.shape[0] // tiles.block_m, kp // tiles.block_k)
-  k_pad = kp * 8 // bits
-  return _call(kernel, (g, plane, tables, scales),
-               jax.ShapeDtypeStruct((g.shape[0], k_pad), g.dtype), grid, tiles, interpret,
+  kernel = functools.partial(_bwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
+  grid = (g.shape[0] // tiles.block_m, kp // tiles.block_k, tiles.splits)
+  shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], kp * 8 // bits), jnp.float32)
+  return _call(kernel, (g, plane, tables, scales), shape, grid, tiles, interpret,
                f"lut_matmul_t_{bits}bit", out)
 
 
-def dequantize_plane(plane, tables, scales, *, bits: int, group: int):
-  """Reference dequantization of one bucket: float32 [K_pad, Nb]."""
+def lut_dequantize(plane, tables, scales, *, bits: int, group: int, dtype=jnp.bfloat16,
+                   tiles: Tiles = Tiles(), interpret: bool = False, out=None):
+  """W [K_pad, Nb] in `dtype`, written once (a transient buffer for XLA's dot at large M).
+
+  Arguments as `lut_matmul`; tiles.block_m is unused.
+  """
+  _check(tiles.block_m, plane, tables, scales, tiles, bits, group)
   kp, nb = plane.shape
+  kernel = functools.partial(_dequant_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
+  grid = (kp // tiles.block_k, pl.cdiv(nb, tiles.block_n))
+  shape = jax.ShapeDtypeStruct((kp * 8 // bits, nb), dtype)
+  return _call(kernel, (plane, tables, scales), shape, grid, tiles, interpret,
+               f"lut_dequantize_{bits}bit", out)
+
+
+def dequantize_reference(plane, tables, scales, *, bits: int, group: int):
+  """jnp dequantization of one bucket: float32 [K_pad, Nb]."""
   per = 8 // bits
   codes = jnp.concatenate([(plane >> (i * bits)) & ((1 << bits) - 1) for i in range(per)], axis=0)
-  values = jnp.take_along_axis(tables.reshape(nb, 1 << bits).T, codes.astype(jnp.int32), axis=0)
-  return values * jnp.repeat(scales.reshape(-1, nb), group, axis=0)
-
-
-def lut_matmul_reference(x, plane, tables, scales, *, bits: int, group: int):
-  """jnp equivalent of `lut_matmul`."""
-  w = dequantize_plane(plane, tables, scales, bits=bits, group=group).astype(x.dtype)
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def lut_matmul_t_reference(g, plane, tables, scales, *, bits: int, group: int):
-  """jnp equivalent of `lut_matmul_t`."""
-  w = dequantize_plane(plane, tables, scales, bits=bits, group=group).astype(g.dtype)
-  return jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(g.dtype)
+  values = jnp.take_along_axis(tables, codes.astype(jnp.int32), axis=0)
+  return values * jnp.repeat(scales, group, axis=0)

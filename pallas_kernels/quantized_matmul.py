@@ -7,6 +7,7 @@ no dW and nothing but the packed tensor itself is kept for the backward pass.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,37 +18,66 @@ from lowra_jax.quantize import QuantizedTensor
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import lut_matmul as lm
 
-# M above which a bucket is dequantized once into a transient buffer for XLA's dot (training-size
-# batches are compute-bound; see docs/results.md).
+# M from which a bucket is dequantized once into a transient bf16 buffer for XLA's dot
+# (training-size batches are compute-bound; see docs/results.md).
 DENSE_FROM_M = 1024
+_WAVES = 4  # aim for this many programs per streaming multiprocessor
 
 
-def tiles_for(m: int, kp: int) -> lm.Tiles | None:
-  """Block sizes by shape class; None when the kernels do not apply (use dequantize + dot)."""
-  bk = lm.max_block_k(kp)
-  if not bk or m >= DENSE_FROM_M:
-    return None
-  if m <= 16:
-    return lm.Tiles(block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3)
-  if m <= 64:
-    return lm.Tiles(block_m=64, block_n=64, block_k=bk, num_warps=4, num_stages=3)
-  return lm.Tiles(block_m=128, block_n=64, block_k=bk, num_warps=8, num_stages=3)
-
-
-def _bucket_operands(bucket):
-  """(plane, flat float32 tables, flat float32 scales) of a single-plane bucket."""
-  return (bucket.planes[0], bucket.channel_tables().astype(jnp.float32).reshape(-1),
-          bucket.scales.dequantize().reshape(-1))
-
-
-def _kernel_tiles(bucket, m: int, impl: str):
-  if impl == "xla" or len(bucket.planes) != 1:
-    return None
-  return tiles_for(m, bucket.planes[0].shape[0])
+def _num_sms() -> int:
+  return getattr(jax.devices()[0], "core_count", 132) or 132
 
 
 def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
+
+
+def _base_tiles(m: int, kp: int) -> lm.Tiles | None:
+  bk = lm.max_block_k(kp)
+  if not bk:
+    return None
+  if m <= 16:
+    return lm.Tiles(block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3)
+  if m <= 64:
+    return lm.Tiles(block_m=64, block_n=64, block_k=bk, num_warps=4, num_stages=2)
+  return lm.Tiles(block_m=128, block_n=64, block_k=min(bk, 32), num_warps=8, num_stages=2)
+
+
+def tiles_for(m: int, kp: int, nb: int, backward: bool) -> lm.Tiles | None:
+  """Block sizes by shape class, with enough reduction splits to fill the GPU.
+
+  None when the kernels do not apply (Kp has no power-of-two block >= 16).
+  """
+  t = _base_tiles(m, kp)
+  if t is None:
+    return None
+  m_tiles = -(-m // t.block_m)
+  n_steps = -(-nb // t.block_n)
+  programs, steps = ((m_tiles * kp // t.block_k, n_steps) if backward
+                     else (m_tiles * n_steps, kp // t.block_k))
+  splits = max(1, min(steps, -(-_WAVES * _num_sms() // programs)))
+  return dataclasses.replace(t, splits=splits)
+
+
+def _bucket_operands(bucket):
+  """(plane uint8 [Kp, Nb], tables float32 [2^b, Nb], scales float32 [G, Nb]) of a bucket."""
+  return (bucket.planes[0], bucket.channel_tables().astype(jnp.float32).T,
+          bucket.scales.dequantize())
+
+
+def _kernels_apply(bucket, impl: str) -> bool:
+  return (impl in ("triton", "interpret") and len(bucket.planes) == 1
+          and lm.max_block_k(bucket.planes[0].shape[0]) > 0)
+
+
+def _dense(bucket, group: int, impl: str, dtype):
+  """The bucket's weights [K_pad, Nb] in `dtype`: a transient buffer."""
+  if not _kernels_apply(bucket, impl):
+    return bucket.dequantize(group).astype(dtype)
+  kp = bucket.planes[0].shape[0]
+  tiles = lm.Tiles(block_k=lm.max_block_k(kp), block_n=64, num_warps=4, num_stages=1)
+  return lm.lut_dequantize(*_bucket_operands(bucket), bits=bucket.bits, group=group, dtype=dtype,
+                           tiles=tiles, interpret=impl == "interpret")
 
 
 def _forward(x, qt: QuantizedTensor, impl: str):
@@ -55,17 +85,17 @@ def _forward(x, qt: QuantizedTensor, impl: str):
   k_pad = _round_up(k, qt.group_size)
   cols = []
   for b in qt.buckets:
-    tiles = _kernel_tiles(b, m, impl)
-    if tiles is None:
-      w = b.dequantize(qt.group_size).astype(x.dtype)  # [K_pad, Nb], transient
+    kp, nb = b.planes[0].shape
+    tiles = tiles_for(m, kp, nb, backward=False) if _kernels_apply(b, impl) else None
+    if tiles is None or m >= DENSE_FROM_M:
+      w = _dense(b, qt.group_size, impl, x.dtype)
       xp = jnp.pad(x, ((0, 0), (0, k_pad - k)))
       cols.append(jnp.dot(xp, w, preferred_element_type=jnp.float32).astype(x.dtype))
       continue
-    m_pad = _round_up(m, tiles.block_m)
-    xp = jnp.pad(x, ((0, m_pad - m), (0, k_pad - k)))
-    y = lm.lut_matmul(xp, *_bucket_operands(b), bits=b.bits, group=qt.group_size, tiles=tiles,
-                      interpret=impl == "interpret")
-    cols.append(y[:m])
+    xp = jnp.pad(x, ((0, _round_up(m, tiles.block_m) - m), (0, k_pad - k)))
+    partial = lm.lut_matmul(xp, *_bucket_operands(b), bits=b.bits, group=qt.group_size,
+                            tiles=tiles, interpret=impl == "interpret")
+    cols.append(partial.sum(axis=0)[:m].astype(x.dtype))
   y = jnp.concatenate(cols, axis=1)
   if qt.perm is not None:
     perm = qt.perm.astype(jnp.int32)
@@ -82,15 +112,15 @@ def _backward(g, qt: QuantizedTensor, impl: str):
   for b in qt.buckets:
     gb = g[:, start:start + b.num_channels]
     start += b.num_channels
-    tiles = _kernel_tiles(b, m, impl)
-    if tiles is None:
-      w = b.dequantize(qt.group_size).astype(g.dtype)
+    kp, nb = b.planes[0].shape
+    tiles = tiles_for(m, kp, nb, backward=True) if _kernels_apply(b, impl) else None
+    if tiles is None or m >= DENSE_FROM_M:
+      w = _dense(b, qt.group_size, impl, g.dtype)
       part = jnp.dot(gb, w.T, preferred_element_type=jnp.float32)
     else:
-      m_pad = _round_up(m, tiles.block_m)
-      part = lm.lut_matmul_t(jnp.pad(gb, ((0, m_pad - m), (0, 0))), *_bucket_operands(b),
-                             bits=b.bits, group=qt.group_size, tiles=tiles,
-                             interpret=impl == "interpret")[:m].astype(jnp.float32)
+      gp = jnp.pad(gb, ((0, _round_up(m, tiles.block_m) - m), (0, 0)))
+      part = lm.lut_matmul_t(gp, *_bucket_operands(b), bits=b.bits, group=qt.group_size,
+                             tiles=tiles, interpret=impl == "interpret").sum(axis=0)[:m]
     dx = part if dx is None else dx + part
   return dx[:, :k].astype(g.dtype)
 
