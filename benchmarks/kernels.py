@@ -66,13 +66,50 @@ def rotate(make, nbytes: int, most: int = 32):
   return [make(i) for i in range(min(most, max(2, -(-2 * L2_BYTES // max(nbytes, 1)))))]
 
 
+def sweep():
+  """Forward/backward kernel time for several tile settings (pick `tiles_for` from this)."""
+  import dataclasses
+  from pallas_kernels import lut_matmul as lm
+  from pallas_kernels import quantized_matmul as qmm
+  k, n, m = 4096, 11008, 16
+  w = (0.02 * jax.random.t(jax.random.key(0), 5.0, (k, n))).astype(jnp.bfloat16)
+  b = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2)).buckets[0]
+  ops = qmm._bucket_operands(b)
+  x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+  g = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
+  base = qmm.tiles_for(m, ops[0].shape[0], n, backward=False)
+  print(f"default forward tiles: {base}")
+  for bn, bk, warps, stages, splits in [(64, 64, 4, 3, None), (64, 64, 2, 3, None),
+                                        (128, 64, 4, 3, None), (128, 64, 8, 3, None),
+                                        (32, 64, 2, 3, None), (64, 32, 4, 4, None),
+                                        (128, 32, 4, 4, None), (64, 64, 4, 3, 1),
+                                        (64, 64, 4, 3, 8), (256, 64, 8, 3, None)]:
+    for backward in (False, True):
+      t = qmm.tiles_for(m, ops[0].shape[0], n, backward)
+      t = dataclasses.replace(t, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                              splits=splits or t.splits)
+      if backward:
+        sec = bench(lambda a: lm.lut_matmul_t(a, *ops, bits=2, group=64, tiles=t).sum(0), g)
+      else:
+        sec = bench(lambda a: lm.lut_matmul(a, *ops, bits=2, group=64, tiles=t).sum(0), x)
+      print(f"{'bwd' if backward else 'fwd'} bn={bn} bk={bk} warps={warps} stages={stages} "
+            f"splits={t.splits}: {sec * 1e6:.1f} us", flush=True)
+  t_dq = bench(lambda a: qmm._dense(b, 64, "triton", jnp.bfloat16) + a[0, 0], x)
+  print(f"lut_dequantize 4096x11008 2-bit -> bf16: {t_dq * 1e6:.1f} us "
+        f"(writes {k * n * 2 / t_dq / 1e12:.2f} TB/s)")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,8192x28672")
   parser.add_argument("--ms", default="1,16,64,512,4096,8192")
   parser.add_argument("--precisions", default=",".join(PRECISIONS))
   parser.add_argument("--no-backward", action="store_true")
+  parser.add_argument("--sweep", action="store_true",
+                      help="time lut_matmul tile settings on 4096x11008, 2 bits, M=16, then exit")
   args = parser.parse_args()
+  if args.sweep:
+    return sweep()
   bw = copy_bandwidth()
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
   rows = []

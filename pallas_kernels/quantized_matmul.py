@@ -20,7 +20,7 @@ from pallas_kernels import lut_matmul as lm
 
 # M from which a bucket is dequantized once into a transient bf16 buffer for XLA's dot
 # (training-size batches are compute-bound; see docs/results.md).
-DENSE_FROM_M = 1024
+DENSE_FROM_M = 256
 _WAVES = 4  # aim for this many programs per streaming multiprocessor
 
 
@@ -90,7 +90,7 @@ def _forward(x, qt: QuantizedTensor, impl: str):
     if tiles is None or m >= DENSE_FROM_M:
       w = _dense(b, qt.group_size, impl, x.dtype)
       xp = jnp.pad(x, ((0, 0), (0, k_pad - k)))
-      cols.append(jnp.dot(xp, w, preferred_element_type=jnp.float32).astype(x.dtype))
+      cols.append(jnp.dot(xp, w))  # x.dtype out; GPU GEMMs accumulate bf16 products in fp32
       continue
     xp = jnp.pad(x, ((0, _round_up(m, tiles.block_m) - m), (0, k_pad - k)))
     partial = lm.lut_matmul(xp, *_bucket_operands(b), bits=b.bits, group=qt.group_size,
@@ -108,21 +108,21 @@ def _backward(g, qt: QuantizedTensor, impl: str):
   k = qt.shape[0]
   if qt.perm is not None:
     g = g[:, qt.perm.astype(jnp.int32)]
-  dx, start = None, 0
+  parts, start = [], 0
   for b in qt.buckets:
     gb = g[:, start:start + b.num_channels]
     start += b.num_channels
     kp, nb = b.planes[0].shape
     tiles = tiles_for(m, kp, nb, backward=True) if _kernels_apply(b, impl) else None
     if tiles is None or m >= DENSE_FROM_M:
-      w = _dense(b, qt.group_size, impl, g.dtype)
-      part = jnp.dot(gb, w.T, preferred_element_type=jnp.float32)
+      parts.append(jnp.dot(gb, _dense(b, qt.group_size, impl, g.dtype).T))
     else:
       gp = jnp.pad(gb, ((0, _round_up(m, tiles.block_m) - m), (0, 0)))
-      part = lm.lut_matmul_t(gp, *_bucket_operands(b), bits=b.bits, group=qt.group_size,
-                             tiles=tiles, interpret=impl == "interpret").sum(axis=0)[:m]
-    dx = part if dx is None else dx + part
-  return dx[:, :k].astype(g.dtype)
+      parts.append(lm.lut_matmul_t(gp, *_bucket_operands(b), bits=b.bits, group=qt.group_size,
+                                   tiles=tiles, interpret=impl == "interpret").sum(axis=0)[:m])
+  if len(parts) == 1:
+    return parts[0][:, :k].astype(g.dtype)
+  return sum(p.astype(jnp.float32) for p in parts)[:, :k].astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
