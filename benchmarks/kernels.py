@@ -70,7 +70,7 @@ def sweep():
   """Forward/backward kernel time for several tile settings (pick `tiles_for` from this)."""
   import dataclasses
   from pallas_kernels import lut_matmul as lm
-  from pallas_kernels import quantized_matmul as qmm
+  from pallas_kernels import quantized_ops as qmm
   k, n, m = 4096, 11008, 16
   w = (0.02 * jax.random.t(jax.random.key(0), 5.0, (k, n))).astype(jnp.bfloat16)
   b = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2)).buckets[0]
@@ -94,9 +94,13 @@ def sweep():
         sec = bench(lambda a: lm.lut_matmul(a, *ops, bits=2, group=64, tiles=t).sum(0), x)
       print(f"{'bwd' if backward else 'fwd'} bn={bn} bk={bk} warps={warps} stages={stages} "
             f"splits={t.splits}: {sec * 1e6:.1f} us", flush=True)
-  t_dq = bench(lambda a: qmm._dense(b, 64, "triton", jnp.bfloat16) + a[0, 0], x)
-  print(f"lut_dequantize 4096x11008 2-bit -> bf16: {t_dq * 1e6:.1f} us "
-        f"(writes {k * n * 2 / t_dq / 1e12:.2f} TB/s)")
+  t_ref = bench(lambda a: b.dequantize(64).astype(jnp.bfloat16) + a[0, 0], x)
+  print(f"XLA dequantize 4096x11008 2-bit -> bf16: {t_ref * 1e6:.1f} us")
+  for bn, bk, warps in [(64, 64, 4), (128, 64, 4), (256, 64, 8), (128, 32, 4), (64, 16, 2)]:
+    t = lm.Tiles(block_n=bn, block_k=bk, num_warps=warps, num_stages=1)
+    t_dq = bench(lambda a: lm.lut_dequantize(*ops, bits=2, group=64, tiles=t) + a[0, 0], x)
+    print(f"lut_dequantize bn={bn} bk={bk} warps={warps}: {t_dq * 1e6:.1f} us "
+          f"(writes {k * n * 2 / t_dq / 1e12:.2f} TB/s)", flush=True)
 
 
 def main():
