@@ -61,7 +61,7 @@ def packed_bytes(qt) -> int:
   return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(qt))
 
 
-def rotate(make, nbytes: int, most: int = 32):
+def rotate(make, nbytes: int, most: int = 8):
   """Copies of an operand (2 to `most`) that together exceed twice the L2 cache where possible."""
   return [make(i) for i in range(min(most, max(2, -(-2 * L2_BYTES // max(nbytes, 1)))))]
 
