@@ -42,6 +42,9 @@ def configs(budgets, lut_clusters: int):
   for b in budgets:
     yield f"LowRA @{b:g}", quantize.QuantConfig(method="lowra", budget=b)
   for b in budgets:
+    yield f"LowRA @{b:g} +3bit", quantize.QuantConfig(method="lowra", budget=b,
+                                                      precisions=(1, 2, 3, 4))
+  for b in budgets:
     if lut_clusters:
       yield f"LowRA @{b:g} shared{lut_clusters}", quantize.QuantConfig(
           method="lowra", budget=b, lut_clusters=lut_clusters)
@@ -80,10 +83,13 @@ def main():
   for model in dict.fromkeys(r[0] for r in rows):
     by_label = {r[1]: r for r in rows if r[0] == model}
     for k in (2, 3, 4):
-      nf, lowra = by_label.get(f"NF{k} (QLoRA)"), by_label.get(f"LowRA @{k:g}")
-      if nf and lowra:
-        verdict = "lower" if lowra[4] < nf[4] else "NOT lower"
-        print(f"  {model} {k} bits: NF {nf[4]:.4f}  LowRA {lowra[4]:.4f}  -> LowRA {verdict}")
+      nf = by_label.get(f"NF{k} (QLoRA)")
+      for variant in ("", " +3bit"):
+        lowra = by_label.get(f"LowRA @{k:g}{variant}")
+        if nf and lowra:
+          verdict = "lower" if lowra[4] < nf[4] else "NOT lower"
+          print(f"  {model} {k} bits: NF {nf[4]:.4f}  LowRA{variant} {lowra[4]:.4f}"
+                f"  -> {verdict}")
 
 
 if __name__ == "__main__":
