@@ -8,6 +8,7 @@ and total (stored) bits per parameter, and the wall time.
     python benchmarks/quant_error.py                 # both models, full table (a few minutes on CPU)
     python benchmarks/quant_error.py --models stories --budgets 1.5,2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,24 +43,34 @@ def configs(budgets, lut_clusters: int):
   for b in budgets:
     yield f"LowRA @{b:g}", quantize.QuantConfig(method="lowra", budget=b)
   for b in budgets:
-    yield f"LowRA @{b:g} +3bit", quantize.QuantConfig(method="lowra", budget=b,
-                                                      precisions=(1, 2, 3, 4))
+    yield (
+      f"LowRA @{b:g} +3bit",
+      quantize.QuantConfig(method="lowra", budget=b, precisions=(1, 2, 3, 4)),
+    )
   for b in budgets:
     if lut_clusters:
-      yield f"LowRA @{b:g} shared{lut_clusters}", quantize.QuantConfig(
-          method="lowra", budget=b, lut_clusters=lut_clusters)
+      yield (
+        f"LowRA @{b:g} shared{lut_clusters}",
+        quantize.QuantConfig(method="lowra", budget=b, lut_clusters=lut_clusters),
+      )
   for b in (1.5, 2.0):
     if b in budgets:
-      yield f"LowRA @{b:g} w=absmax", quantize.QuantConfig(method="lowra", budget=b,
-                                                            weighting="absmax")
+      yield (
+        f"LowRA @{b:g} w=absmax",
+        quantize.QuantConfig(method="lowra", budget=b, weighting="absmax"),
+      )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="pycode,stories")
   parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
-  parser.add_argument("--lut-clusters", type=int, default=16,
-                      help="also run LowRA with this many shared tables per bucket (0: skip)")
+  parser.add_argument(
+    "--lut-clusters",
+    type=int,
+    default=16,
+    help="also run LowRA with this many shared tables per bucket (0: skip)",
+  )
   args = parser.parse_args()
   budgets = tuple(float(b) for b in args.budgets.split(","))
   rows = []
@@ -70,11 +81,16 @@ def main():
       _, report = quantize.quantize_params(params, cfg, progress=False)
       seconds = time.perf_counter() - t0
       rows.append((model, label, report.code_bits, report.total_bits, report.rel_error, seconds))
-      print(f"{model:8s} {label:26s} code {report.code_bits:5.3f}  total {report.total_bits:5.3f}"
-            f"  rel.err {report.rel_error:.4f}  {seconds:6.1f}s", flush=True)
+      print(
+        f"{model:8s} {label:26s} code {report.code_bits:5.3f}  total {report.total_bits:5.3f}"
+        f"  rel.err {report.rel_error:.4f}  {seconds:6.1f}s",
+        flush=True,
+      )
 
-  print(f"\n{datetime.date.today()}, {platform.node() or 'host'}: {platform.processor() or platform.machine()}"
-        f", jax {jax.__version__} on {jax.devices()[0].platform}")
+  print(
+    f"\n{datetime.date.today()}, {platform.node() or 'host'}: {platform.processor() or platform.machine()}"
+    f", jax {jax.__version__} on {jax.devices()[0].platform}"
+  )
   print("\n| model | method | code bits | total bits | rel. Frobenius error | time (s) |")
   print("|---|---|---|---|---|---|")
   for model, label, code, total, err, sec in rows:
@@ -88,8 +104,7 @@ def main():
         lowra = by_label.get(f"LowRA @{k:g}{variant}")
         if nf and lowra:
           verdict = "lower" if lowra[4] < nf[4] else "NOT lower"
-          print(f"  {model} {k} bits: NF {nf[4]:.4f}  LowRA{variant} {lowra[4]:.4f}"
-                f"  -> {verdict}")
+          print(f"  {model} {k} bits: NF {nf[4]:.4f}  LowRA{variant} {lowra[4]:.4f}  -> {verdict}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ encoding and packing, and prints where the time goes. Compilation is included (o
     python benchmarks/quant_speed.py                      # on the GPU
     python benchmarks/quant_speed.py --layers 1 --width 512   # a CPU smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,18 @@ from lowra_jax import quantize
 
 def llama_like(layers: int, hidden: int, intermediate: int, seed: int = 0):
   """{'layers': {i: {name: {'kernel': bf16 [in, out]}}}} with Student-t(5) entries."""
-  shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-            "o_proj": (hidden, hidden), "gate_proj": (hidden, intermediate),
-            "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
-  make = jax.jit(lambda key, shape: (0.02 * jax.random.t(key, 5.0, shape)).astype(jnp.bfloat16),
-                 static_argnums=1)
+  shapes = {
+    "q_proj": (hidden, hidden),
+    "k_proj": (hidden, hidden),
+    "v_proj": (hidden, hidden),
+    "o_proj": (hidden, hidden),
+    "gate_proj": (hidden, intermediate),
+    "up_proj": (hidden, intermediate),
+    "down_proj": (intermediate, hidden),
+  }
+  make = jax.jit(
+    lambda key, shape: (0.02 * jax.random.t(key, 5.0, shape)).astype(jnp.bfloat16), static_argnums=1
+  )
   key = jax.random.key(seed)
   params = {}
   for i in range(layers):
@@ -39,15 +47,19 @@ def llama_like(layers: int, hidden: int, intermediate: int, seed: int = 0):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", type=int, default=32)
-  parser.add_argument("--width", type=int, default=4096, help="hidden size (intermediate = 2.6875x)")
+  parser.add_argument(
+    "--width", type=int, default=4096, help="hidden size (intermediate = 2.6875x)"
+  )
   parser.add_argument("--budget", type=float, default=2.0)
   parser.add_argument("--repeat", type=int, default=2, help="runs; the first includes compilation")
   args = parser.parse_args()
   params = llama_like(args.layers, args.width, int(args.width * 11008 / 4096))
   jax.block_until_ready(params)
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {n / 1e9:.2f}B parameters in "
-        f"{args.layers} layers")
+  print(
+    f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {n / 1e9:.2f}B parameters in "
+    f"{args.layers} layers"
+  )
   cfg = quantize.QuantConfig(method="lowra", budget=args.budget)
   runs = []
   for _ in range(args.repeat):
@@ -62,8 +74,10 @@ def main():
     print(f"| {stage} | " + " | ".join(f"{r.seconds[stage]:.1f}" for r, _ in runs) + " |")
   print("| **total** | " + " | ".join(f"**{t:.1f}**" for _, t in runs) + " |")
   print("(run 1 includes compilation; totals include input checks and the report)")
-  print(f"\nbudget {args.budget}: code bits {report.code_bits:.3f}, total bits "
-        f"{report.total_bits:.3f}, rel. error {report.rel_error:.4f}")
+  print(
+    f"\nbudget {args.budget}: code bits {report.code_bits:.3f}, total bits "
+    f"{report.total_bits:.3f}, rel. error {report.rel_error:.4f}"
+  )
 
 
 if __name__ == "__main__":

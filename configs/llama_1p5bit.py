@@ -5,13 +5,15 @@
 
 `quant` holds the fields of `lowra_jax.quantize.QuantConfig`.
 """
+
 import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model_path = "../shared/data/models/pycode-llama-17m"
-  config.quant = ml_collections.ConfigDict(dict(
+  config.quant = ml_collections.ConfigDict(
+    dict(
       method="lowra",
       budget=1.5,
       precisions=(1, 2, 4),
@@ -19,7 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       double_quant=True,
       lut_clusters=0,
       solver="auto",
-  ))
+    )
+  )
   if arg == "smoke":
     config.model_path = "../shared/data/models/stories260K/stories260K.bin"
   config.lock()

@@ -3,6 +3,7 @@
 `from lowra_jax import quantize` gives the quantization transforms (NF-k, weighted Lloyd-Max,
 mixed precision under a model-wide bit budget) and the packed `QuantizedTensor` format.
 """
+
 from lowra_jax import quantize
 
 __all__ = ["quantize"]

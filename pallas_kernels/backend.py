@@ -8,6 +8,7 @@ A Mosaic GPU implementation would be one more name here.
 JAX >= 0.11 deprecates Pallas' Triton backend with a warning at every kernel; we replace it with a
 single logged line the first time a Triton kernel is built.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,5 +41,6 @@ def _notify_triton() -> None:
   _notified = True
   warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION)
   logging.getLogger("lowra_jax").info(
-      "quantized_matmul uses Pallas' Triton backend (deprecated in JAX >= 0.11 in favour of "
-      "Mosaic GPU; supported here until a Mosaic GPU kernel lands).")
+    "quantized_matmul uses Pallas' Triton backend (deprecated in JAX >= 0.11 in favour of "
+    "Mosaic GPU; supported here until a Mosaic GPU kernel lands)."
+  )

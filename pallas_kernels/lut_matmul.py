@@ -18,6 +18,7 @@ selected per row) and feeds the tile to the tensor cores with fp32 accumulation.
 programs by splitting the reduction (K for the forward, N for the backward) into partial sums that
 XLA adds up afterwards -- deterministic, unlike atomics. `*_reference` are the jnp equivalents.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,31 +89,43 @@ def _dequant_slab(packed, i, *, bits, row0, columns, s_ref, n0, n_ok, group, num
 
 def _columns(t_ref, n0, block_n, n_ok):
   """The 2^b table rows of this tile of channels: list of float32 [1, block_n]."""
-  return [plgpu.load(t_ref.at[pl.ds(j, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
-          for j in range(t_ref.shape[0])]
+  return [
+    plgpu.load(t_ref.at[pl.ds(j, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
+    for j in range(t_ref.shape[0])
+  ]
 
 
 def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, n0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
   n_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < nb
-  dq = functools.partial(_dequant_slab, bits=bits, columns=_columns(t_ref, n0, bn, n_ok),
-                         s_ref=s_ref, n0=n0, n_ok=n_ok, group=group, num_groups=s_ref.shape[0])
+  dq = functools.partial(
+    _dequant_slab,
+    bits=bits,
+    columns=_columns(t_ref, n0, bn, n_ok),
+    s_ref=s_ref,
+    n0=n0,
+    n_ok=n_ok,
+    group=group,
+    num_groups=s_ref.shape[0],
+  )
 
   def step(s, acc):
     r0 = s * bk
     packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok, other=0)
     for i in range(8 // bits):
       x = x_ref[pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)]
-      acc += jnp.dot(x, dq(packed, i, row0=r0 + i * kp).astype(x.dtype),
-                     preferred_element_type=jnp.float32)
+      acc += jnp.dot(
+        x, dq(packed, i, row0=r0 + i * kp).astype(x.dtype), preferred_element_type=jnp.float32
+      )
     return acc
 
   steps = kp // bk
   per_split = pl.cdiv(steps, tiles.splits)
   lo = split * per_split
-  acc = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step,
-                          jnp.zeros((bm, bn), jnp.float32))
+  acc = jax.lax.fori_loop(
+    lo, jnp.minimum(steps, lo + per_split), step, jnp.zeros((bm, bn), jnp.float32)
+  )
   plgpu.store(o_ref.at[split, pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=n_ok)
 
 
@@ -129,10 +142,24 @@ def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles
     columns = _columns(t_ref, n0, bn, n_ok)
     out = []
     for i in range(per):
-      w = _dequant_slab(packed, i, bits=bits, row0=r0 + i * kp, columns=columns, s_ref=s_ref,
-                        n0=n0, n_ok=n_ok, group=group, num_groups=s_ref.shape[0])
-      out.append(accs[i] + jax.lax.dot_general(
-          g, w.astype(g.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
+      w = _dequant_slab(
+        packed,
+        i,
+        bits=bits,
+        row0=r0 + i * kp,
+        columns=columns,
+        s_ref=s_ref,
+        n0=n0,
+        n_ok=n_ok,
+        group=group,
+        num_groups=s_ref.shape[0],
+      )
+      out.append(
+        accs[i]
+        + jax.lax.dot_general(
+          g, w.astype(g.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+      )
     return tuple(out)
 
   steps = pl.cdiv(nb, bn)
@@ -151,8 +178,18 @@ def _dequant_kernel(p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok, other=0)
   columns = _columns(t_ref, n0, bn, n_ok)
   for i in range(8 // bits):
-    w = _dequant_slab(packed, i, bits=bits, row0=r0 + i * kp, columns=columns, s_ref=s_ref,
-                      n0=n0, n_ok=n_ok, group=group, num_groups=s_ref.shape[0])
+    w = _dequant_slab(
+      packed,
+      i,
+      bits=bits,
+      row0=r0 + i * kp,
+      columns=columns,
+      s_ref=s_ref,
+      n0=n0,
+      n_ok=n_ok,
+      group=group,
+      num_groups=s_ref.shape[0],
+    )
     plgpu.store(o_ref.at[pl.ds(r0 + i * kp, bk), pl.ds(n0, bn)], w.astype(o_ref.dtype), mask=n_ok)
 
 
@@ -164,11 +201,14 @@ def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name
     kernel_with_out = lambda *refs: kernel(*refs[:-2], refs[-1])
     operands = (*operands, out)
   return pl.pallas_call(
-      kernel if out is None else kernel_with_out, out_shape=out_shape, grid=grid,
-      interpret=interpret, name=name,
-      input_output_aliases={} if out is None else {len(operands) - 1: 0},
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                           num_stages=tiles.num_stages))(*operands)
+    kernel if out is None else kernel_with_out,
+    out_shape=out_shape,
+    grid=grid,
+    interpret=interpret,
+    name=name,
+    input_output_aliases={} if out is None else {len(operands) - 1: 0},
+    compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+  )(*operands)
 
 
 def _check(rows, plane, tables, scales, tiles: Tiles, bits: int, group: int):
@@ -183,8 +223,18 @@ def _check(rows, plane, tables, scales, tiles: Tiles, bits: int, group: int):
     raise ValueError(f"tables {tables.shape} / scales {scales.shape} do not match {nb=}, {bits=}.")
 
 
-def lut_matmul(x, plane, tables, scales, *, bits: int, group: int, tiles: Tiles = Tiles(),
-               interpret: bool = False, out=None):
+def lut_matmul(
+  x,
+  plane,
+  tables,
+  scales,
+  *,
+  bits: int,
+  group: int,
+  tiles: Tiles = Tiles(),
+  interpret: bool = False,
+  out=None,
+):
   """x [M, K_pad] @ W -> float32 partial sums [tiles.splits, M, Nb]; sum over axis 0.
 
   Args:
@@ -199,24 +249,53 @@ def lut_matmul(x, plane, tables, scales, *, bits: int, group: int, tiles: Tiles 
   kernel = functools.partial(_fwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
   grid = (x.shape[0] // tiles.block_m, pl.cdiv(nb, tiles.block_n), tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], nb), jnp.float32)
-  return _call(kernel, (x, plane, tables, scales), shape, grid, tiles, interpret,
-               f"lut_matmul_{bits}bit", out)
+  return _call(
+    kernel, (x, plane, tables, scales), shape, grid, tiles, interpret, f"lut_matmul_{bits}bit", out
+  )
 
 
-def lut_matmul_t(g, plane, tables, scales, *, bits: int, group: int, tiles: Tiles = Tiles(),
-                 interpret: bool = False, out=None):
+def lut_matmul_t(
+  g,
+  plane,
+  tables,
+  scales,
+  *,
+  bits: int,
+  group: int,
+  tiles: Tiles = Tiles(),
+  interpret: bool = False,
+  out=None,
+):
   """g [M, Nb] @ W^T -> float32 partial sums [tiles.splits, M, K_pad]; other args: lut_matmul."""
   _check(g.shape[0], plane, tables, scales, tiles, bits, group)
   kp, nb = plane.shape
   kernel = functools.partial(_bwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
   grid = (g.shape[0] // tiles.block_m, kp // tiles.block_k, tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], kp * 8 // bits), jnp.float32)
-  return _call(kernel, (g, plane, tables, scales), shape, grid, tiles, interpret,
-               f"lut_matmul_t_{bits}bit", out)
+  return _call(
+    kernel,
+    (g, plane, tables, scales),
+    shape,
+    grid,
+    tiles,
+    interpret,
+    f"lut_matmul_t_{bits}bit",
+    out,
+  )
 
 
-def lut_dequantize(plane, tables, scales, *, bits: int, group: int, dtype=jnp.bfloat16,
-                   tiles: Tiles = Tiles(), interpret: bool = False, out=None):
+def lut_dequantize(
+  plane,
+  tables,
+  scales,
+  *,
+  bits: int,
+  group: int,
+  dtype=jnp.bfloat16,
+  tiles: Tiles = Tiles(),
+  interpret: bool = False,
+  out=None,
+):
   """W [K_pad, Nb] in `dtype`, written once (a transient buffer for XLA's dot at large M).
 
   Arguments as `lut_matmul`; tiles.block_m is unused.
@@ -226,8 +305,9 @@ def lut_dequantize(plane, tables, scales, *, bits: int, group: int, dtype=jnp.bf
   kernel = functools.partial(_dequant_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
   grid = (kp // tiles.block_k, pl.cdiv(nb, tiles.block_n))
   shape = jax.ShapeDtypeStruct((kp * 8 // bits, nb), dtype)
-  return _call(kernel, (plane, tables, scales), shape, grid, tiles, interpret,
-               f"lut_dequantize_{bits}bit", out)
+  return _call(
+    kernel, (plane, tables, scales), shape, grid, tiles, interpret, f"lut_dequantize_{bits}bit", out
+  )
 
 
 def dequantize_reference(plane, tables, scales, *, bits: int, group: int):

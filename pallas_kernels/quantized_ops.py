@@ -5,6 +5,7 @@ apply, from dequantize + XLA dot); the concatenated columns are put back in chan
 custom VJP returns only dX = dY @ W_hat^T through `lut_matmul_t` -- the base is frozen, so there is
 no dW and nothing but the packed tensor itself is kept for the backward pass.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,21 +54,28 @@ def tiles_for(m: int, kp: int, nb: int, backward: bool) -> lm.Tiles | None:
     return None
   m_tiles = -(-m // t.block_m)
   n_steps = -(-nb // t.block_n)
-  programs, steps = ((m_tiles * kp // t.block_k, n_steps) if backward
-                     else (m_tiles * n_steps, kp // t.block_k))
+  programs, steps = (
+    (m_tiles * kp // t.block_k, n_steps) if backward else (m_tiles * n_steps, kp // t.block_k)
+  )
   splits = max(1, min(steps, -(-_WAVES * _num_sms() // programs)))
   return dataclasses.replace(t, splits=splits)
 
 
 def _bucket_operands(bucket):
   """(plane uint8 [Kp, Nb], tables float32 [2^b, Nb], scales float32 [G, Nb]) of a bucket."""
-  return (bucket.planes[0], bucket.channel_tables().astype(jnp.float32).T,
-          bucket.scales.dequantize())
+  return (
+    bucket.planes[0],
+    bucket.channel_tables().astype(jnp.float32).T,
+    bucket.scales.dequantize(),
+  )
 
 
 def _kernels_apply(bucket, impl: str) -> bool:
-  return (impl in ("triton", "interpret") and len(bucket.planes) == 1
-          and lm.max_block_k(bucket.planes[0].shape[0]) > 0)
+  return (
+    impl in ("triton", "interpret")
+    and len(bucket.planes) == 1
+    and lm.max_block_k(bucket.planes[0].shape[0]) > 0
+  )
 
 
 def _dense(bucket, group: int, impl: str, dtype):
@@ -76,8 +84,14 @@ def _dense(bucket, group: int, impl: str, dtype):
     return bucket.dequantize(group).astype(dtype)
   kp = bucket.planes[0].shape[0]
   tiles = lm.Tiles(block_k=lm.max_block_k(kp), block_n=64, num_warps=4, num_stages=1)
-  return lm.lut_dequantize(*_bucket_operands(bucket), bits=bucket.bits, group=group, dtype=dtype,
-                           tiles=tiles, interpret=impl == "interpret")
+  return lm.lut_dequantize(
+    *_bucket_operands(bucket),
+    bits=bucket.bits,
+    group=group,
+    dtype=dtype,
+    tiles=tiles,
+    interpret=impl == "interpret",
+  )
 
 
 def _forward(x, qt: QuantizedTensor, impl: str):
@@ -93,8 +107,14 @@ def _forward(x, qt: QuantizedTensor, impl: str):
       cols.append(jnp.dot(xp, w))  # x.dtype out; GPU GEMMs accumulate bf16 products in fp32
       continue
     xp = jnp.pad(x, ((0, _round_up(m, tiles.block_m) - m), (0, k_pad - k)))
-    partial = lm.lut_matmul(xp, *_bucket_operands(b), bits=b.bits, group=qt.group_size,
-                            tiles=tiles, interpret=impl == "interpret")
+    partial = lm.lut_matmul(
+      xp,
+      *_bucket_operands(b),
+      bits=b.bits,
+      group=qt.group_size,
+      tiles=tiles,
+      interpret=impl == "interpret",
+    )
     cols.append(partial.sum(axis=0)[:m].astype(x.dtype))
   y = jnp.concatenate(cols, axis=1)
   if qt.perm is not None:
@@ -110,7 +130,7 @@ def _backward(g, qt: QuantizedTensor, impl: str):
     g = g[:, qt.perm.astype(jnp.int32)]
   parts, start = [], 0
   for b in qt.buckets:
-    gb = g[:, start:start + b.num_channels]
+    gb = g[:, start : start + b.num_channels]
     start += b.num_channels
     kp, nb = b.planes[0].shape
     tiles = tiles_for(m, kp, nb, backward=True) if _kernels_apply(b, impl) else None
@@ -118,8 +138,16 @@ def _backward(g, qt: QuantizedTensor, impl: str):
       parts.append(jnp.dot(gb, _dense(b, qt.group_size, impl, g.dtype).T))
     else:
       gp = jnp.pad(gb, ((0, _round_up(m, tiles.block_m) - m), (0, 0)))
-      parts.append(lm.lut_matmul_t(gp, *_bucket_operands(b), bits=b.bits, group=qt.group_size,
-                                   tiles=tiles, interpret=impl == "interpret").sum(axis=0)[:m])
+      parts.append(
+        lm.lut_matmul_t(
+          gp,
+          *_bucket_operands(b),
+          bits=b.bits,
+          group=qt.group_size,
+          tiles=tiles,
+          interpret=impl == "interpret",
+        ).sum(axis=0)[:m]
+      )
   if len(parts) == 1:
     return parts[0][:, :k].astype(g.dtype)
   return sum(p.astype(jnp.float32) for p in parts)[:, :k].astype(g.dtype)
@@ -156,8 +184,10 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, backend: str = "auto"
   """
   k, n = qt.shape
   if x.shape[-1] != k:
-    raise ValueError(f"x has {x.shape[-1]} features but the quantized kernel expects {k} "
-                     f"(kernel shape {qt.shape}).")
+    raise ValueError(
+      f"x has {x.shape[-1]} features but the quantized kernel expects {k} "
+      f"(kernel shape {qt.shape})."
+    )
   impl = backend_lib.resolve(backend)
   lead = x.shape[:-1]
   y = _qmm(x.reshape(-1, k), qt, impl)
@@ -167,5 +197,6 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, backend: str = "auto"
 def quantized_matmul_reference(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
   """x @ dequantize(qt) in x.dtype with float32 accumulation, by plain jnp."""
   from lowra_jax.quantize import dequantize
+
   w = dequantize(qt, x.dtype)
   return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -1,4 +1,5 @@
 """Config files build valid settings."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Weighted Lloyd-Max (`mapping`) against a float64 numpy implementation written from the spec."""
+
 import numpy as np
 import pytest
 
@@ -75,8 +76,9 @@ def test_pooled_refit_matches_float64_lloyd_on_concatenated_channels():
   got = np.asarray(mapping.refit_shared(x, w, init, segments, iters=12), np.float64)
   for s in (0, 1):
     sel = segments == s
-    ref = lloyd_f64(x[sel].ravel().astype(np.float64), w[sel].ravel().astype(np.float64),
-                    init[s], 12)
+    ref = lloyd_f64(
+      x[sel].ravel().astype(np.float64), w[sel].ravel().astype(np.float64), init[s], 12
+    )
     np.testing.assert_allclose(got[s], ref, atol=2e-3)
 
 

@@ -29,71 +29,72 @@ BITS4 = np.array([1.0, 2.0, 3.0, 4.0])
 
 
 def brute_force_optimum(errors, costs, bits, budget):
-    """min_choice sum_c e[c, choice_c] s.t. sum_c costs_c * bits[choice_c] <= budget * sum(costs)."""
-    n, p = errors.shape
-    grid = np.array(list(itertools.product(range(p), repeat=n)), dtype=np.int64)  # [P^N, N]
-    used = (costs[None, :] * bits[grid]).sum(axis=1)
-    obj = errors[np.arange(n)[None, :], grid].sum(axis=1)
-    feasible = used <= budget * costs.sum() * (1 + 1e-12)
-    assert feasible.any(), "generator produced an infeasible problem"
-    return float(obj[feasible].min())
+  """min_choice sum_c e[c, choice_c] s.t. sum_c costs_c * bits[choice_c] <= budget * sum(costs)."""
+  n, p = errors.shape
+  grid = np.array(list(itertools.product(range(p), repeat=n)), dtype=np.int64)  # [P^N, N]
+  used = (costs[None, :] * bits[grid]).sum(axis=1)
+  obj = errors[np.arange(n)[None, :], grid].sum(axis=1)
+  feasible = used <= budget * costs.sum() * (1 + 1e-12)
+  assert feasible.any(), "generator produced an infeasible problem"
+  return float(obj[feasible].min())
 
 
 def lagrangian_lower_bound(errors, costs, bits, budget):
-    """max_{lam >= 0} sum_c min_p (e[c, p] + lam * costs_c * bits_p) - lam * budget * sum(costs).
+  """max_{lam >= 0} sum_c min_p (e[c, p] + lam * costs_c * bits_p) - lam * budget * sum(costs).
 
-    Weak duality makes every lam a valid lower bound on the integer optimum; the maximum equals
-    the LP relaxation's value (one coupling constraint).
-    """
-    cap = budget * costs.sum()
+  Weak duality makes every lam a valid lower bound on the integer optimum; the maximum equals
+  the LP relaxation's value (one coupling constraint).
+  """
+  cap = budget * costs.sum()
 
-    def dual(lam):
-        return float((errors + lam * costs[:, None] * bits[None, :]).min(axis=1).sum() - lam * cap)
+  def dual(lam):
+    return float((errors + lam * costs[:, None] * bits[None, :]).min(axis=1).sum() - lam * cap)
 
-    gains = (errors[:, :1] - errors[:, 1:]) / (costs[:, None] * (bits[None, 1:] - bits[0]))
-    lam_max = max(float(gains.max()), 0.0) * 1.01 + 1e-300
-    res = scipy.optimize.minimize_scalar(lambda x: -dual(x), bounds=(0.0, lam_max),
-                                         method="bounded", options={"xatol": lam_max * 1e-12})
-    return max(dual(0.0), dual(lam_max), -res.fun)
+  gains = (errors[:, :1] - errors[:, 1:]) / (costs[:, None] * (bits[None, 1:] - bits[0]))
+  lam_max = max(float(gains.max()), 0.0) * 1.01 + 1e-300
+  res = scipy.optimize.minimize_scalar(
+    lambda x: -dual(x), bounds=(0.0, lam_max), method="bounded", options={"xatol": lam_max * 1e-12}
+  )
+  return max(dual(0.0), dual(lam_max), -res.fun)
 
 
 def one_channel_bound(errors):
-    return float((errors[:, 0] - errors.min(axis=1)).max())
+  return float((errors[:, 0] - errors.min(axis=1)).max())
 
 
 def objective(errors, choice):
-    return float(errors[np.arange(errors.shape[0]), choice].sum())
+  return float(errors[np.arange(errors.shape[0]), choice].sum())
 
 
 def used_bits(costs, bits, choice):
-    return float((costs * bits[choice]).sum())
+  return float((costs * bits[choice]).sum())
 
 
 def make_problem(family, rng, n, bits):
-    """errors [n, P] float64, costs [n] (int-valued, like in_features of mixed layers)."""
-    p = len(bits)
-    costs = rng.integers(64, 4097, n).astype(np.float64)
-    if family == "uniform":  # arbitrary, not even monotone in bits
-        errors = rng.random((n, p))
-    elif family == "realistic":  # squared error ~ K * sigma^2 * 4^-bits
-        a = costs * rng.lognormal(0.0, 0.5, n)
-        errors = a[:, None] * 4.0 ** (-bits)[None, :] * rng.uniform(0.8, 1.25, (n, p))
-        errors = -np.sort(-errors, axis=1)
-    elif family == "nonconvex":  # some channels: 2 bits barely beat 1, 4 bits much better
-        a = costs * rng.lognormal(0.0, 0.5, n)
-        errors = a[:, None] * 4.0 ** (-bits)[None, :]
-        flat = rng.random(n) < 0.5
-        errors[flat, 1:-1] = errors[flat, :1] * rng.uniform(0.95, 0.999, (flat.sum(), p - 2))
-        errors[flat, -1] = errors[flat, 0] * rng.uniform(0.001, 0.05, flat.sum())
-    elif family == "wide":  # per-channel error scales spanning 8 decades
-        errors = -np.sort(-rng.random((n, p)), axis=1) * 10.0 ** rng.uniform(-8, 0, (n, 1))
-    else:
-        raise AssertionError(family)
-    return errors, costs
+  """errors [n, P] float64, costs [n] (int-valued, like in_features of mixed layers)."""
+  p = len(bits)
+  costs = rng.integers(64, 4097, n).astype(np.float64)
+  if family == "uniform":  # arbitrary, not even monotone in bits
+    errors = rng.random((n, p))
+  elif family == "realistic":  # squared error ~ K * sigma^2 * 4^-bits
+    a = costs * rng.lognormal(0.0, 0.5, n)
+    errors = a[:, None] * 4.0 ** (-bits)[None, :] * rng.uniform(0.8, 1.25, (n, p))
+    errors = -np.sort(-errors, axis=1)
+  elif family == "nonconvex":  # some channels: 2 bits barely beat 1, 4 bits much better
+    a = costs * rng.lognormal(0.0, 0.5, n)
+    errors = a[:, None] * 4.0 ** (-bits)[None, :]
+    flat = rng.random(n) < 0.5
+    errors[flat, 1:-1] = errors[flat, :1] * rng.uniform(0.95, 0.999, (flat.sum(), p - 2))
+    errors[flat, -1] = errors[flat, 0] * rng.uniform(0.001, 0.05, flat.sum())
+  elif family == "wide":  # per-channel error scales spanning 8 decades
+    errors = -np.sort(-rng.random((n, p)), axis=1) * 10.0 ** rng.uniform(-8, 0, (n, 1))
+  else:
+    raise AssertionError(family)
+  return errors, costs
 
 
 def budgets_for(rng):
-    return (1.0, float(rng.uniform(1.0, 2.0)), float(rng.uniform(1.0, 4.0)), 4.0)
+  return (1.0, float(rng.uniform(1.0, 2.0)), float(rng.uniform(1.0, 4.0)), 4.0)
 
 
 CASES = [pytest.param(BITS3, 7, id="bits124"), pytest.param(BITS4, 5, id="bits1234")]
@@ -101,12 +102,12 @@ N_SEEDS = 30
 
 
 def _sweep(bits, max_n, family, seed0):
-    for seed in range(seed0, seed0 + N_SEEDS):
-        rng = np.random.default_rng(seed)
-        n = int(rng.integers(1, max_n + 1))
-        errors, costs = make_problem(family, rng, n, bits)
-        for budget in budgets_for(rng):
-            yield seed, budget, errors, costs
+  for seed in range(seed0, seed0 + N_SEEDS):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, max_n + 1))
+    errors, costs = make_problem(family, rng, n, bits)
+    for budget in budgets_for(rng):
+      yield seed, budget, errors, costs
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,72 +117,75 @@ def _sweep(bits, max_n, family, seed0):
 @pytest.mark.parametrize("family", ["uniform", "realistic", "nonconvex"])
 @pytest.mark.parametrize("bits,max_n", CASES)
 def test_milp_matches_brute_force(bits, max_n, family):
-    failures = []
-    for seed, budget, errors, costs in _sweep(bits, max_n, family, seed0=1000):
-        opt = brute_force_optimum(errors, costs, bits, budget)
-        choice = solve_milp(errors, costs, bits, budget)
-        assert choice.shape == (errors.shape[0],)
-        assert np.issubdtype(choice.dtype, np.integer)
-        assert choice.min() >= 0 and choice.max() < len(bits)
-        assert used_bits(costs, bits, choice) <= budget * costs.sum() * (1 + 1e-9), (seed, budget)
-        got = objective(errors, choice)
-        if not np.isclose(got, opt, rtol=1e-9, atol=0.0):
-            failures.append((seed, budget, got, opt))
-    assert not failures, f"milp not optimal (seed, budget, got, optimum): {failures}"
+  failures = []
+  for seed, budget, errors, costs in _sweep(bits, max_n, family, seed0=1000):
+    opt = brute_force_optimum(errors, costs, bits, budget)
+    choice = solve_milp(errors, costs, bits, budget)
+    assert choice.shape == (errors.shape[0],)
+    assert np.issubdtype(choice.dtype, np.integer)
+    assert choice.min() >= 0 and choice.max() < len(bits)
+    assert used_bits(costs, bits, choice) <= budget * costs.sum() * (1 + 1e-9), (seed, budget)
+    got = objective(errors, choice)
+    if not np.isclose(got, opt, rtol=1e-9, atol=0.0):
+      failures.append((seed, budget, got, opt))
+  assert not failures, f"milp not optimal (seed, budget, got, optimum): {failures}"
 
 
 @pytest.mark.parametrize("family", ["uniform", "realistic", "nonconvex", "wide"])
 @pytest.mark.parametrize("bits,max_n", CASES)
 def test_greedy_within_one_channel_of_brute_force(bits, max_n, family):
-    for seed, budget, errors, costs in _sweep(bits, max_n, family, seed0=2000):
-        opt = brute_force_optimum(errors, costs, bits, budget)
-        choice = solve_greedy(errors, costs, bits, budget)
-        assert choice.shape == (errors.shape[0],)
-        assert choice.min() >= 0 and choice.max() < len(bits)
-        assert used_bits(costs, bits, choice) <= budget * costs.sum() * (1 + 1e-9), (seed, budget)
-        got = objective(errors, choice)
-        slack = 1e-12 * abs(opt)
-        assert got >= opt - slack, (seed, budget, got, opt)
-        assert got <= opt + one_channel_bound(errors) + slack, (seed, budget, got, opt)
+  for seed, budget, errors, costs in _sweep(bits, max_n, family, seed0=2000):
+    opt = brute_force_optimum(errors, costs, bits, budget)
+    choice = solve_greedy(errors, costs, bits, budget)
+    assert choice.shape == (errors.shape[0],)
+    assert choice.min() >= 0 and choice.max() < len(bits)
+    assert used_bits(costs, bits, choice) <= budget * costs.sum() * (1 + 1e-9), (seed, budget)
+    got = objective(errors, choice)
+    slack = 1e-12 * abs(opt)
+    assert got >= opt - slack, (seed, budget, got, opt)
+    assert got <= opt + one_channel_bound(errors) + slack, (seed, budget, got, opt)
 
 
 @pytest.mark.parametrize("bits,max_n", CASES)
 def test_milp_respects_budget_and_is_near_optimal_on_wide_error_ranges(bits, max_n):
-    # The exact check for this family is test_milp_exact_when_errors_span_many_decades.
-    for seed, budget, errors, costs in _sweep(bits, max_n, "wide", seed0=3000):
-        opt = brute_force_optimum(errors, costs, bits, budget)
-        choice = solve_milp(errors, costs, bits, budget)
-        assert used_bits(costs, bits, choice) <= budget * costs.sum() * (1 + 1e-9), (seed, budget)
-        got = objective(errors, choice)
-        assert opt - 1e-12 * opt <= got <= opt + 1e-5 * np.abs(errors).max(), (seed, budget)
+  # The exact check for this family is test_milp_exact_when_errors_span_many_decades.
+  for seed, budget, errors, costs in _sweep(bits, max_n, "wide", seed0=3000):
+    opt = brute_force_optimum(errors, costs, bits, budget)
+    choice = solve_milp(errors, costs, bits, budget)
+    assert used_bits(costs, bits, choice) <= budget * costs.sum() * (1 + 1e-9), (seed, budget)
+    got = objective(errors, choice)
+    assert opt - 1e-12 * opt <= got <= opt + 1e-5 * np.abs(errors).max(), (seed, budget)
 
 
 def test_milp_exact_when_errors_span_many_decades():
-    failures = []
-    for bits, max_n in ((BITS3, 7), (BITS4, 5)):
-        for seed, budget, errors, costs in _sweep(bits, max_n, "wide", seed0=3000):
-            opt = brute_force_optimum(errors, costs, bits, budget)
-            got = objective(errors, solve_milp(errors, costs, bits, budget))
-            if not np.isclose(got, opt, rtol=1e-9, atol=0.0):
-                failures.append((seed, budget, (got - opt) / opt))
-    assert not failures, failures
+  failures = []
+  for bits, max_n in ((BITS3, 7), (BITS4, 5)):
+    for seed, budget, errors, costs in _sweep(bits, max_n, "wide", seed0=3000):
+      opt = brute_force_optimum(errors, costs, bits, budget)
+      got = objective(errors, solve_milp(errors, costs, bits, budget))
+      if not np.isclose(got, opt, rtol=1e-9, atol=0.0):
+        failures.append((seed, budget, (got - opt) / opt))
+  assert not failures, failures
 
 
 def test_milp_abs_gap_minimal_instance():
-    # Seven channels whose errors span 1e-9 .. 0.78 (found by the sweep above, rounded).
-    errors = np.array([
-        [1.64679544e-06, 1.48311245e-06, 5.38602724e-07],
-        [1.45862242e-02, 2.51811196e-03, 9.07635761e-04],
-        [7.11548652e-02, 6.85102252e-03, 3.01915138e-03],
-        [4.59668416e-02, 3.94192411e-02, 1.32087081e-02],
-        [1.73815296e-08, 1.30259608e-08, 2.87296781e-09],
-        [2.95842840e-08, 1.78980632e-08, 1.72096322e-08],
-        [7.84214252e-01, 6.70985931e-01, 2.20638106e-01]])
-    costs = np.array([3833.0, 3436.0, 3231.0, 3847.0, 3288.0, 1943.0, 2367.0])
-    better = np.array([1, 2, 2, 2, 0, 0, 2])
-    assert used_bits(costs, BITS3, better) <= 3.0 * costs.sum()  # 64,421 <= 3 * 21,945 = 65,835
-    choice = solve_milp(errors, costs, BITS3, 3.0)
-    assert objective(errors, choice) <= objective(errors, better) * (1 + 1e-9)
+  # Seven channels whose errors span 1e-9 .. 0.78 (found by the sweep above, rounded).
+  errors = np.array(
+    [
+      [1.64679544e-06, 1.48311245e-06, 5.38602724e-07],
+      [1.45862242e-02, 2.51811196e-03, 9.07635761e-04],
+      [7.11548652e-02, 6.85102252e-03, 3.01915138e-03],
+      [4.59668416e-02, 3.94192411e-02, 1.32087081e-02],
+      [1.73815296e-08, 1.30259608e-08, 2.87296781e-09],
+      [2.95842840e-08, 1.78980632e-08, 1.72096322e-08],
+      [7.84214252e-01, 6.70985931e-01, 2.20638106e-01],
+    ]
+  )
+  costs = np.array([3833.0, 3436.0, 3231.0, 3847.0, 3288.0, 1943.0, 2367.0])
+  better = np.array([1, 2, 2, 2, 0, 0, 2])
+  assert used_bits(costs, BITS3, better) <= 3.0 * costs.sum()  # 64,421 <= 3 * 21,945 = 65,835
+  choice = solve_milp(errors, costs, BITS3, 3.0)
+  assert objective(errors, choice) <= objective(errors, better) * (1 + 1e-9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,65 +196,66 @@ NONCONVEX_ERRORS = np.array([[1.0, 0.99, 0.01], [1.0, 0.3, 0.1]])
 
 
 def test_non_convex_channel_milp_jumps_from_1_to_4_bits():
-    # Two channels of equal cost, budget 2.5 -> 5 bits in total. Channel A: 2 bits barely helps,
-    # 4 bits does (its hull skips 2). Options: A4+B1 = 0.01 + 1.0 = 1.01, A1+B4 = 1.0 + 0.1 = 1.1,
-    # A2+B2 = 0.99 + 0.3 = 1.29, the rest worse. Optimum: A at 4 bits, B at 1 bit.
-    choice = solve_budget(NONCONVEX_ERRORS, np.full(2, 256.0), (1, 2, 4), 2.5, solver="milp")
-    np.testing.assert_array_equal(choice, [2, 0])
+  # Two channels of equal cost, budget 2.5 -> 5 bits in total. Channel A: 2 bits barely helps,
+  # 4 bits does (its hull skips 2). Options: A4+B1 = 0.01 + 1.0 = 1.01, A1+B4 = 1.0 + 0.1 = 1.1,
+  # A2+B2 = 0.99 + 0.3 = 1.29, the rest worse. Optimum: A at 4 bits, B at 1 bit.
+  choice = solve_budget(NONCONVEX_ERRORS, np.full(2, 256.0), (1, 2, 4), 2.5, solver="milp")
+  np.testing.assert_array_equal(choice, [2, 0])
 
 
 def test_non_convex_channel_greedy():
-    costs = np.full(2, 256.0)
-    # Budget 3 -> 6 bits: A4+B2 = 0.31 is optimal (A2+B4 = 1.09, A4+B1 = 1.01); the greedy's
-    # hull walk must take A straight from 1 to 4 bits.
-    np.testing.assert_array_equal(
-        solve_budget(NONCONVEX_ERRORS, costs, (1, 2, 4), 3.0, solver="greedy"), [2, 1])
-    # Budget 2.5: the LP relaxation is fractional on A; rounding it down may lose up to one
-    # channel's gain (0.99) relative to the optimum 1.01, but must stay feasible.
-    choice = solve_budget(NONCONVEX_ERRORS, costs, (1, 2, 4), 2.5, solver="greedy")
-    assert used_bits(costs, BITS3, choice) <= 2.5 * 512
-    assert 1.01 <= objective(NONCONVEX_ERRORS, choice) <= 1.01 + 0.99
+  costs = np.full(2, 256.0)
+  # Budget 3 -> 6 bits: A4+B2 = 0.31 is optimal (A2+B4 = 1.09, A4+B1 = 1.01); the greedy's
+  # hull walk must take A straight from 1 to 4 bits.
+  np.testing.assert_array_equal(
+    solve_budget(NONCONVEX_ERRORS, costs, (1, 2, 4), 3.0, solver="greedy"), [2, 1]
+  )
+  # Budget 2.5: the LP relaxation is fractional on A; rounding it down may lose up to one
+  # channel's gain (0.99) relative to the optimum 1.01, but must stay feasible.
+  choice = solve_budget(NONCONVEX_ERRORS, costs, (1, 2, 4), 2.5, solver="greedy")
+  assert used_bits(costs, BITS3, choice) <= 2.5 * 512
+  assert 1.01 <= objective(NONCONVEX_ERRORS, choice) <= 1.01 + 0.99
 
 
 @pytest.mark.parametrize("solver", ["milp", "greedy"])
 def test_costs_weight_the_budget(solver):
-    # Costs 3000 and 1000, budget 1.5 -> capacity 6000 bits, 4000 spent at 1 bit. The big channel
-    # saves the most per bit but any upgrade of it costs >= 3000 > 2000 left; the small one can
-    # go to 2 bits (+1000) but not to 4 (+3000). Optimum: [1 bit, 2 bits].
-    errors = np.array([[10.0, 5.0, 1.0], [1.0, 0.5, 0.1]])
-    costs = np.array([3000.0, 1000.0])
-    choice = solve_budget(errors, costs, (1, 2, 4), 1.5, solver=solver)
-    np.testing.assert_array_equal(choice, [0, 1])
+  # Costs 3000 and 1000, budget 1.5 -> capacity 6000 bits, 4000 spent at 1 bit. The big channel
+  # saves the most per bit but any upgrade of it costs >= 3000 > 2000 left; the small one can
+  # go to 2 bits (+1000) but not to 4 (+3000). Optimum: [1 bit, 2 bits].
+  errors = np.array([[10.0, 5.0, 1.0], [1.0, 0.5, 0.1]])
+  costs = np.array([3000.0, 1000.0])
+  choice = solve_budget(errors, costs, (1, 2, 4), 1.5, solver=solver)
+  np.testing.assert_array_equal(choice, [0, 1])
 
 
 @pytest.mark.parametrize("solver", ["milp", "greedy"])
 @pytest.mark.parametrize("bits", [(1, 2, 4), (1, 2, 3, 4)])
 def test_edge_budgets(bits, solver):
-    rng = np.random.default_rng(7)
-    errors, costs = make_problem("uniform", rng, 50, np.asarray(bits, float))
-    low = solve_budget(errors, costs, bits, 1.0, solver=solver)
-    np.testing.assert_array_equal(low, 0)  # budget 1: everything at 1 bit
-    high = solve_budget(errors, costs, bits, 4.0, solver=solver)
-    # budget 4 (= max bits): every channel can take its lowest-error precision.
-    np.testing.assert_allclose(objective(errors, high), errors.min(axis=1).sum(), rtol=1e-12)
+  rng = np.random.default_rng(7)
+  errors, costs = make_problem("uniform", rng, 50, np.asarray(bits, float))
+  low = solve_budget(errors, costs, bits, 1.0, solver=solver)
+  np.testing.assert_array_equal(low, 0)  # budget 1: everything at 1 bit
+  high = solve_budget(errors, costs, bits, 4.0, solver=solver)
+  # budget 4 (= max bits): every channel can take its lowest-error precision.
+  np.testing.assert_allclose(objective(errors, high), errors.min(axis=1).sum(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("solver", ["milp", "greedy", "auto"])
 def test_single_precision_and_empty(solver):
-    errors = np.random.default_rng(0).random((5, 1))
-    out = solve_budget(errors, np.full(5, 64.0), (2,), 2.0, solver=solver)
-    np.testing.assert_array_equal(out, 0)
-    empty = solve_budget(np.zeros((0, 3)), np.zeros(0), (1, 2, 4), 1.5, solver=solver)
-    assert empty.shape == (0,)
+  errors = np.random.default_rng(0).random((5, 1))
+  out = solve_budget(errors, np.full(5, 64.0), (2,), 2.0, solver=solver)
+  np.testing.assert_array_equal(out, 0)
+  empty = solve_budget(np.zeros((0, 3)), np.zeros(0), (1, 2, 4), 1.5, solver=solver)
+  assert empty.shape == (0,)
 
 
 def test_solve_budget_auto_is_exact_on_small_problems():
-    rng = np.random.default_rng(11)
-    errors, costs = make_problem("nonconvex", rng, 6, BITS3)
-    opt = brute_force_optimum(errors, costs, BITS3, 1.7)
-    choice = solve_budget(errors, costs, [1, 2, 4], 1.7)  # list bits, default solver
-    assert choice.dtype == np.int64
-    np.testing.assert_allclose(objective(errors, choice), opt, rtol=1e-9)
+  rng = np.random.default_rng(11)
+  errors, costs = make_problem("nonconvex", rng, 6, BITS3)
+  opt = brute_force_optimum(errors, costs, BITS3, 1.7)
+  choice = solve_budget(errors, costs, [1, 2, 4], 1.7)  # list bits, default solver
+  assert choice.dtype == np.int64
+  np.testing.assert_allclose(objective(errors, choice), opt, rtol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,35 +263,35 @@ def test_solve_budget_auto_is_exact_on_small_problems():
 
 
 def _collinear_problems(bits):
-    for seed in range(60):
-        rng = np.random.default_rng(seed)
-        x = rng.uniform(0.1, 1.0)
-        d = rng.uniform(1e-3, x / bits[-1])
-        errors = (x - d * (bits - bits[0]))[None, :]  # exactly linear in bits (up to rounding)
-        for budget in np.arange(1.0, 4.01, 0.5):
-            yield seed, float(budget), errors
+  for seed in range(60):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.1, 1.0)
+    d = rng.uniform(1e-3, x / bits[-1])
+    errors = (x - d * (bits - bits[0]))[None, :]  # exactly linear in bits (up to rounding)
+    for budget in np.arange(1.0, 4.01, 0.5):
+      yield seed, float(budget), errors
 
 
 @pytest.mark.parametrize("solver", ["greedy", "milp"])  # milp returns greedy's lower objective
 def test_collinear_errors_respect_budget(solver):
-    over = []
-    for seed, budget, errors in _collinear_problems(BITS4):
-        choice = solve_budget(errors, np.ones(1), BITS4, budget, solver=solver)
-        if BITS4[choice].sum() > budget * (1 + 1e-9):
-            over.append((seed, budget, BITS4[choice].tolist()))
-    assert not over, over
+  over = []
+  for seed, budget, errors in _collinear_problems(BITS4):
+    choice = solve_budget(errors, np.ones(1), BITS4, budget, solver=solver)
+    if BITS4[choice].sum() > budget * (1 + 1e-9):
+      over.append((seed, budget, BITS4[choice].tolist()))
+  assert not over, over
 
 
 def test_collinear_minimal_example():
-    choice = solve_greedy(np.array([[0.3, 0.2, 0.1, 0.0]]), np.ones(1), BITS4, 2.0)
-    assert BITS4[choice].sum() <= 2.0  # got 4.0
+  choice = solve_greedy(np.array([[0.3, 0.2, 0.1, 0.0]]), np.ones(1), BITS4, 2.0)
+  assert BITS4[choice].sum() <= 2.0  # got 4.0
 
 
 def test_collinear_errors_with_bits_124_respect_budget():
-    for seed, budget, errors in _collinear_problems(BITS3):
-        for solver in ("greedy", "milp"):
-            choice = solve_budget(errors, np.ones(1), BITS3, budget, solver=solver)
-            assert BITS3[choice].sum() <= budget * (1 + 1e-9), (seed, budget, solver)
+  for seed, budget, errors in _collinear_problems(BITS3):
+    for solver in ("greedy", "milp"):
+      choice = solve_budget(errors, np.ones(1), BITS3, budget, solver=solver)
+      assert BITS3[choice].sum() <= budget * (1 + 1e-9), (seed, budget, solver)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,24 +299,24 @@ def test_collinear_errors_with_bits_124_respect_budget():
 
 
 def test_milp_budget_is_hard_near_integer_capacity():
-    errors = np.tile([1.0, 0.5, 0.1], (7, 1))
-    costs = np.ones(7)
-    budget = 2.0 - 1e-7
-    choice = solve_milp(errors, costs, BITS3, budget)
-    assert used_bits(costs, BITS3, choice) <= budget * costs.sum() * (1 + 1e-9)
+  errors = np.tile([1.0, 0.5, 0.1], (7, 1))
+  costs = np.ones(7)
+  budget = 2.0 - 1e-7
+  choice = solve_milp(errors, costs, BITS3, budget)
+  assert used_bits(costs, BITS3, choice) <= budget * costs.sum() * (1 + 1e-9)
 
 
 def test_greedy_budget_is_hard_near_integer_capacity():
-    errors = np.tile([1.0, 0.5, 0.1], (7, 1))
-    costs = np.ones(7)
-    for budget in (2.0 - 1e-7, 2.0 - 1e-10, 2.0):
-        choice = solve_greedy(errors, costs, BITS3, budget)
-        assert used_bits(costs, BITS3, choice) <= budget * costs.sum() * (1 + 1e-12)
-    # exactly 2.0 allows 14 bits: e.g. 7 channels at 2, or 3 at 4 + 1 at 2 + 3 at 1 ... the
-    # optimum here (brute force) must be reached within one channel's gain.
-    opt = brute_force_optimum(errors, costs, BITS3, 2.0)
-    got = objective(errors, solve_greedy(errors, costs, BITS3, 2.0))
-    assert opt <= got <= opt + one_channel_bound(errors)
+  errors = np.tile([1.0, 0.5, 0.1], (7, 1))
+  costs = np.ones(7)
+  for budget in (2.0 - 1e-7, 2.0 - 1e-10, 2.0):
+    choice = solve_greedy(errors, costs, BITS3, budget)
+    assert used_bits(costs, BITS3, choice) <= budget * costs.sum() * (1 + 1e-12)
+  # exactly 2.0 allows 14 bits: e.g. 7 channels at 2, or 3 at 4 + 1 at 2 + 3 at 1 ... the
+  # optimum here (brute force) must be reached within one channel's gain.
+  opt = brute_force_optimum(errors, costs, BITS3, 2.0)
+  got = objective(errors, solve_greedy(errors, costs, BITS3, 2.0))
+  assert opt <= got <= opt + one_channel_bound(errors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,42 +325,42 @@ def test_greedy_budget_is_hard_near_integer_capacity():
 
 @pytest.mark.parametrize("budget", [1.3, 2.0])
 def test_greedy_vs_milp_mid_size(budget):
-    rng = np.random.default_rng(42)
-    n = 2000
-    costs = rng.choice([64.0, 128.0, 4096.0, 11008.0], n)  # layers of different in_features
-    a = costs * rng.lognormal(0.0, 1.0, n)
-    errors = a[:, None] * 4.0 ** (-BITS3)[None, :] * rng.uniform(0.7, 1.3, (n, 3))
-    lower = lagrangian_lower_bound(errors, costs, BITS3, budget)
-    m = solve_milp(errors, costs, BITS3, budget)
-    g = solve_greedy(errors, costs, BITS3, budget)
-    cap = budget * costs.sum()
-    assert used_bits(costs, BITS3, m) <= cap * (1 + 1e-9)
-    assert used_bits(costs, BITS3, g) <= cap * (1 + 1e-9)
-    om, og = objective(errors, m), objective(errors, g)
-    bound = one_channel_bound(errors)
-    assert lower * (1 - 1e-9) <= om
-    assert lower * (1 - 1e-9) <= og
-    assert og <= om + bound
-    assert og <= lower + bound * (1 + 1e-9)  # LP rounded down: within one channel of the LP
-    assert og <= om * (1 + 1e-3)
+  rng = np.random.default_rng(42)
+  n = 2000
+  costs = rng.choice([64.0, 128.0, 4096.0, 11008.0], n)  # layers of different in_features
+  a = costs * rng.lognormal(0.0, 1.0, n)
+  errors = a[:, None] * 4.0 ** (-BITS3)[None, :] * rng.uniform(0.7, 1.3, (n, 3))
+  lower = lagrangian_lower_bound(errors, costs, BITS3, budget)
+  m = solve_milp(errors, costs, BITS3, budget)
+  g = solve_greedy(errors, costs, BITS3, budget)
+  cap = budget * costs.sum()
+  assert used_bits(costs, BITS3, m) <= cap * (1 + 1e-9)
+  assert used_bits(costs, BITS3, g) <= cap * (1 + 1e-9)
+  om, og = objective(errors, m), objective(errors, g)
+  bound = one_channel_bound(errors)
+  assert lower * (1 - 1e-9) <= om
+  assert lower * (1 - 1e-9) <= og
+  assert og <= om + bound
+  assert og <= lower + bound * (1 + 1e-9)  # LP rounded down: within one channel of the LP
+  assert og <= om * (1 + 1e-3)
 
 
 @pytest.mark.parametrize("bits", [BITS3, BITS4])
 def test_greedy_large_input(bits):
-    rng = np.random.default_rng(5)
-    n = 200_000
-    costs = rng.integers(64, 4097, n).astype(np.float64)
-    a = costs * rng.lognormal(0.0, 1.0, n)
-    errors = a[:, None] * 4.0 ** (-bits)[None, :] * rng.uniform(0.7, 1.3, (n, len(bits)))
-    budget = 1.5
-    choice = solve_budget(errors, costs, bits, budget, solver="greedy")
-    assert choice.shape == (n,)
-    assert used_bits(costs, bits, choice) <= budget * costs.sum() * (1 + 1e-12)
-    # Budget nearly spent (leftover < one largest upgrade) and within one channel of the LP.
-    assert used_bits(costs, bits, choice) >= budget * costs.sum() - costs.max() * (bits[-1] - bits[0])
-    lower = lagrangian_lower_bound(errors, costs, bits, budget)
-    got = objective(errors, choice)
-    assert lower * (1 - 1e-9) <= got <= lower + one_channel_bound(errors) + 1e-9 * got
+  rng = np.random.default_rng(5)
+  n = 200_000
+  costs = rng.integers(64, 4097, n).astype(np.float64)
+  a = costs * rng.lognormal(0.0, 1.0, n)
+  errors = a[:, None] * 4.0 ** (-bits)[None, :] * rng.uniform(0.7, 1.3, (n, len(bits)))
+  budget = 1.5
+  choice = solve_budget(errors, costs, bits, budget, solver="greedy")
+  assert choice.shape == (n,)
+  assert used_bits(costs, bits, choice) <= budget * costs.sum() * (1 + 1e-12)
+  # Budget nearly spent (leftover < one largest upgrade) and within one channel of the LP.
+  assert used_bits(costs, bits, choice) >= budget * costs.sum() - costs.max() * (bits[-1] - bits[0])
+  lower = lagrangian_lower_bound(errors, costs, bits, budget)
+  got = objective(errors, choice)
+  assert lower * (1 - 1e-9) <= got <= lower + one_channel_bound(errors) + 1e-9 * got
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,14 +370,14 @@ def test_greedy_large_input(bits):
 @pytest.mark.parametrize("solver", ["milp", "greedy", "auto"])
 @pytest.mark.parametrize("bits,budget", [((1, 2, 4), 0.5), ((2, 4), 1.5), ((2, 3, 4), 1.999)])
 def test_infeasible_budget_raises(bits, budget, solver):
-    errors = np.random.default_rng(0).random((4, len(bits)))
-    with pytest.raises(QuantizationError, match="budget") as info:
-        solve_budget(errors, np.full(4, 128.0), bits, budget, solver=solver)
-    assert str(budget) in str(info.value)
+  errors = np.random.default_rng(0).random((4, len(bits)))
+  with pytest.raises(QuantizationError, match="budget") as info:
+    solve_budget(errors, np.full(4, 128.0), bits, budget, solver=solver)
+  assert str(budget) in str(info.value)
 
 
 @pytest.mark.parametrize("bits", [(2, 1, 4), (1, 2, 2), (4, 2, 1), (1, 4, 3)])
 def test_non_ascending_bits_raise(bits):
-    errors = np.random.default_rng(0).random((4, 3))
-    with pytest.raises(QuantizationError, match="ascending"):
-        solve_budget(errors, np.full(4, 128.0), bits, 2.0)
+  errors = np.random.default_rng(0).random((4, 3))
+  with pytest.raises(QuantizationError, match="ascending"):
+    solve_budget(errors, np.full(4, 128.0), bits, 2.0)

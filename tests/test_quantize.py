@@ -1,4 +1,5 @@
 """End-to-end `quantize_params` / `QuantizedTensor` against float64 numpy references."""
+
 import math
 from pathlib import Path
 
@@ -25,20 +26,23 @@ def f64_sq_err(w, w_hat):
 
 
 CONFIGS = {
-    "nf4": quantize.QuantConfig(method="nf", bits=4),
-    "nf3_nodq": quantize.QuantConfig(method="nf", bits=3, double_quant=False),
-    "lloyd1": quantize.QuantConfig(method="lloyd", bits=1),
-    "lowra1.5": quantize.QuantConfig(method="lowra", budget=1.5),
-    "lowra2.25_shared": quantize.QuantConfig(method="lowra", budget=2.25, lut_clusters=8),
-    "lowra3_1234": quantize.QuantConfig(method="lowra", budget=3.0, precisions=(1, 2, 3, 4),
-                                        dq_block=16),
+  "nf4": quantize.QuantConfig(method="nf", bits=4),
+  "nf3_nodq": quantize.QuantConfig(method="nf", bits=3, double_quant=False),
+  "lloyd1": quantize.QuantConfig(method="lloyd", bits=1),
+  "lowra1.5": quantize.QuantConfig(method="lowra", budget=1.5),
+  "lowra2.25_shared": quantize.QuantConfig(method="lowra", budget=2.25, lut_clusters=8),
+  "lowra3_1234": quantize.QuantConfig(
+    method="lowra", budget=3.0, precisions=(1, 2, 3, 4), dq_block=16
+  ),
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_reported_error_equals_float64_error_of_dequantize(name):
-  params = {"a": {"kernel": heavy(0, (100, 37))},  # ragged K (padded to 128) and N
-            "b": {"kernel": heavy(1, (192, 80), jnp.bfloat16)}}
+  params = {
+    "a": {"kernel": heavy(0, (100, 37))},  # ragged K (padded to 128) and N
+    "b": {"kernel": heavy(1, (192, 80), jnp.bfloat16)},
+  }
   qparams, report = quantize.quantize_params(params, CONFIGS[name], progress=False)
   dense = quantize.dequantize_params(qparams, jnp.float32)
   for layer, key in zip(report.layers, ("a", "b")):
@@ -97,14 +101,16 @@ def test_mixed_precision_layout_and_permutation():
   dense = np.asarray(quantize.dequantize(qt, jnp.float32))
   start = 0
   for b in qt.buckets:
-    cols = np.asarray(qt.perm)[start:start + b.num_channels]
+    cols = np.asarray(qt.perm)[start : start + b.num_channels]
     np.testing.assert_array_equal(np.asarray(b.dequantize(64))[:128], dense[:, cols])
     start += b.num_channels
 
 
 def test_model_wide_budget_gives_noisier_layers_more_bits():
-  params = {"calm": {"kernel": heavy(5, (128, 64)) * 0.1},
-            "loud": {"kernel": heavy(6, (128, 64)) * 10.0}}
+  params = {
+    "calm": {"kernel": heavy(5, (128, 64)) * 0.1},
+    "loud": {"kernel": heavy(6, (128, 64)) * 10.0},
+  }
   _, report = quantize.quantize_params(params, quantize.QuantConfig(budget=2.0), progress=False)
   calm, loud = report.layers
   assert report.code_bits <= 2.0 + 1e-9
@@ -115,10 +121,12 @@ def test_lowra_not_worse_than_single_precision_lloyd_at_equal_code_bits():
   w = heavy(7, (256, 96))
   for bits in (1, 2, 4):
     cfg = dict(double_quant=False)
-    _, fixed = quantize.quantize_params({"w": w}, quantize.QuantConfig(
-        method="lloyd", bits=bits, **cfg), progress=False)
-    _, mixed = quantize.quantize_params({"w": w}, quantize.QuantConfig(
-        method="lowra", budget=float(bits), **cfg), progress=False)
+    _, fixed = quantize.quantize_params(
+      {"w": w}, quantize.QuantConfig(method="lloyd", bits=bits, **cfg), progress=False
+    )
+    _, mixed = quantize.quantize_params(
+      {"w": w}, quantize.QuantConfig(method="lowra", budget=float(bits), **cfg), progress=False
+    )
     assert mixed.rel_error <= fixed.rel_error * (1 + 1e-6)
 
 
@@ -126,7 +134,8 @@ def test_shared_tables_cut_total_bits_at_small_in_features():
   w = heavy(8, (64, 512))
   _, own = quantize.quantize_params({"w": w}, quantize.QuantConfig(budget=2.0), progress=False)
   _, shared = quantize.quantize_params(
-      {"w": w}, quantize.QuantConfig(budget=2.0, lut_clusters=16), progress=False)
+    {"w": w}, quantize.QuantConfig(budget=2.0, lut_clusters=16), progress=False
+  )
   assert shared.total_bits < own.total_bits - 0.2
   assert shared.rel_error < own.rel_error * 1.1
 
@@ -137,22 +146,29 @@ def test_deterministic_and_jittable():
   q1, _ = quantize.quantize_params(params, cfg, progress=False)
   q2, _ = quantize.quantize_params(params, cfg, progress=False)
   chex.assert_trees_all_equal(q1, q2)
-  chex.assert_trees_all_close(jax.jit(quantize.dequantize_params)(q1),
-                              quantize.dequantize_params(q1))
+  chex.assert_trees_all_close(
+    jax.jit(quantize.dequantize_params)(q1), quantize.dequantize_params(q1)
+  )
 
 
 def test_default_filter_skips_embeddings_norms_head_and_vectors():
-  params = {"embed_tokens": {"embedding": heavy(0, (64, 64))}, "lm_head": {"kernel": heavy(1, (64, 64))},
-            "input_layernorm": {"scale": np.ones(64, np.float32)},
-            "mlp": {"up_proj": {"kernel": heavy(2, (64, 64))}, "bias": np.zeros(64, np.float32)}}
-  qparams, report = quantize.quantize_params(params, quantize.QuantConfig(method="nf"),
-                                             progress=False)
+  params = {
+    "embed_tokens": {"embedding": heavy(0, (64, 64))},
+    "lm_head": {"kernel": heavy(1, (64, 64))},
+    "input_layernorm": {"scale": np.ones(64, np.float32)},
+    "mlp": {"up_proj": {"kernel": heavy(2, (64, 64))}, "bias": np.zeros(64, np.float32)},
+  }
+  qparams, report = quantize.quantize_params(
+    params, quantize.QuantConfig(method="nf"), progress=False
+  )
   assert [l.path for l in report.layers] == ["mlp/up_proj/kernel"]
   assert quantize.is_quantized(qparams["mlp"]["up_proj"]["kernel"])
   assert qparams["lm_head"]["kernel"] is params["lm_head"]["kernel"]
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(budget=0.5), r"budget=0.5 is outside \[1, 4\]"),
     (dict(budget=4.5), r"outside \[1, 4\]"),
     (dict(budget=1.5, precisions=(2, 4)), r"infeasible"),
@@ -161,7 +177,8 @@ def test_default_filter_skips_embeddings_norms_head_and_vectors():
     (dict(precisions=(1, 8)), r"subset of"),
     (dict(group_size=60), r"multiple of 8"),
     (dict(weighting="abs"), r"unknown weighting"),
-])
+  ],
+)
 def test_bad_configs_raise_clear_errors(kwargs, match):
   with pytest.raises(quantize.QuantizationError, match=match):
     quantize.QuantConfig(**kwargs)
@@ -181,17 +198,22 @@ def test_bad_tensors_raise_clear_errors_naming_the_parameter():
     quantize.quantize_params({"norm": np.ones(3)}, cfg, progress=False)
 
 
-@pytest.mark.skipif(not (DATA / "models" / "pycode-llama-17m").exists(),
-                    reason="../shared/data is not beside the project")
+@pytest.mark.skipif(
+  not (DATA / "models" / "pycode-llama-17m").exists(),
+  reason="../shared/data is not beside the project",
+)
 def test_real_model_lowra_below_nf_at_equal_code_bits():
   from lowra_jax.models import weights
+
   _, state = weights.read_hf_checkpoint(DATA / "models" / "pycode-llama-17m")
   tree = weights.to_kernel_tree(state)
   params = {"0": tree["model"]["layers"]["0"], "7": tree["model"]["layers"]["7"]}
   for bits in (2, 4):
-    _, nf = quantize.quantize_params(params, quantize.QuantConfig(method="nf", bits=bits),
-                                     progress=False)
-    _, lowra = quantize.quantize_params(params, quantize.QuantConfig(budget=float(bits)),
-                                        progress=False)
+    _, nf = quantize.quantize_params(
+      params, quantize.QuantConfig(method="nf", bits=bits), progress=False
+    )
+    _, lowra = quantize.quantize_params(
+      params, quantize.QuantConfig(budget=float(bits)), progress=False
+    )
     assert lowra.code_bits <= nf.code_bits
     assert lowra.rel_error < nf.rel_error

@@ -2,6 +2,7 @@
 
 Kernels run in Pallas' interpreter on CPU (and compiled through Triton when a GPU is present).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,12 +29,12 @@ def weights(seed, k, n):
 
 
 QT_CONFIGS = {
-    "lloyd1": quantize.QuantConfig(method="lloyd", bits=1),
-    "lloyd2": quantize.QuantConfig(method="lloyd", bits=2),
-    "nf4_nodq": quantize.QuantConfig(method="nf", bits=4, double_quant=False),
-    "lowra1.5": quantize.QuantConfig(budget=1.5),
-    "lowra2_shared": quantize.QuantConfig(budget=2.0, lut_clusters=4),
-    "lowra3_with_3bit": quantize.QuantConfig(budget=3.0, precisions=(1, 2, 3, 4)),
+  "lloyd1": quantize.QuantConfig(method="lloyd", bits=1),
+  "lloyd2": quantize.QuantConfig(method="lloyd", bits=2),
+  "nf4_nodq": quantize.QuantConfig(method="nf", bits=4, double_quant=False),
+  "lowra1.5": quantize.QuantConfig(budget=1.5),
+  "lowra2_shared": quantize.QuantConfig(budget=2.0, lut_clusters=4),
+  "lowra3_with_3bit": quantize.QuantConfig(budget=3.0, precisions=(1, 2, 3, 4)),
 }
 
 
@@ -91,8 +92,7 @@ def test_no_gradient_flows_into_the_frozen_base(qtensor):
       assert not np.any(np.asarray(leaf))
 
 
-KERNEL_CASES = [(1, 1024, 40, 16, 1), (2, 512, 130, 32, 3), (4, 256, 64, 16, 2),
-                (2, 192, 9, 48, 1)]
+KERNEL_CASES = [(1, 1024, 40, 16, 1), (2, 512, 130, 32, 3), (4, 256, 64, 16, 2), (2, 192, 9, 48, 1)]
 
 
 @pytest.mark.parametrize("bits,k,n,m,splits", KERNEL_CASES)
@@ -116,8 +116,9 @@ def test_kernels_write_every_output_tile(bits, k, n, m, splits):
   assert rel_err(dx.sum(axis=0), g.astype(np.float64) @ w.T) < 1e-3
   dense = lm.lut_dequantize(*args, dtype=jnp.float32, out=jnp.full((k, n), jnp.nan), **kw)
   np.testing.assert_allclose(np.asarray(dense), w, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(lm.dequantize_reference(*args, bits=bits, group=64)), w,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(lm.dequantize_reference(*args, bits=bits, group=64)), w, rtol=1e-6
+  )
 
 
 def test_bad_inputs_raise_clear_errors(qtensor):
@@ -126,5 +127,11 @@ def test_bad_inputs_raise_clear_errors(qtensor):
   with pytest.raises(ValueError, match=r"unknown backend 'cuda'"):
     quantized_matmul(jnp.ones((2, 320)), qtensor, backend="cuda")
   with pytest.raises(NotImplementedError, match=r"bits=3"):
-    lm.lut_matmul(jnp.ones((16, 64)), jnp.ones((24, 8), jnp.uint8), jnp.ones((8, 8)),
-                  jnp.ones((1, 8)), bits=3, group=64)
+    lm.lut_matmul(
+      jnp.ones((16, 64)),
+      jnp.ones((24, 8), jnp.uint8),
+      jnp.ones((8, 8)),
+      jnp.ones((1, 8)),
+      bits=3,
+      group=64,
+    )

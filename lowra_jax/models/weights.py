@@ -35,182 +35,238 @@ _LLAMA2C_MAGIC = 0x616B3432  # "ak42": header of llama2.c's version-1/2 exports
 
 
 def _read_safetensors(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Read ``names`` (default: all tensors) from one safetensors file, keeping stored dtypes."""
-    with safe_open(path, framework="np") as f:
-        stored = set(f.keys())
-        wanted = sorted(stored) if names is None else names
-        missing = sorted(set(wanted) - stored)
-        if missing:
-            raise ValueError(f"{path.name} lacks tensors {missing} that {_INDEX} maps to it; "
-                             "the checkpoint is inconsistent, re-save it")
-        return {name: f.get_tensor(name) for name in wanted}
+  """Read ``names`` (default: all tensors) from one safetensors file, keeping stored dtypes."""
+  with safe_open(path, framework="np") as f:
+    stored = set(f.keys())
+    wanted = sorted(stored) if names is None else names
+    missing = sorted(set(wanted) - stored)
+    if missing:
+      raise ValueError(
+        f"{path.name} lacks tensors {missing} that {_INDEX} maps to it; "
+        "the checkpoint is inconsistent, re-save it"
+      )
+    return {name: f.get_tensor(name) for name in wanted}
 
 
-def read_hf_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read an HF model directory: ``config.json`` plus single-file or sharded safetensors weights.
+def read_hf_checkpoint(
+  path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Read an HF model directory: ``config.json`` plus single-file or sharded safetensors weights.
 
-    Weights come from ``model.safetensors`` or, when ``model.safetensors.index.json`` is present,
-    from the shards its ``weight_map`` names (only the mapped tensors are read from each shard).
+  Weights come from ``model.safetensors`` or, when ``model.safetensors.index.json`` is present,
+  from the shards its ``weight_map`` names (only the mapped tensors are read from each shard).
 
-    bf16 route: ``safetensors``' own numpy API (``safe_open(..., framework="np")``) builds arrays by
-    numpy dtype *name*; plain numpy has no ``"bfloat16"``, but importing ``ml_dtypes`` (a jax
-    dependency) registers it, so bf16 tensors load natively as ``ml_dtypes.bfloat16`` arrays with no
-    upcast and no hand-parsing of the file format.
+  bf16 route: ``safetensors``' own numpy API (``safe_open(..., framework="np")``) builds arrays by
+  numpy dtype *name*; plain numpy has no ``"bfloat16"``, but importing ``ml_dtypes`` (a jax
+  dependency) registers it, so bf16 tensors load natively as ``ml_dtypes.bfloat16`` arrays with no
+  upcast and no hand-parsing of the file format.
 
-    Returns:
-        ``(config, state)``: the parsed ``config.json`` dict and ``{HF name: array}`` with stored
-        shapes (projections ``[out_features, in_features]``) and stored dtypes.
+  Returns:
+      ``(config, state)``: the parsed ``config.json`` dict and ``{HF name: array}`` with stored
+      shapes (projections ``[out_features, in_features]``) and stored dtypes.
 
-    Raises:
-        FileNotFoundError: missing directory, ``config.json``, weights, or a shard named by the index.
-        ValueError: pickle-only checkpoint (``*.bin``/``*.pt``), un-indexed shards, or an index
-            mapping a tensor to a shard that does not contain it.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {root} does not exist; pass an HF model directory")
-    config_path = root / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{root} has no config.json; HF model directories need one")
-    config = json.loads(config_path.read_text())
+  Raises:
+      FileNotFoundError: missing directory, ``config.json``, weights, or a shard named by the index.
+      ValueError: pickle-only checkpoint (``*.bin``/``*.pt``), un-indexed shards, or an index
+          mapping a tensor to a shard that does not contain it.
+  """
+  root = Path(path)
+  if not root.is_dir():
+    raise FileNotFoundError(
+      f"checkpoint directory {root} does not exist; pass an HF model directory"
+    )
+  config_path = root / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{root} has no config.json; HF model directories need one")
+  config = json.loads(config_path.read_text())
 
-    if (root / _INDEX).is_file():
-        weight_map: dict[str, str] = json.loads((root / _INDEX).read_text())["weight_map"]
-        by_shard: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(name)
-        absent = sorted(s for s in by_shard if not (root / s).is_file())
-        if absent:
-            raise FileNotFoundError(f"{_INDEX} in {root} names missing shard(s) {absent}; re-download them")
-        state: dict[str, np.ndarray] = {}
-        for shard, names in sorted(by_shard.items()):
-            state.update(_read_safetensors(root / shard, names))
-        return config, state
-    if (root / _SINGLE).is_file():
-        return config, _read_safetensors(root / _SINGLE)
+  if (root / _INDEX).is_file():
+    weight_map: dict[str, str] = json.loads((root / _INDEX).read_text())["weight_map"]
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+      by_shard.setdefault(shard, []).append(name)
+    absent = sorted(s for s in by_shard if not (root / s).is_file())
+    if absent:
+      raise FileNotFoundError(
+        f"{_INDEX} in {root} names missing shard(s) {absent}; re-download them"
+      )
+    state: dict[str, np.ndarray] = {}
+    for shard, names in sorted(by_shard.items()):
+      state.update(_read_safetensors(root / shard, names))
+    return config, state
+  if (root / _SINGLE).is_file():
+    return config, _read_safetensors(root / _SINGLE)
 
-    if any(root.glob("*.safetensors")):
-        raise ValueError(f"{root} has *.safetensors shards but no {_SINGLE} or {_INDEX}; add the index file")
-    pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(f"{root} holds only pickle weights {pickles}; convert to safetensors "
-                         "(save_pretrained(..., safe_serialization=True)) -- lowra-jax never unpickles")
-    raise FileNotFoundError(f"{root} has no {_SINGLE} or {_INDEX}; no safetensors weights to read")
+  if any(root.glob("*.safetensors")):
+    raise ValueError(
+      f"{root} has *.safetensors shards but no {_SINGLE} or {_INDEX}; add the index file"
+    )
+  pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+  if pickles:
+    raise ValueError(
+      f"{root} holds only pickle weights {pickles}; convert to safetensors "
+      "(save_pretrained(..., safe_serialization=True)) -- lowra-jax never unpickles"
+    )
+  raise FileNotFoundError(f"{root} has no {_SINGLE} or {_INDEX}; no safetensors weights to read")
 
 
 def _permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder the rows of ``w`` [n_heads*head_dim, in] from interleaved-pair to half-split rotary."""
-    out_features, in_features = w.shape
-    head_dim = out_features // n_heads
-    return (w.reshape(n_heads, head_dim // 2, 2, in_features)
-            .transpose(0, 2, 1, 3).reshape(out_features, in_features))
+  """Reorder the rows of ``w`` [n_heads*head_dim, in] from interleaved-pair to half-split rotary."""
+  out_features, in_features = w.shape
+  head_dim = out_features // n_heads
+  return (
+    w.reshape(n_heads, head_dim // 2, 2, in_features)
+    .transpose(0, 2, 1, 3)
+    .reshape(out_features, in_features)
+  )
 
 
-def read_llama2c_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read a llama2.c legacy (version-0) ``.bin`` checkpoint into an HF-convention state dict.
+def read_llama2c_checkpoint(
+  path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Read a llama2.c legacy (version-0) ``.bin`` checkpoint into an HF-convention state dict.
 
-    File layout: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size -- negative
-    when unshared classifier weights follow -- and seq_len), then fp32 arrays in torch
-    ``[out, in]`` layout: token_embedding [vocab, dim], rms_att [L, dim], wq [L, dim, dim],
-    wk/wv [L, kv_dim, dim], wo [L, dim, dim], rms_ffn [L, dim], w1 [L, hidden, dim],
-    w2 [L, dim, hidden], w3 [L, hidden, dim], rms_final [dim], freq_cis_real/imag
-    [seq, head_size/2] (skipped), optional wcls [vocab, dim].
+  File layout: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size -- negative
+  when unshared classifier weights follow -- and seq_len), then fp32 arrays in torch
+  ``[out, in]`` layout: token_embedding [vocab, dim], rms_att [L, dim], wq [L, dim, dim],
+  wk/wv [L, kv_dim, dim], wo [L, dim, dim], rms_ffn [L, dim], w1 [L, hidden, dim],
+  w2 [L, dim, hidden], w3 [L, hidden, dim], rms_final [dim], freq_cis_real/imag
+  [seq, head_size/2] (skipped), optional wcls [vocab, dim].
 
-    Returns:
-        ``(config, state)``: an HF ``config.json``-style dict and ``{HF name: float32 array}``
-        (w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj; ``lm_head.weight`` is the embedding array
-        itself when shared).  ``q_proj``/``k_proj`` rows are permuted to HF half-split rotary order.
+  Returns:
+      ``(config, state)``: an HF ``config.json``-style dict and ``{HF name: float32 array}``
+      (w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj; ``lm_head.weight`` is the embedding array
+      itself when shared).  ``q_proj``/``k_proj`` rows are permuted to HF half-split rotary order.
 
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: version-1/2 export, implausible header, or file size not matching the header.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"llama2.c checkpoint {file} does not exist")
-    size = file.stat().st_size
-    if size < 28:
-        raise ValueError(f"{file} is {size} bytes, shorter than the 28-byte llama2.c header; it is truncated")
-    header = np.fromfile(file, dtype="<i4", count=7)
-    if int(header[0]) == _LLAMA2C_MAGIC:
-        raise ValueError(f"{file} is a llama2.c version-1/2 export; re-export it in legacy version-0 format")
-    dim, hidden, n_layers, n_heads, n_kv_heads, signed_vocab, seq_len = (int(v) for v in header)
-    vocab, shared = abs(signed_vocab), signed_vocab > 0
-    if (min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) <= 0 or dim % n_heads
-            or n_heads % n_kv_heads or (dim // n_heads) % 2):
-        raise ValueError(f"{file} has an implausible header {header.tolist()}; not a llama2.c version-0 file")
-    head_size = dim // n_heads
-    kv_dim = n_kv_heads * head_size
-    L = n_layers
-    shapes = {"emb": (vocab, dim), "rms_att": (L, dim), "wq": (L, dim, dim), "wk": (L, kv_dim, dim),
-              "wv": (L, kv_dim, dim), "wo": (L, dim, dim), "rms_ffn": (L, dim), "w1": (L, hidden, dim),
-              "w2": (L, dim, hidden), "w3": (L, hidden, dim), "rms_final": (dim,),
-              "freq_real": (seq_len, head_size // 2), "freq_imag": (seq_len, head_size // 2)}
-    if not shared:
-        shapes["wcls"] = (vocab, dim)
-    expected = 28 + 4 * sum(int(np.prod(s)) for s in shapes.values())
-    if size != expected:
-        raise ValueError(f"{file} is {size} bytes but its header {header.tolist()} implies {expected}; "
-                         "the file is truncated or corrupt")
+  Raises:
+      FileNotFoundError: no such file.
+      ValueError: version-1/2 export, implausible header, or file size not matching the header.
+  """
+  file = Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"llama2.c checkpoint {file} does not exist")
+  size = file.stat().st_size
+  if size < 28:
+    raise ValueError(
+      f"{file} is {size} bytes, shorter than the 28-byte llama2.c header; it is truncated"
+    )
+  header = np.fromfile(file, dtype="<i4", count=7)
+  if int(header[0]) == _LLAMA2C_MAGIC:
+    raise ValueError(
+      f"{file} is a llama2.c version-1/2 export; re-export it in legacy version-0 format"
+    )
+  dim, hidden, n_layers, n_heads, n_kv_heads, signed_vocab, seq_len = (int(v) for v in header)
+  vocab, shared = abs(signed_vocab), signed_vocab > 0
+  if (
+    min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) <= 0
+    or dim % n_heads
+    or n_heads % n_kv_heads
+    or (dim // n_heads) % 2
+  ):
+    raise ValueError(
+      f"{file} has an implausible header {header.tolist()}; not a llama2.c version-0 file"
+    )
+  head_size = dim // n_heads
+  kv_dim = n_kv_heads * head_size
+  L = n_layers
+  shapes = {
+    "emb": (vocab, dim),
+    "rms_att": (L, dim),
+    "wq": (L, dim, dim),
+    "wk": (L, kv_dim, dim),
+    "wv": (L, kv_dim, dim),
+    "wo": (L, dim, dim),
+    "rms_ffn": (L, dim),
+    "w1": (L, hidden, dim),
+    "w2": (L, dim, hidden),
+    "w3": (L, hidden, dim),
+    "rms_final": (dim,),
+    "freq_real": (seq_len, head_size // 2),
+    "freq_imag": (seq_len, head_size // 2),
+  }
+  if not shared:
+    shapes["wcls"] = (vocab, dim)
+  expected = 28 + 4 * sum(int(np.prod(s)) for s in shapes.values())
+  if size != expected:
+    raise ValueError(
+      f"{file} is {size} bytes but its header {header.tolist()} implies {expected}; "
+      "the file is truncated or corrupt"
+    )
 
-    flat = np.fromfile(file, dtype="<f4", offset=28)
-    arrays, offset = {}, 0
-    for name, shape in shapes.items():
-        n = int(np.prod(shape))
-        arrays[name] = flat[offset:offset + n].reshape(shape)
-        offset += n
+  flat = np.fromfile(file, dtype="<f4", offset=28)
+  arrays, offset = {}, 0
+  for name, shape in shapes.items():
+    n = int(np.prod(shape))
+    arrays[name] = flat[offset : offset + n].reshape(shape)
+    offset += n
 
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "hidden_size": dim, "intermediate_size": hidden, "num_hidden_layers": n_layers,
-              "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "head_dim": head_size,
-              "vocab_size": vocab, "max_position_embeddings": seq_len, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "tie_word_embeddings": shared, "bos_token_id": 1, "eos_token_id": 2}
-    state = {"model.embed_tokens.weight": arrays["emb"], "model.norm.weight": arrays["rms_final"],
-             "lm_head.weight": arrays["emb"] if shared else arrays["wcls"]}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        state[p + "input_layernorm.weight"] = arrays["rms_att"][i]
-        state[p + "post_attention_layernorm.weight"] = arrays["rms_ffn"][i]
-        state[p + "self_attn.q_proj.weight"] = _permute_rotary(arrays["wq"][i], n_heads)
-        state[p + "self_attn.k_proj.weight"] = _permute_rotary(arrays["wk"][i], n_kv_heads)
-        state[p + "self_attn.v_proj.weight"] = arrays["wv"][i]
-        state[p + "self_attn.o_proj.weight"] = arrays["wo"][i]
-        state[p + "mlp.gate_proj.weight"] = arrays["w1"][i]
-        state[p + "mlp.up_proj.weight"] = arrays["w3"][i]
-        state[p + "mlp.down_proj.weight"] = arrays["w2"][i]
-    return config, state
+  config = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "hidden_size": dim,
+    "intermediate_size": hidden,
+    "num_hidden_layers": n_layers,
+    "num_attention_heads": n_heads,
+    "num_key_value_heads": n_kv_heads,
+    "head_dim": head_size,
+    "vocab_size": vocab,
+    "max_position_embeddings": seq_len,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": shared,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+  }
+  state = {
+    "model.embed_tokens.weight": arrays["emb"],
+    "model.norm.weight": arrays["rms_final"],
+    "lm_head.weight": arrays["emb"] if shared else arrays["wcls"],
+  }
+  for i in range(n_layers):
+    p = f"model.layers.{i}."
+    state[p + "input_layernorm.weight"] = arrays["rms_att"][i]
+    state[p + "post_attention_layernorm.weight"] = arrays["rms_ffn"][i]
+    state[p + "self_attn.q_proj.weight"] = _permute_rotary(arrays["wq"][i], n_heads)
+    state[p + "self_attn.k_proj.weight"] = _permute_rotary(arrays["wk"][i], n_kv_heads)
+    state[p + "self_attn.v_proj.weight"] = arrays["wv"][i]
+    state[p + "self_attn.o_proj.weight"] = arrays["wo"][i]
+    state[p + "mlp.gate_proj.weight"] = arrays["w1"][i]
+    state[p + "mlp.up_proj.weight"] = arrays["w3"][i]
+    state[p + "mlp.down_proj.weight"] = arrays["w2"][i]
+  return config, state
 
 
 def to_kernel_tree(state: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Convert a flat HF-named state dict into a nested Flax params dict.
+  """Convert a flat HF-named state dict into a nested Flax params dict.
 
-    ``*_proj.weight`` / ``lm_head.weight`` [out, in] -> ``{"kernel": W.T}`` [in, out];
-    ``*norm.weight`` [d] -> ``{"scale": w}``; ``embed_tokens.weight`` [vocab, d] -> ``{"embedding": w}``.
-    Names are nested by splitting on ``"."`` (``model.layers.0.self_attn.q_proj.weight`` ->
-    ``tree["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]``).  Leaves are C-contiguous
-    arrays with the input dtype.
+  ``*_proj.weight`` / ``lm_head.weight`` [out, in] -> ``{"kernel": W.T}`` [in, out];
+  ``*norm.weight`` [d] -> ``{"scale": w}``; ``embed_tokens.weight`` [vocab, d] -> ``{"embedding": w}``.
+  Names are nested by splitting on ``"."`` (``model.layers.0.self_attn.q_proj.weight`` ->
+  ``tree["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]``).  Leaves are C-contiguous
+  arrays with the input dtype.
 
-    Raises:
-        ValueError: listing every key that matches none of the patterns (or has the wrong rank).
-    """
-    tree: dict[str, Any] = {}
-    unknown = []
-    for key, value in state.items():
-        parts = key.split(".")
-        parents, (module, leaf) = parts[:-2], (parts[-2:] if len(parts) >= 2 else ("", ""))
-        if leaf == "weight" and value.ndim == 2 and (module.endswith("_proj") or module == "lm_head"):
-            new_leaf, array = "kernel", value.T
-        elif leaf == "weight" and value.ndim == 1 and module.endswith("norm"):
-            new_leaf, array = "scale", value
-        elif leaf == "weight" and value.ndim == 2 and module == "embed_tokens":
-            new_leaf, array = "embedding", value
-        else:
-            unknown.append(f"{key} {tuple(value.shape)}")
-            continue
-        node = tree
-        for part in (*parents, module):
-            node = node.setdefault(part, {})
-        node[new_leaf] = np.ascontiguousarray(array)
-    if unknown:
-        raise ValueError(f"to_kernel_tree: {len(unknown)} unrecognised key(s): {', '.join(unknown)}")
-    return tree
+  Raises:
+      ValueError: listing every key that matches none of the patterns (or has the wrong rank).
+  """
+  tree: dict[str, Any] = {}
+  unknown = []
+  for key, value in state.items():
+    parts = key.split(".")
+    parents, (module, leaf) = parts[:-2], (parts[-2:] if len(parts) >= 2 else ("", ""))
+    if leaf == "weight" and value.ndim == 2 and (module.endswith("_proj") or module == "lm_head"):
+      new_leaf, array = "kernel", value.T
+    elif leaf == "weight" and value.ndim == 1 and module.endswith("norm"):
+      new_leaf, array = "scale", value
+    elif leaf == "weight" and value.ndim == 2 and module == "embed_tokens":
+      new_leaf, array = "embedding", value
+    else:
+      unknown.append(f"{key} {tuple(value.shape)}")
+      continue
+    node = tree
+    for part in (*parents, module):
+      node = node.setdefault(part, {})
+    node[new_leaf] = np.ascontiguousarray(array)
+  if unknown:
+    raise ValueError(f"to_kernel_tree: {len(unknown)} unrecognised key(s): {', '.join(unknown)}")
+  return tree

@@ -1,23 +1,49 @@
 """Quantization transforms: params pytree -> packed low-bit `QuantizedTensor` pytrees.
 
-    from lowra_jax import quantize
-    qparams, report = quantize.quantize_params(params, quantize.QuantConfig(method="lowra",
-                                                                             budget=1.5))
-    print(report.summary(), quantize.bits_per_param(qparams))
-    dense = quantize.dequantize_params(qparams)
+from lowra_jax import quantize
+qparams, report = quantize.quantize_params(params, quantize.QuantConfig(method="lowra",
+                                                                         budget=1.5))
+print(report.summary(), quantize.bits_per_param(qparams))
+dense = quantize.dequantize_params(qparams)
 """
+
 from lowra_jax.quantize.codebooks import nf_levels
 from lowra_jax.quantize.config import QuantConfig, QuantizationError
-from lowra_jax.quantize.pipeline import (LayerReport, QuantReport, default_filter,
-                                         dequantize_params, quantize_params, quantize_tensor)
+from lowra_jax.quantize.pipeline import (
+  LayerReport,
+  QuantReport,
+  default_filter,
+  dequantize_params,
+  quantize_params,
+  quantize_tensor,
+)
 from lowra_jax.quantize.precision import solve_budget
-from lowra_jax.quantize.qtensor import (BitsPerParam, Bucket, QuantizedTensor, bits_per_param,
-                                        dequantize, is_quantized)
+from lowra_jax.quantize.qtensor import (
+  BitsPerParam,
+  Bucket,
+  QuantizedTensor,
+  bits_per_param,
+  dequantize,
+  is_quantized,
+)
 from lowra_jax.quantize.scaling import GroupScales
 
 __all__ = [
-    "BitsPerParam", "Bucket", "GroupScales", "LayerReport", "QuantConfig", "QuantReport",
-    "QuantizationError", "QuantizedTensor", "bits_per_param", "default_filter", "dequantize",
-    "dequantize_params", "is_quantized", "nf_levels", "quantize_params", "quantize_tensor",
-    "solve_budget",
+  "BitsPerParam",
+  "Bucket",
+  "GroupScales",
+  "LayerReport",
+  "QuantConfig",
+  "QuantReport",
+  "QuantizationError",
+  "QuantizedTensor",
+  "bits_per_param",
+  "default_filter",
+  "dequantize",
+  "dequantize_params",
+  "is_quantized",
+  "nf_levels",
+  "quantize_params",
+  "quantize_tensor",
+  "solve_budget",
 ]

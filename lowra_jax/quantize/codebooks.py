@@ -7,6 +7,7 @@ negative ones at linspace(offset, 0.5, 2^(k-1))[:-1], and an exact zero, all div
 The construction degenerates at k = 1 ({0, 1}). Our NF1 is the 1-bit Lloyd-Max quantizer of
 N(0, 1), +-E|z| = +-sqrt(2/pi), on the same normalisation: +-sqrt(2/pi) / Phi^-1(offset) = +-0.4317.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Quantization settings (`QuantConfig`) and the one error type the quantizer raises."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,15 +71,18 @@ def validate(cfg: QuantConfig) -> None:
     bad = [b for b in cfg.precisions if b not in PACKABLE_BITS]
     if not cfg.precisions or bad:
       raise QuantizationError(
-          f"precisions={cfg.precisions} must be a non-empty subset of {PACKABLE_BITS}.")
+        f"precisions={cfg.precisions} must be a non-empty subset of {PACKABLE_BITS}."
+      )
     if not 1.0 <= cfg.budget <= 4.0:
       raise QuantizationError(
-          f"budget={cfg.budget} is outside [1, 4]: give the average code bits per parameter, "
-          "e.g. budget=1.5.")
+        f"budget={cfg.budget} is outside [1, 4]: give the average code bits per parameter, "
+        "e.g. budget=1.5."
+      )
     if cfg.budget < min(cfg.precisions):
       raise QuantizationError(
-          f"budget={cfg.budget} is infeasible with precisions={cfg.precisions}: every channel needs "
-          f"at least {min(cfg.precisions)} bits; raise the budget or allow lower precisions.")
+        f"budget={cfg.budget} is infeasible with precisions={cfg.precisions}: every channel needs "
+        f"at least {min(cfg.precisions)} bits; raise the budget or allow lower precisions."
+      )
   elif cfg.bits not in PACKABLE_BITS:
     raise QuantizationError(f"bits={cfg.bits} is not supported: use one of {PACKABLE_BITS}.")
   if cfg.group_size <= 0 or cfg.group_size % 8:
@@ -89,9 +93,11 @@ def validate(cfg: QuantConfig) -> None:
     raise QuantizationError(f"lloyd_iters={cfg.lloyd_iters} must be >= 0.")
   if cfg.weighting not in ("absmax2", "absmax", "none"):
     raise QuantizationError(
-        f"unknown weighting {cfg.weighting!r}: use 'absmax2', 'absmax' or 'none'.")
+      f"unknown weighting {cfg.weighting!r}: use 'absmax2', 'absmax' or 'none'."
+    )
   if cfg.solver not in ("auto", "greedy", "milp"):
     raise QuantizationError(f"unknown solver {cfg.solver!r}: use 'auto', 'greedy' or 'milp'.")
   if not 0 <= cfg.lut_clusters <= 256:
     raise QuantizationError(
-        f"lut_clusters={cfg.lut_clusters} must be in [0, 256] (0 = one table per channel).")
+      f"lut_clusters={cfg.lut_clusters} must be in [0, 256] (0 = one table per channel)."
+    )

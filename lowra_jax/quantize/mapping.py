@@ -10,6 +10,7 @@ prefix sums for the bin sums. The sort is shared by every precision.
 
 Tables are stored in float16, so the final codes and errors are computed with the rounded levels.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,14 +57,16 @@ def _bin_sums(sc: SortedChannels, t: jax.Array) -> tuple[jax.Array, jax.Array]:
   edges = count_le(sc.xs, t)  # [N, L-1]: values <= t_j go to bins <= j
   n = edges.shape[0]
   edges = jnp.concatenate(
-      [jnp.zeros((n, 1), edges.dtype), edges, jnp.full((n, 1), k, edges.dtype)], axis=1)
+    [jnp.zeros((n, 1), edges.dtype), edges, jnp.full((n, 1), k, edges.dtype)], axis=1
+  )
   sw = jnp.diff(jnp.take_along_axis(sc.cw, edges, axis=1), axis=1)
   swx = jnp.diff(jnp.take_along_axis(sc.cwx, edges, axis=1), axis=1)
   return sw, swx
 
 
-def lloyd_max(sc: SortedChannels, levels: jax.Array, iters: int,
-              segments: jax.Array | None = None) -> jax.Array:
+def lloyd_max(
+  sc: SortedChannels, levels: jax.Array, iters: int, segments: jax.Array | None = None
+) -> jax.Array:
   """Weighted Lloyd-Max from initial sorted levels.
 
   Args:
@@ -97,7 +100,7 @@ def init_levels(sc: SortedChannels, bits: int) -> jax.Array:
     mean_abs = jnp.sum(jnp.abs(sc.xs) * jnp.diff(sc.cw, axis=1), axis=1)
     a = jnp.where(total_w > 0, mean_abs / jnp.where(total_w > 0, total_w, 1.0), 0.5)
     return jnp.stack([-a, a], axis=1)
-  return jnp.broadcast_to(jnp.asarray(codebooks.nf_levels(bits)), (n, 2 ** bits))
+  return jnp.broadcast_to(jnp.asarray(codebooks.nf_levels(bits)), (n, 2**bits))
 
 
 def nearest_codes(x: jax.Array, levels: jax.Array) -> jax.Array:
@@ -108,7 +111,7 @@ def nearest_codes(x: jax.Array, levels: jax.Array) -> jax.Array:
   t = thresholds(levels.astype(jnp.float32))
   codes = jnp.zeros(x.shape, jnp.uint8)
   for j in range(t.shape[1]):  # L - 1 <= 15 elementwise compares, fused into one pass over x
-    codes = codes + (x > t[:, j:j + 1]).astype(jnp.uint8)
+    codes = codes + (x > t[:, j : j + 1]).astype(jnp.uint8)
   return codes
 
 
@@ -118,8 +121,9 @@ def lookup(levels: jax.Array, codes: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "iters"))
-def fit_channels(x: jax.Array, fit_w: jax.Array, err_w: jax.Array, *, bits: tuple[int, ...],
-                 iters: int) -> tuple[tuple[jax.Array, ...], jax.Array]:
+def fit_channels(
+  x: jax.Array, fit_w: jax.Array, err_w: jax.Array, *, bits: tuple[int, ...], iters: int
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Lloyd-Max tables of every channel at each precision, and the resulting errors.
 
   Args:
@@ -144,8 +148,9 @@ def fit_channels(x: jax.Array, fit_w: jax.Array, err_w: jax.Array, *, bits: tupl
 
 
 @functools.partial(jax.jit, static_argnames=("iters",))
-def refit_shared(x: jax.Array, fit_w: jax.Array, levels: jax.Array, segments: jax.Array, *,
-                 iters: int) -> jax.Array:
+def refit_shared(
+  x: jax.Array, fit_w: jax.Array, levels: jax.Array, segments: jax.Array, *, iters: int
+) -> jax.Array:
   """Pooled Lloyd-Max of shared tables: levels float32 [S, L], segments int32 [N] in [0, S].
 
   Returns float16 [S, L].
@@ -154,8 +159,9 @@ def refit_shared(x: jax.Array, fit_w: jax.Array, levels: jax.Array, segments: ja
   return lloyd_max(sc, levels, iters, segments=segments).astype(LUT_DTYPE)
 
 
-def kmeans_tables(tables: np.ndarray, num_clusters: int, iters: int = 25
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_tables(
+  tables: np.ndarray, num_clusters: int, iters: int = 25
+) -> tuple[np.ndarray, np.ndarray]:
   """Clusters per-channel tables float32 [M, L] into C shared ones (plain k-means, host numpy).
 
   Deterministic: starts from the tables at evenly spaced ranks of their mean level.

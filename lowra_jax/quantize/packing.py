@@ -11,6 +11,7 @@ contiguous row ranges [r0 + i*Kp, r1 + i*Kp): matmul kernels multiply each slab 
 slice of the activations without any interleaving. K must be a multiple of 8 (the quantizer pads
 K to a multiple of the group size).
 """
+
 from __future__ import annotations
 
 import jax

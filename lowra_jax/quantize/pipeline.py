@@ -9,6 +9,7 @@
 Every jitted step has the kernel's own shape, so a model compiles once per distinct kernel shape;
 data-dependent shapes (bucket sizes) are handled on the host.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,15 +67,21 @@ class QuantReport:
   @property
   def rel_error(self) -> float:
     """||W - W_hat||_F / ||W||_F over all quantized layers together."""
-    return float(np.sqrt(sum(l.sq_error for l in self.layers) / sum(l.sq_norm for l in self.layers)))
+    return float(
+      np.sqrt(sum(l.sq_error for l in self.layers) / sum(l.sq_norm for l in self.layers))
+    )
 
   def summary(self) -> str:
     lines = [f"{'layer':48s} {'shape':>12s} {'code':>6s} {'total':>6s} {'rel.err':>8s}"]
     for l in self.layers:
-      lines.append(f"{l.path[-48:]:48s} {str(l.shape):>12s} {l.code_bits:6.3f} "
-                   f"{l.total_bits:6.3f} {l.rel_error:8.4f}")
-    lines.append(f"{'all ' + str(len(self.layers)) + ' layers':48s} {self.num_params:>12d} "
-                 f"{self.code_bits:6.3f} {self.total_bits:6.3f} {self.rel_error:8.4f}")
+      lines.append(
+        f"{l.path[-48:]:48s} {str(l.shape):>12s} {l.code_bits:6.3f} "
+        f"{l.total_bits:6.3f} {l.rel_error:8.4f}"
+      )
+    lines.append(
+      f"{'all ' + str(len(self.layers)) + ' layers':48s} {self.num_params:>12d} "
+      f"{self.code_bits:6.3f} {self.total_bits:6.3f} {self.rel_error:8.4f}"
+    )
     return "\n".join(lines)
 
 
@@ -92,16 +99,21 @@ def default_filter(config: QuantConfig) -> Callable[[str, jax.Array], bool]:
 def _check_leaf(path: str, w) -> None:
   if w.ndim != 2:
     raise QuantizationError(
-        f"parameter {path!r} has shape {tuple(w.shape)}: only 2-D kernels [in, out] can be "
-        "quantized; exclude it with skip_patterns or a filter.")
+      f"parameter {path!r} has shape {tuple(w.shape)}: only 2-D kernels [in, out] can be "
+      "quantized; exclude it with skip_patterns or a filter."
+    )
   if w.size == 0:
-    raise QuantizationError(f"parameter {path!r} is empty (shape {tuple(w.shape)}): nothing to "
-                            "quantize; exclude it with skip_patterns or a filter.")
+    raise QuantizationError(
+      f"parameter {path!r} is empty (shape {tuple(w.shape)}): nothing to "
+      "quantize; exclude it with skip_patterns or a filter."
+    )
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise QuantizationError(f"parameter {path!r} has dtype {w.dtype}: expected a float kernel.")
   if not bool(jnp.isfinite(w).all()):
-    raise QuantizationError(f"parameter {path!r} contains NaN or Inf: repair the checkpoint (or "
-                            "exclude the parameter) before quantizing.")
+    raise QuantizationError(
+      f"parameter {path!r} contains NaN or Inf: repair the checkpoint (or "
+      "exclude the parameter) before quantizing."
+    )
 
 
 @jax.jit
@@ -118,8 +130,11 @@ def _normalise(w, *, group_size: int, weighting: str):
   x = jnp.where(se > 0, wp / jnp.where(se > 0, se, 1.0), 0.0)
   real = (jnp.arange(wp.shape[0]) < w.shape[0])[:, None]
   err_w = jnp.where(real, jnp.square(se), 0.0)
-  fit_w = {"absmax2": err_w, "absmax": jnp.where(real, se, 0.0),
-           "none": jnp.where(real, jnp.ones_like(se), 0.0)}[weighting]
+  fit_w = {
+    "absmax2": err_w,
+    "absmax": jnp.where(real, se, 0.0),
+    "none": jnp.where(real, jnp.ones_like(se), 0.0),
+  }[weighting]
   return x.T, fit_w.T, err_w.T, s
 
 
@@ -155,9 +170,9 @@ def _pad_tables(t: np.ndarray) -> np.ndarray:
 class _Fitted:
   """Host results of the fit stage for one kernel."""
 
-  absmax: np.ndarray            # float32 [G, N]
+  absmax: np.ndarray  # float32 [G, N]
   tables: dict[int, np.ndarray]  # bits -> float16 [N, 2**bits]; empty for nf
-  errors: np.ndarray | None     # float32 [N, P] for the solver; None for nf/lloyd
+  errors: np.ndarray | None  # float32 [N, P] for the solver; None for nf/lloyd
 
 
 def _fit(w, cfg: QuantConfig) -> _Fitted:
@@ -166,8 +181,11 @@ def _fit(w, cfg: QuantConfig) -> _Fitted:
     return _Fitted(np.asarray(absmax), {}, None)
   bits = cfg.candidate_bits
   tables, errors = mapping.fit_channels(x, fit_w, err_w, bits=bits, iters=cfg.lloyd_iters)
-  return _Fitted(np.asarray(absmax), {b: np.asarray(t) for b, t in zip(bits, tables)},
-                 np.asarray(errors) if cfg.method == "lowra" else None)
+  return _Fitted(
+    np.asarray(absmax),
+    {b: np.asarray(t) for b, t in zip(bits, tables)},
+    np.asarray(errors) if cfg.method == "lowra" else None,
+  )
 
 
 def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarray):
@@ -181,13 +199,15 @@ def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarra
   segments = np.full(w.shape[1], len(centroids), np.int32)
   segments[cols] = labels
   x, fit_w, _, _ = _normalise(w, group_size=cfg.group_size, weighting=cfg.weighting)
-  shared = mapping.refit_shared(x, fit_w, jnp.asarray(centroids), jnp.asarray(segments),
-                                iters=cfg.lloyd_iters)
+  shared = mapping.refit_shared(
+    x, fit_w, jnp.asarray(centroids), jnp.asarray(segments), iters=cfg.lloyd_iters
+  )
   return np.asarray(shared), labels.astype(np.uint8)
 
 
-def _encode_and_pack(w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray,
-                     seconds: dict) -> tuple[QuantizedTensor, np.ndarray]:
+def _encode_and_pack(
+  w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray, seconds: dict
+) -> tuple[QuantizedTensor, np.ndarray]:
   """Builds the QuantizedTensor of one kernel; also returns its squared error per channel."""
   t0 = time.perf_counter()
   k, n = w.shape
@@ -199,32 +219,50 @@ def _encode_and_pack(w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndar
     cols = order[lo:hi]
     scales = scaling.make_scales(fitted.absmax[:, cols], cfg.double_quant, cfg.dq_block)
     tables, index = _bucket_tables(w, cfg, fitted, b, cols)
-    per_channel = tables[index] if index is not None else np.broadcast_to(tables, (hi - lo, 2 ** b))
+    per_channel = tables[index] if index is not None else np.broadcast_to(tables, (hi - lo, 2**b))
     parts.append((b, scales, tables, index, scales.dequantize(np), _pad_tables(per_channel)))
-  codes, err = _encode(w, jnp.asarray(order, jnp.int32),
-                       jnp.asarray(np.concatenate([p[4] for p in parts], axis=1)),
-                       jnp.asarray(np.concatenate([p[5] for p in parts], axis=0)),
-                       group_size=cfg.group_size)
+  codes, err = _encode(
+    w,
+    jnp.asarray(order, jnp.int32),
+    jnp.asarray(np.concatenate([p[4] for p in parts], axis=1)),
+    jnp.asarray(np.concatenate([p[5] for p in parts], axis=0)),
+    group_size=cfg.group_size,
+  )
   codes, err = np.asarray(codes), np.asarray(err)
   t1 = time.perf_counter()
   buckets = tuple(
-      Bucket(planes=packing.pack(codes[:, lo:hi], b), tables=tables, scales=scales,
-             table_index=index, bits=b)
-      for (b, scales, tables, index, _, _), lo, hi in zip(parts, bounds[:-1], bounds[1:]))
+    Bucket(
+      planes=packing.pack(codes[:, lo:hi], b),
+      tables=tables,
+      scales=scales,
+      table_index=index,
+      bits=b,
+    )
+    for (b, scales, tables, index, _, _), lo, hi in zip(parts, bounds[:-1], bounds[1:])
+  )
   perm = None
   if len(present) > 1:
     perm = order.astype(np.int16 if n <= np.iinfo(np.int16).max else np.int32)
-  qt = QuantizedTensor(buckets=buckets, perm=perm, shape=(k, n), group_size=cfg.group_size,
-                       dtype=jnp.dtype(w.dtype).name)
+  qt = QuantizedTensor(
+    buckets=buckets,
+    perm=perm,
+    shape=(k, n),
+    group_size=cfg.group_size,
+    dtype=jnp.dtype(w.dtype).name,
+  )
   qt = jax.device_put(qt)
   seconds["encode"] += t1 - t0
   seconds["pack"] += time.perf_counter() - t1
   return qt, err
 
 
-def quantize_params(params, config: QuantConfig = QuantConfig(), *,
-                    filter_fn: Callable[[str, jax.Array], bool] | None = None,
-                    progress: bool = True):
+def quantize_params(
+  params,
+  config: QuantConfig = QuantConfig(),
+  *,
+  filter_fn: Callable[[str, jax.Array], bool] | None = None,
+  progress: bool = True,
+):
   """Quantizes the selected 2-D kernels [in, out] of a params pytree.
 
   Args:
@@ -241,16 +279,20 @@ def quantize_params(params, config: QuantConfig = QuantConfig(), *,
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   selected = [i for i, (p, leaf) in enumerate(flat) if filter_fn(path_str(p), leaf)]
   if not selected:
-    raise QuantizationError("no parameter was selected for quantization: pass 2-D kernels, or "
-                            "loosen skip_patterns / the filter.")
+    raise QuantizationError(
+      "no parameter was selected for quantization: pass 2-D kernels, or "
+      "loosen skip_patterns / the filter."
+    )
   paths = {i: path_str(flat[i][0]) for i in selected}
   seconds = {"fit": 0.0, "solve": 0.0, "encode": 0.0, "pack": 0.0}
   for i in selected:
     _check_leaf(paths[i], flat[i][1])
 
   t0 = time.perf_counter()
-  fitted = {i: _fit(flat[i][1], config)
-            for i in tqdm(selected, desc="fit", disable=not progress, leave=False)}
+  fitted = {
+    i: _fit(flat[i][1], config)
+    for i in tqdm(selected, desc="fit", disable=not progress, leave=False)
+  }
   seconds["fit"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -258,8 +300,9 @@ def quantize_params(params, config: QuantConfig = QuantConfig(), *,
   if config.method == "lowra":
     errors = np.concatenate([fitted[i].errors for i in selected]).astype(np.float64)
     costs = np.concatenate([np.full(flat[i][1].shape[1], flat[i][1].shape[0]) for i in selected])
-    choice = precision.solve_budget(errors, costs, cand, config.budget, config.solver,
-                                    config.milp_max_channels)
+    choice = precision.solve_budget(
+      errors, costs, cand, config.budget, config.solver, config.milp_max_channels
+    )
     splits = np.cumsum([flat[i][1].shape[1] for i in selected])[:-1]
     channel_bits = dict(zip(selected, np.split(cand[choice], splits)))
   else:
@@ -273,21 +316,30 @@ def quantize_params(params, config: QuantConfig = QuantConfig(), *,
     qt, err = _encode_and_pack(w, config, fitted.pop(i), channel_bits[i], seconds)
     leaves[i] = qt
     bits, counts = np.unique(channel_bits[i], return_counts=True)
-    layers.append(LayerReport(
-        path=paths[i], shape=tuple(w.shape), code_bits=qt.code_bits / qt.num_params,
-        total_bits=qt.stored_bits / qt.num_params, sq_error=float(err.astype(np.float64).sum()),
-        sq_norm=float(_sq_norm(w)), channels_per_bits=dict(zip(bits.tolist(), counts.tolist()))))
+    layers.append(
+      LayerReport(
+        path=paths[i],
+        shape=tuple(w.shape),
+        code_bits=qt.code_bits / qt.num_params,
+        total_bits=qt.stored_bits / qt.num_params,
+        sq_error=float(err.astype(np.float64).sum()),
+        sq_norm=float(_sq_norm(w)),
+        channels_per_bits=dict(zip(bits.tolist(), counts.tolist())),
+      )
+    )
   return jax.tree_util.tree_unflatten(treedef, leaves), QuantReport(layers, seconds)
 
 
 def quantize_tensor(w, config: QuantConfig = QuantConfig()) -> QuantizedTensor:
   """Quantizes one kernel W[K, N] (for `lowra`, the budget applies to this kernel alone)."""
-  qparams, _ = quantize_params({"kernel": w}, config, filter_fn=lambda p, leaf: True,
-                               progress=False)
+  qparams, _ = quantize_params(
+    {"kernel": w}, config, filter_fn=lambda p, leaf: True, progress=False
+  )
   return qparams["kernel"]
 
 
 def dequantize_params(qparams, dtype=None):
   """Replaces every `QuantizedTensor` by its dense kernel (in `dtype`, default the original)."""
-  return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_quantized(x) else x,
-                                qparams, is_leaf=is_quantized)
+  return jax.tree_util.tree_map(
+    lambda x: dequantize(x, dtype) if is_quantized(x) else x, qparams, is_leaf=is_quantized
+  )

@@ -11,6 +11,7 @@ sum_c n[c] * bits[p_c] <= budget * sum_c n[c].
   relaxation's solution rounded down, so it is optimal up to one channel's upgrade; it solves
   LLaMA-7B's ~1.3M channels in about a second.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,9 @@ def check_budget(costs: np.ndarray, bits: np.ndarray, budget: float) -> float:
   capacity = budget * float(costs.sum())
   if float(costs.sum()) * bits.min() > capacity * (1 + 1e-12):
     raise QuantizationError(
-        f"budget={budget} is infeasible: every channel needs at least {bits.min()} bits; raise the "
-        "budget or allow lower precisions.")
+      f"budget={budget} is infeasible: every channel needs at least {bits.min()} bits; raise the "
+      "budget or allow lower precisions."
+    )
   return capacity
 
 
@@ -43,7 +45,8 @@ def _as_problem(errors, costs, bits) -> tuple[np.ndarray, np.ndarray, np.ndarray
     raise QuantizationError(f"bits={bits.tolist()} must be strictly ascending.")
   if errors.ndim != 2 or errors.shape != (len(costs), len(bits)):
     raise QuantizationError(
-        f"errors {errors.shape} must be [channels, precisions] = [{len(costs)}, {len(bits)}].")
+      f"errors {errors.shape} must be [channels, precisions] = [{len(costs)}, {len(bits)}]."
+    )
   return errors, costs, bits
 
 
@@ -91,8 +94,9 @@ def _hull_steps(errors: np.ndarray, bits: np.ndarray) -> list[tuple[np.ndarray, 
   return steps
 
 
-def solve_greedy(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float
-                 ) -> np.ndarray:
+def solve_greedy(
+  errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float
+) -> np.ndarray:
   """Convex-hull greedy; see module docstring. Returns int [N] indices into `bits`."""
   errors, costs, bits = _as_problem(errors, costs, bits)
   n = errors.shape[0]
@@ -138,8 +142,9 @@ def solve_greedy(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget
     taken[i] = True
 
 
-def solve_milp(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float,
-               time_limit: float = 10.0) -> np.ndarray:
+def solve_milp(
+  errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: float, time_limit: float = 10.0
+) -> np.ndarray:
   """Exact 0/1 program via HiGHS. Returns int [N] indices into `bits`."""
   errors, costs, bits = _as_problem(errors, costs, bits)
   n, p = errors.shape
@@ -152,14 +157,17 @@ def solve_milp(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: 
   one_each = scipy.sparse.kron(scipy.sparse.identity(n, format="csr"), np.ones((1, p)))
   bit_row = (costs[:, None] * bits[None, :]).reshape(1, -1) / costs.sum()
   constraints = [
-      scipy.optimize.LinearConstraint(one_each, 1, 1),
-      scipy.optimize.LinearConstraint(bit_row, -np.inf, capacity / costs.sum()),
+    scipy.optimize.LinearConstraint(one_each, 1, 1),
+    scipy.optimize.LinearConstraint(bit_row, -np.inf, capacity / costs.sum()),
   ]
   with _quiet_stdout():
     res = scipy.optimize.milp(
-        (errors / scale).reshape(-1), constraints=constraints, integrality=np.ones(n * p),
-        bounds=scipy.optimize.Bounds(0, 1),
-        options={"mip_rel_gap": 1e-9, "time_limit": time_limit, "disp": False})
+      (errors / scale).reshape(-1),
+      constraints=constraints,
+      integrality=np.ones(n * p),
+      bounds=scipy.optimize.Bounds(0, 1),
+      options={"mip_rel_gap": 1e-9, "time_limit": time_limit, "disp": False},
+    )
   greedy = solve_greedy(errors, costs, bits, budget)
   if res.x is None:
     return greedy
@@ -167,14 +175,22 @@ def solve_milp(errors: np.ndarray, costs: np.ndarray, bits: np.ndarray, budget: 
   rows = np.arange(n)
   # HiGHS holds constraints to ~1e-7 and may stop at its time limit: keep the greedy solution
   # when the ILP's is over budget or worse.
-  if (_used_bits(costs, bits, choice) > capacity
-      or errors[rows, greedy].sum() < errors[rows, choice].sum()):
+  if (
+    _used_bits(costs, bits, choice) > capacity
+    or errors[rows, greedy].sum() < errors[rows, choice].sum()
+  ):
     return greedy
   return choice
 
 
-def solve_budget(errors: np.ndarray, costs: np.ndarray, bits, budget: float,
-                 solver: str = "auto", milp_max_channels: int = 2_000) -> np.ndarray:
+def solve_budget(
+  errors: np.ndarray,
+  costs: np.ndarray,
+  bits,
+  budget: float,
+  solver: str = "auto",
+  milp_max_channels: int = 2_000,
+) -> np.ndarray:
   """Chooses one precision per channel under the budget.
 
   Args:

@@ -12,6 +12,7 @@ Dequantized: W_hat[k, n] = tables[n][code[k, n]] * scale[k // group_size, n].
 Static metadata (shape, group size, bits per bucket, dtype) is pytree aux data, so jit specialises
 on it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -113,5 +114,6 @@ def bits_per_param(tree) -> BitsPerParam:
   n = sum(q.num_params for q in qts)
   if not n:
     raise ValueError("the tree holds no QuantizedTensor; quantize it with quantize_params first.")
-  return BitsPerParam(code=sum(q.code_bits for q in qts) / n,
-                      total=sum(q.stored_bits for q in qts) / n, num_params=n)
+  return BitsPerParam(
+    code=sum(q.code_bits for q in qts) / n, total=sum(q.stored_bits for q in qts) / n, num_params=n
+  )

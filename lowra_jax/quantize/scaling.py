@@ -5,6 +5,7 @@ consecutive input elements per channel; each group is divided by its absmax. Dou
 (QLoRA) stores those fp32 scales as int8 around their mean, with one fp32 absmax per block of
 `dq_block` consecutive channels in a group row: 8/64 + 32/(64*256) ~= 0.127 bits per parameter.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,4 +74,3 @@ def make_scales(s: np.ndarray, double_quant: bool, dq_block: int) -> GroupScales
   safe = np.where(step > 0, step, 1.0)
   codes = np.where(step > 0, np.clip(np.rint(d / safe * 127.0), -127, 127), 0).astype(np.int8)
   return GroupScales(codes=codes, block_absmax=block_absmax, offset=offset, dq_block=dq_block)
-
