@@ -74,13 +74,13 @@ def _lookup(codes, columns):
   return level[0]
 
 
-def _dequant_slab(packed, i, *, bits, row0, columns, s_ref, n0, n_ok, group, num_groups):
+def _dequant_slab(packed, i, *, bits, row0, columns, s_ref, n0, n_ok, group):
   """Slab i of a packed tile [block_k, block_n] -> float32 weights of rows row0 + [0, block_k)."""
   block_k, block_n = packed.shape
   codes = ((packed >> (i * bits)) & ((1 << bits) - 1)).astype(jnp.int32)
   values = _lookup(codes, columns)
   g_lo = row0 // group  # a slab of block_k <= group rows spans at most two groups
-  g_hi = jnp.minimum(g_lo + 1, num_groups - 1)
+  g_hi = jnp.minimum(g_lo + 1, s_ref.shape[0] - 1)
   s_lo = plgpu.load(s_ref.at[pl.ds(g_lo, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
   s_hi = plgpu.load(s_ref.at[pl.ds(g_hi, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
   rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
@@ -95,29 +95,63 @@ def _columns(t_ref, n0, block_n, n_ok):
   ]
 
 
-def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
-  bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-  m0, n0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
-  n_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < nb
-  dq = functools.partial(
-    _dequant_slab,
+def _channels_ok(n0, block_n, nb):
+  """bool [1, block_n]: which channels of the tile starting at n0 exist."""
+  return (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_n), 1)) < nb
+
+
+def _tile(p_ref, t_ref, s_ref, *, r0, n0, block_k, block_n, nb, kp, bits, group, columns=None):
+  """Loads packed rows [r0, r0 + block_k) of channels [n0, n0 + block_n).
+
+  Returns slab(i) -> float32 [block_k, block_n], the weights of code rows r0 + i * kp + [0, block_k).
+  `columns` may be passed when they were loaded once outside a loop.
+  """
+  n_ok = _channels_ok(n0, block_n, nb)
+  packed = plgpu.load(p_ref.at[pl.ds(r0, block_k), pl.ds(n0, block_n)], mask=n_ok, other=0)
+  if columns is None:
+    columns = _columns(t_ref, n0, block_n, n_ok)
+  return lambda i: _dequant_slab(
+    packed,
+    i,
     bits=bits,
-    columns=_columns(t_ref, n0, bn, n_ok),
+    row0=r0 + i * kp,
+    columns=columns,
     s_ref=s_ref,
     n0=n0,
     n_ok=n_ok,
     group=group,
-    num_groups=s_ref.shape[0],
   )
+
+
+def _tiler(p_ref, t_ref, s_ref, *, bits, kp, nb, group, tiles):
+  """`_tile` bound to one bucket's refs and this launch's block sizes: call with r0=, n0=."""
+  return functools.partial(
+    _tile,
+    p_ref,
+    t_ref,
+    s_ref,
+    block_k=tiles.block_k,
+    block_n=tiles.block_n,
+    nb=nb,
+    kp=kp,
+    bits=bits,
+    group=group,
+  )
+
+
+def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
+  bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+  m0, n0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
+  n_ok = _channels_ok(n0, bn, nb)
+  columns = _columns(t_ref, n0, bn, n_ok)  # loop-invariant: this program's channels are fixed
+  tile = _tiler(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
 
   def step(s, acc):
     r0 = s * bk
-    packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok, other=0)
+    slab = tile(r0=r0, n0=n0, columns=columns)
     for i in range(8 // bits):
       x = x_ref[pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)]
-      acc += jnp.dot(
-        x, dq(packed, i, row0=r0 + i * kp).astype(x.dtype), preferred_element_type=jnp.float32
-      )
+      acc += jnp.dot(x, slab(i).astype(x.dtype), preferred_element_type=jnp.float32)
     return acc
 
   steps = kp // bk
@@ -133,34 +167,21 @@ def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, r0, split = pl.program_id(0) * bm, pl.program_id(1) * bk, pl.program_id(2)
   per = 8 // bits
+  tile = _tiler(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
 
   def step(s, accs):
     n0 = s * bn
-    n_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < nb
-    packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok, other=0)
+    n_ok = _channels_ok(n0, bn, nb)
     g = plgpu.load(g_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], mask=n_ok, other=0)
-    columns = _columns(t_ref, n0, bn, n_ok)
-    out = []
-    for i in range(per):
-      w = _dequant_slab(
-        packed,
-        i,
-        bits=bits,
-        row0=r0 + i * kp,
-        columns=columns,
-        s_ref=s_ref,
-        n0=n0,
-        n_ok=n_ok,
-        group=group,
-        num_groups=s_ref.shape[0],
+    slab = tile(r0=r0, n0=n0)
+    contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
+    return tuple(
+      accs[i]
+      + jax.lax.dot_general(
+        g, slab(i).astype(g.dtype), contract_n, preferred_element_type=jnp.float32
       )
-      out.append(
-        accs[i]
-        + jax.lax.dot_general(
-          g, w.astype(g.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
-      )
-    return tuple(out)
+      for i in range(per)
+    )
 
   steps = pl.cdiv(nb, bn)
   per_split = pl.cdiv(steps, tiles.splits)
@@ -174,23 +195,13 @@ def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles
 def _dequant_kernel(p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bn, bk = tiles.block_n, tiles.block_k
   r0, n0 = pl.program_id(0) * bk, pl.program_id(1) * bn
-  n_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < nb
-  packed = plgpu.load(p_ref.at[pl.ds(r0, bk), pl.ds(n0, bn)], mask=n_ok, other=0)
-  columns = _columns(t_ref, n0, bn, n_ok)
+  tile = _tiler(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
+  slab = tile(r0=r0, n0=n0)
+  n_ok = _channels_ok(n0, bn, nb)
   for i in range(8 // bits):
-    w = _dequant_slab(
-      packed,
-      i,
-      bits=bits,
-      row0=r0 + i * kp,
-      columns=columns,
-      s_ref=s_ref,
-      n0=n0,
-      n_ok=n_ok,
-      group=group,
-      num_groups=s_ref.shape[0],
+    plgpu.store(
+      o_ref.at[pl.ds(r0 + i * kp, bk), pl.ds(n0, bn)], slab(i).astype(o_ref.dtype), mask=n_ok
     )
-    plgpu.store(o_ref.at[pl.ds(r0 + i * kp, bk), pl.ds(n0, bn)], w.astype(o_ref.dtype), mask=n_ok)
 
 
 def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name: str, out):
