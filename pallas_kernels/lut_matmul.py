@@ -44,8 +44,6 @@ class Tiles:
   splits: int = 1
   num_warps: int = 4
   num_stages: int = 3
-  mma: bool = True
-  """False: multiply-add on the CUDA cores (no tensor-core operand round trip) -- for M <= 4."""
 
 
 def max_block_k(kp: int) -> int:
@@ -153,10 +151,7 @@ def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles
     slab = tile(r0=r0, n0=n0, columns=columns)
     for i in range(8 // bits):
       x = x_ref[pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)]
-      if tiles.mma:
-        acc += jnp.dot(x, slab(i).astype(x.dtype), preferred_element_type=jnp.float32)
-      else:  # [bm, bk, 1] * [1, bk, bn] summed over bk
-        acc += jnp.sum(x.astype(jnp.float32)[:, :, None] * slab(i)[None], axis=1)
+      acc += jnp.dot(x, slab(i).astype(x.dtype), preferred_element_type=jnp.float32)
     return acc
 
   steps = kp // bk
@@ -180,9 +175,6 @@ def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles
     g = plgpu.load(g_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], mask=n_ok, other=0)
     slab = tile(r0=r0, n0=n0)
     contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
-    if not tiles.mma:  # [bm, 1, bn] * [1, bk, bn] summed over bn
-      g32 = g.astype(jnp.float32)[:, None, :]
-      return tuple(accs[i] + jnp.sum(g32 * slab(i)[None], axis=2) for i in range(per))
     return tuple(
       accs[i]
       + jax.lax.dot_general(

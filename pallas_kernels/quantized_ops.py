@@ -37,15 +37,6 @@ def _base_tiles(m: int, kp: int) -> lm.Tiles | None:
   bk = lm.max_block_k(kp)
   if not bk:
     return None
-  if m <= 4:  # decode: CUDA-core multiply-add, no tensor-core operand round trip
-    return lm.Tiles(
-      block_m=4 if m > 2 else m,
-      block_n=64,
-      block_k=min(bk, 32),
-      num_warps=4,
-      num_stages=3,
-      mma=False,
-    )
   if m <= 16:
     return lm.Tiles(block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3)
   if m <= 64:
