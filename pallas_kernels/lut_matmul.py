@@ -7,16 +7,17 @@ group scales S[G, Nb]:
 
     W[k, n] = T[code[k, n], n] * S[k // group, n]
 
-`lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> [M, Nb]     (forward)
-`lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> [M, K_pad]  (input gradient)
+`lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> fp32 partial sums [splits, M, Nb]     (forward)
+`lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> fp32 partial sums [splits, M, K_pad]  (input grad)
 `lut_dequantize(...)`  = W in bf16           -> [K_pad, Nb] (for XLA's dot at large M)
 W is read only in packed form. A program loads a tile of packed rows [block_k, block_n] and, for
 each of the p row slabs it holds, unpacks it with one shift and mask, picks each code's level
-from the channel's table columns with a binary tree of selects (the columns are loaded once per
-tile of channels; no gathers), multiplies by the group scale (at most two scale rows per slab,
+from the channel's table columns with selects (the columns are loaded once per tile of channels;
+no gathers), multiplies by the group scale (at most two scale rows per slab,
 selected per row) and feeds the tile to the tensor cores with fp32 accumulation. Small M gets more
 programs by splitting the reduction (K for the forward, N for the backward) into partial sums that
-XLA adds up afterwards -- deterministic, unlike atomics. `*_reference` are the jnp equivalents.
+XLA adds up afterwards -- deterministic, unlike atomics. `dequantize_reference` is the jnp
+equivalent of the dequantization.
 """
 
 from __future__ import annotations
