@@ -217,3 +217,15 @@ def test_real_model_lowra_below_nf_at_equal_code_bits():
     )
     assert lowra.code_bits <= nf.code_bits
     assert lowra.rel_error < nf.rel_error
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e4])
+def test_degenerate_weights_stay_finite(scale):
+  w = np.full((128, 16), scale, np.float32) + scale * heavy(11, (128, 16))
+  for cfg in (quantize.QuantConfig(method="nf", bits=2), quantize.QuantConfig(lut_clusters=4)):
+    qparams, report = quantize.quantize_params({"w": w}, cfg, progress=False)
+    w_hat = np.asarray(quantize.dequantize(qparams["w"], jnp.float32))
+    assert np.isfinite(w_hat).all() and np.isfinite(report.rel_error)
+    np.testing.assert_allclose(
+      report.layers[0].sq_error, f64_sq_err(w, w_hat), rtol=1e-4, atol=1e-6
+    )

@@ -66,10 +66,9 @@ class QuantReport:
 
   @property
   def rel_error(self) -> float:
-    """||W - W_hat||_F / ||W||_F over all quantized layers together."""
-    return float(
-      np.sqrt(sum(l.sq_error for l in self.layers) / sum(l.sq_norm for l in self.layers))
-    )
+    """||W - W_hat||_F / ||W||_F over all quantized layers together (0 for all-zero weights)."""
+    norm = sum(l.sq_norm for l in self.layers)
+    return float(np.sqrt(sum(l.sq_error for l in self.layers) / norm)) if norm else 0.0
 
   def summary(self) -> str:
     lines = [f"{'layer':48s} {'shape':>12s} {'code':>6s} {'total':>6s} {'rel.err':>8s}"]
