@@ -337,8 +337,15 @@ def quantize_tensor(w, config: QuantConfig = QuantConfig()) -> QuantizedTensor:
   return qparams["kernel"]
 
 
+_dequantize_jit = jax.jit(dequantize, static_argnums=1)
+
+
 def dequantize_params(qparams, dtype=None):
-  """Replaces every `QuantizedTensor` by its dense kernel (in `dtype`, default the original)."""
+  """Replaces every `QuantizedTensor` by its dense kernel (in `dtype`, default the original).
+
+  Each tensor is dequantized by one compiled function (eagerly, every primitive would compile
+  anew for each tensor's bucket sizes: ~1 min instead of seconds for a 17M model on CPU).
+  """
   return jax.tree_util.tree_map(
-    lambda x: dequantize(x, dtype) if is_quantized(x) else x, qparams, is_leaf=is_quantized
+    lambda x: _dequantize_jit(x, dtype) if is_quantized(x) else x, qparams, is_leaf=is_quantized
   )

@@ -1,0 +1,22 @@
+"""The README's Python examples run as written (from the project root, with ../shared beside it)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(
+  not (ROOT / ".." / "shared" / "data").exists(), reason="../shared/data is not beside the project"
+)
+def test_readme_python_blocks_run(monkeypatch):
+  blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+  assert blocks, "README has no python examples"
+  monkeypatch.chdir(ROOT)
+  namespace = {}
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+  assert namespace["quantize"].bits_per_param(namespace["qparams"]).code <= 1.5 + 1e-9
+  assert namespace["y"].shape[-1] == 1024
