@@ -7,17 +7,19 @@ group scales S[G, Nb]:
 
     W[k, n] = T[code[k, n], n] * S[k // group, n]
 
-`lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> fp32 partial sums [splits, M, Nb]     (forward)
-`lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> fp32 partial sums [splits, M, K_pad]  (input grad)
+`lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> partial sums [splits, M, Nb]     (forward)
+`lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> partial sums [splits, M, K_pad]  (input grad)
 `lut_dequantize(...)`  = W in bf16           -> [K_pad, Nb] (for XLA's dot at large M)
-W is read only in packed form. A program loads a tile of packed rows [block_k, block_n] and, for
-each of the p row slabs it holds, unpacks it with one shift and mask, picks each code's level
-from the channel's table columns with selects (the columns are loaded once per tile of channels;
-no gathers), multiplies by the group scale (at most two scale rows per slab,
-selected per row) and feeds the tile to the tensor cores with fp32 accumulation. Small M gets more
-programs by splitting the reduction (K for the forward, N for the backward) into partial sums that
-XLA adds up afterwards -- deterministic, unlike atomics. `dequantize_reference` is the jnp
-equivalent of the dequantization.
+W is read only in packed form. A program loads a tile of packed rows [block_k, block_n] once and
+handles each of its p row slabs; block_k divides the group size, so a slab lies in one group and
+its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before the
+lookup. The lookup itself is a tree of selects on the code bits, tested in place in the packed
+bytes (no shift or mask per slab). The slab then feeds the tensor cores with fp32 accumulation.
+Small M gets more programs by splitting the reduction (K for the forward, N for the backward)
+into partial sums that XLA adds up afterwards -- deterministic, unlike atomics; with one split the
+kernel writes the result in its final dtype. Ragged M and Nb are masked in the kernel (no padding
+copies); masks are only emitted where a dimension is ragged, so full tiles get vector loads.
+`dequantize_reference` is the jnp equivalent of the dequantization.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class Tiles:
 
   block_k counts *packed* rows per step; each step covers p = 8 / bits slabs of block_k code rows.
   splits: the reduction (K forward, N backward) is cut into this many partial sums.
+  swap: compute (W^T x^T)^T, so the dequantized slab is the tensor cores' first operand.
+  narrow: look levels up in the activation dtype instead of float32.
   """
 
   block_m: int = 16
@@ -45,164 +49,170 @@ class Tiles:
   splits: int = 1
   num_warps: int = 4
   num_stages: int = 3
+  swap: bool = False
+  narrow: bool = False
 
 
-def max_block_k(kp: int) -> int:
-  """Largest power of two <= 64 dividing Kp (0 if below 16: the kernels do not apply)."""
+def max_block_k(kp: int, group: int) -> int:
+  """Largest power of two <= 64 dividing Kp and the group size (0 if below 16: no kernel)."""
   bk = 64
-  while bk >= 16 and kp % bk:
+  while bk >= 16 and (kp % bk or group % bk):
     bk //= 2
   return bk if bk >= 16 else 0
 
 
-def _lookup(codes, columns):
-  """codes int32 [R, C] -> columns[codes]; columns: 2^b arrays [1, C].
+def _lookup(packed, shift, levels):
+  """Level of each code: packed int32 [R, C] holds codes in bits [shift, shift + b).
 
-  Up to 4 levels: a binary tree of selects on the code bits (fewest operations). 16 levels: a
-  chain of compare-and-selects, which keeps one tile live instead of the tree's eight (the tree
-  spilled registers and ran ~30x slower at 4 bits on the H200).
+  levels: 2^b arrays [1, C]. A depth-first binary tree of selects on the code bits, highest bit at
+  the root, so at most b + 1 tiles are live (a breadth-first tree spilled registers at 4 bits).
   """
-  if len(columns) > 4:
-    out = columns[0]
-    for j in range(1, len(columns)):
-      out = jnp.where(codes == j, columns[j], out)
-    return out
-  level, bit = list(columns), 0
-  while len(level) > 1:
-    take_hi = (codes & (1 << bit)) != 0
-    level = [jnp.where(take_hi, hi, lo) for lo, hi in zip(level[::2], level[1::2])]
-    bit += 1
-  return level[0]
-
-
-def _dequant_slab(packed, i, *, bits, row0, columns, s_ref, n0, n_ok, group):
-  """Slab i of a packed tile [block_k, block_n] -> float32 weights of rows row0 + [0, block_k)."""
-  block_k, block_n = packed.shape
-  codes = ((packed >> (i * bits)) & ((1 << bits) - 1)).astype(jnp.int32)
-  values = _lookup(codes, columns)
-  g_lo = row0 // group  # a slab of block_k <= group rows spans at most two groups
-  g_hi = jnp.minimum(g_lo + 1, s_ref.shape[0] - 1)
-  s_lo = plgpu.load(s_ref.at[pl.ds(g_lo, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
-  s_hi = plgpu.load(s_ref.at[pl.ds(g_hi, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
-  rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
-  return values * jnp.where(rows // group > g_lo, s_hi, s_lo)
-
-
-def _columns(t_ref, n0, block_n, n_ok):
-  """The 2^b table rows of this tile of channels: list of float32 [1, block_n]."""
-  return [
-    plgpu.load(t_ref.at[pl.ds(j, 1), pl.ds(n0, block_n)], mask=n_ok, other=0.0)
-    for j in range(t_ref.shape[0])
-  ]
-
-
-def _channels_ok(n0, block_n, nb):
-  """bool [1, block_n]: which channels of the tile starting at n0 exist."""
-  return (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_n), 1)) < nb
-
-
-def _tile(p_ref, t_ref, s_ref, *, r0, n0, block_k, block_n, nb, kp, bits, group, columns=None):
-  """Loads packed rows [r0, r0 + block_k) of channels [n0, n0 + block_n).
-
-  Returns slab(i) -> float32 [block_k, block_n], the weights of code rows r0 + i * kp + [0, block_k).
-  `columns` may be passed when they were loaded once outside a loop.
-  """
-  n_ok = _channels_ok(n0, block_n, nb)
-  packed = plgpu.load(p_ref.at[pl.ds(r0, block_k), pl.ds(n0, block_n)], mask=n_ok, other=0)
-  if columns is None:
-    columns = _columns(t_ref, n0, block_n, n_ok)
-  return lambda i: _dequant_slab(
-    packed,
-    i,
-    bits=bits,
-    row0=r0 + i * kp,
-    columns=columns,
-    s_ref=s_ref,
-    n0=n0,
-    n_ok=n_ok,
-    group=group,
+  if len(levels) == 1:
+    return levels[0]
+  half = len(levels) // 2
+  top = (packed & (half << shift)) != 0
+  return jnp.where(
+    top, _lookup(packed, shift, levels[half:]), _lookup(packed, shift, levels[:half])
   )
 
 
-def _tiler(p_ref, t_ref, s_ref, *, bits, kp, nb, group, tiles):
-  """`_tile` bound to one bucket's refs and this launch's block sizes: call with r0=, n0=."""
-  return functools.partial(
-    _tile,
-    p_ref,
-    t_ref,
-    s_ref,
-    block_k=tiles.block_k,
-    block_n=tiles.block_n,
-    nb=nb,
-    kp=kp,
-    bits=bits,
-    group=group,
-  )
+def _mask(offset, size, limit, axis):
+  """bool [size, 1] (axis 0) or [1, size] (axis 1): offset + i < limit."""
+  shape = (size, 1) if axis == 0 else (1, size)
+  return offset + jax.lax.broadcasted_iota(jnp.int32, shape, axis) < limit
+
+
+def _load(ref, rows, cols, mask):
+  """ref[rows, cols] with masked-out elements 0; mask None loads unmasked (vectorised)."""
+  if mask is None:
+    return plgpu.load(ref.at[rows, cols])
+  return plgpu.load(ref.at[rows, cols], mask=mask, other=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bucket:
+  """One bucket's refs and static layout, as seen by a program owning channels [n0, n0 + bn)."""
+
+  p_ref: object
+  t_ref: object
+  s_ref: object
+  bits: int
+  kp: int
+  group: int
+  n0: object
+  bn: int
+  n_ok: object  # bool [1, bn] or None (Nb a multiple of bn)
+  narrow: bool
+
+  def columns(self):
+    """The 2^b table rows of these channels: list of float32 [1, bn] (load once per program)."""
+    cols = pl.ds(self.n0, self.bn)
+    return [_load(self.t_ref, pl.ds(j, 1), cols, self.n_ok) for j in range(self.t_ref.shape[0])]
+
+  def packed(self, r0, bk):
+    """int32 [bk, bn]: packed rows [r0, r0 + bk)."""
+    return _load(self.p_ref, pl.ds(r0, bk), pl.ds(self.n0, self.bn), self.n_ok).astype(jnp.int32)
+
+  def slab(self, packed, i, r0, columns, dtype):
+    """Weights [bk, bn] in `dtype` of code rows r0 + i * kp + [0, bk) (one group)."""
+    g = (r0 + i * self.kp) // self.group
+    scale = _load(self.s_ref, pl.ds(g, 1), pl.ds(self.n0, self.bn), self.n_ok)
+    levels = [c * scale for c in columns]
+    if self.narrow:
+      return _lookup(packed, i * self.bits, [v.astype(dtype) for v in levels])
+    return _lookup(packed, i * self.bits, levels).astype(dtype)
+
+
+def _bucket(p_ref, t_ref, s_ref, *, bits, kp, nb, group, n0, tiles):
+  """The `_Bucket` view of channels [n0, n0 + block_n)."""
+  n_ok = None if nb % tiles.block_n == 0 else _mask(n0, tiles.block_n, nb, 1)
+  return _Bucket(p_ref, t_ref, s_ref, bits, kp, group, n0, tiles.block_n, n_ok, tiles.narrow)
 
 
 def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, n0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
-  n_ok = _channels_ok(n0, bn, nb)
-  columns = _columns(t_ref, n0, bn, n_ok)  # loop-invariant: this program's channels are fixed
-  tile = _tiler(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
+  m = x_ref.shape[0]
+  m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
+  b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
+  columns = b.columns()  # loop-invariant: this program's channels are fixed
 
   def step(s, acc):
     r0 = s * bk
-    slab = tile(r0=r0, n0=n0, columns=columns)
+    packed = b.packed(r0, bk)
     for i in range(8 // bits):
-      x = x_ref[pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)]
-      acc += jnp.dot(x, slab(i).astype(x.dtype), preferred_element_type=jnp.float32)
+      x = _load(x_ref, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk), m_ok)
+      w = b.slab(packed, i, r0, columns, x.dtype)
+      if tiles.swap:  # acc [bn, bm] += w^T [bn, bk] @ x^T [bk, bm]
+        acc += jax.lax.dot_general(
+          w, x, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+      else:
+        acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
     return acc
 
   steps = kp // bk
   per_split = pl.cdiv(steps, tiles.splits)
   lo = split * per_split
+  shape = (bn, bm) if tiles.swap else (bm, bn)
   acc = jax.lax.fori_loop(
-    lo, jnp.minimum(steps, lo + per_split), step, jnp.zeros((bm, bn), jnp.float32)
+    lo, jnp.minimum(steps, lo + per_split), step, jnp.zeros(shape, jnp.float32)
   )
-  plgpu.store(o_ref.at[split, pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=n_ok)
+  acc = acc.T if tiles.swap else acc
+  mask = _both(m_ok, b.n_ok)
+  plgpu.store(o_ref.at[split, pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=mask)
+
+
+def _both(row_ok, col_ok):
+  """Combined store mask (None when neither dimension is ragged)."""
+  if row_ok is None or col_ok is None:
+    return row_ok if col_ok is None else col_ok
+  return row_ok & col_ok
 
 
 def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, r0, split = pl.program_id(0) * bm, pl.program_id(1) * bk, pl.program_id(2)
+  m = g_ref.shape[0]
+  m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
   per = 8 // bits
-  tile = _tiler(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
 
   def step(s, accs):
     n0 = s * bn
-    n_ok = _channels_ok(n0, bn, nb)
-    g = plgpu.load(g_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], mask=n_ok, other=0)
-    slab = tile(r0=r0, n0=n0)
-    contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
-    return tuple(
-      accs[i]
-      + jax.lax.dot_general(
-        g, slab(i).astype(g.dtype), contract_n, preferred_element_type=jnp.float32
-      )
-      for i in range(per)
-    )
+    b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
+    g = _load(g_ref, pl.ds(m0, bm), pl.ds(n0, bn), _both(m_ok, b.n_ok))
+    packed, columns = b.packed(r0, bk), b.columns()
+    out = []
+    for i in range(per):
+      w = b.slab(packed, i, r0, columns, g.dtype)
+      if tiles.swap:  # acc [bk, bm] += w [bk, bn] @ g^T [bn, bm]
+        d = jax.lax.dot_general(w, g, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      else:  # acc [bm, bk] += g [bm, bn] @ w^T [bn, bk]
+        d = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      out.append(accs[i] + d)
+    return tuple(out)
 
   steps = pl.cdiv(nb, bn)
   per_split = pl.cdiv(steps, tiles.splits)
   lo = split * per_split
-  init = tuple(jnp.zeros((bm, bk), jnp.float32) for _ in range(per))
+  shape = (bk, bm) if tiles.swap else (bm, bk)
+  init = tuple(jnp.zeros(shape, jnp.float32) for _ in range(per))
   accs = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step, init)
   for i in range(per):
-    o_ref[split, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)] = accs[i].astype(o_ref.dtype)
+    acc = accs[i].T if tiles.swap else accs[i]
+    plgpu.store(
+      o_ref.at[split, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)], acc.astype(o_ref.dtype), mask=m_ok
+    )
 
 
 def _dequant_kernel(p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bn, bk = tiles.block_n, tiles.block_k
   r0, n0 = pl.program_id(0) * bk, pl.program_id(1) * bn
-  tile = _tiler(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
-  slab = tile(r0=r0, n0=n0)
-  n_ok = _channels_ok(n0, bn, nb)
+  b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
+  packed, columns = b.packed(r0, bk), b.columns()
   for i in range(8 // bits):
-    plgpu.store(
-      o_ref.at[pl.ds(r0 + i * kp, bk), pl.ds(n0, bn)], slab(i).astype(o_ref.dtype), mask=n_ok
-    )
+    w = b.slab(packed, i, r0, columns, o_ref.dtype)
+    plgpu.store(o_ref.at[pl.ds(r0 + i * kp, bk), pl.ds(n0, bn)], w, mask=b.n_ok)
 
 
 def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name: str, out):
@@ -223,14 +233,12 @@ def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name
   )(*operands)
 
 
-def _check(rows, plane, tables, scales, tiles: Tiles, bits: int, group: int):
+def _check(plane, tables, scales, tiles: Tiles, bits: int, group: int):
   kp, nb = plane.shape
   if bits not in (1, 2, 4):
     raise NotImplementedError(f"{bits=}: the LUT kernels handle 1, 2 and 4 bits.")
-  if rows % tiles.block_m:
-    raise ValueError(f"{rows=} must be a multiple of {tiles.block_m=} (pad M).")
-  if kp % tiles.block_k or tiles.block_k > group:
-    raise ValueError(f"packed rows {kp=} must be a multiple of {tiles.block_k=} <= {group=}.")
+  if kp % tiles.block_k or group % tiles.block_k:
+    raise ValueError(f"{tiles.block_k=} must divide the packed rows {kp=} and {group=}.")
   if tables.shape != (1 << bits, nb) or scales.shape != (kp * 8 // bits // group, nb):
     raise ValueError(f"tables {tables.shape} / scales {scales.shape} do not match {nb=}, {bits=}.")
 
@@ -244,23 +252,25 @@ def lut_matmul(
   bits: int,
   group: int,
   tiles: Tiles = Tiles(),
+  dtype=jnp.float32,
   interpret: bool = False,
   out=None,
 ):
-  """x [M, K_pad] @ W -> float32 partial sums [tiles.splits, M, Nb]; sum over axis 0.
+  """x [M, K_pad] @ W -> partial sums [tiles.splits, M, Nb] in `dtype`; sum over axis 0.
 
   Args:
-    x: [M, K_pad] activations, M a multiple of tiles.block_m.
+    x: [M, K_pad] activations (any M).
     plane: uint8 [Kp, Nb] packed codes (Kp = K_pad * bits / 8).
     tables: float32 [2**bits, Nb], column n is channel n's table.
     scales: float32 [K_pad / group, Nb] group scales.
+    dtype: of the partial sums (float32 unless there is a single split).
     out: optional buffer the result is written into (aliased); NaN-poison it to test coverage.
   """
-  _check(x.shape[0], plane, tables, scales, tiles, bits, group)
+  _check(plane, tables, scales, tiles, bits, group)
   kp, nb = plane.shape
   kernel = functools.partial(_fwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
-  grid = (x.shape[0] // tiles.block_m, pl.cdiv(nb, tiles.block_n), tiles.splits)
-  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], nb), jnp.float32)
+  grid = (pl.cdiv(x.shape[0], tiles.block_m), pl.cdiv(nb, tiles.block_n), tiles.splits)
+  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], nb), dtype)
   return _call(
     kernel, (x, plane, tables, scales), shape, grid, tiles, interpret, f"lut_matmul_{bits}bit", out
   )
@@ -275,15 +285,16 @@ def lut_matmul_t(
   bits: int,
   group: int,
   tiles: Tiles = Tiles(),
+  dtype=jnp.float32,
   interpret: bool = False,
   out=None,
 ):
-  """g [M, Nb] @ W^T -> float32 partial sums [tiles.splits, M, K_pad]; other args: lut_matmul."""
-  _check(g.shape[0], plane, tables, scales, tiles, bits, group)
+  """g [M, Nb] @ W^T -> partial sums [tiles.splits, M, K_pad] in `dtype`; args: lut_matmul."""
+  _check(plane, tables, scales, tiles, bits, group)
   kp, nb = plane.shape
   kernel = functools.partial(_bwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
-  grid = (g.shape[0] // tiles.block_m, kp // tiles.block_k, tiles.splits)
-  shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], kp * 8 // bits), jnp.float32)
+  grid = (pl.cdiv(g.shape[0], tiles.block_m), kp // tiles.block_k, tiles.splits)
+  shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], kp * 8 // bits), dtype)
   return _call(
     kernel,
     (g, plane, tables, scales),
@@ -312,7 +323,7 @@ def lut_dequantize(
 
   Arguments as `lut_matmul`; tiles.block_m is unused.
   """
-  _check(tiles.block_m, plane, tables, scales, tiles, bits, group)
+  _check(plane, tables, scales, tiles, bits, group)
   kp, nb = plane.shape
   kernel = functools.partial(_dequant_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
   grid = (kp // tiles.block_k, pl.cdiv(nb, tiles.block_n))

@@ -33,8 +33,8 @@ def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
 
-def _base_tiles(m: int, kp: int) -> lm.Tiles | None:
-  bk = lm.max_block_k(kp)
+def _base_tiles(m: int, kp: int, group: int) -> lm.Tiles | None:
+  bk = lm.max_block_k(kp, group)
   if not bk:
     return None
   if m <= 16:
@@ -44,12 +44,12 @@ def _base_tiles(m: int, kp: int) -> lm.Tiles | None:
   return lm.Tiles(block_m=128, block_n=64, block_k=min(bk, 32), num_warps=8, num_stages=2)
 
 
-def tiles_for(m: int, kp: int, nb: int, backward: bool) -> lm.Tiles | None:
+def tiles_for(m: int, kp: int, nb: int, group: int, backward: bool) -> lm.Tiles | None:
   """Block sizes by shape class, with enough reduction splits to fill the GPU.
 
-  None when the kernels do not apply (Kp has no power-of-two block >= 16).
+  None when the kernels do not apply (no power-of-two block >= 16 divides Kp and the group).
   """
-  t = _base_tiles(m, kp)
+  t = _base_tiles(m, kp, group)
   if t is None:
     return None
   m_tiles = -(-m // t.block_m)
@@ -59,6 +59,13 @@ def tiles_for(m: int, kp: int, nb: int, backward: bool) -> lm.Tiles | None:
   )
   splits = max(1, min(steps, -(-_WAVES * _num_sms() // programs)))
   return dataclasses.replace(t, splits=splits)
+
+
+def _sum_splits(partial, dtype):
+  """[splits, M, C] partial sums -> [M, C] in `dtype` (a reshape when there is one split)."""
+  if partial.shape[0] == 1:
+    return partial[0].astype(dtype)
+  return partial.sum(axis=0).astype(dtype)
 
 
 def _bucket_operands(bucket):
@@ -71,19 +78,16 @@ def _bucket_operands(bucket):
 
 
 def _kernels_apply(bucket, impl: str) -> bool:
-  return (
-    impl in ("triton", "interpret")
-    and len(bucket.planes) == 1
-    and lm.max_block_k(bucket.planes[0].shape[0]) > 0
-  )
+  """Whether the LUT kernels can run this bucket (block sizes are checked by `tiles_for`)."""
+  return impl in ("triton", "interpret") and len(bucket.planes) == 1
 
 
 def _dense(bucket, group: int, impl: str, dtype):
   """The bucket's weights [K_pad, Nb] in `dtype`: a transient buffer."""
-  if not _kernels_apply(bucket, impl):
+  bk = lm.max_block_k(bucket.planes[0].shape[0], group)
+  if not (_kernels_apply(bucket, impl) and bk):
     return bucket.dequantize(group).astype(dtype)
-  kp = bucket.planes[0].shape[0]
-  tiles = lm.Tiles(block_k=lm.max_block_k(kp), block_n=64, num_warps=4, num_stages=1)
+  tiles = lm.Tiles(block_k=bk, block_n=64, num_warps=4, num_stages=1)
   return lm.lut_dequantize(
     *_bucket_operands(bucket),
     bits=bucket.bits,
@@ -96,27 +100,25 @@ def _dense(bucket, group: int, impl: str, dtype):
 
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
-  k_pad = _round_up(k, qt.group_size)
+  xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
   cols = []
   for b in qt.buckets:
     kp, nb = b.planes[0].shape
-    tiles = tiles_for(m, kp, nb, backward=False) if _kernels_apply(b, impl) else None
+    tiles = tiles_for(m, kp, nb, qt.group_size, False) if _kernels_apply(b, impl) else None
     if tiles is None or m >= DENSE_FROM_M:
-      w = _dense(b, qt.group_size, impl, x.dtype)
-      xp = jnp.pad(x, ((0, 0), (0, k_pad - k)))
-      cols.append(jnp.dot(xp, w))  # x.dtype out; GPU GEMMs accumulate bf16 products in fp32
+      cols.append(jnp.dot(xp, _dense(b, qt.group_size, impl, x.dtype)))  # fp32 accumulation
       continue
-    xp = jnp.pad(x, ((0, _round_up(m, tiles.block_m) - m), (0, k_pad - k)))
     partial = lm.lut_matmul(
       xp,
       *_bucket_operands(b),
       bits=b.bits,
       group=qt.group_size,
       tiles=tiles,
+      dtype=x.dtype if tiles.splits == 1 else jnp.float32,
       interpret=impl == "interpret",
     )
-    cols.append(partial.sum(axis=0)[:m].astype(x.dtype))
-  y = jnp.concatenate(cols, axis=1)
+    cols.append(_sum_splits(partial, x.dtype))
+  y = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=1)
   if qt.perm is not None:
     perm = qt.perm.astype(jnp.int32)
     y = y[:, jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))]
@@ -129,28 +131,27 @@ def _backward(g, qt: QuantizedTensor, impl: str):
   if qt.perm is not None:
     g = g[:, qt.perm.astype(jnp.int32)]
   parts, start = [], 0
+  one = len(qt.buckets) == 1
   for b in qt.buckets:
-    gb = g[:, start : start + b.num_channels]
+    gb = g if one else g[:, start : start + b.num_channels]
     start += b.num_channels
     kp, nb = b.planes[0].shape
-    tiles = tiles_for(m, kp, nb, backward=True) if _kernels_apply(b, impl) else None
+    tiles = tiles_for(m, kp, nb, qt.group_size, True) if _kernels_apply(b, impl) else None
     if tiles is None or m >= DENSE_FROM_M:
       parts.append(jnp.dot(gb, _dense(b, qt.group_size, impl, g.dtype).T))
-    else:
-      gp = jnp.pad(gb, ((0, _round_up(m, tiles.block_m) - m), (0, 0)))
-      parts.append(
-        lm.lut_matmul_t(
-          gp,
-          *_bucket_operands(b),
-          bits=b.bits,
-          group=qt.group_size,
-          tiles=tiles,
-          interpret=impl == "interpret",
-        ).sum(axis=0)[:m]
-      )
-  if len(parts) == 1:
-    return parts[0][:, :k].astype(g.dtype)
-  return sum(p.astype(jnp.float32) for p in parts)[:, :k].astype(g.dtype)
+      continue
+    partial = lm.lut_matmul_t(
+      gb,
+      *_bucket_operands(b),
+      bits=b.bits,
+      group=qt.group_size,
+      tiles=tiles,
+      dtype=g.dtype if one and tiles.splits == 1 else jnp.float32,
+      interpret=impl == "interpret",
+    )
+    parts.append(_sum_splits(partial, g.dtype if one else jnp.float32))
+  dx = parts[0] if one else sum(p.astype(jnp.float32) for p in parts)
+  return dx[:, :k].astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

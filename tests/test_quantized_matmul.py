@@ -92,11 +92,12 @@ def test_no_gradient_flows_into_the_frozen_base(qtensor):
       assert not np.any(np.asarray(leaf))
 
 
-KERNEL_CASES = [(1, 1024, 40, 16, 1), (2, 512, 130, 32, 3), (4, 256, 64, 16, 2), (2, 192, 9, 48, 1)]
+KERNEL_CASES = [(1, 1024, 40, 16, 1), (2, 512, 130, 5, 3), (4, 256, 64, 16, 2), (2, 192, 9, 48, 1)]
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("bits,k,n,m,splits", KERNEL_CASES)
-def test_kernels_write_every_output_tile(bits, k, n, m, splits):
+def test_kernels_write_every_output_tile(bits, k, n, m, splits, swap):
   """Outputs start NaN-poisoned; every element must be written and correct."""
   rng = np.random.default_rng(bits * k + n)
   codes = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
@@ -104,7 +105,8 @@ def test_kernels_write_every_output_tile(bits, k, n, m, splits):
   tables = rng.normal(size=(1 << bits, n)).astype(np.float32)
   scales = rng.uniform(0.5, 2.0, (k // 64, n)).astype(np.float32)
   w = tables[codes, np.arange(n)[None, :]] * np.repeat(scales, 64, axis=0)  # float64 oracle
-  tiles = lm.Tiles(block_m=16, block_n=32, block_k=lm.max_block_k(plane.shape[0]), splits=splits)
+  bk = lm.max_block_k(plane.shape[0], 64)
+  tiles = lm.Tiles(block_m=16, block_n=32, block_k=bk, splits=splits, swap=swap, narrow=swap)
   assert tiles.block_k >= 16
   args = (jnp.asarray(plane), jnp.asarray(tables), jnp.asarray(scales))
   kw = dict(bits=bits, group=64, tiles=tiles, interpret=jax.default_backend() != "gpu")
