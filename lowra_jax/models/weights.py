@@ -241,7 +241,7 @@ def to_kernel_tree(state: dict[str, np.ndarray]) -> dict[str, Any]:
   """Convert a flat HF-named state dict into a nested Flax params dict.
 
   ``*_proj.weight`` / ``lm_head.weight`` [out, in] -> ``{"kernel": W.T}`` [in, out];
-  ``*norm.weight`` [d] -> ``{"scale": w}``; ``embed_tokens.weight`` [vocab, d] -> ``{"embedding": w}``.
+  ``*_proj.bias`` [out] -> ``{"bias": b}``; ``*norm.weight`` [d] -> ``{"scale": w}``; ``embed_tokens.weight`` [vocab, d] -> ``{"embedding": w}``.
   Names are nested by splitting on ``"."`` (``model.layers.0.self_attn.q_proj.weight`` ->
   ``tree["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]``).  Leaves are C-contiguous
   arrays with the input dtype.
@@ -256,6 +256,8 @@ def to_kernel_tree(state: dict[str, np.ndarray]) -> dict[str, Any]:
     parents, (module, leaf) = parts[:-2], (parts[-2:] if len(parts) >= 2 else ("", ""))
     if leaf == "weight" and value.ndim == 2 and (module.endswith("_proj") or module == "lm_head"):
       new_leaf, array = "kernel", value.T
+    elif leaf == "bias" and value.ndim == 1 and module.endswith("_proj"):
+      new_leaf, array = "bias", value
     elif leaf == "weight" and value.ndim == 1 and module.endswith("norm"):
       new_leaf, array = "scale", value
     elif leaf == "weight" and value.ndim == 2 and module == "embed_tokens":
