@@ -440,10 +440,11 @@ def test_to_kernel_tree_lists_every_unknown_key():
   good = {
     "model.layers.0.self_attn.q_proj.weight": np.zeros((4, 2), np.float32),
     "model.norm.weight": np.ones(2, np.float32),
+    "model.layers.0.self_attn.q_proj.bias": np.ones(4, np.float32),
   }
   bad = {
     "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(2, np.float32),
-    "model.layers.0.mlp.up_proj.bias": np.zeros(4, np.float32),
+    "model.layers.0.mlp.up_proj.bias": np.zeros((4, 1), np.float32),  # bias of rank 2
     "model.norm.weight_2d": np.zeros((2, 2), np.float32),
     "model.layers.1.mlp.down_proj.weight": np.zeros(4, np.float32),  # linear of rank 1
     "orphan": np.zeros(1, np.float32),
@@ -455,4 +456,11 @@ def test_to_kernel_tree_lists_every_unknown_key():
   assert to_kernel_tree(good)["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].shape == (
     2,
     4,
+  )
+
+
+def test_to_kernel_tree_keeps_projection_biases():
+  tree = to_kernel_tree({"model.layers.0.self_attn.q_proj.bias": np.arange(4, dtype=np.float32)})
+  np.testing.assert_array_equal(
+    tree["model"]["layers"]["0"]["self_attn"]["q_proj"]["bias"], np.arange(4)
   )

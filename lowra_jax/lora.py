@@ -1,0 +1,219 @@
+"""LoRA over frozen (quantized) bases: the layer, the three-way state split and the initialisers.
+
+A model's variables live in three pytrees that are never mixed:
+
+* ``params`` -- frozen dense leftovers (embeddings, norms, head, biases) in the checkpoint dtype;
+* ``quant``  -- frozen `QuantizedTensor` kernels, consumed by `pallas_kernels.quantized_matmul`;
+* ``lora``   -- the adapters ``{"a": [in, rank], "b": [rank, out]}`` (float32), the only tree that
+  `jax.grad` and the optimizer see.
+
+    qparams, lora, report = init_lora(params, QuantConfig(method="lowra", budget=1.5),
+                                      LoraConfig(rank=16, init="loftq"), jax.random.key(0))
+    frozen, quant = split_quantized(qparams)
+    logits = model.apply({"params": frozen, "quant": quant, "lora": lora}, tokens)
+
+A `QLoRALinear` computes ``y = x @ W (+ bias) + (alpha / rank) * dropout(x) @ A @ B`` where W comes
+from ``quant`` when the module has a quantized kernel there and from ``params`` otherwise, and the
+adapter term is present when ``lora`` holds one for the module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowra_jax import loftq
+from lowra_jax.quantize import QuantConfig, QuantReport, is_quantized, quantize_params
+from pallas_kernels import quantized_matmul
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INITS = ("qlora", "loftq")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Adapter settings.
+
+  rank, alpha: adapters scale by alpha / rank.  dropout: on the adapter input, training only.
+  targets: module names (the path component above ``kernel``) that get adapters.
+  init: 'qlora' (A uniform in +-1/sqrt(in), B = 0: the model starts as its quantized base) or
+  'loftq' (`loftq_iters` alternations of quantize(W - s A B) and a rank-r SVD of the residual,
+  so that base + adapters start close to the full-precision W).
+  """
+
+  rank: int = 16
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = DEFAULT_TARGETS
+  init: str = "qlora"
+  loftq_iters: int = 5
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}.")
+    if self.init not in INITS:
+      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}.")
+    if self.init == "loftq" and self.loftq_iters < 1:
+      raise ValueError(f"LoraConfig.loftq_iters must be >= 1, got {self.loftq_iters}.")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+class QLoRALinear(nn.Module):
+  """x [..., in] -> [..., features] in `dtype`; see the module docstring.
+
+  Variables: params/kernel [in, features] or quant/kernel (`QuantizedTensor`), params/bias
+  [features] with `use_bias`, lora/a [in, rank] and lora/b [rank, features] when adapted.
+  """
+
+  features: int
+  use_bias: bool = False
+  dtype: Any = jnp.bfloat16
+  lora: LoraConfig | None = None
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    if self.has_variable("quant", "kernel"):
+      y = quantized_matmul(x, self.get_variable("quant", "kernel"))
+    else:
+      init = nn.initializers.lecun_normal()
+      kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
+      y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+      y = y.astype(self.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    if self.lora is not None and self.has_variable("lora", "a"):
+      a = self.get_variable("lora", "a").astype(self.dtype)
+      b = self.get_variable("lora", "b").astype(self.dtype)
+      h = nn.Dropout(self.lora.dropout, deterministic=self.deterministic)(x)
+      h = jnp.dot(h, a, preferred_element_type=jnp.float32).astype(self.dtype)
+      delta = jnp.dot(h, b, preferred_element_type=jnp.float32) * self.lora.scale
+      y = y + delta.astype(self.dtype)
+    return y
+
+
+def _partition(tree, keep) -> tuple[dict, dict]:
+  """Split a nested dict by `keep(leaf)` into (rest, kept); empty sub-dicts are dropped."""
+  rest, kept = {}, {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      r, k = _partition(value, keep)
+      if r:
+        rest[key] = r
+      if k:
+        kept[key] = k
+    elif keep(value):
+      kept[key] = value
+    else:
+      rest[key] = value
+  return rest, kept
+
+
+def split_quantized(qparams: dict) -> tuple[dict, dict]:
+  """(frozen, quant): the dense leaves and the `QuantizedTensor` leaves of a nested params dict."""
+  return _partition(qparams, is_quantized)
+
+
+def target_paths(params: dict, config: LoraConfig) -> dict[tuple[str, ...], tuple[int, int]]:
+  """{module path: (in, out)} of every ``kernel`` whose module name is in `config.targets`."""
+  found = {}
+
+  def visit(node, path):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        visit(value, (*path, key))
+      elif key == "kernel" and path and path[-1] in config.targets:
+        found[path] = tuple(value.shape)
+
+  visit(params, ())
+  if not found:
+    raise ValueError(
+      f"no kernel matches LoRA targets {config.targets}; check the names against the params tree."
+    )
+  return found
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return tree
+
+
+def random_adapters(shapes: dict[tuple[str, ...], tuple[int, int]], rank: int, rng) -> dict:
+  """QLoRA/peft initialisation: A ~ U(+-1/sqrt(in)) [in, rank], B = 0 [rank, out], float32."""
+  keys = jax.random.split(rng, len(shapes))
+  flat = {}
+  for key, (path, (k, n)) in zip(keys, sorted(shapes.items())):
+    bound = 1.0 / np.sqrt(k)
+    a = jax.random.uniform(key, (k, rank), jnp.float32, -bound, bound)
+    flat[path] = {"a": a, "b": jnp.zeros((rank, n), jnp.float32)}
+  return _nest(flat)
+
+
+def init_lora(
+  params: dict,
+  quant_config: QuantConfig,
+  lora_config: LoraConfig,
+  rng: jax.Array,
+  *,
+  progress: bool = True,
+) -> tuple[dict, dict, QuantReport | loftq.LoftQReport]:
+  """Quantize `params` and create adapters for `lora_config.targets`.
+
+  Args:
+    params: nested dense params (``weights.to_kernel_tree`` / `llama.load_pretrained`).
+    quant_config: how the base is quantized (any method: nf, lloyd, lowra).
+    lora_config: adapter settings; ``init`` picks QLoRA or LoftQ initialisation.
+    rng: a jax PRNG key (QLoRA's random A).
+
+  Returns:
+    (qparams, lora, report): params with quantized kernels, the adapter tree, and the quantizer's
+    report (QLoRA) or a `loftq.LoftQReport` (LoftQ).
+  """
+  shapes = target_paths(params, lora_config)
+  too_small = [f"{'/'.join(p)} {s}" for p, s in shapes.items() if min(s) < lora_config.rank]
+  if too_small:
+    raise ValueError(
+      f"LoRA rank {lora_config.rank} exceeds min(in, out) of {', '.join(too_small)}."
+    )
+  if lora_config.init == "qlora":
+    qparams, report = quantize_params(params, quant_config, progress=progress)
+    return qparams, random_adapters(shapes, lora_config.rank, rng), report
+  qparams, factors, report = loftq.loftq(
+    params,
+    quant_config,
+    targets=sorted(shapes),
+    rank=lora_config.rank,
+    scale=lora_config.scale,
+    iters=lora_config.loftq_iters,
+    progress=progress,
+  )
+  # Targets the quantizer skipped keep their dense kernel and get QLoRA's random start.
+  rest = {p: s for p, s in shapes.items() if p not in factors}
+  lora = _nest({p: {"a": a, "b": b} for p, (a, b) in factors.items()})
+  if rest:
+    lora = _merge(lora, random_adapters(rest, lora_config.rank, rng))
+  return qparams, lora, report
+
+
+def _merge(a: dict, b: dict) -> dict:
+  """Union of two nested dicts with disjoint leaves."""
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = _merge(out[key], value) if key in out else value
+  return out
