@@ -13,12 +13,12 @@ cache. Also: packed bytes / time against the measured device copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lowra_jax import quantize
 from pallas_kernels import quantized_matmul
@@ -33,24 +33,25 @@ PRECISIONS = {
 }
 
 
-def bench(fn, x, iters: int = 10, reps: int = 5) -> float:
-  """Median seconds per call of fn(x), chained in one jitted loop (no dispatch gaps).
+def bench(fn, x, operands, iters: int = 10, reps: int = 5) -> float:
+  """Median seconds per call of fn(x, op), rotating over `operands`, chained in one jitted loop.
 
-  Each iteration's input depends on the previous result and the whole output is consumed, so
-  XLA can neither hoist the call out of the loop nor shrink it to the elements read.
+  Each iteration's input depends on the previous result and every output is consumed, so XLA can
+  neither hoist the calls out of the loop nor shrink them to the elements read. Operands are
+  arguments of the jitted loop (not embedded constants).
   """
 
-  def body(_, carry):
-    out = fn(x + (carry * 0).astype(x.dtype))
-    return carry + jnp.sum(out.astype(jnp.float32))
+  def body(_, carry, ops):
+    a = x + (carry * 0).astype(x.dtype)
+    return carry + sum(jnp.sum(fn(a, op).astype(jnp.float32)) for op in ops)
 
-  loop = jax.jit(lambda: jax.lax.fori_loop(0, iters, body, jnp.float32(0)))
-  jax.block_until_ready(loop())
+  loop = jax.jit(lambda ops: jax.lax.fori_loop(0, iters, lambda i, c: body(i, c, ops), 0.0))
+  jax.block_until_ready(loop(operands))
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    jax.block_until_ready(loop())
-    times.append((time.perf_counter() - t0) / iters)
+    jax.block_until_ready(loop(operands))
+    times.append((time.perf_counter() - t0) / iters / len(operands))
   return statistics.median(times)
 
 
@@ -69,60 +70,60 @@ def packed_bytes(qt) -> int:
 
 
 def rotate(make, nbytes: int, most: int = 8):
-  """Copies of an operand (2 to `most`) that together exceed twice the L2 cache where possible."""
-  return [make(i) for i in range(min(most, max(2, -(-2 * L2_BYTES // max(nbytes, 1)))))]
+  """Copies of an operand (1 to `most`) that together exceed twice the L2 cache where possible."""
+  return [make(i) for i in range(min(most, max(1, -(-2 * L2_BYTES // max(nbytes, 1)))))]
+
+
+def forward(a, w_or_qt, backend=None):
+  """y = a @ W: bf16 `jnp.dot` on a dense W, else `quantized_matmul` with `backend`."""
+  if backend is None:
+    return jnp.dot(a, w_or_qt)
+  return quantized_matmul(a, w_or_qt, backend=backend)
+
+
+def backward(a, w_or_qt, backend=None):
+  """dX = a @ W^T, through the VJP of `quantized_matmul` for a quantized W."""
+  if backend is None:
+    return jnp.dot(a, w_or_qt.T)
+  k = w_or_qt.shape[0]
+  x = jnp.zeros((a.shape[0], k), a.dtype)
+  return jax.vjp(lambda z: quantized_matmul(z, w_or_qt, backend=backend), x)[1](a)[0]
 
 
 def sweep():
-  """Forward/backward kernel time for several tile settings (pick `tiles_for` from this)."""
+  """Kernel-only times of tile settings on 4096x11008, 2 bits, M = 16 (pick `tiles_for` here)."""
   import dataclasses
+
   from pallas_kernels import lut_matmul as lm
   from pallas_kernels import quantized_ops as qmm
 
   k, n, m = 4096, 11008, 16
   w = (0.02 * jax.random.t(jax.random.key(0), 5.0, (k, n))).astype(jnp.bfloat16)
-  b = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2)).buckets[0]
-  ops = qmm._bucket_operands(b)
-  x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-  g = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
-  base = qmm.tiles_for(m, ops[0].shape[0], n, backward=False)
-  print(f"default forward tiles: {base}")
-  for bn, bk, warps, stages, splits in [
-    (64, 64, 4, 3, None),
-    (64, 64, 2, 3, None),
-    (128, 64, 4, 3, None),
-    (128, 64, 8, 3, None),
-    (32, 64, 2, 3, None),
-    (64, 32, 4, 4, None),
-    (128, 32, 4, 4, None),
-    (64, 64, 4, 3, 1),
-    (64, 64, 4, 3, 8),
-    (256, 64, 8, 3, None),
-  ]:
-    for backward in (False, True):
-      t = qmm.tiles_for(m, ops[0].shape[0], n, backward)
-      t = dataclasses.replace(
-        t, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, splits=splits or t.splits
-      )
-      if backward:
-        sec = bench(lambda a: lm.lut_matmul_t(a, *ops, bits=2, group=64, tiles=t).sum(0), g)
-      else:
-        sec = bench(lambda a: lm.lut_matmul(a, *ops, bits=2, group=64, tiles=t).sum(0), x)
+  qt = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2))
+  ops = rotate(lambda i: qmm._bucket_operands(qt.buckets[0]), packed_bytes(qt))
+  kp = ops[0][0].shape[0]
+  for backward_pass, inp in ((False, (m, k)), (True, (m, n))):
+    a = jax.random.normal(jax.random.key(1), inp, jnp.bfloat16)
+    base = qmm.tiles_for(m, kp, n, 64, backward_pass)
+    print(f"default {'bwd' if backward_pass else 'fwd'} tiles: {base}")
+    for kw in (
+      {},
+      {"narrow": backward_pass},
+      {"block_n": 32},
+      {"block_n": 128},
+      {"block_k": 32},
+      {"num_warps": 8},
+      {"num_stages": 2},
+      {"num_stages": 4},
+      {"splits": 1},
+      {"splits": 2 * base.splits},
+    ):
+      t = dataclasses.replace(base, **kw)
+      call = lm.lut_matmul_t if backward_pass else lm.lut_matmul
+      sec = bench(lambda z, op: call(z, *op, bits=2, group=64, tiles=t).sum(0), a, ops)
       print(
-        f"{'bwd' if backward else 'fwd'} bn={bn} bk={bk} warps={warps} stages={stages} "
-        f"splits={t.splits}: {sec * 1e6:.1f} us",
-        flush=True,
+        f"{'bwd' if backward_pass else 'fwd'} {kw or 'default'}: {sec * 1e6:.1f} us", flush=True
       )
-  t_ref = bench(lambda a: b.dequantize(64).astype(jnp.bfloat16) + a[0, 0], x)
-  print(f"XLA dequantize 4096x11008 2-bit -> bf16: {t_ref * 1e6:.1f} us")
-  for bn, bk, warps in [(64, 64, 4), (128, 64, 4), (256, 64, 8), (128, 32, 4), (64, 16, 2)]:
-    t = lm.Tiles(block_n=bn, block_k=bk, num_warps=warps, num_stages=1)
-    t_dq = bench(lambda a: lm.lut_dequantize(*ops, bits=2, group=64, tiles=t) + a[0, 0], x)
-    print(
-      f"lut_dequantize bn={bn} bk={bk} warps={warps}: {t_dq * 1e6:.1f} us "
-      f"(writes {k * n * 2 / t_dq / 1e12:.2f} TB/s)",
-      flush=True,
-    )
 
 
 def main():
@@ -141,7 +142,8 @@ def main():
     return sweep()
   bw = copy_bandwidth()
   print(
-    f"{jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s"
+    f"{jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s",
+    flush=True,
   )
   rows = []
   for shape in args.shapes.split(","):
@@ -149,51 +151,38 @@ def main():
     key = jax.random.key(k * 7 + n)
     w = (0.02 * jax.random.t(key, 5.0, (k, n))).astype(jnp.bfloat16)
     w_copies = rotate(lambda i: w + jnp.bfloat16(i * 1e-3), w.nbytes)
+    q_copies = {}
     for prec in args.precisions.split(","):
       qt = quantize.quantize_tensor(w, quantize.QuantConfig(**PRECISIONS[prec]))
-      nbytes = packed_bytes(qt)
-      q_copies = rotate(
+      q_copies[prec] = rotate(
         lambda i: jax.tree_util.tree_map(
           lambda a: a + 0 if jnp.issubdtype(a.dtype, jnp.integer) else a * (1 + i * 1e-3), qt
         ),
-        nbytes,
+        packed_bytes(qt),
       )
-      for m in (int(s) for s in args.ms.split(",")):
-        x = jax.random.normal(key, (m, k), jnp.bfloat16)
-        g = jax.random.normal(key, (m, n), jnp.bfloat16)
-        dirs = [
-          (
-            "fwd",
-            x,
-            lambda a, b: jnp.dot(a, b),
-            lambda a, q, be: quantized_matmul(a, q, backend=be),
-          )
-        ]
-        if not args.no_backward:
-          dirs.append(
-            (
-              "bwd",
-              g,
-              lambda a, b: jnp.dot(a, b.T),
-              lambda a, q, be: jax.vjp(
-                lambda z: quantized_matmul(z, q, backend=be), jnp.zeros((a.shape[0], k), a.dtype)
-              )[1](a)[0],
-            )
-          )
-        for direction, inp, dense, ours in dirs:
-          t_bf16 = bench(lambda a: sum(dense(a, c) for c in w_copies), inp) / len(w_copies)
-          t_xla = bench(lambda a: sum(ours(a, q, "xla") for q in q_copies), inp) / len(q_copies)
-          t_ours = bench(lambda a: sum(ours(a, q, "auto") for q in q_copies), inp) / len(q_copies)
-          rows.append((shape, prec, m, direction, t_bf16, t_xla, t_ours, nbytes / t_ours / bw))
-          r = rows[-1]
+    for m in (int(s) for s in args.ms.split(",")):
+      iters, reps = (10, 5) if m <= 512 else (3, 3)
+      for direction, op in (("fwd", forward), ("bwd", backward))[: 1 if args.no_backward else 2]:
+        a = jax.random.normal(key, (m, k if direction == "fwd" else n), jnp.bfloat16)
+        t_bf16 = bench(op, a, w_copies, iters, reps)
+        for prec, qs in q_copies.items():
+          t_xla = bench(functools.partial(op, backend="xla"), a, qs, iters, reps)
+          t_ours = bench(functools.partial(op, backend="auto"), a, qs, iters, reps)
+          frac = packed_bytes(qs[0]) / t_ours / bw
+          rows.append((shape, prec, m, direction, t_bf16, t_xla, t_ours, frac))
           print(
-            f"{shape:>11s} {prec:>6s} M={m:<5d} {direction}  bf16 {r[4] * 1e6:8.1f} us  "
-            f"xla {r[5] * 1e6:8.1f} us  ours {r[6] * 1e6:8.1f} us  x{r[4] / r[6]:5.2f} vs bf16  "
-            f"{100 * r[7]:5.1f}% of copy bw",
+            f"{shape:>11s} {prec:>6s} M={m:<5d} {direction}  bf16 {t_bf16 * 1e6:8.1f} us  "
+            f"xla {t_xla * 1e6:8.1f} us  ours {t_ours * 1e6:8.1f} us  "
+            f"x{t_bf16 / t_ours:5.2f} vs bf16  {100 * frac:5.1f}% of copy bw",
             flush=True,
           )
+  print_table(rows)
+
+
+def print_table(rows):
+  """The markdown table, then forward + backward against bf16 per (shape, bits, M)."""
   print(
-    "\n| K x N | bits | M | pass | bf16 dot (us) | XLA dequant+dot (us) | ours (us) | "
+    "\n| K x N | bits | M | pass | bf16 dot (µs) | XLA dequant+dot (µs) | ours (µs) | "
     "speed-up vs bf16 | packed bytes/time vs copy bw |"
   )
   print("|---|---|---|---|---|---|---|---|---|")
@@ -202,6 +191,13 @@ def main():
       f"| {shape} | {prec} | {m} | {d} | {tb * 1e6:.1f} | {tx * 1e6:.1f} | {to * 1e6:.1f} | "
       f"{tb / to:.2f}x | {100 * frac:.0f}% |"
     )
+  both = {}
+  for shape, prec, m, _, tb, _, to, _ in rows:
+    both.setdefault((shape, prec, m), []).append((tb, to))
+  print("\n| K x N | bits | M | fwd+bwd ours / bf16 |\n|---|---|---|---|")
+  for (shape, prec, m), t in both.items():
+    if len(t) == 2:
+      print(f"| {shape} | {prec} | {m} | {sum(o for _, o in t) / sum(b for b, _ in t):.2f}x |")
 
 
 if __name__ == "__main__":

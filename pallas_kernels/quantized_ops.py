@@ -22,7 +22,9 @@ from pallas_kernels import lut_matmul as lm
 # M from which a bucket is dequantized once into a transient bf16 buffer for XLA's dot
 # (training-size batches are compute-bound; see docs/results.md).
 DENSE_FROM_M = 256
-_WAVES = 4  # aim for this many programs per streaming multiprocessor
+# Aim for this many programs per streaming multiprocessor (forward, backward): measured on the H200
+# at M = 16 (docs/results.md); the forward's split partial sums cost an extra reduction.
+_WAVES = {False: 2, True: 4}
 
 
 def _num_sms() -> int:
@@ -57,8 +59,9 @@ def tiles_for(m: int, kp: int, nb: int, group: int, backward: bool) -> lm.Tiles 
   programs, steps = (
     (m_tiles * kp // t.block_k, n_steps) if backward else (m_tiles * n_steps, kp // t.block_k)
   )
-  splits = max(1, min(steps, -(-_WAVES * _num_sms() // programs)))
-  return dataclasses.replace(t, splits=splits)
+  splits = max(1, min(steps, -(-_WAVES[backward] * _num_sms() // programs)))
+  # Levels looked up in the activation dtype: faster in the forward, slower in the backward.
+  return dataclasses.replace(t, splits=splits, narrow=not backward)
 
 
 def _sum_splits(partial, dtype):
@@ -69,12 +72,11 @@ def _sum_splits(partial, dtype):
 
 
 def _bucket_operands(bucket):
-  """(plane uint8 [Kp, Nb], tables float32 [2^b, Nb], scales float32 [G, Nb]) of a bucket."""
-  return (
-    bucket.planes[0],
-    bucket.channel_tables().astype(jnp.float32).T,
-    bucket.scales.dequantize(),
-  )
+  """(plane uint8 [Kp, Nb], tables [Nb, 2^b] as stored, `GroupScales`) of a bucket.
+
+  Per-channel tables and the scales pass as stored (no XLA op); shared tables are gathered.
+  """
+  return bucket.planes[0], bucket.channel_tables(), bucket.scales
 
 
 def _kernels_apply(bucket, impl: str) -> bool:
