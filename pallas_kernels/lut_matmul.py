@@ -2,19 +2,18 @@
 
 One bucket of a `QuantizedTensor` holds Nb output channels at b bits (b in {1, 2, 4}): codes in one
 uint8 plane P[Kp, Nb] packed planar along K (Kp = K_pad * b / 8, p = 8 / b codes per byte, byte r
-holding rows r + i * Kp for i < p), per-channel tables T[Nb, 2^b] (float16 or float32, as
-stored) and group scales S[G, Nb] as a `GroupScales` (plain or double-quantized, dequantized in the
-kernel):
+holding rows r + i * Kp for i < p), per-channel tables T[2^b, Nb] (one column per channel) and
+group scales S[G, Nb]:
 
-    W[k, n] = T[n, code[k, n]] * S[k // group, n]
+    W[k, n] = T[code[k, n], n] * S[k // group, n]
 
 `lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> partial sums [splits, M, Nb]     (forward)
 `lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> partial sums [splits, M, K_pad]  (input grad)
 `lut_dequantize(...)`  = W in bf16           -> [K_pad, Nb] (for XLA's dot at large M)
 W is read only in packed form. A program loads a tile of packed rows [block_k, block_n] once and
 handles each of its p row slabs; block_k divides the group size, so a slab lies in one group and
-its scale row (int8 codes and one block scale per tile when double-quantized) is folded into the
-channel's 2^b table levels ([1, block_n] vectors) before the lookup. The lookup itself is a tree of selects on the code bits, tested in place in the packed
+its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before the
+lookup. The lookup itself is a tree of selects on the code bits, tested in place in the packed
 bytes (no shift or mask per slab). The slab then feeds the tensor cores with fp32 accumulation.
 Small M gets more programs by splitting the reduction (K for the forward, N for the backward)
 into partial sums that XLA adds up afterwards -- deterministic, unlike atomics; with one split the
@@ -32,8 +31,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-
-from lowra_jax.quantize.scaling import GroupScales
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,70 +89,50 @@ def _load(ref, rows, cols, mask):
 
 @dataclasses.dataclass(frozen=True)
 class _Bucket:
-  """One bucket's refs and static layout, as seen by a program owning channels [n0, n0 + bn).
-
-  Scales: S[g, n] = offset + codes[g, n] * absmax[g, n // dq] / 127 (`_scale_operands`).
-  """
+  """One bucket's refs and static layout, as seen by a program owning channels [n0, n0 + bn)."""
 
   p_ref: object
-  t_ref: object  # [Nb, 2^b]
-  codes_ref: object
-  absmax_ref: object
-  offset_ref: object
+  t_ref: object
+  s_ref: object
   bits: int
   kp: int
-  nb: int
   group: int
-  dq: int
   n0: object
   bn: int
+  n_ok: object  # bool [1, bn] or None (Nb a multiple of bn)
   narrow: bool
 
-  @property
-  def n_ok(self):
-    """bool [1, bn]: which channels exist; None when Nb is a multiple of bn (unmasked loads)."""
-    return None if self.nb % self.bn == 0 else _mask(self.n0, self.bn, self.nb, 1)
-
   def columns(self):
-    """The 2^b table levels of these channels: list of float32 [1, bn] (once per program)."""
-    n_ok = None if self.n_ok is None else self.n_ok.T
-    rows = pl.ds(self.n0, self.bn)
-    return [
-      _load(self.t_ref, rows, pl.ds(j, 1), n_ok).astype(jnp.float32).T
-      for j in range(self.t_ref.shape[1])
-    ]
+    """The 2^b table rows of these channels: list of float32 [1, bn] (load once per program)."""
+    cols = pl.ds(self.n0, self.bn)
+    return [_load(self.t_ref, pl.ds(j, 1), cols, self.n_ok) for j in range(self.t_ref.shape[0])]
 
   def packed(self, r0, bk):
     """int32 [bk, bn]: packed rows [r0, r0 + bk)."""
     return _load(self.p_ref, pl.ds(r0, bk), pl.ds(self.n0, self.bn), self.n_ok).astype(jnp.int32)
 
-  def scale(self, g):
-    """float32 [1, bn]: the scales of group row g."""
-    codes = _load(self.codes_ref, pl.ds(g, 1), pl.ds(self.n0, self.bn), self.n_ok)
-    step = self.absmax_ref[g, self.n0 // self.dq] / 127.0
-    return self.offset_ref[0] + codes.astype(jnp.float32) * step
-
   def slab(self, packed, i, r0, columns, dtype):
     """Weights [bk, bn] in `dtype` of code rows r0 + i * kp + [0, bk) (one group)."""
-    scale = self.scale((r0 + i * self.kp) // self.group)
+    g = (r0 + i * self.kp) // self.group
+    scale = _load(self.s_ref, pl.ds(g, 1), pl.ds(self.n0, self.bn), self.n_ok)
     levels = [c * scale for c in columns]
     if self.narrow:
       return _lookup(packed, i * self.bits, [v.astype(dtype) for v in levels])
     return _lookup(packed, i * self.bits, levels).astype(dtype)
 
 
-def _bucket(refs, *, bits, kp, nb, group, dq, n0, tiles):
-  """The `_Bucket` view of channels [n0, n0 + block_n); refs: plane, table, 3 scale operands."""
-  return _Bucket(*refs, bits, kp, nb, group, dq, n0, tiles.block_n, tiles.narrow)
+def _bucket(p_ref, t_ref, s_ref, *, bits, kp, nb, group, n0, tiles):
+  """The `_Bucket` view of channels [n0, n0 + block_n)."""
+  n_ok = None if nb % tiles.block_n == 0 else _mask(n0, tiles.block_n, nb, 1)
+  return _Bucket(p_ref, t_ref, s_ref, bits, kp, group, n0, tiles.block_n, n_ok, tiles.narrow)
 
 
-def _fwd_kernel(x_ref, *refs, bits, kp, nb, group, dq, tiles):
-  *bucket_refs, o_ref = refs
+def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, n0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
   m = x_ref.shape[0]
   m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
-  b = _bucket(bucket_refs, bits=bits, kp=kp, nb=nb, group=group, dq=dq, n0=n0, tiles=tiles)
+  b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
   columns = b.columns()  # loop-invariant: this program's channels are fixed
 
   def step(s, acc):
@@ -183,19 +160,19 @@ def _both(row_ok, col_ok):
   return row_ok & col_ok
 
 
-def _bwd_kernel(g_ref, *refs, bits, kp, nb, group, dq, tiles):
-  *bucket_refs, o_ref = refs
+def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, r0, split = pl.program_id(0) * bm, pl.program_id(1) * bk, pl.program_id(2)
   m = g_ref.shape[0]
   m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
   per = 8 // bits
-  contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
 
   def step(s, accs):
-    b = _bucket(bucket_refs, bits=bits, kp=kp, nb=nb, group=group, dq=dq, n0=s * bn, tiles=tiles)
-    g = _load(g_ref, pl.ds(m0, bm), pl.ds(s * bn, bn), _both(m_ok, b.n_ok))
+    n0 = s * bn
+    b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
+    g = _load(g_ref, pl.ds(m0, bm), pl.ds(n0, bn), _both(m_ok, b.n_ok))
     packed, columns = b.packed(r0, bk), b.columns()
+    contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
     return tuple(
       accs[i]
       + jax.lax.dot_general(
@@ -215,18 +192,17 @@ def _bwd_kernel(g_ref, *refs, bits, kp, nb, group, dq, tiles):
     )
 
 
-def _dequant_kernel(*refs, bits, kp, nb, group, dq, tiles):
-  *bucket_refs, o_ref = refs
+def _dequant_kernel(p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
   bn, bk = tiles.block_n, tiles.block_k
   r0, n0 = pl.program_id(0) * bk, pl.program_id(1) * bn
-  b = _bucket(bucket_refs, bits=bits, kp=kp, nb=nb, group=group, dq=dq, n0=n0, tiles=tiles)
+  b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
   packed, columns = b.packed(r0, bk), b.columns()
   for i in range(8 // bits):
     w = b.slab(packed, i, r0, columns, o_ref.dtype)
     plgpu.store(o_ref.at[pl.ds(r0 + i * kp, bk), pl.ds(n0, bn)], w, mask=b.n_ok)
 
 
-def _call(kernel, operands, out_shape, grid, tiles: Tiles, *, interpret: bool, name: str, out):
+def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name: str, out):
   """Runs `kernel`; with `out` (e.g. NaN-poisoned in tests), results are written into it."""
   if out is not None:
     if out.shape != out_shape.shape or out.dtype != out_shape.dtype:
@@ -244,51 +220,21 @@ def _call(kernel, operands, out_shape, grid, tiles: Tiles, *, interpret: bool, n
   )(*operands)
 
 
-def _check(plane, tables, scales: GroupScales, tiles: Tiles, bits: int, group: int):
+def _check(plane, tables, scales, tiles: Tiles, bits: int, group: int):
   kp, nb = plane.shape
   if bits not in (1, 2, 4):
     raise NotImplementedError(f"{bits=}: the LUT kernels handle 1, 2 and 4 bits.")
   if kp % tiles.block_k or group % tiles.block_k:
     raise ValueError(f"{tiles.block_k=} must divide the packed rows {kp=} and {group=}.")
-  g = kp * 8 // bits // group
-  s_shape = (scales.values if scales.codes is None else scales.codes).shape
-  if tables.shape != (nb, 1 << bits) or s_shape != (g, nb):
-    raise ValueError(f"tables {tables.shape} / scales {s_shape} do not match {nb=}, {bits=}.")
-
-
-def _scale_operands(scales: GroupScales, block_n: int):
-  """(codes [G, Nb], absmax float32 [G, B], offset float32 [1]), dq: the kernels' scale inputs.
-
-  S[g, n] = offset + codes[g, n] * absmax[g, n // dq] / 127. Double-quantized scales pass as
-  stored when block_n divides their block (one block scale per tile); others are dequantized
-  here and passed as codes with absmax 127, offset 0 and one block.
-  """
-  if scales.codes is not None and scales.dq_block % block_n == 0:
-    return (scales.codes, scales.block_absmax, scales.offset.reshape(1)), scales.dq_block
-  values = scales.dequantize()
-  ones = jnp.full((values.shape[0], 1), 127.0, jnp.float32)
-  return (values, ones, jnp.zeros((1,), jnp.float32)), _round_up(values.shape[1], block_n)
-
-
-def _round_up(n: int, k: int) -> int:
-  return -(-n // k) * k
-
-
-def _bucket_call(kernel, lead, plane, tables, scales, out_shape, grid, *, bits, group, tiles, **kw):
-  """Runs `kernel` over the lead operands (activations or none) and one bucket's operands."""
-  _check(plane, tables, scales, tiles, bits, group)
-  kp, nb = plane.shape
-  scale_ops, dq = _scale_operands(scales, tiles.block_n)
-  body = functools.partial(kernel, bits=bits, kp=kp, nb=nb, group=group, dq=dq, tiles=tiles)
-  operands = (*lead, plane, tables, *scale_ops)
-  return _call(body, operands, out_shape, grid, tiles, **kw)
+  if tables.shape != (1 << bits, nb) or scales.shape != (kp * 8 // bits // group, nb):
+    raise ValueError(f"tables {tables.shape} / scales {scales.shape} do not match {nb=}, {bits=}.")
 
 
 def lut_matmul(
   x,
   plane,
   tables,
-  scales: GroupScales,
+  scales,
   *,
   bits: int,
   group: int,
@@ -302,28 +248,18 @@ def lut_matmul(
   Args:
     x: [M, K_pad] activations (any M).
     plane: uint8 [Kp, Nb] packed codes (Kp = K_pad * bits / 8).
-    tables: [Nb, 2**bits] float16 or float32, row n is channel n's table.
-    scales: `GroupScales` of [K_pad / group, Nb].
+    tables: float32 [2**bits, Nb], column n is channel n's table.
+    scales: float32 [K_pad / group, Nb] group scales.
     dtype: of the partial sums (float32 unless there is a single split).
     out: optional buffer the result is written into (aliased); NaN-poison it to test coverage.
   """
-  nb = plane.shape[1]
+  _check(plane, tables, scales, tiles, bits, group)
+  kp, nb = plane.shape
+  kernel = functools.partial(_fwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
   grid = (pl.cdiv(x.shape[0], tiles.block_m), pl.cdiv(nb, tiles.block_n), tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], nb), dtype)
-  return _bucket_call(
-    _fwd_kernel,
-    (x,),
-    plane,
-    tables,
-    scales,
-    shape,
-    grid,
-    bits=bits,
-    group=group,
-    tiles=tiles,
-    interpret=interpret,
-    name=f"lut_matmul_{bits}bit",
-    out=out,
+  return _call(
+    kernel, (x, plane, tables, scales), shape, grid, tiles, interpret, f"lut_matmul_{bits}bit", out
   )
 
 
@@ -331,7 +267,7 @@ def lut_matmul_t(
   g,
   plane,
   tables,
-  scales: GroupScales,
+  scales,
   *,
   bits: int,
   group: int,
@@ -341,30 +277,27 @@ def lut_matmul_t(
   out=None,
 ):
   """g [M, Nb] @ W^T -> partial sums [tiles.splits, M, K_pad] in `dtype`; args: lut_matmul."""
-  kp = plane.shape[0]
+  _check(plane, tables, scales, tiles, bits, group)
+  kp, nb = plane.shape
+  kernel = functools.partial(_bwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
   grid = (pl.cdiv(g.shape[0], tiles.block_m), kp // tiles.block_k, tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], kp * 8 // bits), dtype)
-  return _bucket_call(
-    _bwd_kernel,
-    (g,),
-    plane,
-    tables,
-    scales,
+  return _call(
+    kernel,
+    (g, plane, tables, scales),
     shape,
     grid,
-    bits=bits,
-    group=group,
-    tiles=tiles,
-    interpret=interpret,
-    name=f"lut_matmul_t_{bits}bit",
-    out=out,
+    tiles,
+    interpret,
+    f"lut_matmul_t_{bits}bit",
+    out,
   )
 
 
 def lut_dequantize(
   plane,
   tables,
-  scales: GroupScales,
+  scales,
   *,
   bits: int,
   group: int,
@@ -377,29 +310,19 @@ def lut_dequantize(
 
   Arguments as `lut_matmul`; tiles.block_m is unused.
   """
+  _check(plane, tables, scales, tiles, bits, group)
   kp, nb = plane.shape
+  kernel = functools.partial(_dequant_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
   grid = (kp // tiles.block_k, pl.cdiv(nb, tiles.block_n))
   shape = jax.ShapeDtypeStruct((kp * 8 // bits, nb), dtype)
-  return _bucket_call(
-    _dequant_kernel,
-    (),
-    plane,
-    tables,
-    scales,
-    shape,
-    grid,
-    bits=bits,
-    group=group,
-    tiles=tiles,
-    interpret=interpret,
-    name=f"lut_dequantize_{bits}bit",
-    out=out,
+  return _call(
+    kernel, (plane, tables, scales), shape, grid, tiles, interpret, f"lut_dequantize_{bits}bit", out
   )
 
 
-def dequantize_reference(plane, tables, scales: GroupScales, *, bits: int, group: int):
-  """jnp dequantization of one bucket: float32 [K_pad, Nb]; arguments as `lut_matmul`."""
+def dequantize_reference(plane, tables, scales, *, bits: int, group: int):
+  """jnp dequantization of one bucket: float32 [K_pad, Nb]."""
   per = 8 // bits
   codes = jnp.concatenate([(plane >> (i * bits)) & ((1 << bits) - 1) for i in range(per)], axis=0)
-  values = jnp.take_along_axis(tables.astype(jnp.float32).T, codes.astype(jnp.int32), axis=0)
-  return values * jnp.repeat(scales.dequantize(), group, axis=0)
+  values = jnp.take_along_axis(tables, codes.astype(jnp.int32), axis=0)
+  return values * jnp.repeat(scales, group, axis=0)

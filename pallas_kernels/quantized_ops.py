@@ -72,11 +72,16 @@ def _sum_splits(partial, dtype):
 
 
 def _bucket_operands(bucket):
-  """(plane uint8 [Kp, Nb], tables [Nb, 2^b] as stored, `GroupScales`) of a bucket.
+  """(plane uint8 [Kp, Nb], tables float32 [2^b, Nb], scales float32 [G, Nb]) of a bucket.
 
-  Per-channel tables and the scales pass as stored (no XLA op); shared tables are gathered.
+  Reading tables [Nb, 2^b] and double-quantized scales as stored inside the kernels was measured
+  1.5-4x slower on the H200 (docs/results.md), so they are prepared here by XLA.
   """
-  return bucket.planes[0], bucket.channel_tables(), bucket.scales
+  return (
+    bucket.planes[0],
+    bucket.channel_tables().astype(jnp.float32).T,
+    bucket.scales.dequantize(),
+  )
 
 
 def _kernels_apply(bucket, impl: str) -> bool:
