@@ -1,9 +1,11 @@
 """`quantized_matmul(x, qtensor)`: x @ dequantize(qtensor) without materialising the weight.
 
-Forward: every precision bucket's columns come from `lut_matmul` (or, where the kernels do not
-apply, from dequantize + XLA dot); the concatenated columns are put back in channel order. The
-custom VJP returns only dX = dY @ W_hat^T through `lut_matmul_t` -- the base is frozen, so there is
-no dW and nothing but the packed tensor itself is kept for the backward pass.
+Forward: every precision bucket's columns come from `lut_matmul`; the concatenated columns are put
+back in channel order. Where no bucket takes the kernels (M >= DENSE_FROM_M, the `xla` backend, or
+layouts the kernels do not cover), the buckets are dequantized into one transient weight in channel
+order and XLA runs a single GEMM. The custom VJP returns only dX = dY @ W_hat^T the same two ways
+(`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed tensor itself
+is kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -89,10 +91,25 @@ def _kernels_apply(bucket, impl: str) -> bool:
   return impl in ("triton", "interpret") and len(bucket.planes) == 1
 
 
+def _kernel_tiles(bucket, m: int, group: int, impl: str, backward: bool) -> lm.Tiles | None:
+  """Tiles of the LUT matmul kernel for this bucket at M rows; None: dense weight + XLA dot.
+
+  4-bit buckets take the kernels only for M <= 16 (their 16-level lookup loses to XLA's
+  dequantize + dot from M = 64 on the H200).
+  """
+  if not _kernels_apply(bucket, impl) or m >= DENSE_FROM_M or (bucket.bits == 4 and m > 16):
+    return None
+  kp, nb = bucket.planes[0].shape
+  return tiles_for(m, kp, nb, group, backward)
+
+
 def _dense(bucket, group: int, impl: str, dtype):
-  """The bucket's weights [K_pad, Nb] in `dtype`: a transient buffer."""
+  """The bucket's weights [K_pad, Nb] in `dtype`: a transient buffer.
+
+  `lut_dequantize` for 1 and 2 bits; XLA's dequantization otherwise (4 bits: ~5x faster there).
+  """
   bk = lm.max_block_k(bucket.planes[0].shape[0], group)
-  if not (_kernels_apply(bucket, impl) and bk):
+  if not (_kernels_apply(bucket, impl) and bk) or bucket.bits == 4:
     return bucket.dequantize(group).astype(dtype)
   tiles = lm.Tiles(block_k=bk, block_n=64, num_warps=4, num_stages=1)
   return lm.lut_dequantize(
@@ -105,46 +122,61 @@ def _dense(bucket, group: int, impl: str, dtype):
   )
 
 
+def _inverse_perm(qt: QuantizedTensor):
+  """int32 [N]: column j of the original order is column inv[j] of the bucket order."""
+  perm = qt.perm.astype(jnp.int32)
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
+
+
+def _dense_weight(qt: QuantizedTensor, impl: str, dtype):
+  """W_hat [K_pad, N] in `dtype` and in the original channel order: a transient buffer.
+
+  One GEMM over it replaces one per bucket plus a concatenation and a permutation of the output.
+  """
+  w = [_dense(b, qt.group_size, impl, dtype) for b in qt.buckets]
+  w = w[0] if len(w) == 1 else jnp.concatenate(w, axis=1)
+  return w if qt.perm is None else w[:, _inverse_perm(qt)]
+
+
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
+  tiles = [_kernel_tiles(b, m, qt.group_size, impl, False) for b in qt.buckets]
+  if all(t is None for t in tiles):
+    return jnp.dot(xp, _dense_weight(qt, impl, x.dtype))  # GPU GEMMs accumulate in fp32
   cols = []
-  for b in qt.buckets:
-    kp, nb = b.planes[0].shape
-    tiles = tiles_for(m, kp, nb, qt.group_size, False) if _kernels_apply(b, impl) else None
-    if tiles is None or m >= DENSE_FROM_M:
-      cols.append(jnp.dot(xp, _dense(b, qt.group_size, impl, x.dtype)))  # fp32 accumulation
+  for b, t in zip(qt.buckets, tiles):
+    if t is None:
+      cols.append(jnp.dot(xp, _dense(b, qt.group_size, impl, x.dtype)))
       continue
     partial = lm.lut_matmul(
       xp,
       *_bucket_operands(b),
       bits=b.bits,
       group=qt.group_size,
-      tiles=tiles,
-      dtype=x.dtype if tiles.splits == 1 else jnp.float32,
+      tiles=t,
+      dtype=x.dtype if t.splits == 1 else jnp.float32,
       interpret=impl == "interpret",
     )
     cols.append(_sum_splits(partial, x.dtype))
   y = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=1)
-  if qt.perm is not None:
-    perm = qt.perm.astype(jnp.int32)
-    y = y[:, jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))]
-  return y
+  return y if qt.perm is None else y[:, _inverse_perm(qt)]
 
 
 def _backward(g, qt: QuantizedTensor, impl: str):
   m, _ = g.shape
   k = qt.shape[0]
+  tiles = [_kernel_tiles(b, m, qt.group_size, impl, True) for b in qt.buckets]
+  if all(t is None for t in tiles):
+    return jnp.dot(g, _dense_weight(qt, impl, g.dtype).T)[:, :k]
   if qt.perm is not None:
     g = g[:, qt.perm.astype(jnp.int32)]
   parts, start = [], 0
   one = len(qt.buckets) == 1
-  for b in qt.buckets:
+  for b, t in zip(qt.buckets, tiles):
     gb = g if one else g[:, start : start + b.num_channels]
     start += b.num_channels
-    kp, nb = b.planes[0].shape
-    tiles = tiles_for(m, kp, nb, qt.group_size, True) if _kernels_apply(b, impl) else None
-    if tiles is None or m >= DENSE_FROM_M:
+    if t is None:
       parts.append(jnp.dot(gb, _dense(b, qt.group_size, impl, g.dtype).T))
       continue
     partial = lm.lut_matmul_t(
@@ -152,8 +184,8 @@ def _backward(g, qt: QuantizedTensor, impl: str):
       *_bucket_operands(b),
       bits=b.bits,
       group=qt.group_size,
-      tiles=tiles,
-      dtype=g.dtype if one and tiles.splits == 1 else jnp.float32,
+      tiles=t,
+      dtype=g.dtype if one and t.splits == 1 else jnp.float32,
       interpret=impl == "interpret",
     )
     parts.append(_sum_splits(partial, g.dtype if one else jnp.float32))

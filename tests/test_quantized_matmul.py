@@ -46,7 +46,9 @@ def qtensor(request):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("m,dtype", [(1, jnp.float32), (17, jnp.bfloat16), (40, jnp.float32)])
+@pytest.mark.parametrize(
+  "m,dtype", [(1, jnp.float32), (17, jnp.bfloat16), (40, jnp.float32), (300, jnp.bfloat16)]
+)
 def test_forward_matches_float64(qtensor, backend, m, dtype):
   rng = np.random.default_rng(m)
   x = rng.normal(size=(m, qtensor.shape[0])).astype(np.float32)
