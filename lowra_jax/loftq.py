@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lowra_jax.quantize import QuantConfig, QuantReport, dequantize, is_quantized, quantize_params
+from lowra_jax.quantize import QuantConfig, QuantReport, is_quantized, quantize_and_dequantize
 
 Path = tuple[str, ...]
 
@@ -98,10 +98,10 @@ def loftq(
       p: np.asarray(w32[p] - scale * (factors[p][0] @ factors[p][1])).astype(dense[p].dtype)
       for p in factors
     }
-    qparams, report = quantize_params(with_kernels(params, shifted), quant_config, progress=False)
-    base = {
-      p: dequantize(q, jnp.float32) for p in targets if is_quantized(q := get_kernel(qparams, p))
-    }
+    qparams, dense_q, report = quantize_and_dequantize(
+      with_kernels(params, shifted), quant_config, progress=False
+    )
+    base = {p: get_kernel(dense_q, p) for p in targets if is_quantized(get_kernel(qparams, p))}
     if quant_error is None:
       quant_error = np.sqrt(sum(float(_sq_err(w32[p], base[p])) for p in base) / norm)
     factors = {p: low_rank((w32[p] - base[p]) / scale, rank) for p in base}

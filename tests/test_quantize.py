@@ -54,6 +54,10 @@ def test_reported_error_equals_float64_error_of_dequantize(name):
   assert quantize.dequantize_params(qparams)["b"]["kernel"].dtype == jnp.bfloat16
   if CONFIGS[name].method == "lowra":
     assert report.code_bits <= CONFIGS[name].budget + 1e-9
+  # The encode step's own reconstruction is what dequantize gives (up to float32 rounding).
+  again, recon, _ = quantize.quantize_and_dequantize(params, CONFIGS[name], progress=False)
+  chex.assert_trees_all_equal(jax.device_get(again), jax.device_get(qparams))
+  chex.assert_trees_all_close(recon, dense, rtol=1e-6, atol=1e-9)
 
 
 def bnb_nf4_reference(w):

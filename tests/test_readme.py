@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,3 +21,7 @@ def test_readme_python_blocks_run(monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
   assert namespace["quantize"].bits_per_param(namespace["qparams"]).code <= 1.5 + 1e-9
   assert namespace["y"].shape[-1] == 1024
+  init = namespace["init"]
+  assert init.errors[-1] < init.quant_error  # LoftQ adapters reduce the base's error
+  assert 0 < float(namespace["loss"]) < 10
+  assert jax.tree.structure(namespace["grads"]) == jax.tree.structure(namespace["adapters"])

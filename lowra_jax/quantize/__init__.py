@@ -14,6 +14,7 @@ from lowra_jax.quantize.pipeline import (
   QuantReport,
   default_filter,
   dequantize_params,
+  quantize_and_dequantize,
   quantize_params,
   quantize_tensor,
 )
@@ -43,6 +44,7 @@ __all__ = [
   "dequantize_params",
   "is_quantized",
   "nf_levels",
+  "quantize_and_dequantize",
   "quantize_params",
   "quantize_tensor",
   "solve_budget",

@@ -148,7 +148,8 @@ def _encode(w, perm, scale, tables, *, group_size: int):
     tables: float32 [N, 16] each channel's levels (padded with +inf), permuted.
 
   Returns:
-    codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted).
+    codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted), and the
+    dequantized kernel float32 [K, N] in the original channel order (what `dequantize` gives).
   """
   wp = scaling.pad_rows(w.astype(jnp.float32), group_size)[:, perm]
   se = scaling.expand_groups(scale, group_size)
@@ -157,7 +158,8 @@ def _encode(w, perm, scale, tables, *, group_size: int):
   w_hat = mapping.lookup(tables, codes).T * se
   real = (jnp.arange(wp.shape[0]) < w.shape[0])[:, None]
   err = jnp.where(real, jnp.square(wp - w_hat), 0.0).sum(axis=0)
-  return codes.T, err
+  unpermuted = jnp.zeros_like(w_hat).at[:, perm].set(w_hat)
+  return codes.T, err, unpermuted[: w.shape[0]]
 
 
 def _pad_tables(t: np.ndarray) -> np.ndarray:
@@ -206,8 +208,9 @@ def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarra
 
 def _encode_and_pack(
   w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray, seconds: dict
-) -> tuple[QuantizedTensor, np.ndarray]:
-  """Builds the QuantizedTensor of one kernel; also returns its squared error per channel."""
+) -> tuple[QuantizedTensor, np.ndarray, jax.Array]:
+  """Builds the QuantizedTensor of one kernel; also returns its squared error per channel and
+  its dequantization (float32 [K, N])."""
   t0 = time.perf_counter()
   k, n = w.shape
   present = sorted(set(channel_bits.tolist()))
@@ -220,7 +223,7 @@ def _encode_and_pack(
     tables, index = _bucket_tables(w, cfg, fitted, b, cols)
     per_channel = tables[index] if index is not None else np.broadcast_to(tables, (hi - lo, 2**b))
     parts.append((b, scales, tables, index, scales.dequantize(np), _pad_tables(per_channel)))
-  codes, err = _encode(
+  codes, err, w_hat = _encode(
     w,
     jnp.asarray(order, jnp.int32),
     jnp.asarray(np.concatenate([p[4] for p in parts], axis=1)),
@@ -252,7 +255,7 @@ def _encode_and_pack(
   qt = jax.device_put(qt)
   seconds["encode"] += t1 - t0
   seconds["pack"] += time.perf_counter() - t1
-  return qt, err
+  return qt, err, w_hat
 
 
 def quantize_params(
@@ -273,6 +276,30 @@ def quantize_params(
   Returns:
     (qparams, report): params with each selected leaf replaced by a `QuantizedTensor`, and a
     `QuantReport` of errors and bits.
+  """
+  qparams, _, report = quantize_and_dequantize(
+    params, config, filter_fn=filter_fn, progress=progress
+  )
+  return qparams, report
+
+
+def quantize_and_dequantize(
+  params,
+  config: QuantConfig = QuantConfig(),
+  *,
+  filter_fn: Callable[[str, jax.Array], bool] | None = None,
+  progress: bool = True,
+):
+  """`quantize_params`, plus each quantized kernel's dequantization at no extra cost.
+
+  The dense values come out of the fixed-shape encode step, so unlike `dequantize_params` nothing
+  is compiled per bucket layout (what iterative schemes such as LoftQ need every round).
+  Arguments as for `quantize_params`.
+
+  Returns:
+    (qparams, dequantized, report): as `quantize_params`, and `params` with each selected leaf
+    replaced by float32 [K, N] equal to `dequantize(qparams leaf, float32)` up to float32
+    rounding (host and device compute the double-quantized scales apart).
   """
   filter_fn = filter_fn or default_filter(config)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -309,10 +336,11 @@ def quantize_params(
   seconds["solve"] = time.perf_counter() - t0
 
   leaves = [leaf for _, leaf in flat]
+  dense = list(leaves)
   layers = []
   for i in tqdm(selected, desc="encode+pack", disable=not progress, leave=False):
     w = flat[i][1]
-    qt, err = _encode_and_pack(w, config, fitted.pop(i), channel_bits[i], seconds)
+    qt, err, dense[i] = _encode_and_pack(w, config, fitted.pop(i), channel_bits[i], seconds)
     leaves[i] = qt
     bits, counts = np.unique(channel_bits[i], return_counts=True)
     layers.append(
@@ -326,7 +354,11 @@ def quantize_params(
         channels_per_bits=dict(zip(bits.tolist(), counts.tolist())),
       )
     )
-  return jax.tree_util.tree_unflatten(treedef, leaves), QuantReport(layers, seconds)
+  return (
+    jax.tree_util.tree_unflatten(treedef, leaves),
+    jax.tree_util.tree_unflatten(treedef, dense),
+    QuantReport(layers, seconds),
+  )
 
 
 def quantize_tensor(w, config: QuantConfig = QuantConfig()) -> QuantizedTensor:
@@ -337,15 +369,17 @@ def quantize_tensor(w, config: QuantConfig = QuantConfig()) -> QuantizedTensor:
   return qparams["kernel"]
 
 
-_dequantize_jit = jax.jit(dequantize, static_argnums=1)
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize_tree(qparams, dtype):
+  return jax.tree_util.tree_map(
+    lambda x: dequantize(x, dtype) if is_quantized(x) else x, qparams, is_leaf=is_quantized
+  )
 
 
 def dequantize_params(qparams, dtype=None):
   """Replaces every `QuantizedTensor` by its dense kernel (in `dtype`, default the original).
 
-  Each tensor is dequantized by one compiled function (eagerly, every primitive would compile
-  anew for each tensor's bucket sizes: ~1 min instead of seconds for a 17M model on CPU).
+  One compiled function for the whole tree (eagerly, every primitive would compile anew for each
+  tensor's bucket sizes: ~1 min instead of seconds for a 17M model on CPU).
   """
-  return jax.tree_util.tree_map(
-    lambda x: _dequantize_jit(x, dtype) if is_quantized(x) else x, qparams, is_leaf=is_quantized
-  )
+  return _dequantize_tree(qparams, dtype)

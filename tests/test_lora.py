@@ -1,0 +1,240 @@
+"""Tests for lowra_jax.lora and lowra_jax.loftq: LoRA over quantized bases, QLoRA and LoftQ init.
+
+Oracles: float64 numpy for the layer, a dense model holding the dequantized kernels (plain jnp,
+no custom VJP) for gradients, numpy's float64 SVD for LoftQ's low-rank step (Eckart-Young), and
+XLA's compiled memory analysis for the no-dense-copy property.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowra_jax import lora as lora_lib
+from lowra_jax.loftq import get_kernel
+from lowra_jax.models import llama
+from lowra_jax.quantize import (
+  QuantConfig,
+  dequantize,
+  dequantize_params,
+  is_quantized,
+  quantize_params,
+  quantize_tensor,
+)
+
+STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "models" / "stories260K"
+NF2 = QuantConfig(method="nf", bits=2)
+
+
+@pytest.fixture(scope="module")
+def stories():
+  if not STORIES.exists():
+    pytest.skip("../shared/data not present (stories260K missing)")
+  model, params = llama.load_pretrained(STORIES / "stories260K.bin", dtype=jnp.float32)
+  return model.config, params
+
+
+def _tokens(seed=0, shape=(2, 12)):
+  return jnp.asarray(np.random.default_rng(seed).integers(3, 512, size=shape))
+
+
+def _dense_variables(qparams):
+  """Every QuantizedTensor replaced by its float32 dequantization, all in 'params'."""
+  return jax.tree.map(
+    lambda x: dequantize(x, jnp.float32) if is_quantized(x) else jnp.asarray(x, jnp.float32),
+    qparams,
+    is_leaf=is_quantized,
+  )
+
+
+def test_layer_matches_float64():
+  rng = np.random.default_rng(0)
+  k, n, r = 96, 80, 4
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  x = rng.standard_normal((3, 5, k)).astype(np.float32)
+  a, b = rng.standard_normal((k, r)), rng.standard_normal((r, n))
+  bias = rng.standard_normal(n)
+  cfg = lora_lib.LoraConfig(rank=r, alpha=8.0)
+  layer = lora_lib.QLoRALinear(n, use_bias=True, dtype=jnp.float32, lora=cfg)
+  qt = quantize_tensor(w, QuantConfig(method="nf", bits=4))
+  lora = {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
+  w_hat = np.asarray(dequantize(qt, jnp.float32), np.float64)
+  for variables, kernel in [
+    ({"params": {"kernel": w, "bias": bias}, "lora": lora}, w.astype(np.float64)),
+    ({"params": {"bias": bias}, "quant": {"kernel": qt}, "lora": lora}, w_hat),
+  ]:
+    out = layer.apply(variables, jnp.asarray(x))
+    ref = x @ kernel + bias + 2.0 * (x @ a) @ b
+    np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
+
+
+def test_zero_b_is_the_quantized_base(stories):
+  config, params = stories
+  qparams, lora, _ = lora_lib.init_lora(
+    params, NF2, lora_lib.LoraConfig(rank=4), jax.random.key(0), progress=False
+  )
+  frozen, quant = lora_lib.split_quantized(qparams)
+  model = llama.Llama(config, dtype=jnp.float32, lora=lora_lib.LoraConfig(rank=4))
+  tokens = _tokens()
+  with_lora = model.apply({"params": frozen, "quant": quant, "lora": lora}, tokens)
+  without = model.apply({"params": frozen, "quant": quant}, tokens)
+  np.testing.assert_array_equal(with_lora, without)
+  dense = model.apply({"params": _dense_variables(qparams)}, tokens)
+  np.testing.assert_allclose(with_lora, dense, atol=1e-4)
+
+
+def test_gradients_reach_only_adapters_and_match_dense_reference(stories):
+  config, params = stories
+  lcfg = lora_lib.LoraConfig(rank=4, alpha=8.0)
+  qparams, lora, _ = lora_lib.init_lora(params, NF2, lcfg, jax.random.key(1), progress=False)
+  lora = jax.tree.map(lambda x: x + 0.01, lora)  # B != 0, so A gets gradients too
+  frozen, quant = lora_lib.split_quantized(qparams)
+  model = llama.Llama(config, dtype=jnp.float32, lora=lcfg)
+  tokens = _tokens(1)
+
+  def loss(variables):
+    return lambda ad: jnp.mean(model.apply({**variables, "lora": ad}, tokens) ** 2)
+
+  grads = jax.grad(loss({"params": frozen, "quant": quant}))(lora)
+  ref = jax.grad(loss({"params": _dense_variables(qparams)}))(lora)
+  chex.assert_trees_all_equal_structs(grads, lora)
+  chex.assert_trees_all_close(grads, ref, rtol=2e-3, atol=1e-6)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  assert not any(is_quantized(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized))
+  assert all(is_quantized(x) for x in jax.tree.leaves(quant, is_leaf=is_quantized))
+
+
+def test_adapters_cover_the_default_targets(stories):
+  _, params = stories
+  lora = lora_lib.random_adapters(
+    lora_lib.target_paths(params, lora_lib.LoraConfig()), 4, jax.random.key(0)
+  )
+  layer = lora["model"]["layers"]["3"]
+  assert sorted(layer["self_attn"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+  assert sorted(layer["mlp"]) == ["down_proj", "gate_proj", "up_proj"]
+  assert layer["mlp"]["down_proj"]["a"].shape == (172, 4)
+  assert layer["mlp"]["down_proj"]["b"].shape == (4, 64)
+  assert not jnp.any(layer["mlp"]["down_proj"]["b"])
+  assert float(jnp.abs(layer["mlp"]["down_proj"]["a"]).max()) <= 1 / np.sqrt(172)
+
+
+@pytest.mark.parametrize(
+  "quant",
+  [
+    NF2,
+    QuantConfig(method="lloyd", bits=2),
+    QuantConfig(method="lowra", budget=1.5, solver="greedy"),
+  ],
+)
+def test_loftq_residual_falls_below_qlora(stories, quant):
+  _, params = stories
+  lcfg = lora_lib.LoraConfig(rank=8, alpha=16.0, init="loftq", loftq_iters=3)
+  qparams, lora, report = lora_lib.init_lora(params, quant, lcfg, jax.random.key(0), progress=False)
+  errors = report.errors
+  assert len(errors) == 3
+  assert errors[0] < report.quant_error
+  assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:]))
+  assert errors[-1] < 0.97 * report.quant_error
+
+  # Independent recomputation in float64: the reported error, and Eckart-Young optimality of A B.
+  num = den = 0.0
+  dense = dequantize_params(qparams, jnp.float32)
+  for path in lora_lib.target_paths(params, lcfg):
+    w = np.asarray(get_kernel(params, path), np.float64)
+    q = np.asarray(get_kernel(dense, path), np.float64)
+    node = lora
+    for part in path:
+      node = node[part]
+    ab = lcfg.scale * np.asarray(node["a"], np.float64) @ np.asarray(node["b"], np.float64)
+    s = np.linalg.svd(w - q, compute_uv=False)
+    np.testing.assert_allclose(
+      np.sum((w - q - ab) ** 2), np.sum(s[lcfg.rank :] ** 2), rtol=1e-3, atol=1e-9
+    )
+    num, den = num + np.sum((w - q - ab) ** 2), den + np.sum(w**2)
+  np.testing.assert_allclose(np.sqrt(num / den), errors[-1], rtol=1e-4)
+
+
+def test_loftq_model_is_closer_to_full_precision(stories):
+  config, params = stories
+  tokens = _tokens(2, (4, 32))
+  model = llama.Llama(config, dtype=jnp.float32, lora=lora_lib.LoraConfig(rank=8))
+  full = model.apply({"params": jax.tree.map(jnp.asarray, params)}, tokens)
+  gaps = {}
+  for init in ("qlora", "loftq"):
+    lcfg = lora_lib.LoraConfig(rank=8, init=init, loftq_iters=2)
+    qparams, lora, _ = lora_lib.init_lora(params, NF2, lcfg, jax.random.key(0), progress=False)
+    frozen, quant = lora_lib.split_quantized(qparams)
+    logits = model.apply({"params": frozen, "quant": quant, "lora": lora}, tokens)
+    gaps[init] = float(jnp.mean((logits - full) ** 2))
+  assert gaps["loftq"] < 0.8 * gaps["qlora"]
+
+
+def test_dropout_only_in_training(stories):
+  config, params = stories
+  lcfg = lora_lib.LoraConfig(rank=4, dropout=0.5)
+  qparams, lora, _ = lora_lib.init_lora(params, NF2, lcfg, jax.random.key(0), progress=False)
+  lora = jax.tree.map(lambda x: x + 0.05, lora)
+  frozen, quant = lora_lib.split_quantized(qparams)
+  model = llama.Llama(config, dtype=jnp.float32, lora=lcfg)
+  variables, tokens = {"params": frozen, "quant": quant, "lora": lora}, _tokens(3)
+  eval_a = model.apply(variables, tokens)
+  np.testing.assert_array_equal(eval_a, model.apply(variables, tokens))
+  rngs = {"dropout": jax.random.key(5)}
+  train = model.apply(variables, tokens, deterministic=False, rngs=rngs)
+  assert float(jnp.abs(train - eval_a).max()) > 1e-3
+  np.testing.assert_array_equal(
+    train, model.apply(variables, tokens, deterministic=False, rngs=rngs)
+  )
+
+
+def test_train_step_keeps_no_dense_copy_of_the_base():
+  """A forward+backward step over a model whose weights dominate memory: XLA's temp buffers stay
+  far below the bf16 size of the quantized weights (each layer is dequantized transiently)."""
+  config = llama.LlamaConfig(
+    vocab_size=256,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=8,
+    head_dim=64,
+  )
+  model = llama.Llama(config, lora=lora_lib.LoraConfig(rank=8))
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  qparams, _ = quantize_params(params, NF2, progress=False)
+  frozen, quant = lora_lib.split_quantized(qparams)
+  lora = lora_lib.random_adapters(
+    lora_lib.target_paths(params, lora_lib.LoraConfig()), 8, jax.random.key(1)
+  )
+  bf16_bytes = sum(2 * q.num_params for q in jax.tree.leaves(quant, is_leaf=is_quantized))
+
+  def loss(ad):
+    logits = model.apply({"params": frozen, "quant": quant, "lora": ad}, tokens)
+    return jnp.mean(nn.log_softmax(logits)[..., 0])
+
+  compiled = jax.jit(jax.grad(loss)).lower(lora).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert bf16_bytes > 20e6
+  assert temp < 0.25 * bf16_bytes, (temp, bf16_bytes)
+
+
+def test_config_and_target_errors(stories):
+  _, params = stories
+  with pytest.raises(ValueError, match="rank must be >= 1"):
+    lora_lib.LoraConfig(rank=0)
+  with pytest.raises(ValueError, match="init must be one of"):
+    lora_lib.LoraConfig(init="pissa")
+  with pytest.raises(ValueError, match="dropout"):
+    lora_lib.LoraConfig(dropout=1.0)
+  with pytest.raises(ValueError, match="no kernel matches LoRA targets"):
+    lora_lib.init_lora(params, NF2, lora_lib.LoraConfig(targets=("wq",)), jax.random.key(0))
+  with pytest.raises(ValueError, match="exceeds min"):
+    lora_lib.init_lora(params, NF2, lora_lib.LoraConfig(rank=100), jax.random.key(0))
