@@ -1,9 +1,9 @@
 """`quantized_matmul(x, qtensor)`: x @ dequantize(qtensor) without materialising the weight.
 
 Forward: every precision bucket's columns come from `lut_matmul`; the concatenated columns are put
-back in channel order. Where no bucket takes the kernels (M >= DENSE_FROM_M, the `xla` backend, or
-layouts the kernels do not cover), the buckets are dequantized into one transient weight in channel
-order and XLA runs a single GEMM. The custom VJP returns only dX = dY @ W_hat^T the same two ways
+back in channel order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, 4-bit buckets
+above M = 16, the `xla` backend, layouts the kernels do not cover) it is dequantized into a
+transient weight for XLA's dot. The custom VJP returns only dX = dY @ W_hat^T the same two ways
 (`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed tensor itself
 is kept for the backward pass.
 """
@@ -128,26 +128,14 @@ def _inverse_perm(qt: QuantizedTensor):
   return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
 
 
-def _dense_weight(qt: QuantizedTensor, impl: str, dtype):
-  """W_hat [K_pad, N] in `dtype` and in the original channel order: a transient buffer.
-
-  One GEMM over it replaces one per bucket plus a concatenation and a permutation of the output.
-  """
-  w = [_dense(b, qt.group_size, impl, dtype) for b in qt.buckets]
-  w = w[0] if len(w) == 1 else jnp.concatenate(w, axis=1)
-  return w if qt.perm is None else w[:, _inverse_perm(qt)]
-
-
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
-  tiles = [_kernel_tiles(b, m, qt.group_size, impl, False) for b in qt.buckets]
-  if all(t is None for t in tiles):
-    return jnp.dot(xp, _dense_weight(qt, impl, x.dtype))  # GPU GEMMs accumulate in fp32
   cols = []
-  for b, t in zip(qt.buckets, tiles):
+  for b in qt.buckets:
+    t = _kernel_tiles(b, m, qt.group_size, impl, False)
     if t is None:
-      cols.append(jnp.dot(xp, _dense(b, qt.group_size, impl, x.dtype)))
+      cols.append(jnp.dot(xp, _dense(b, qt.group_size, impl, x.dtype)))  # fp32 accumulation
       continue
     partial = lm.lut_matmul(
       xp,
@@ -166,16 +154,14 @@ def _forward(x, qt: QuantizedTensor, impl: str):
 def _backward(g, qt: QuantizedTensor, impl: str):
   m, _ = g.shape
   k = qt.shape[0]
-  tiles = [_kernel_tiles(b, m, qt.group_size, impl, True) for b in qt.buckets]
-  if all(t is None for t in tiles):
-    return jnp.dot(g, _dense_weight(qt, impl, g.dtype).T)[:, :k]
   if qt.perm is not None:
     g = g[:, qt.perm.astype(jnp.int32)]
   parts, start = [], 0
   one = len(qt.buckets) == 1
-  for b, t in zip(qt.buckets, tiles):
+  for b in qt.buckets:
     gb = g if one else g[:, start : start + b.num_channels]
     start += b.num_channels
+    t = _kernel_tiles(b, m, qt.group_size, impl, True)
     if t is None:
       parts.append(jnp.dot(gb, _dense(b, qt.group_size, impl, g.dtype).T))
       continue
