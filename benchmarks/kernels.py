@@ -6,8 +6,12 @@ timed side by side in one process: bf16 `jnp.dot` on the dequantized weight, the
 DENSE_FROM_M rows, dequantize + dot above). Weights rotate over enough copies to exceed the L2
 cache. Also: packed bytes / time against the measured device copy bandwidth.
 
-    python benchmarks/kernels.py                                   # full table (H200: ~10 min)
+    python benchmarks/kernels.py                                   # full table (H200: ~20 min)
+    python benchmarks/kernels.py --shapes 4096x11008               # one shape: ~5 min
     python benchmarks/kernels.py --shapes 4096x11008 --ms 16,4096 --precisions 2
+
+Most of the time is compilation (one jitted loop per row and backend), so split a run that must
+fit a time limit by shape.
 """
 
 from __future__ import annotations
