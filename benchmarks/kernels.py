@@ -104,8 +104,8 @@ def sweep():
   k, n, m = 4096, 11008, 16
   w = (0.02 * jax.random.t(jax.random.key(0), 5.0, (k, n))).astype(jnp.bfloat16)
   qt = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2))
-  copy = lambda i: jax.tree_util.tree_map(lambda a: a + 0, qt)  # distinct buffers, no L2 reuse
-  ops = rotate(lambda i: qmm._bucket_operands(copy(i).buckets[0]), packed_bytes(qt))
+  copies = rotate(lambda i: jax.tree_util.tree_map(lambda a: a + 0, qt), packed_bytes(qt))
+  ops = [qmm._bucket_operands(q.buckets[0]) for q in copies]  # distinct buffers: no L2 reuse
   kp = ops[0][0].shape[0]
   for backward_pass, inp in ((False, (m, k)), (True, (m, n))):
     a = jax.random.normal(jax.random.key(1), inp, jnp.bfloat16)
