@@ -1,0 +1,150 @@
+"""The training step: AdamW over the LoRA adapters only, under one `jax.jit`.
+
+    tx = make_optimizer(OptimConfig(learning_rate=2e-4, warmup_steps=20, total_steps=500))
+    state = TrainState.create(adapters, tx)
+    step = make_train_step(model, tx)
+    frozen = {"params": frozen_params, "quant": quant}      # never differentiated
+    state, metrics = step(state, frozen, batch, rng)        # batch: inputs/targets int32 [B, T]
+
+The packed base and the dense leftovers enter the step as arguments (not closed-over constants, so
+they are not baked into the compiled program), the adapters and optimizer state are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup, then cosine decay (to `final_fraction` of the peak) or constant.
+
+  accumulation: optimizer updates happen every `accumulation` steps on the mean gradient
+  (optax.MultiSteps); `total_steps` counts updates.
+  """
+
+  learning_rate: float = 2e-4
+  warmup_steps: int = 20
+  total_steps: int = 1000
+  schedule: str = "cosine"
+  final_fraction: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip: float = 1.0
+  accumulation: int = 1
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"OptimConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+    if self.learning_rate <= 0 or self.total_steps < 1 or self.accumulation < 1:
+      raise ValueError(
+        "OptimConfig needs learning_rate > 0, total_steps >= 1 and accumulation >= 1; got "
+        f"{self.learning_rate}, {self.total_steps}, {self.accumulation}."
+      )
+    if not 0 <= self.warmup_steps <= self.total_steps:
+      raise ValueError(
+        f"OptimConfig.warmup_steps must be in [0, total_steps={self.total_steps}], "
+        f"got {self.warmup_steps}."
+      )
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+  """Learning rate per optimizer update."""
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+      0.0,
+      cfg.learning_rate,
+      cfg.warmup_steps,
+      cfg.total_steps,
+      end_value=cfg.final_fraction * cfg.learning_rate,
+    )
+  warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  return optax.join_schedules(
+    [warmup, optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps]
+  )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW on the schedule, optionally accumulated."""
+  tx = optax.chain(
+    optax.clip_by_global_norm(cfg.grad_clip),
+    optax.adamw(learning_rate_schedule(cfg), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay),
+  )
+  if cfg.accumulation > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulation)
+  return tx
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: int32 [] micro-steps taken; adapters: the LoRA tree; opt_state: optax state of it."""
+
+  step: jax.Array
+  adapters: Any
+  opt_state: Any
+
+  @classmethod
+  def create(cls, adapters, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0; the state owns copies of `adapters` (the train step donates its state)."""
+    adapters = jax.tree.map(jnp.copy, adapters)
+    return cls(jnp.zeros((), jnp.int32), adapters, tx.init(adapters))
+
+
+def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None):
+  """Mean cross-entropy (float32) of logits [B, T, V] against targets int [B, T] over `mask`."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  if mask is None:
+    return losses.mean()
+  mask = mask.astype(jnp.float32)
+  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def make_train_step(model, tx: optax.GradientTransformation):
+  """A jitted (state, frozen variables, batch, rng) -> (state, metrics) step.
+
+  frozen: {"params": ..., "quant": ...} (any collections but "lora"); batch: {"inputs", "targets"}
+  int32 [B, T] (optional "mask" [B, T]); rng: a PRNG key for LoRA dropout, folded with the step.
+  metrics: loss and gradient global norm (float32 scalars).
+  """
+
+  def loss_fn(adapters, frozen, batch, rng):
+    logits = model.apply(
+      {**frozen, "lora": adapters},
+      batch["inputs"],
+      deterministic=False,
+      rngs={"dropout": rng},
+    )
+    return next_token_loss(logits, batch["targets"], batch.get("mask"))
+
+  def step(state: TrainState, frozen, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.adapters, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.adapters)
+    adapters = optax.apply_updates(state.adapters, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return TrainState(state.step + 1, adapters, opt_state), metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(model):
+  """A jitted (frozen variables, adapters or None, batch) -> (summed loss, token count) step."""
+
+  def step(frozen, adapters, batch):
+    variables = frozen if adapters is None else {**frozen, "lora": adapters}
+    logits = model.apply(variables, batch["inputs"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch.get("mask")
+    mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
+    return (losses * mask).sum(), mask.sum()
+
+  return jax.jit(step)
