@@ -279,8 +279,34 @@ def test_too_little_data_errors(tmp_path):
     data.load_documents(DataConfig("text", str(path)))
 
 
-def test_hub_names_are_recognised():
-  assert data._is_hub(DataConfig("oasst1", "OpenAssistant/oasst1"))
-  assert data._is_hub(DataConfig("wikitext", "wikitext"))
-  assert not data._is_hub(DataConfig("wikitext", "../data/wiki.test.raw"))
-  assert not data._is_hub(DataConfig("text", "corpus"))
+HUB_ROWS = {
+  "wikitext": [{"text": " = A = \n"}, {"text": ""}, {"text": " b \n"}],
+  "oasst1": [message("q", None, "prompter"), message("a", "q", "assistant", rank=0)],
+}
+
+
+@pytest.mark.parametrize(
+  "name, path, subset, call, document",
+  [
+    ("wikitext", "wikitext", None, ("wikitext", "wikitext-2-raw-v1"), " = A = \n\n b "),
+    ("wikitext", "Salesforce/wikitext", "wikitext-103-raw-v1", None, " = A = \n\n b "),
+    (
+      "oasst1",
+      "OpenAssistant/oasst1",
+      None,
+      None,
+      "### Human: prompter q ### Assistant: assistant a",
+    ),
+  ],
+)
+def test_hub_names_go_to_load_dataset(monkeypatch, name, path, subset, call, document):
+  calls = []
+
+  def fake_load_dataset(*args, **kwargs):
+    calls.append((args, kwargs))
+    return data.datasets.Dataset.from_list(HUB_ROWS[name])
+
+  monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+  documents = data.load_documents(DataConfig(name, path, split="validation", subset=subset))
+  assert calls == [(call or (path, subset), {"split": "validation"})]
+  assert list(documents["text"]) == [document]
