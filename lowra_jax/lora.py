@@ -207,13 +207,13 @@ def init_lora(
   rest = {p: s for p, s in shapes.items() if p not in factors}
   lora = _nest({p: {"a": a, "b": b} for p, (a, b) in factors.items()})
   if rest:
-    lora = _merge(lora, random_adapters(rest, lora_config.rank, rng))
+    lora = merge_trees(lora, random_adapters(rest, lora_config.rank, rng))
   return qparams, lora, report
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_trees(a: dict, b: dict) -> dict:
   """Union of two nested dicts with disjoint leaves."""
   out = dict(a)
   for key, value in b.items():
-    out[key] = _merge(out[key], value) if key in out else value
+    out[key] = merge_trees(out[key], value) if key in out else value
   return out

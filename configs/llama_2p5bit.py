@@ -1,0 +1,15 @@
+"""LowRA at 2.5 code bits per weight, 3-bit channels allowed (better from 2.25 bits up), LoftQ init.
+
+python train.py --config=configs/llama_2p5bit.py [--config.optim.total_steps=200 ...]
+"""
+
+from configs.common import base_config
+
+
+def get_config():
+  c = base_config()
+  c.workdir = "runs/llama_2p5bit"
+  c.quant.budget = 2.5
+  c.quant.precisions = (1, 2, 3, 4)
+  c.lock()
+  return c

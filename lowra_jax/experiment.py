@@ -1,0 +1,108 @@
+"""From a train/eval config to the objects a run needs (shared by train.py and eval.py).
+
+`settings(config)` turns the ml_collections sections into the library's dataclasses, with one-line
+errors for bad values; `prepare(config)` loads the model and tokenizer, checks them against the
+data settings, quantizes the base and initialises the adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lowra_jax import lora
+from lowra_jax.data import DataConfig
+from lowra_jax.models import llama
+from lowra_jax.models.tokenizer import Tokenizer, load_tokenizer
+from lowra_jax.quantize import QuantConfig
+from lowra_jax.train_lib import OptimConfig
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  quant: QuantConfig
+  lora: lora.LoraConfig
+  data: DataConfig
+  eval_data: DataConfig
+  optim: OptimConfig
+
+
+def _build(cls, section: str, values: dict) -> Any:
+  try:
+    return cls(**values)
+  except TypeError as e:  # unknown or missing field
+    fields = ", ".join(f.name for f in dataclasses.fields(cls))
+    raise ValueError(f"config.{section}: {e}; valid fields: {fields}.") from None
+  except ValueError as e:
+    raise ValueError(f"config.{section}: {e}") from None
+
+
+def settings(config) -> Settings:
+  """The config's sections as validated dataclasses (ValueError naming the section)."""
+  values = config.to_dict()
+  if values["model"]["dtype"] not in DTYPES:
+    raise ValueError(
+      f"config.model.dtype must be one of {sorted(DTYPES)}, got {values['model']['dtype']!r}."
+    )
+  lora_values = dict(values["lora"], targets=tuple(values["lora"]["targets"]))
+  quant_values = dict(values["quant"], precisions=tuple(values["quant"]["precisions"]))
+  return Settings(
+    quant=_build(QuantConfig, "quant", quant_values),
+    lora=_build(lora.LoraConfig, "lora", lora_values),
+    data=_build(DataConfig, "data", values["data"]),
+    eval_data=_build(DataConfig, "eval_data", values["eval_data"]),
+    optim=_build(OptimConfig, "optim", values["optim"]),
+  )
+
+
+@dataclasses.dataclass
+class Prepared:
+  """model: a `llama.Llama` with LoRA settings; params: dense numpy params (bf16 base);
+  frozen: {"params", "quant"}; adapters: the initial LoRA tree; init_report: quantizer/LoftQ
+  report."""
+
+  model: llama.Llama
+  tokenizer: Tokenizer
+  params: dict
+  frozen: dict
+  adapters: dict
+  init_report: Any
+
+
+def load_model(config, s: Settings) -> tuple[llama.Llama, dict, Tokenizer]:
+  """The model (with LoRA settings), its dense params and its tokenizer, checked against data."""
+  path = Path(config.model.path)
+  if not path.exists():
+    raise FileNotFoundError(f"config.model.path {path} does not exist.")
+  base, params = llama.load_pretrained(
+    path, dtype=DTYPES[config.model.dtype], remat=config.model.remat
+  )
+  tokenizer = load_tokenizer(path if path.is_dir() else path.parent)
+  if tokenizer.vocab_size > base.config.vocab_size:
+    raise ValueError(
+      f"tokenizer of {path} has {tokenizer.vocab_size} tokens but the model only "
+      f"{base.config.vocab_size}; they do not belong together."
+    )
+  for name, data in (("data", s.data), ("eval_data", s.eval_data)):
+    if data.seq_len > base.config.max_position_embeddings:
+      raise ValueError(
+        f"config.{name}.seq_len={data.seq_len} exceeds the model's max_position_embeddings="
+        f"{base.config.max_position_embeddings}."
+      )
+  model = llama.Llama(base.config, dtype=base.dtype, lora=s.lora, remat=base.remat)
+  return model, params, tokenizer
+
+
+def prepare(config, s: Settings) -> Prepared:
+  """Load, quantize and initialise adapters (deterministic in config.train.seed)."""
+  model, params, tokenizer = load_model(config, s)
+  key = jax.random.key(config.train.seed)
+  qparams, adapters, report = lora.init_lora(params, s.quant, s.lora, key)
+  frozen, quant = lora.split_quantized(qparams)
+  return Prepared(model, tokenizer, params, {"params": frozen, "quant": quant}, adapters, report)

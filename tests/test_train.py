@@ -1,0 +1,108 @@
+"""train.py end to end (subprocesses, CPU): SIGKILL + resume equals an uninterrupted run, the eval
+loss falls, and bad input fails with one line before anything is written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / ".." / "shared" / "data"
+STORIES = DATA / "models" / "stories260K" / "stories260K.bin"
+TINYSTORIES = DATA / "tinystories" / "tinystories_val.txt"
+STEPS = 12
+
+
+def args(workdir: Path, *extra: str) -> list[str]:
+  text = {"name": "text", "path": str(TINYSTORIES), "max_documents": 300, "seq_len": 64}
+  overrides = [
+    f"--config.workdir={workdir}",
+    f"--config.model.path={STORIES}",
+    "--config.model.dtype=float32",
+    "--config.quant.method=nf",
+    "--config.quant.bits=2",
+    "--config.lora.rank=4",
+    "--config.lora.loftq_iters=1",
+    f"--config.optim.total_steps={STEPS}",
+    "--config.optim.learning_rate=0.01",
+    "--config.optim.warmup_steps=2",
+    "--config.train.log_every=2",
+    "--config.train.checkpoint_every=2",
+    "--config.train.eval_blocks=16",
+  ]
+  for section in ("data", "eval_data"):
+    overrides += [f"--config.{section}.{k}={v}" for k, v in text.items()]
+  return [sys.executable, str(ROOT / "train.py"), "--config=configs/demo.py", *overrides, *extra]
+
+
+def run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    args(workdir, *extra), cwd=ROOT, check=False, capture_output=True, text=True, timeout=600
+  )
+
+
+def adapters(workdir: Path) -> dict:
+  return load_file(workdir / f"adapter-step{STEPS}" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def need_data():
+  if not STORIES.exists():
+    pytest.skip("../shared/data not present")
+
+
+def test_kill_and_resume_equals_uninterrupted_run(need_data, tmp_path):
+  straight = run(tmp_path / "straight")
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+  evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+  assert evals[-1] < evals[0] - 0.05  # fine-tuning lowers the held-out loss
+  assert (tmp_path / "straight" / "loss.png").stat().st_size > 1000
+
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(
+    args(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "6").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / f"adapter-step{STEPS}").exists()
+  resumed = run(workdir, "--config.train.resume=True")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from step" in resumed.stderr + resumed.stdout
+  a, b = adapters(tmp_path / "straight"), adapters(workdir)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+  ("extra", "message"),
+  [
+    (("--config.lora.rnak=4",), "rnak"),
+    (("--config.model.path=/nonexistent/model",), "does not exist"),
+    (("--config.data.path=/nonexistent/data.txt",), "/nonexistent/data.txt"),
+    (("--config.data.seq_len=4096",), "max_position_embeddings"),
+    (("--config.quant.method=lowra", "--config.quant.budget=0.5"), "budget"),
+  ],
+)
+def test_bad_input_fails_before_writing(need_data, tmp_path, extra, message):
+  out = run(tmp_path / "w", *extra)
+  assert out.returncode != 0
+  assert message in out.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_refuses_another_runs_checkpoints(need_data, tmp_path):
+  (tmp_path / "w" / "checkpoints" / "4").mkdir(parents=True)
+  out = run(tmp_path / "w")
+  assert out.returncode != 0 and "--config.train.resume=True" in out.stderr

@@ -1,0 +1,177 @@
+"""Fine-tune LoRA adapters over a LLaMA whose base is quantized below 2 bits.
+
+    python train.py --config=configs/llama_1p5bit.py [--config.optim.total_steps=200 ...]
+    python train.py --config=configs/llama_1p5bit.py --config.train.resume=True   # continue
+
+Quantizes `config.model.path` (LowRA / NF), initialises adapters (QLoRA / LoftQ), trains them with
+AdamW under jit and writes into `config.workdir`: checkpoints/ (Orbax: adapters, optimizer, step,
+data position), metrics.jsonl, loss.png, config.json, and adapter-step{N}/ (PEFT format).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from lowra_jax import data, experiment, export, lora, train_lib
+from lowra_jax.checkpoint import TrainCheckpoints
+from lowra_jax.quantize import bits_per_param
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
+flags.mark_flags_as_required(["config"])
+
+
+def evaluate(eval_step, frozen, adapters, blocks: np.ndarray, batch_size: int) -> float:
+  """Token-weighted mean next-token loss over `blocks` (in order)."""
+  total = count = 0.0
+  for batch in data.eval_batches(blocks, batch_size):
+    loss_sum, n = eval_step(frozen, adapters, batch)
+    total, count = total + float(loss_sum), count + float(n)
+  return total / count
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  if train:
+    ax.plot(*zip(*train), label="train loss")
+  if evals:
+    ax.plot(*zip(*evals), "o-", label="eval loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("nats / token")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def check_workdir(workdir: Path, resume: bool) -> None:
+  ckpt = workdir / "checkpoints"
+  if ckpt.exists() and any(ckpt.iterdir()) and not resume:
+    raise ValueError(
+      f"{workdir} holds checkpoints of an earlier run; pass --config.train.resume=True to "
+      "continue it or choose another --config.workdir."
+    )
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  config = _CONFIG.value
+  s = experiment.settings(config)
+  workdir = Path(config.workdir)
+  check_workdir(workdir, config.train.resume)
+  if config.train.export_merged and not Path(config.model.path).is_dir():
+    raise ValueError("config.train.export_merged needs an HF model directory as config.model.path.")
+  prep = experiment.prepare(config, s)  # everything that can fail on bad input, before writing
+  train_blocks = data.load(s.data, prep.tokenizer).blocks
+  eval_blocks = data.load(s.eval_data, prep.tokenizer).blocks
+  if config.train.eval_blocks:
+    eval_blocks = eval_blocks[: config.train.eval_blocks]
+  bits = bits_per_param(prep.frozen["quant"])
+  tqdm.write(f"base: {bits.code:.3f} code bits, {bits.total:.3f} total bits per quantized weight")
+
+  tx = train_lib.make_optimizer(s.optim)
+  state = train_lib.TrainState.create(prep.adapters, tx)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  ckpt = TrainCheckpoints(
+    workdir / "checkpoints", every=config.train.checkpoint_every, keep=config.train.keep
+  )
+  if config.train.resume and ckpt.latest_step is not None:
+    state, _ = ckpt.restore(state)
+    tqdm.write(f"resumed from step {int(state.step)}")
+  step_fn = train_lib.make_train_step(prep.model, tx)
+  eval_step = train_lib.make_eval_step(prep.model)
+  total = s.optim.total_steps * s.optim.accumulation
+  start = int(state.step)
+  metrics_path = workdir / "metrics.jsonl"
+  records = []
+  if metrics_path.exists():
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = [r for r in records if r["step"] <= start]
+  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+  def log(record: dict) -> None:
+    records.append(record)
+    with metrics_path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  if start == 0:
+    log(
+      {
+        "step": 0,
+        "eval_loss": evaluate(
+          eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
+        ),
+      }
+    )
+  rng = jax.random.key(config.train.seed)
+  stream = data.batches(train_blocks, batch_size=s.data.batch_size, seed=s.data.seed, start=start)
+  tokens_per_step = s.data.batch_size * s.data.seq_len
+  bar = tqdm(total=total, initial=start, desc="train", unit="step")
+  t0, window = time.perf_counter(), []
+  for step in range(start + 1, total + 1):
+    state, metrics = step_fn(state, prep.frozen, next(stream), rng)
+    window.append(metrics)
+    ckpt.save(state, data_position=step)
+    if step % config.train.log_every == 0 or step == total:
+      loss = float(np.mean([float(m["loss"]) for m in window]))
+      rate = len(window) * tokens_per_step / (time.perf_counter() - t0)
+      log(
+        {
+          "step": step,
+          "loss": loss,
+          "grad_norm": float(window[-1]["grad_norm"]),
+          "tokens_per_s": rate,
+        }
+      )
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+      t0, window = time.perf_counter(), []
+    if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
+      log(
+        {
+          "step": step,
+          "eval_loss": evaluate(
+            eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
+          ),
+        }
+      )
+    bar.update(1)
+  bar.close()
+  ckpt.save(state, data_position=total, force=ckpt.latest_step != total)
+  ckpt.close()
+  final = evaluate(eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size)
+  log({"step": total, "eval_loss": final})
+  plot_losses(records, workdir / "loss.png")
+  if config.train.export_peft:
+    out = workdir / f"adapter-step{total}"
+    if not out.exists():
+      export.save_peft_adapters(out, state.adapters, s.lora, config.model.path)
+  if config.train.export_merged:
+    out = workdir / f"merged-step{total}"
+    if not out.exists():
+      hf_config = json.loads((Path(config.model.path) / "config.json").read_text())
+      qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
+      export.save_merged(out, qparams, state.adapters, s.lora, hf_config)
+  first = next(r["eval_loss"] for r in records if "eval_loss" in r)
+  print(
+    f"eval loss {first:.4f} -> {final:.4f} (ppl {np.exp(first):.2f} -> {np.exp(final):.2f}); outputs in {workdir}"
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
