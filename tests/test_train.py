@@ -58,14 +58,32 @@ def need_data():
     pytest.skip("../shared/data not present")
 
 
-def test_kill_and_resume_equals_uninterrupted_run(need_data, tmp_path):
-  straight = run(tmp_path / "straight")
-  assert straight.returncode == 0, straight.stderr[-2000:]
-  records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+@pytest.fixture(scope="module")
+def straight(need_data, tmp_path_factory):
+  """An uninterrupted run's workdir."""
+  workdir = tmp_path_factory.mktemp("straight")
+  out = run(workdir)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return workdir
+
+
+def test_training_lowers_eval_loss_and_eval_reports_it(straight):
+  records = [json.loads(line) for line in (straight / "metrics.jsonl").open()]
   evals = [r["eval_loss"] for r in records if "eval_loss" in r]
   assert evals[-1] < evals[0] - 0.05  # fine-tuning lowers the held-out loss
-  assert (tmp_path / "straight" / "loss.png").stat().st_size > 1000
+  assert (straight / "loss.png").stat().st_size > 1000
+  cmd = args(straight)
+  cmd[1] = str(ROOT / "eval.py")
+  out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
+  ppl = {r[1].strip(): float(r[4]) for r in rows}
+  assert list(ppl) == ["bf16 base", "quantized base", f"+ adapters (step {STEPS})"]
+  assert ppl[f"+ adapters (step {STEPS})"] < ppl["quantized base"]
+  np.testing.assert_allclose(np.log(ppl[f"+ adapters (step {STEPS})"]), evals[-1], rtol=1e-4)
 
+
+def test_kill_and_resume_equals_uninterrupted_run(straight, tmp_path):
   workdir = tmp_path / "killed"
   proc = subprocess.Popen(
     args(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -79,7 +97,7 @@ def test_kill_and_resume_equals_uninterrupted_run(need_data, tmp_path):
   resumed = run(workdir, "--config.train.resume=True")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from step" in resumed.stderr + resumed.stdout
-  a, b = adapters(tmp_path / "straight"), adapters(workdir)
+  a, b = adapters(straight), adapters(workdir)
   assert a.keys() == b.keys()
   for key in a:
     np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,89 @@
+"""Perplexity of the bf16 base, the quantized base and base + trained adapters.
+
+    python eval.py --config=configs/llama_1p5bit.py            # adapters from config.workdir
+    python eval.py --config=configs/demo.py --config.eval_data.split=train
+
+Perplexity = exp(token-weighted mean next-token loss) over `config.eval_data` cut into
+non-overlapping windows of seq_len + 1 tokens (stride seq_len, no sliding context: each window's
+first token is predicted by nobody, every other token once); `config.train.eval_blocks` caps the
+number of windows (0: all). The quantized base is rebuilt from the config (quantization is
+deterministic in the seed), the adapters come from the newest checkpoint in
+`config.workdir/checkpoints` (skipped if there is none). Prints one table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lowra_jax import data, experiment, train_lib
+from lowra_jax.checkpoint import TrainCheckpoints
+from lowra_jax.quantize import bits_per_param
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
+flags.mark_flags_as_required(["config"])
+
+
+def perplexity(eval_step, variables, adapters, blocks, batch_size) -> tuple[float, int]:
+  """(perplexity, tokens scored) of `blocks` [n, T + 1]."""
+  total = count = 0.0
+  for batch in data.eval_batches(blocks, batch_size):
+    loss_sum, n = eval_step(variables, adapters, batch)
+    total, count = total + float(loss_sum), count + float(n)
+  return float(np.exp(total / count)), int(count)
+
+
+def peak_memory_gb() -> str:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return f"{peak / 1e9:.2f}" if peak else "n/a"
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  s = experiment.settings(config)
+  prep = experiment.prepare(config, s)
+  blocks = data.load(s.eval_data, prep.tokenizer).blocks
+  if config.train.eval_blocks:
+    blocks = blocks[: config.train.eval_blocks]
+  eval_step = train_lib.make_eval_step(prep.model)
+  batch = s.eval_data.batch_size
+  rows = []
+  dense = {"params": jax.tree.map(np.asarray, prep.params)}
+  ppl, tokens = perplexity(eval_step, dense, None, blocks, batch)
+  n_params = sum(x.size for x in jax.tree.leaves(prep.params))
+  rows.append(("bf16 base", "16", "16", ppl))
+  bits = bits_per_param(prep.frozen["quant"])
+  ppl, _ = perplexity(eval_step, prep.frozen, None, blocks, batch)
+  rows.append(("quantized base", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl))
+  ckpt_dir = Path(config.workdir) / "checkpoints"
+  if ckpt_dir.exists():
+    ckpt = TrainCheckpoints(ckpt_dir, every=1, keep=config.train.keep)
+    if ckpt.latest_step is not None:
+      tx = train_lib.make_optimizer(s.optim)
+      state, _ = ckpt.restore(train_lib.TrainState.create(prep.adapters, tx))
+      ppl, _ = perplexity(eval_step, prep.frozen, state.adapters, blocks, batch)
+      rows.append(
+        (f"+ adapters (step {int(state.step)})", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl)
+      )
+    ckpt.close()
+  n_adapter = sum(x.size for x in jax.tree.leaves(prep.adapters))
+  print(
+    f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({bits.num_params / 1e6:.1f}M "
+    f"quantized), adapters {n_adapter / 1e6:.2f}M; {tokens} tokens of {s.eval_data.path} "
+    f"({s.eval_data.split}); peak device memory {peak_memory_gb()} GB"
+  )
+  print("| model | code bits | total bits | perplexity |")
+  print("|---|---|---|---|")
+  for name, code, total, ppl in rows:
+    print(f"| {name} | {code} | {total} | {ppl:.3f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
