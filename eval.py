@@ -37,12 +37,6 @@ def perplexity(eval_step, variables, adapters, blocks, batch_size) -> tuple[floa
   return float(np.exp(total / count)), int(count)
 
 
-def peak_memory() -> str:
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return f"{peak / 1e9:.2f} GB" if peak else "n/a on this backend"
-
-
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -77,7 +71,7 @@ def main(argv) -> None:
   print(
     f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({bits.num_params / 1e6:.1f}M "
     f"quantized), adapters {n_adapter / 1e6:.2f}M; {tokens} tokens of {s.eval_data.path} "
-    f"({s.eval_data.split}); peak device memory {peak_memory()}"
+    f"({s.eval_data.split}); peak device memory {experiment.peak_memory()}"
   )
   print("| model | code bits | total bits | perplexity |")
   print("|---|---|---|---|")

@@ -169,7 +169,8 @@ def main(argv) -> None:
       export.save_merged(out, qparams, state.adapters, s.lora, hf_config)
   first = next(r["eval_loss"] for r in records if "eval_loss" in r)
   print(
-    f"eval loss {first:.4f} -> {final:.4f} (ppl {np.exp(first):.2f} -> {np.exp(final):.2f}); outputs in {workdir}"
+    f"eval loss {first:.4f} -> {final:.4f} (ppl {np.exp(first):.2f} -> {np.exp(final):.2f}); "
+    f"peak device memory {experiment.peak_memory()}; outputs in {workdir}"
   )
 
 

@@ -106,3 +106,10 @@ def prepare(config, s: Settings) -> Prepared:
   qparams, adapters, report = lora.init_lora(params, s.quant, s.lora, key)
   frozen, quant = lora.split_quantized(qparams)
   return Prepared(model, tokenizer, params, {"params": frozen, "quant": quant}, adapters, report)
+
+
+def peak_memory() -> str:
+  """Peak bytes in use on the first device, as text ('n/a' where the backend does not say)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return f"{peak / 1e9:.2f} GB" if peak else "n/a on this backend"
