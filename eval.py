@@ -6,8 +6,8 @@
 Perplexity = exp(token-weighted mean next-token loss) over `config.eval_data` cut into
 non-overlapping windows of seq_len + 1 tokens (stride seq_len, no sliding context: each window's
 first token is predicted by nobody, every other token once); `config.train.eval_blocks` caps the
-number of windows (0: all). The quantized base is rebuilt from the config (quantization is
-deterministic in the seed), the adapters come from the newest checkpoint in
+number of windows (0: all). The quantized base is loaded from `config.workdir/base` (saved by
+train.py; quantized from the config if absent), the adapters come from the newest checkpoint in
 `config.workdir/checkpoints` (skipped if there is none). Prints one table.
 """
 
@@ -42,7 +42,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   s = experiment.settings(config)
-  prep = experiment.prepare(config, s)
+  prep = experiment.prepare(config, s, Path(config.workdir) / "base")
   blocks = data.load(s.eval_data, prep.tokenizer).blocks
   if config.train.eval_blocks:
     blocks = blocks[: config.train.eval_blocks]

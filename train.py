@@ -5,7 +5,8 @@
 
 Quantizes `config.model.path` (LowRA / NF), initialises adapters (QLoRA / LoftQ), trains them with
 AdamW under jit and writes into `config.workdir`: checkpoints/ (Orbax: adapters, optimizer, step,
-data position), metrics.jsonl, loss.png, config.json, and adapter-step{N}/ (PEFT format).
+data position), base/ (the packed quantized base and initial adapters, reused by resume and
+eval.py), metrics.jsonl, loss.png, config.json, and adapter-step{N}/ (PEFT format).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def main(argv) -> None:
   check_workdir(workdir, config.train.resume)
   if config.train.export_merged and not Path(config.model.path).is_dir():
     raise ValueError("config.train.export_merged needs an HF model directory as config.model.path.")
-  prep = experiment.prepare(config, s)  # everything that can fail on bad input, before writing
+  base_dir = workdir / "base"
+  prep = experiment.prepare(config, s, base_dir)  # all that can fail on bad input, before writing
   train_blocks = data.load(s.data, prep.tokenizer).blocks
   eval_blocks = data.load(s.eval_data, prep.tokenizer).blocks
   if config.train.eval_blocks:
@@ -87,6 +89,8 @@ def main(argv) -> None:
   tx = train_lib.make_optimizer(s.optim)
   state = train_lib.TrainState.create(prep.adapters, tx)
   workdir.mkdir(parents=True, exist_ok=True)
+  if not base_dir.exists():
+    experiment.save_base(config, prep, base_dir)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   ckpt = TrainCheckpoints(
     workdir / "checkpoints", every=config.train.checkpoint_every, keep=config.train.keep

@@ -8,6 +8,7 @@ data settings, quantizes the base and initialises the adapters.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from lowra_jax.data import DataConfig
 from lowra_jax.models import llama
 from lowra_jax.models.tokenizer import Tokenizer, load_tokenizer
 from lowra_jax.quantize import QuantConfig
+from lowra_jax.quantize.serialize import load_quantized, save_quantized
 from lowra_jax.train_lib import OptimConfig
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -99,13 +101,40 @@ def load_model(config, s: Settings) -> tuple[llama.Llama, dict, Tokenizer]:
   return model, params, tokenizer
 
 
-def prepare(config, s: Settings) -> Prepared:
-  """Load, quantize and initialise adapters (deterministic in config.train.seed)."""
+def base_identity(config) -> dict:
+  """What determines the quantized base and initial adapters (JSON-normalised)."""
+  identity = {
+    "model": str(config.model.path),
+    "quant": config.quant.to_dict(),
+    "lora": config.lora.to_dict(),
+    "seed": config.train.seed,
+  }
+  return json.loads(json.dumps(identity))
+
+
+def prepare(config, s: Settings, base_dir: Path | None = None) -> Prepared:
+  """Load the model; quantize it and initialise adapters (deterministic in config.train.seed),
+  or, when `base_dir` holds them (saved by `save_base`), load both from there."""
   model, params, tokenizer = load_model(config, s)
-  key = jax.random.key(config.train.seed)
-  qparams, adapters, report = lora.init_lora(params, s.quant, s.lora, key)
+  if base_dir is not None and base_dir.exists():
+    saved, identity = load_quantized(base_dir)
+    if identity != base_identity(config):
+      raise ValueError(
+        f"{base_dir} was quantized with other model/quant/lora/seed settings than this config; "
+        "use the run's own config or another --config.workdir."
+      )
+    qparams, adapters, report = saved["qparams"], saved["adapters"], None
+  else:
+    key = jax.random.key(config.train.seed)
+    qparams, adapters, report = lora.init_lora(params, s.quant, s.lora, key)
   frozen, quant = lora.split_quantized(qparams)
   return Prepared(model, tokenizer, params, {"params": frozen, "quant": quant}, adapters, report)
+
+
+def save_base(config, prep: Prepared, base_dir: Path) -> None:
+  """Saves the packed base and the initial adapters once, so resume and eval need no quantizer."""
+  qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
+  save_quantized(base_dir, {"qparams": qparams, "adapters": prep.adapters}, base_identity(config))
 
 
 def peak_memory() -> str:

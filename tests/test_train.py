@@ -81,6 +81,11 @@ def test_training_lowers_eval_loss_and_eval_reports_it(straight):
   assert list(ppl) == ["bf16 base", "quantized base", f"+ adapters (step {STEPS})"]
   assert ppl[f"+ adapters (step {STEPS})"] < ppl["quantized base"]
   np.testing.assert_allclose(np.log(ppl[f"+ adapters (step {STEPS})"]), evals[-1], rtol=1e-4)
+  assert (straight / "base" / "tree.json").exists()  # eval.py loaded this base, not a new one
+  out = subprocess.run(
+    [*cmd, "--config.quant.bits=4"], check=False, cwd=ROOT, capture_output=True, text=True
+  )
+  assert out.returncode != 0 and "other model/quant/lora/seed settings" in out.stderr
 
 
 def test_kill_and_resume_equals_uninterrupted_run(straight, tmp_path):
