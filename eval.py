@@ -30,11 +30,8 @@ flags.mark_flags_as_required(["config"])
 
 def perplexity(eval_step, variables, adapters, blocks, batch_size) -> tuple[float, int]:
   """(perplexity, tokens scored) of `blocks` [n, T + 1]."""
-  total = count = 0.0
-  for batch in data.eval_batches(blocks, batch_size):
-    loss_sum, n = eval_step(variables, adapters, batch)
-    total, count = total + float(loss_sum), count + float(n)
-  return float(np.exp(total / count)), int(count)
+  loss, tokens = train_lib.mean_loss(eval_step, variables, adapters, blocks, batch_size)
+  return float(np.exp(loss)), tokens
 
 
 def main(argv) -> None:

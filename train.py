@@ -29,15 +29,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 flags.mark_flags_as_required(["config"])
 
 
-def evaluate(eval_step, frozen, adapters, blocks: np.ndarray, batch_size: int) -> float:
-  """Token-weighted mean next-token loss over `blocks` (in order)."""
-  total = count = 0.0
-  for batch in data.eval_batches(blocks, batch_size):
-    loss_sum, n = eval_step(frozen, adapters, batch)
-    total, count = total + float(loss_sum), count + float(n)
-  return total / count
-
-
 def plot_losses(records: list[dict], path: Path) -> None:
   import matplotlib
 
@@ -118,9 +109,9 @@ def main(argv) -> None:
     log(
       {
         "step": 0,
-        "eval_loss": evaluate(
+        "eval_loss": train_lib.mean_loss(
           eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
-        ),
+        )[0],
       }
     )
   rng = jax.random.key(config.train.seed)
@@ -149,16 +140,18 @@ def main(argv) -> None:
       log(
         {
           "step": step,
-          "eval_loss": evaluate(
+          "eval_loss": train_lib.mean_loss(
             eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
-          ),
+          )[0],
         }
       )
     bar.update(1)
   bar.close()
   ckpt.save(state, data_position=total, force=ckpt.latest_step != total)
   ckpt.close()
-  final = evaluate(eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size)
+  final, _ = train_lib.mean_loss(
+    eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
+  )
   log({"step": total, "eval_loss": final})
   plot_losses(records, workdir / "loss.png")
   if config.train.export_peft:

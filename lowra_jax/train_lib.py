@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lowra_jax import data
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -148,3 +150,15 @@ def make_eval_step(model):
     return (losses * mask).sum(), mask.sum()
 
   return jax.jit(step)
+
+
+def mean_loss(eval_step, variables, adapters, blocks, batch_size: int) -> tuple[float, int]:
+  """(token-weighted mean next-token loss, tokens scored) of `blocks` [n, T + 1], in order.
+
+  eval_step: from `make_eval_step`; variables: frozen collections; adapters: tree or None.
+  """
+  total = count = 0.0
+  for batch in data.eval_batches(blocks, batch_size):
+    loss_sum, n = eval_step(variables, adapters, batch)
+    total, count = total + float(loss_sum), count + float(n)
+  return total / count, int(count)
