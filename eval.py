@@ -22,7 +22,6 @@ from ml_collections import config_flags
 
 from lowra_jax import data, experiment, train_lib
 from lowra_jax.checkpoint import TrainCheckpoints
-from lowra_jax.quantize import bits_per_param
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
 flags.mark_flags_as_required(["config"])
@@ -50,9 +49,11 @@ def main(argv) -> None:
   ppl, tokens = perplexity(eval_step, dense, None, blocks, batch)
   n_params = sum(x.size for x in jax.tree.leaves(prep.params))
   rows.append(("bf16 base", "16", "16", ppl))
-  bits = bits_per_param(prep.frozen["quant"])
-  ppl, _ = perplexity(eval_step, prep.frozen, None, blocks, batch)
-  rows.append(("quantized base", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl))
+  bits = experiment.base_bits(prep)
+  code, total = experiment.bits_columns(bits, config.model.dtype)
+  if bits is not None:
+    ppl, _ = perplexity(eval_step, prep.frozen, None, blocks, batch)
+    rows.append(("quantized base", code, total, ppl))
   ckpt_dir = Path(config.workdir) / "checkpoints"
   if ckpt_dir.exists():
     ckpt = TrainCheckpoints(ckpt_dir, every=1, keep=config.train.keep)
@@ -60,13 +61,12 @@ def main(argv) -> None:
       tx = train_lib.make_optimizer(s.optim)
       state, _ = ckpt.restore(train_lib.TrainState.create(prep.adapters, tx))
       ppl, _ = perplexity(eval_step, prep.frozen, state.adapters, blocks, batch)
-      rows.append(
-        (f"+ adapters (step {int(state.step)})", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl)
-      )
+      rows.append((f"+ adapters (step {int(state.step)})", code, total, ppl))
     ckpt.close()
+  n_quant = bits.num_params if bits is not None else 0
   n_adapter = sum(x.size for x in jax.tree.leaves(prep.adapters))
   print(
-    f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({bits.num_params / 1e6:.1f}M "
+    f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({n_quant / 1e6:.1f}M "
     f"quantized), adapters {n_adapter / 1e6:.2f}M; {tokens} tokens of {s.eval_data.path} "
     f"({s.eval_data.split}); peak device memory {experiment.peak_memory()}"
   )

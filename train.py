@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from lowra_jax import data, experiment, export, lora, train_lib
 from lowra_jax.checkpoint import TrainCheckpoints
-from lowra_jax.quantize import bits_per_param
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
 flags.mark_flags_as_required(["config"])
@@ -74,8 +73,8 @@ def main(argv) -> None:
   eval_blocks = data.load(s.eval_data, prep.tokenizer).blocks
   if config.train.eval_blocks:
     eval_blocks = eval_blocks[: config.train.eval_blocks]
-  bits = bits_per_param(prep.frozen["quant"])
-  tqdm.write(f"base: {bits.code:.3f} code bits, {bits.total:.3f} total bits per quantized weight")
+  code, total = experiment.bits_columns(experiment.base_bits(prep), config.model.dtype)
+  tqdm.write(f"base: {code} code bits, {total} total bits per quantized weight")
 
   tx = train_lib.make_optimizer(s.optim)
   state = train_lib.TrainState.create(prep.adapters, tx)

@@ -19,7 +19,7 @@ from lowra_jax import lora
 from lowra_jax.data import DataConfig
 from lowra_jax.models import llama
 from lowra_jax.models.tokenizer import Tokenizer, load_tokenizer
-from lowra_jax.quantize import QuantConfig
+from lowra_jax.quantize import BitsPerParam, QuantConfig, bits_per_param
 from lowra_jax.quantize.serialize import load_quantized, save_quantized
 from lowra_jax.train_lib import OptimConfig
 
@@ -53,7 +53,11 @@ def settings(config) -> Settings:
       f"config.model.dtype must be one of {sorted(DTYPES)}, got {values['model']['dtype']!r}."
     )
   lora_values = dict(values["lora"], targets=tuple(values["lora"]["targets"]))
-  quant_values = dict(values["quant"], precisions=tuple(values["quant"]["precisions"]))
+  quant_values = dict(
+    values["quant"],
+    precisions=tuple(values["quant"]["precisions"]),
+    layer_bits=tuple(tuple(x) for x in values["quant"]["layer_bits"]),
+  )
   return Settings(
     quant=_build(QuantConfig, "quant", quant_values),
     lora=_build(lora.LoraConfig, "lora", lora_values),
@@ -135,6 +139,19 @@ def save_base(config, prep: Prepared, base_dir: Path) -> None:
   """Saves the packed base and the initial adapters once, so resume and eval need no quantizer."""
   qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
   save_quantized(base_dir, {"qparams": qparams, "adapters": prep.adapters}, base_identity(config))
+
+
+def base_bits(prep: Prepared) -> BitsPerParam | None:
+  """Code and total bits per quantized weight; None when the base is dense (method 'none')."""
+  return bits_per_param(prep.frozen["quant"]) if prep.frozen["quant"] else None
+
+
+def bits_columns(bits: BitsPerParam | None, dtype: str) -> tuple[str, str]:
+  """(code bits, total bits) as table text; the dtype's width for a dense base."""
+  if bits is None:
+    width = str(jnp.dtype(DTYPES[dtype]).itemsize * 8)
+    return width, width
+  return f"{bits.code:.3f}", f"{bits.total:.3f}"
 
 
 def peak_memory() -> str:
