@@ -154,8 +154,12 @@ def bits_columns(bits: BitsPerParam | None, dtype: str) -> tuple[str, str]:
   return f"{bits.code:.3f}", f"{bits.total:.3f}"
 
 
+def peak_memory_bytes() -> int | None:
+  """Peak bytes in use on the first device so far (None where the backend does not say)."""
+  return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
 def peak_memory() -> str:
-  """Peak bytes in use on the first device, as text ('n/a' where the backend does not say)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
+  """`peak_memory_bytes` as text ('n/a' where the backend does not say)."""
+  peak = peak_memory_bytes()
   return f"{peak / 1e9:.2f} GB" if peak else "n/a on this backend"
