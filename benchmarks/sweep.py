@@ -21,7 +21,9 @@ Methods, all with the default config's hyper-parameters (rank 16, AdamW 2e-4, 10
                 rounded to whole layers (configs/loftq_nf2.py + quant.layer_bits).
   lowra_loftq   LowRA at a code-bit budget + LoftQ adapters (configs/llama_1p5bit.py).
   lowra_qlora   LowRA at a code-bit budget + B = 0 adapters.
-Results: OUT/results.jsonl (one line per finished row), OUT/logs/<row>.log, workdirs OUT/runs/.
+Results: OUT/results.jsonl (one line per finished row), OUT/logs/<row>.log, train.py workdirs
+under --workdirs (default OUT/runs). On the GPU machine (benchmarks/gpu_env.sh, material under
+.carry/data): `--data=.carry/data --workdirs=/tmp/sweep --workers=8`.
 """
 
 from __future__ import annotations
@@ -177,8 +179,8 @@ def parse_eval_table(stdout: str) -> dict[str, float]:
   return {r[1].strip(): float(r[4]) for r in rows}
 
 
-def run_row(row: Row, data: str, out: Path, extra: tuple[str, ...]) -> dict:
-  workdir = out / "runs" / row.key
+def run_row(row: Row, data: str, out: Path, workdirs: Path, extra: tuple[str, ...]) -> dict:
+  workdir = workdirs / row.key
   cmd = train_command(row, data, workdir, extra)
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_CPP_MIN_LOG_LEVEL="2")
   log = out / "logs" / f"{row.key}.log"
@@ -214,7 +216,13 @@ def load_results(out: Path) -> dict[str, dict]:
 
 
 def run_all(
-  todo: list[Row], data: str, out: Path, workers: int, deadline: float, extra: tuple[str, ...]
+  todo: list[Row],
+  data: str,
+  out: Path,
+  workdirs: Path,
+  workers: int,
+  deadline: float,
+  extra: tuple[str, ...],
 ) -> None:
   (out / "logs").mkdir(parents=True, exist_ok=True)
   lock = threading.Lock()
@@ -223,7 +231,7 @@ def run_all(
   def job(row: Row) -> None:
     if time.perf_counter() - start > deadline:
       return  # leave it for the next invocation
-    result = run_row(row, data, out, extra)
+    result = run_row(row, data, out, workdirs, extra)
     with lock, (out / "results.jsonl").open("a") as f:
       f.write(json.dumps(result) + "\n")
       status = "FAILED" if "error" in result else f"ppl {math.exp(result['final_eval_loss']):.3f}"
@@ -334,6 +342,7 @@ def plot(results: dict[str, dict], figures: Path) -> list[Path]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
+  parser.add_argument("--workdirs", type=Path, help="train.py workdirs (default OUT/runs)")
   parser.add_argument("--data", default="../shared/data", help="root of the bundled material")
   parser.add_argument("--workers", type=int, default=1, help="rows run at the same time")
   parser.add_argument("--deadline_s", type=float, default=math.inf, help="start no row after this")
@@ -346,11 +355,12 @@ def main() -> None:
   parser.add_argument("--figures", type=Path, help="with --report: write the plots here")
   args = parser.parse_args()
   extra = tuple(shlex.split(args.extra))
+  workdirs = args.workdirs or args.out / "runs"
   results = load_results(args.out)
   todo = [r for r in rows() if args.only in r.key]
   if args.list:
     for r in todo:
-      workdir = args.out / "runs" / r.key
+      workdir = workdirs / r.key
       print(f"{r.key}{' (done)' if r.key in results else ''}:")
       print("  " + shlex.join(train_command(r, args.data, workdir, extra)))
     return
@@ -362,7 +372,7 @@ def main() -> None:
     return
   todo = [r for r in todo if r.key not in results]
   print(f"{len(todo)} rows to run ({len(results)} done) with {args.workers} workers", flush=True)
-  run_all(todo, args.data, args.out, args.workers, args.deadline_s, extra)
+  run_all(todo, args.data, args.out, workdirs, args.workers, args.deadline_s, extra)
   print(report(load_results(args.out)))
 
 
