@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lowra_jax import data, experiment, train_lib
-from lowra_jax.checkpoint import TrainCheckpoints
+from lowra_jax.checkpoint import latest_adapters
 from lowra_jax.quantize import bits_per_param
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
@@ -53,17 +53,12 @@ def main(argv) -> None:
   bits = bits_per_param(prep.frozen["quant"])
   ppl, _ = perplexity(eval_step, prep.frozen, None, blocks, batch)
   rows.append(("quantized base", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl))
-  ckpt_dir = Path(config.workdir) / "checkpoints"
-  if ckpt_dir.exists():
-    ckpt = TrainCheckpoints(ckpt_dir, every=1, keep=config.train.keep)
-    if ckpt.latest_step is not None:
-      tx = train_lib.make_optimizer(s.optim)
-      state, _ = ckpt.restore(train_lib.TrainState.create(prep.adapters, tx))
-      ppl, _ = perplexity(eval_step, prep.frozen, state.adapters, blocks, batch)
-      rows.append(
-        (f"+ adapters (step {int(state.step)})", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl)
-      )
-    ckpt.close()
+  tx = train_lib.make_optimizer(s.optim)
+  trained = latest_adapters(Path(config.workdir) / "checkpoints", prep.adapters, tx)
+  if trained is not None:
+    adapters, step = trained
+    ppl, _ = perplexity(eval_step, prep.frozen, adapters, blocks, batch)
+    rows.append((f"+ adapters (step {step})", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl))
   n_adapter = sum(x.size for x in jax.tree.leaves(prep.adapters))
   print(
     f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({bits.num_params / 1e6:.1f}M "
