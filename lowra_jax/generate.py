@@ -154,7 +154,7 @@ def decode(
 
 
 @dataclasses.dataclass(frozen=True)
-class Batch:
+class PromptBatch:
   """Prompts laid out for `prefill`: tokens int32 [B, T] left-padded with 0, pad int32 [B],
   max_len cache slots, new: tokens to generate per row (at most)."""
 
@@ -170,7 +170,7 @@ def _round_up(n: int, k: int) -> int:
 
 def layout(
   prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None, vocab_size: int
-) -> Batch:
+) -> PromptBatch:
   """Checks the prompts and left-pads them (ValueError with one line on bad input).
 
   max_len: cache slots (prompt + new tokens); default: the padded prompt width + max_new_tokens.
@@ -196,7 +196,7 @@ def layout(
   tokens = np.zeros((len(prompts), width), np.int32)
   for row, (p, n) in enumerate(zip(prompts, pad)):
     tokens[row, n:] = p
-  return Batch(tokens, pad, max_len, new)
+  return PromptBatch(tokens, pad, max_len, new)
 
 
 def _new_tokens(state: DecodeState, width: int, new: int, eos_id: int | None) -> list[list[int]]:
