@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lowra_jax import data, experiment, train_lib
-from lowra_jax.checkpoint import TrainCheckpoints
+from lowra_jax.checkpoint import latest_adapters
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
 flags.mark_flags_as_required(["config"])
@@ -54,15 +54,12 @@ def main(argv) -> None:
   if bits is not None:
     ppl, _ = perplexity(eval_step, prep.frozen, None, blocks, batch)
     rows.append(("quantized base", code, total, ppl))
-  ckpt_dir = Path(config.workdir) / "checkpoints"
-  if ckpt_dir.exists():
-    ckpt = TrainCheckpoints(ckpt_dir, every=1, keep=config.train.keep)
-    if ckpt.latest_step is not None:
-      tx = train_lib.make_optimizer(s.optim)
-      state, _ = ckpt.restore(train_lib.TrainState.create(prep.adapters, tx))
-      ppl, _ = perplexity(eval_step, prep.frozen, state.adapters, blocks, batch)
-      rows.append((f"+ adapters (step {int(state.step)})", code, total, ppl))
-    ckpt.close()
+  tx = train_lib.make_optimizer(s.optim)
+  trained = latest_adapters(Path(config.workdir) / "checkpoints", prep.adapters, tx)
+  if trained is not None:
+    adapters, step = trained
+    ppl, _ = perplexity(eval_step, prep.frozen, adapters, blocks, batch)
+    rows.append((f"+ adapters (step {step})", code, total, ppl))
   n_quant = bits.num_params if bits is not None else 0
   n_adapter = sum(x.size for x in jax.tree.leaves(prep.adapters))
   print(

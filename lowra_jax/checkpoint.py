@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 
 from lowra_jax.train_lib import TrainState
@@ -66,3 +67,23 @@ class TrainCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def latest_adapters(
+  directory: str | os.PathLike[str], adapters, tx: optax.GradientTransformation
+) -> tuple[object, int] | None:
+  """(adapters, step) of the newest checkpoint in `directory`; None when there is none.
+
+  adapters: a tree of the run's structure (its initial adapters); tx: the run's optimizer (its
+  state is part of the checkpoint's structure).
+  """
+  if not Path(directory).exists():
+    return None
+  ckpt = TrainCheckpoints(directory, every=1, keep=1)
+  try:
+    if ckpt.latest_step is None:
+      return None
+    state, _ = ckpt.restore(TrainState.create(adapters, tx))
+    return state.adapters, int(state.step)
+  finally:
+    ckpt.close()

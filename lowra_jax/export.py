@@ -21,13 +21,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from lowra_jax.lora import LoraConfig
-from lowra_jax.quantize import dequantize_params
+from lowra_jax.lora import LoraConfig, merge_adapters
 
 
 def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -93,16 +91,11 @@ def save_peft_adapters(
 
 def merged_state_dict(qparams: dict, adapters: dict, config: LoraConfig, dtype=ml_dtypes.bfloat16):
   """{HF name: array in `dtype`}: every weight of the model, adapters merged into projections."""
-  dense = dequantize_params(qparams, jnp.float32)
-  lora = _flatten(adapters)
   out = {}
-  for path, value in _flatten(dense).items():
+  for path, value in _flatten(merge_adapters(qparams, adapters, config)).items():
     module, leaf = path[:-1], path[-1]
     value = np.asarray(value, np.float32)
     if leaf == "kernel":
-      if (*module, "a") in lora:
-        a, b = np.asarray(lora[(*module, "a")]), np.asarray(lora[(*module, "b")])
-        value = value + config.scale * (a @ b)
       name, value = "weight", value.T
     else:
       name = {"scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]

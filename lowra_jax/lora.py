@@ -28,7 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowra_jax import loftq
-from lowra_jax.quantize import QuantConfig, QuantReport, is_quantized, quantize_params
+from lowra_jax.quantize import (
+  QuantConfig,
+  QuantReport,
+  dequantize_params,
+  is_quantized,
+  quantize_params,
+)
 from pallas_kernels import quantized_matmul
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -223,3 +229,35 @@ def merge_trees(a: dict, b: dict) -> dict:
   for key, value in b.items():
     out[key] = merge_trees(out[key], value) if key in out else value
   return out
+
+
+def merge_adapters(qparams: dict, adapters: dict, config: LoraConfig) -> dict:
+  """Dense params: every kernel dequantized, W_hat + (alpha / rank) A @ B where it has adapters.
+
+  Sums run in float32; every leaf comes back as a jax array in its original dtype (a
+  `QuantizedTensor`'s `dtype`).
+  """
+  dense = dequantize_params(qparams, jnp.float32)
+  dtypes = jax.tree.map(lambda x: jnp.dtype(x.dtype), qparams, is_leaf=is_quantized)
+
+  def merge(path, w, dtype):
+    *module, leaf = (k.key for k in path)
+    node = adapters
+    for name in module:
+      node = node.get(name, {})
+    if leaf == "kernel" and "a" in node:
+      w = w + config.scale * (jnp.asarray(node["a"], jnp.float32) @ node["b"])
+    return jnp.asarray(w).astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(merge, dense, dtypes)
+
+
+def requantize_merged(
+  qparams: dict, adapters: dict, lora_config: LoraConfig, quant_config: QuantConfig
+) -> tuple[dict, QuantReport]:
+  """Folds the adapters away: quantizes W_hat + (alpha / rank) A @ B again with `quant_config`
+  (for LowRA the same model-wide budget), so inference needs no adapter matmuls. Lossy: compare
+  its perplexity with the unmerged model's."""
+  return quantize_params(
+    merge_adapters(qparams, adapters, lora_config), quant_config, progress=False
+  )

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+from lowra_jax.generate import generate
 from lowra_jax.models import llama
 from lowra_jax.models.tokenizer import load_tokenizer
 
@@ -104,7 +105,7 @@ def test_load_rejects_unknown_path(tmp_path):
 def test_stories260k_greedy_sample(stories):
   model, variables = stories
   tok = load_tokenizer(STORIES / "tok512.bin")
-  ids = llama.greedy_generate(model, variables, [tok.bos_id], 16)
+  ids = generate(model, variables, [[tok.bos_id]], max_new_tokens=16)[0]
   assert tok.decode(ids).startswith("Once upon a time, there was a little girl named Lily.")
 
 

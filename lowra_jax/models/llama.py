@@ -17,6 +17,12 @@ default) with float32 RMSNorm, rotary embeddings, attention softmax and matmul a
 
     model, params = llama.load_pretrained("../shared/data/models/pycode-llama-17m")
     logits = model.apply({"params": params}, tokens)        # tokens int [B, T] -> f32 [B, T, V]
+
+For generation, a `KVCache` passed as ``cache=`` makes the call write the new tokens' keys and
+values into the cache and attend over every filled slot (see `lowra_jax.generate`)::
+
+    cache = KVCache.create(model.config, batch=B, max_len=S, dtype=model.dtype)
+    logits, cache = model.apply(variables, tokens, positions, mask, cache=cache)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +116,40 @@ class LlamaConfig:
     )
 
 
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys and values of every layer, for decoding (slot = position in the cache).
+
+  keys, values: per layer [B, S, kv_heads, head_dim] in the compute dtype (rotary applied to keys);
+  mask: bool [B, S], slots holding a real token (False: not written yet, or left padding);
+  index: int32 [], the next slot to write (the same for every row: prompts are left-padded).
+  """
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def create(cls, config: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
+    """An empty cache of `max_len` slots per row."""
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+
+    def empty():
+      return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
+    return cls(
+      keys=empty(),
+      values=empty(),
+      mask=jnp.zeros((batch, max_len), bool),
+      index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def max_len(self) -> int:
+    return self.mask.shape[1]
+
+
 def rope_inv_freq(config: LlamaConfig, seq_len: jax.Array | int) -> jax.Array:
   """float32 [head_dim / 2] inverse frequencies, with HF's rope scaling variants.
 
@@ -188,8 +229,13 @@ class Attention(nn.Module):
     )
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
-    """x [B, T, d]; cos/sin [B, T, 1, D]; mask bool [B, 1, 1, T, T] (True = attend)."""
+  def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+    """x [B, T, d]; cos/sin [B, T, 1, D]; mask bool [B, 1, 1, T, S] (True = attend).
+
+    Without a cache S = T. With `kv_cache` = (keys, values) [B, S, kv_heads, D], this call's keys
+    and values are written at slots [index, index + T) and the queries attend over all S slots.
+    Returns (output [B, T, d], updated (keys, values) or None).
+    """
     cfg = self.config
     b, t, _ = x.shape
     heads, kv, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -198,12 +244,17 @@ class Attention(nn.Module):
     v = self._proj(kv * dim, "v_proj")(x).reshape(b, t, kv, dim)
     q = apply_rotary(q, cos, sin).reshape(b, t, kv, heads // kv, dim)
     k = apply_rotary(k, cos, sin)
+    if kv_cache is not None:
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+      v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+      kv_cache = (k, v)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores / math.sqrt(dim), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     out = out.astype(self.dtype).reshape(b, t, heads * dim)
-    return self._proj(cfg.hidden_size, "o_proj")(out)
+    return self._proj(cfg.hidden_size, "o_proj")(out), kv_cache
 
 
 class MLP(nn.Module):
@@ -242,12 +293,15 @@ class DecoderLayer(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
-    cfg, kw = self.config, dict(dtype=self.dtype, lora=self.lora, deterministic=self.deterministic)
+  def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+    """Returns (x [B, T, d], the layer's updated (keys, values) or None); see `Attention`."""
+    cfg = self.config
+    kw = {"dtype": self.dtype, "lora": self.lora, "deterministic": self.deterministic}
     h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-    x = x + Attention(cfg, name="self_attn", **kw)(h, cos, sin, mask)
+    attn, kv_cache = Attention(cfg, name="self_attn", **kw)(h, cos, sin, mask, kv_cache, index)
+    x = x + attn
     h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-    return x + MLP(cfg, name="mlp", **kw)(h)
+    return x + MLP(cfg, name="mlp", **kw)(h), kv_cache
 
 
 class Layers(nn.Module):
@@ -260,13 +314,17 @@ class Layers(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, cache: KVCache | None = None):
+    """Returns (x, per-layer updated (keys, values) or None without a cache)."""
     layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+    updated = []
     for i in range(self.config.num_layers):
-      x = layer(self.config, self.dtype, self.lora, self.deterministic, name=str(i))(
-        x, cos, sin, mask
+      kv = None if cache is None else (cache.keys[i], cache.values[i])
+      x, kv = layer(self.config, self.dtype, self.lora, self.deterministic, name=str(i))(
+        x, cos, sin, mask, kv, None if cache is None else cache.index
       )
-    return x
+      updated.append(kv)
+    return x, (None if cache is None else updated)
 
 
 class LlamaModel(nn.Module):
@@ -279,19 +337,28 @@ class LlamaModel(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, tokens, positions, attention_mask):
+  def __call__(self, tokens, positions, attention_mask, cache: KVCache | None = None):
+    """Returns (hidden, the embedding module, updated cache or None)."""
     cfg = self.config
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embed_tokens")
     x = embed(tokens)
     cos, sin = rotary_tables(cfg, positions)
     t = tokens.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    mask = causal[None] & attention_mask[:, None, :].astype(bool)
-    mask = mask[:, None, None]
-    x = Layers(cfg, self.dtype, self.lora, self.deterministic, self.remat, name="layers")(
-      x, cos, sin, mask
+    attention_mask = attention_mask.astype(bool)
+    if cache is None:
+      keys = attention_mask  # [B, S = T]
+      query_slots = jnp.arange(t)
+    else:
+      keys = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+      query_slots = cache.index + jnp.arange(t)
+    causal = jnp.arange(keys.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
+    mask = (causal[None] & keys[:, None, :])[:, None, None]
+    x, kv = Layers(cfg, self.dtype, self.lora, self.deterministic, self.remat, name="layers")(
+      x, cos, sin, mask, cache
     )
-    return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x), embed
+    if cache is not None:
+      cache = KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv), keys, cache.index + t)
+    return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x), embed, cache
 
 
 class Llama(nn.Module):
@@ -316,21 +383,33 @@ class Llama(nn.Module):
     positions: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     deterministic: bool = True,
-  ) -> jax.Array:
-    """tokens int [B, T]; positions int [B, T] (default 0..T-1); attention_mask [B, T] (1 = real
-    token, 0 = padding; default all ones); deterministic=False enables LoRA dropout (needs a
-    'dropout' rng)."""
+    cache: KVCache | None = None,
+    last_only: bool = False,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """tokens int [B, T]; positions int [B, T] (default 0..T-1, after the cache's filled slots
+    with a cache); attention_mask [B, T] (1 = real token, 0 = padding; default all ones);
+    deterministic=False enables LoRA dropout (needs a 'dropout' rng).
+
+    With a `cache`, the tokens go into slots [cache.index, cache.index + T) and attend to every
+    earlier real slot; returns (logits, updated cache) instead of logits. `last_only`: logits of
+    the last position only, [B, 1, V] (what a prefill needs).
+    """
     b, t = tokens.shape
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      start = 0 if cache is None else cache.index
+      positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), bool)
     model = LlamaModel(self.config, self.dtype, self.lora, deterministic, self.remat, name="model")
-    hidden, embed = model(tokens, positions, attention_mask)
+    hidden, embed, new_cache = model(tokens, positions, attention_mask, cache)
+    if last_only:
+      hidden = hidden[:, -1:]
     if self.config.tie_word_embeddings:
-      return embed.attend(hidden).astype(jnp.float32)
-    head = QLoRALinear(self.config.vocab_size, dtype=self.dtype, lora=None, name="lm_head")
-    return head(hidden).astype(jnp.float32)
+      logits = embed.attend(hidden).astype(jnp.float32)
+    else:
+      head = QLoRALinear(self.config.vocab_size, dtype=self.dtype, lora=None, name="lm_head")
+      logits = head(hidden).astype(jnp.float32)
+    return logits if cache is None else (logits, new_cache)
 
 
 def _checkpoint_params(state: dict[str, np.ndarray], config: LlamaConfig) -> dict[str, Any]:
@@ -358,19 +437,3 @@ def load_pretrained(
     )
   config = LlamaConfig.from_hf(hf_config)
   return Llama(config, dtype=dtype, remat=remat), _checkpoint_params(state, config)
-
-
-def greedy_generate(model: Llama, variables, prompt: list[int], steps: int) -> list[int]:
-  """Greedy continuation of `prompt` by `steps` tokens.
-
-  Recomputes the whole prefix each step (no KV cache) over one fixed-length buffer, so it compiles
-  once; causal attention makes the not-yet-written tail irrelevant.
-  """
-  length = len(prompt) + steps
-  apply = jax.jit(model.apply)
-  tokens = np.zeros((1, length), np.int32)
-  tokens[0, : len(prompt)] = prompt
-  for i in range(len(prompt), length):
-    logits = apply(variables, jnp.asarray(tokens))
-    tokens[0, i] = int(jnp.argmax(logits[0, i - 1]))
-  return tokens[0, len(prompt) :].tolist()

@@ -1,0 +1,271 @@
+"""Decode speed and memory of KV-cached generation: bf16 vs 4-bit NF vs 2- and 1.5-bit LowRA.
+
+    python benchmarks/generate.py --shape=7b [--batches=1,8,32 --prompt=128 --new=64 --out=g.json]
+    python benchmarks/generate.py --shape=pycode      # the bundled models: pycode, stories
+    python benchmarks/generate.py --shape=tiny        # a few seconds on CPU (smoke test)
+
+Every method runs the same code path, `lowra_jax.generate.decode`: one jitted `lax.while_loop` of
+single-token steps over a preallocated KV cache, projections through `quantized_matmul` with
+M = batch rows (dense `jnp.dot` for bf16). Methods (`--methods`): `bf16`, `nf4` (QLoRA's NF4),
+`lowra2`, `lowra1.5` (LowRA budgets, mixed 1/2/4-bit channels), `lowra1.5+lora` (1.5 bits plus
+rank-16 adapters on all projections applied unmerged, i.e. exact fine-tuned inference). Each
+method runs in its own subprocess, so each peak memory is its own.
+
+Weights: `7b` (LLaMA-2-7B shapes) and `tiny` use random weights (std 0.02). Quantizing all of 7B's
+layers with LowRA takes long and gives every layer its own bucket sizes (one Triton compilation
+per distinct shape, minutes in all), so ONE decoder layer's random weights are quantized per method
+and every layer gets its own *copy* of that layer's packed tensors: distinct device buffers,
+identical shapes (quality is irrelevant here; LowRA's budget is solved within that one layer).
+Embeddings and head stay bf16. `pycode` / `stories`: the real bundled model, quantized whole.
+
+Timed: the decode of `--new` tokens after a `--prompt`-token context (the cache is filled as after
+a prefill; its contents do not change the cost), median of `--repeat` runs after one warm-up
+(compilation): tokens/s = batch * new / seconds, no EOS (every step runs). `--prefill` also times
+the prefill of random prompts. Peak GB: the device's peak_bytes_in_use in the method's process
+after its batch (batches run in increasing order and memory grows with the batch, so this is the
+batch's own peak); n/a on CPU. Prints one markdown table last; `--out` writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowra_jax import generate as gen
+from lowra_jax import lora
+from lowra_jax.models import llama
+from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
+
+SHAPES = {
+  "7b": llama.LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128, max_position_embeddings=4096),
+  "tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32),
+}
+BUNDLED = {
+  "pycode": "../shared/data/models/pycode-llama-17m",
+  "stories": "../shared/data/models/stories260K/stories260K.bin",
+}
+METHODS = {
+  "bf16": None,
+  "nf4": QuantConfig(method="nf", bits=4),
+  "lowra2": QuantConfig(method="lowra", budget=2.0),
+  "lowra1.5": QuantConfig(method="lowra", budget=1.5),
+  "lowra1.5+lora": QuantConfig(method="lowra", budget=1.5),
+}
+RANK = 16
+
+
+def log(start: float, message: str) -> None:
+  print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _normal(key, shape, std=0.02):
+  return (std * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16)
+
+
+def random_layer(config: llama.LlamaConfig, key) -> dict:
+  """One decoder layer's params (bf16 kernels [in, out], std 0.02; unit norms)."""
+  d, f = config.hidden_size, config.intermediate_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  shapes = {
+    "self_attn": {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)},
+    "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)},
+  }
+  keys = iter(jax.random.split(key, 7))
+  layer = {
+    block: {name: {"kernel": _normal(next(keys), shape)} for name, shape in projs.items()}
+    for block, projs in shapes.items()
+  }
+  ones = {"scale": jnp.ones((d,), jnp.float32)}
+  return {**layer, "input_layernorm": ones, "post_attention_layernorm": dict(ones)}
+
+
+def synthetic_params(config: llama.LlamaConfig, quant: QuantConfig | None) -> dict:
+  """Random embeddings/head and `num_layers` copies of one (quantized) random layer."""
+  k_embed, k_head, k_layer = jax.random.split(jax.random.key(0), 3)
+  layer = random_layer(config, k_layer)
+  if quant is not None:
+    layer, _ = quantize_params(layer, quant, progress=False)
+  layers = {str(i): jax.tree.map(jnp.copy, layer) for i in range(config.num_layers)}
+  d, v = config.hidden_size, config.vocab_size
+  return {
+    "model": {
+      "embed_tokens": {"embedding": _normal(k_embed, (v, d))},
+      "layers": layers,
+      "norm": {"scale": jnp.ones((d,), jnp.float32)},
+    },
+    "lm_head": {"kernel": _normal(k_head, (d, v))},
+  }
+
+
+def build(shape: str, method: str, layers: int) -> tuple[llama.Llama, dict]:
+  """(bf16 model, variables) of `method` at `shape` (`layers`: override num_layers, synthetic)."""
+  quant = METHODS[method]
+  lcfg = lora.LoraConfig(rank=RANK) if method.endswith("+lora") else None
+  if shape in BUNDLED:
+    base, params = llama.load_pretrained(BUNDLED[shape])
+    config = base.config
+    params = jax.tree.map(jnp.asarray, params)
+    if quant is not None:
+      params, _ = quantize_params(params, quant, progress=False)
+  else:
+    config = SHAPES[shape]
+    if layers:
+      config = dataclasses.replace(config, num_layers=layers)
+    params = synthetic_params(config, quant)
+  model = llama.Llama(config, dtype=jnp.bfloat16, lora=lcfg)
+  frozen, packed = lora.split_quantized(params)
+  variables = {"params": frozen} | ({"quant": packed} if packed else {})
+  if lcfg is not None:
+    shapes = lora.target_paths(lora.merge_trees(frozen, packed), lcfg)
+    adapters = lora.random_adapters(shapes, RANK, jax.random.key(1))
+    variables["lora"] = jax.tree.map(lambda x: x + 1e-3, adapters)  # B != 0: real work
+  return model, variables
+
+
+def context_state(config, batch: int, prompt: int, max_len: int) -> gen.DecodeState:
+  """A decode state as after prefilling `prompt` random tokens per row (zero keys/values)."""
+  cache = llama.KVCache.create(config, batch, max_len, jnp.bfloat16)
+  cache = cache.replace(
+    mask=jnp.broadcast_to(jnp.arange(max_len) < prompt, (batch, max_len)),
+    index=jnp.asarray(prompt, jnp.int32),
+  )
+  tokens = jax.random.randint(jax.random.key(2), (batch, max_len), 0, config.vocab_size)
+  zeros = jnp.zeros((batch,), jnp.int32)
+  return gen.DecodeState(cache, tokens.astype(jnp.int32), zeros, zeros.astype(bool))
+
+
+def peak_gb() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return peak / 1e9 if peak else None
+
+
+def median_seconds(setup, fn, repeat: int) -> float:
+  """Median wall time of fn(setup()) (setup excluded) over `repeat` runs."""
+  times = []
+  for _ in range(repeat):
+    arg = jax.block_until_ready(setup())
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(arg))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def worker(args) -> None:
+  """Measures one method at every batch size; prints one JSON row per batch on stdout."""
+  start = time.perf_counter()
+  model, variables = build(args.shape, args.worker, args.layers)
+  jax.block_until_ready(variables)
+  weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
+  bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0
+  log(start, f"{args.worker}: weights ready ({weights_gb:.2f} GB, {bits:.2f} code bits)")
+  config, key, sampling = model.config, jax.random.key(0), gen.Sampling()
+  slots = args.prompt + args.new + 1  # the context, `new` fed tokens and the last one sampled
+  stop = jnp.asarray(args.prompt + args.new, jnp.int32)
+  for batch in args.batches:
+
+    def context(batch=batch):
+      return context_state(config, batch, args.prompt, slots)
+
+    def decode(state):
+      return gen.decode(model, variables, state, key, stop, sampling=sampling, eos_id=None)
+
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(decode(context()))
+    compile_s = time.perf_counter() - t0
+    assert int(out.cache.index) == args.prompt + args.new
+    seconds = median_seconds(context, decode, args.repeat)
+    row = {
+      "method": args.worker,
+      "shape": args.shape,
+      "batch": batch,
+      "tokens_per_s": batch * args.new / seconds,
+      "ms_per_step": 1e3 * seconds / args.new,
+      "compile_s": compile_s,
+      "code_bits": bits,
+      "weights_gb": weights_gb,
+    }
+    if args.prefill:
+      prompts = jax.random.randint(key, (batch, args.prompt), 0, config.vocab_size)
+      pad = jnp.zeros((batch,), jnp.int32)
+
+      def prefill(prompts, pad=pad):
+        return gen.prefill(
+          model, variables, prompts, pad, key, max_len=slots, sampling=sampling, eos_id=None
+        )
+
+      jax.block_until_ready(prefill(prompts))
+      row["prefill_ms"] = 1e3 * median_seconds(lambda p=prompts: p, prefill, args.repeat)
+    row["peak_gb"] = peak_gb()
+    log(start, f"{args.worker} batch {batch}: {row['tokens_per_s']:.1f} tokens/s")
+    print(json.dumps(row), flush=True)
+
+
+def table(rows: list[dict], prefill: bool) -> str:
+  bf16 = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "bf16"}
+  head = "| method | code bits | batch | tokens/s | ratio vs bf16 | ms/step | peak GB |"
+  head += " weights GB | compile s |" + (" prefill ms |" if prefill else "")
+  lines = [head, "|" + "---|" * head.count(" |")]
+  for r in rows:
+    ratio = f"{r['tokens_per_s'] / bf16[r['batch']]:.2f}x" if r["batch"] in bf16 else "-"
+    peak = "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+    line = (
+      f"| {r['method']} | {r['code_bits']:.2f} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} "
+      f"| {r['ms_per_step']:.2f} | {peak} | {r['weights_gb']:.2f} | {r['compile_s']:.1f} |"
+    )
+    lines.append(line + (f" {r['prefill_ms']:.1f} |" if prefill else ""))
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", default="7b", choices=sorted(SHAPES | BUNDLED))
+  parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+  parser.add_argument("--batches", default="1,8,32", help="comma-separated")
+  parser.add_argument("--layers", type=int, default=0, help="override num_layers (synthetic)")
+  parser.add_argument("--prompt", type=int, default=128, help="context tokens before decoding")
+  parser.add_argument("--new", type=int, default=64, help="decode steps timed")
+  parser.add_argument("--repeat", type=int, default=3)
+  parser.add_argument("--prefill", action="store_true", help="also time the prefill")
+  parser.add_argument("--out", default="", help="write the rows as JSON here")
+  parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  args.batches = [int(b) for b in args.batches.split(",")]
+  if args.worker:
+    worker(args)
+    return
+  methods = args.methods.split(",")
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+  start, rows = time.perf_counter(), []
+  for method in methods:
+    cmd = [sys.executable, __file__, *sys.argv[1:], f"--worker={method}"]
+    out = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)
+    rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode:
+      log(start, f"{method} failed (exit {out.returncode}); see its stderr above")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=1)
+  layers = (
+    f"{args.layers or SHAPES[args.shape].num_layers} layers, " if args.shape in SHAPES else ""
+  )
+  print(
+    f"\n{args.shape} ({layers}context {args.prompt}, {args.new} decode steps timed, median of "
+    f"{args.repeat}); jax {jax.__version__}, {jax.devices()[0].device_kind}; "
+    f"{time.perf_counter() - start:.0f} s in all"
+  )
+  print(table(rows, args.prefill))
+
+
+if __name__ == "__main__":
+  main()
