@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -112,9 +113,10 @@ def main(argv) -> None:
         eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
       )[0],
     }
-    if s.lora.init == "loftq":  # the quantized base alone, before LoftQ's adapters
+    if s.lora.init == "loftq":  # the quantized base alone (zero adapters: no second compile)
+      zeros = jax.tree.map(jnp.zeros_like, state.adapters)
       record["base_eval_loss"] = train_lib.mean_loss(
-        eval_step, prep.frozen, None, eval_blocks, s.eval_data.batch_size
+        eval_step, prep.frozen, zeros, eval_blocks, s.eval_data.batch_size
       )[0]
     log(record)
   rng = jax.random.key(config.train.seed)

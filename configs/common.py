@@ -37,7 +37,9 @@ def data_config(path: str, split: str, batch_size: int) -> ml_collections.Config
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = "runs/default"
-  c.model = dict(path=PYCODE, dtype="bfloat16", remat=False)
+  # kernels: quantized_matmul's implementation, "auto" (Pallas Triton on GPU, XLA on CPU), "xla"
+  # (dequantize + XLA dot: same numbers, much shorter compile with mixed precision), "triton".
+  c.model = dict(path=PYCODE, dtype="bfloat16", remat=False, kernels="auto")
   c.quant = dict(
     method="lowra",
     bits=2,

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from lowra_jax import lora
 from lowra_jax.data import DataConfig
 from lowra_jax.models import llama
@@ -82,7 +83,10 @@ class Prepared:
 
 
 def load_model(config, s: Settings) -> tuple[llama.Llama, dict, Tokenizer]:
-  """The model (with LoRA settings), its dense params and its tokenizer, checked against data."""
+  """The model (with LoRA settings), its dense params and its tokenizer, checked against data.
+
+  Also makes `config.model.kernels` the default implementation of `quantized_matmul`."""
+  pallas_kernels.set_default_backend(config.model.kernels)
   path = Path(config.model.path)
   if not path.exists():
     raise FileNotFoundError(f"config.model.path {path} does not exist.")

@@ -139,3 +139,28 @@ def test_bad_inputs_raise_clear_errors(qtensor):
       bits=3,
       group=64,
     )
+
+
+def test_set_default_backend_changes_what_auto_runs(monkeypatch):
+  """`set_default_backend('interpret')` routes `auto` through the Pallas kernels (spied on)."""
+  from pallas_kernels import backend as backend_lib
+  from pallas_kernels import lut_matmul, set_default_backend
+
+  calls = []
+  original = lut_matmul.lut_matmul
+  monkeypatch.setattr(
+    lut_matmul, "lut_matmul", lambda *a, **k: calls.append(1) or original(*a, **k)
+  )
+  w = weights(4, 128, 64)
+  qt = quantize.quantize_tensor(w, quantize.QuantConfig(method="nf", bits=2))
+  x = np.random.default_rng(5).normal(size=(4, 128)).astype(np.float32)
+  ref = x.astype(np.float64) @ np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
+  try:
+    set_default_backend("interpret")
+    assert backend_lib.resolve("auto") == "interpret"
+    assert rel_err(quantized_matmul(jnp.asarray(x), qt), ref) < TOL[jnp.float32] and calls
+  finally:
+    set_default_backend("auto")
+  assert backend_lib.resolve("auto") == ("triton" if jax.default_backend() == "gpu" else "xla")
+  with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+    set_default_backend("cuda")
