@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_configs import ROOT
+from test_configs import load as load_config
 from tiny_model import CONFIG, tiny_model
 
-from lowra_jax import sharding, train_lib
+from lowra_jax import experiment, sharding, train_lib
 from lowra_jax.checkpoint import TrainCheckpoints
 from lowra_jax.quantize import QuantConfig, quantize_params
 from pallas_kernels import quantized_matmul
@@ -52,6 +54,12 @@ def test_mesh_axes_and_errors():
     sharding.MeshConfig(data=2, fsdp=2).axis_sizes(8)
   with pytest.raises(ValueError, match="-1 for one of them"):
     sharding.MeshConfig(data=-1, fsdp=-1)
+  config = load_config(ROOT / "configs" / "demo.py")
+  config.mesh.data = 3
+  with pytest.raises(
+    ValueError, match=r"^config\.mesh: mesh data=3 x fsdp=1 does not divide the 8"
+  ):
+    experiment.make_mesh(experiment.settings(config))
   _, mesh = mesh_of(2, 4)
   with pytest.raises(ValueError, match="batch_size=6 does not split over data x fsdp = 8"):
     sharding.put_batch({"inputs": np.zeros((6, 4), np.int32)}, mesh)
@@ -109,12 +117,14 @@ def test_fsdp_packed_base_per_device_memory_and_packed_gathers(kernels):
   assert sum(b for _, b in gathers) <= total  # nothing dequantized is gathered
 
 
-def test_kernels_run_per_shard_and_match_one_device(kernels):
+def test_kernels_run_per_shard_and_match_one_device():
   """Pallas kernels (interpret mode) under shard_map on 8 devices: forward and dX equal the
   unsharded call."""
-  qt = kernels["down"]["kernel"]
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((32, 1024)), jnp.float32)
-  g = jnp.asarray(np.random.default_rng(2).standard_normal((32, 256)), jnp.float32)
+  w = np.random.default_rng(0).standard_normal((256, 128)).astype(np.float32)
+  qt = quantize_params({"w": w}, LOWRA, progress=False)[0]["w"]
+  assert len(qt.buckets) > 1
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((32, 256)), jnp.float32)
+  g = jnp.asarray(np.random.default_rng(2).standard_normal((32, 128)), jnp.float32)
 
   def fwd_bwd(x, qt):
     y, vjp = jax.vjp(lambda x: quantized_matmul(x, qt, backend="interpret"), x)
