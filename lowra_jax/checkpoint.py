@@ -6,7 +6,8 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 at any moment leaves only whole checkpoints; `restore` takes the newest one. The frozen base is not
-part of these checkpoints (it never changes).
+part of these checkpoints (it never changes). Arrays are saved as global arrays and restored onto
+the template's shardings, so a checkpoint written on one device count loads on any other.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class TrainCheckpoints:
     return bool(saved)
 
   def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, int]:
-    """(state, data_position) of `step` (default: the newest); `template` gives the structure."""
+    """(state, data_position) of `step` (default: the newest); `template` gives the structure and
+    the shardings to restore onto."""
     step = self.latest_step if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory} to resume from.")
