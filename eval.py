@@ -23,7 +23,6 @@ from ml_collections import config_flags
 
 from lowra_jax import data, experiment, sharding, train_lib
 from lowra_jax.checkpoint import TrainCheckpoints
-from lowra_jax.quantize import bits_per_param
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
 flags.mark_flags_as_required(["config"])
@@ -55,10 +54,12 @@ def main(argv) -> None:
   ppl, tokens = perplexity(eval_step, place({"params": prep.params}), None, blocks, batch, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(prep.params))
   rows.append(("bf16 base", "16", "16", ppl))
-  bits = bits_per_param(prep.frozen["quant"])
+  bits = experiment.base_bits(prep)
+  code, total = experiment.bits_columns(bits, config.model.dtype)
   frozen = place(prep.frozen)
-  ppl, _ = perplexity(eval_step, frozen, None, blocks, batch, mesh)
-  rows.append(("quantized base", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl))
+  if bits is not None:
+    ppl, _ = perplexity(eval_step, frozen, None, blocks, batch, mesh)
+    rows.append(("quantized base", code, total, ppl))
   ckpt_dir = Path(config.workdir) / "checkpoints"
   if ckpt_dir.exists():
     ckpt = TrainCheckpoints(ckpt_dir, every=1, keep=config.train.keep)
@@ -66,15 +67,14 @@ def main(argv) -> None:
       tx = train_lib.make_optimizer(s.optim)
       state, _ = ckpt.restore(place(train_lib.TrainState.create(prep.adapters, tx)))
       ppl, _ = perplexity(eval_step, frozen, state.adapters, blocks, batch, mesh)
-      rows.append(
-        (f"+ adapters (step {int(state.step)})", f"{bits.code:.3f}", f"{bits.total:.3f}", ppl)
-      )
+      rows.append((f"+ adapters (step {int(state.step)})", code, total, ppl))
     ckpt.close()
+  n_quant = bits.num_params if bits is not None else 0
   n_adapter = sum(x.size for x in jax.tree.leaves(prep.adapters))
   if jax.process_index():
     return
   print(
-    f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({bits.num_params / 1e6:.1f}M "
+    f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({n_quant / 1e6:.1f}M "
     f"quantized), adapters {n_adapter / 1e6:.2f}M; {tokens} tokens of {s.eval_data.path} "
     f"({s.eval_data.split}); peak device memory {experiment.peak_memory()}"
   )

@@ -6,7 +6,8 @@
 Quantizes `config.model.path` (LowRA / NF), initialises adapters (QLoRA / LoftQ), trains them with
 AdamW under jit and writes into `config.workdir`: checkpoints/ (Orbax: adapters, optimizer, step,
 data position), base/ (the packed quantized base and initial adapters, reused by resume and
-eval.py), metrics.jsonl, loss.png, config.json, and adapter-step{N}/ (PEFT format).
+eval.py), metrics.jsonl, loss.png, config.json, summary.json (bits, eval losses of the quantized
+base / initial adapters / final adapters, tokens/s, peak memory) and adapter-step{N}/ (PEFT).
 
 Runs on every visible device (`config.mesh`: data parallelism x FSDP); with
 `--config.mesh.distributed=True` each host runs this same command (README: "Multiple GPUs / hosts")
@@ -27,7 +28,6 @@ from tqdm.auto import tqdm
 
 from lowra_jax import data, experiment, export, lora, sharding, train_lib
 from lowra_jax.checkpoint import TrainCheckpoints
-from lowra_jax.quantize import bits_per_param
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
 flags.mark_flags_as_required(["config"])
@@ -81,9 +81,9 @@ def main(argv) -> None:
   eval_blocks = data.load(s.eval_data, prep.tokenizer).blocks
   if config.train.eval_blocks:
     eval_blocks = eval_blocks[: config.train.eval_blocks]
-  bits = bits_per_param(prep.frozen["quant"])
+  code, total_bits = experiment.bits_columns(experiment.base_bits(prep), config.model.dtype)
   if lead:
-    tqdm.write(f"base: {bits.code:.3f} code bits, {bits.total:.3f} total bits per quantized weight")
+    tqdm.write(f"base: {code} code bits, {total_bits} total bits per quantized weight")
 
   tx = train_lib.make_optimizer(s.optim)
   state = train_lib.TrainState.create(prep.adapters, tx)
@@ -126,7 +126,10 @@ def main(argv) -> None:
         f.write(json.dumps(record) + "\n")
 
   if start == 0:
-    log({"step": 0, "eval_loss": evaluate(state.adapters)})
+    record = {"step": 0, "eval_loss": evaluate(state.adapters)}
+    if s.lora.init == "loftq":  # the quantized base alone, before LoftQ's adapters
+      record["base_eval_loss"] = evaluate(None)
+    log(record)
   rng = jax.random.key(config.train.seed)
   stream = data.batches(train_blocks, batch_size=s.data.batch_size, seed=s.data.seed, start=start)
   tokens_per_step = s.data.batch_size * s.data.seq_len
@@ -172,6 +175,19 @@ def main(argv) -> None:
       qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
       export.save_merged(out, qparams, adapters, s.lora, hf_config)
   first = next(r["eval_loss"] for r in records if "eval_loss" in r)
+  rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+  summary = {
+    "steps": total,
+    "code_bits": float(code),
+    "total_bits": float(total_bits),
+    "base_eval_loss": next((r["base_eval_loss"] for r in records if "base_eval_loss" in r), first),
+    "init_eval_loss": first,
+    "final_eval_loss": final,
+    "eval_tokens": int(eval_blocks.shape[0] * s.eval_data.seq_len),
+    "tokens_per_s": float(np.median(rates)) if rates else None,
+    "peak_memory_bytes": experiment.peak_memory_bytes(),
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   print(
     f"eval loss {first:.4f} -> {final:.4f} (ppl {np.exp(first):.2f} -> {np.exp(final):.2f}); "
     f"peak device memory {experiment.peak_memory()}; outputs in {workdir}"

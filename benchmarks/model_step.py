@@ -1,122 +1,200 @@
-"""Compile time, step time and memory of a LoRA gradient step over a LLaMA-shaped model (GPU).
+"""Cost of one LoRA training step over a LLaMA-shaped model with random weights (GPU).
 
-Random weights (std 0.02) at a real model's shape; the step is loss + gradient w.r.t. the adapters
-(rank 16 on q,k,v,o,gate,up,down) -- what a training step costs before the optimizer update.
-Compared in one run: the bf16 base (dense kernels) and the same base quantized (LowRA at
-`--budget` code bits, or any QuantConfig through --method/--bits).
+    python benchmarks/model_step.py --shape=7b --batch=1 --seq=512 --rank=64 \
+        --methods=bf16,nf4,lowra2,lowra1.5 --memory_grid --out=results.json
 
-    python benchmarks/model_step.py --shape=7b --batch=4 --seq=512
+For every method, in its own subprocess (so each peak is its own): random bf16 weights at the
+shape (std 0.02), the base quantized as the method says, rank-`--rank` adapters on all seven
+projections, and `train_lib.make_train_step` -- loss, gradient w.r.t. the adapters and the AdamW
+update, the path train.py runs. Quality needs no real weights here. To keep quantization and
+compilation short, one decoder layer is drawn and quantized and every layer gets its own copy of
+it (separate buffers, identical shapes): with per-layer mixed-precision bucket sizes every layer
+would compile its own kernels (see docs/results.md).
 
-Prints one table: quantize seconds, compile seconds (the decoder layers are unrolled: mixed
-precision gives every layer different bucket shapes), median step ms, bytes of all frozen
-weights (embeddings and head stay bf16) and XLA's temp bytes for the step.
+Prints one table: compile s, median step ms, peak device memory, bytes of the frozen base; with
+`--memory_grid` also the frozen-base bytes of the whole model at every method of the quality sweep
+(from one quantized layer, times the number of layers, plus the bf16 embeddings and head).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from lowra_jax import lora
+from lowra_jax import lora, train_lib
 from lowra_jax.models import llama
-from lowra_jax.quantize import QuantConfig, quantize_params
+from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
 
 SHAPES = {
   "7b": llama.LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128),
   "1b": llama.LlamaConfig(32000, 2048, 5632, 22, 32, 4, 64),  # TinyLlama-1.1B
+  "tiny": llama.LlamaConfig(512, 128, 384, 2, 4, 2, 32),  # CPU smoke test
+}
+METHODS = {
+  "bf16": QuantConfig(method="none"),
+  "nf4": QuantConfig(method="nf", bits=4),
+  "nf3": QuantConfig(method="nf", bits=3),
+  "nf2": QuantConfig(method="nf", bits=2),
+  **{f"lowra{b:g}": QuantConfig(budget=b) for b in (4, 3, 2.5, 2.25, 2, 1.75, 1.5, 1.25, 1.15)},
 }
 
 
-def random_params(model: llama.Llama, tokens) -> dict:
-  """bf16 params of the model's shape with std 0.02 kernels (unit norms)."""
-  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+def random_layer(config: llama.LlamaConfig, seed: int = 0) -> dict:
+  """bf16 params of a one-layer model at the shape: std 0.02 kernels, unit norms."""
+  model = llama.Llama(dataclasses.replace(config, num_layers=1))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(seed), tokens)["params"]
   return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
 
 
-def step_fn(model, tokens, targets):
-  def loss(adapters, variables):
-    logits = model.apply({**variables, "lora": adapters}, tokens)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+def tile_layers(params: dict, num_layers: int) -> dict:
+  """A one-layer params tree -> `num_layers` layers, each its own copy of layer 0's leaves."""
+  layer = params["model"]["layers"]["0"]
+  copy = lambda x: jnp.array(x, copy=True)  # noqa: E731
+  layers = {str(i): jax.tree.map(copy, layer) for i in range(num_layers)}
+  return {**params, "model": {**params["model"], "layers": layers}}
 
-  return jax.jit(jax.value_and_grad(loss))
 
-
-def measure(name, model, variables, adapters, tokens, targets, repeat):
-  fn = step_fn(model, tokens, targets)
+def quantized_layer(config: llama.LlamaConfig, qcfg: QuantConfig) -> tuple[dict, float]:
+  """(one-layer params with the method's base, quantize seconds)."""
+  params = random_layer(config)
+  if qcfg.method == "none":
+    return params, 0.0
   t0 = time.perf_counter()
-  compiled = fn.lower(adapters, variables).compile()
+  qparams, _ = quantize_params(params, qcfg, progress=False)
+  jax.block_until_ready(qparams)
+  return qparams, time.perf_counter() - t0
+
+
+def measure(args, name: str) -> dict:
+  """Compile and run the training step of one method; peak memory of this process."""
+  config = SHAPES[args.shape]
+  qparams, quantize_s = quantized_layer(config, METHODS[name])
+  qparams = tile_layers(qparams, config.num_layers)
+  lcfg = lora.LoraConfig(rank=args.rank, alpha=float(args.rank))
+  frozen, quant = lora.split_quantized(qparams)
+  del qparams
+  adapters = lora.random_adapters(
+    lora.target_paths(frozen | quant, lcfg), lcfg.rank, jax.random.key(1)
+  )
+  model = llama.Llama(config, lora=lcfg, remat=args.remat)
+  tx = train_lib.make_optimizer(train_lib.OptimConfig(warmup_steps=0, total_steps=10**6))
+  state = train_lib.TrainState.create(adapters, tx)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, config.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  variables = {"params": frozen, "quant": quant}
+  step = train_lib.make_train_step(model, tx)
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, variables, batch, key).compile()
   compile_s = time.perf_counter() - t0
-  jax.block_until_ready(compiled(adapters, variables))
+  for _ in range(2):
+    state, metrics = compiled(state, variables, batch, key)
+  jax.block_until_ready(metrics)
   times = []
-  for _ in range(repeat):
+  for _ in range(args.repeat):
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(adapters, variables))
+    state, metrics = compiled(state, variables, batch, key)
+    jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
-  base_bytes = sum(x.nbytes for x in jax.tree.leaves(variables))  # frozen: dense + packed
-  mem = compiled.memory_analysis()
+  stats = jax.devices()[0].memory_stats() or {}
+  bits = bits_per_param(quant) if quant else None
   return {
-    "name": name,
+    "method": name,
+    "code_bits": bits.code if bits else 16.0,
+    "total_bits": bits.total if bits else 16.0,
+    "quantize_layer_s": quantize_s,
     "compile_s": compile_s,
     "step_ms": 1e3 * float(np.median(times)),
-    "base_gb": base_bytes / 1e9,
-    "temp_gb": mem.temp_size_in_bytes / 1e9,
+    "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
+    "base_gb": sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9,
+    "loss": float(metrics["loss"]),
   }
+
+
+def memory_grid(args) -> list[dict]:
+  """Frozen-base GB of the whole model per method, from one quantized layer."""
+  config = SHAPES[args.shape]
+  out = []
+  for name, qcfg in METHODS.items():
+    params, _ = quantized_layer(config, qcfg)
+    layer = sum(x.nbytes for x in jax.tree.leaves(params["model"]["layers"]))
+    rest = sum(x.nbytes for x in jax.tree.leaves(params)) - layer
+    _, quant = lora.split_quantized(params)
+    bits = bits_per_param(quant) if quant else None
+    out.append(
+      {
+        "method": name,
+        "code_bits": bits.code if bits else 16.0,
+        "total_bits": bits.total if bits else 16.0,
+        "base_gb": (layer * config.num_layers + rest) / 1e9,
+      }
+    )
+    print(f"memory grid: {name} {out[-1]['base_gb']:.2f} GB", flush=True)
+  return out
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="7b", choices=sorted(SHAPES))
-  parser.add_argument("--layers", type=int, default=0, help="override the number of layers")
-  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--seq", type=int, default=512)
-  parser.add_argument("--method", default="lowra")
-  parser.add_argument("--budget", type=float, default=1.5)
-  parser.add_argument("--bits", type=int, default=2)
-  parser.add_argument("--repeat", type=int, default=5)
+  parser.add_argument("--rank", type=int, default=64)
+  parser.add_argument("--remat", action="store_true", help="rematerialise each decoder layer")
+  parser.add_argument("--methods", default="bf16,nf4,lowra2,lowra1.5")
+  parser.add_argument("--repeat", type=int, default=10)
+  parser.add_argument("--memory_grid", action="store_true")
+  parser.add_argument("--out", help="write the results here as JSON")
+  parser.add_argument("--child", help=argparse.SUPPRESS)  # one method, JSON to stdout
   args = parser.parse_args()
+  if args.child:
+    print("RESULT " + json.dumps(measure(args, args.child)), flush=True)
+    return
+  rows = []
+  for name in args.methods.split(","):
+    if name not in METHODS:
+      raise SystemExit(f"unknown method {name!r}: use some of {', '.join(METHODS)}.")
+    cmd = [sys.executable, *sys.argv, f"--child={name}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+      print(f"{name} failed:\n{done.stderr[-3000:]}", flush=True)
+      continue
+    rows.append(json.loads(lines[-1][7:]))
+    print(f"{name}: {rows[-1]}", flush=True)
+  grid = memory_grid(args) if args.memory_grid else []
   config = SHAPES[args.shape]
-  if args.layers:
-    config = llama.LlamaConfig(**{**config.__dict__, "num_layers": args.layers})
-  lcfg = lora.LoraConfig(rank=16)
-  model = llama.Llama(config, lora=lcfg)
-  rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(0, config.vocab_size, (args.batch, args.seq)), jnp.int32)
-  targets = jnp.roll(tokens, -1, axis=1)
-  t_start = time.perf_counter()
-  params = random_params(model, tokens)
-  print(f"[{time.perf_counter() - t_start:.0f} s] random params", flush=True)
-  adapters = lora.random_adapters(lora.target_paths(params, lcfg), lcfg.rank, jax.random.key(1))
-  adapters = jax.tree.map(lambda x: x + 1e-3, adapters)
-  rows = [measure("bf16 base", model, {"params": params}, adapters, tokens, targets, args.repeat)]
-  print(f"[{time.perf_counter() - t_start:.0f} s] bf16 step measured", flush=True)
-  qcfg = QuantConfig(method=args.method, bits=args.bits, budget=args.budget)
-  t0 = time.perf_counter()
-  qparams, report = quantize_params(params, qcfg)
-  jax.block_until_ready(qparams)
-  quant_s = time.perf_counter() - t0
-  print(f"[{time.perf_counter() - t_start:.0f} s] quantized", flush=True)
-  del params
-  frozen, quant = lora.split_quantized(qparams)
-  label = f"{args.method} {args.budget if args.method == 'lowra' else args.bits} bit"
-  row = measure(
-    label, model, {"params": frozen, "quant": quant}, adapters, tokens, targets, args.repeat
-  )
-  rows.append({**row, "quantize_s": quant_s})
-  print(
-    f"\n{args.shape} ({config.num_layers} layers), batch {args.batch} x {args.seq}, LoRA r=16; "
-    f"jax {jax.__version__}, {jax.devices()[0].device_kind}; {report.total_bits:.3f} total bits"
-  )
-  print("| base | quantize s | compile s | step ms | base GB | step temp GB |")
-  print("|---|---|---|---|---|---|")
+  header = {
+    "shape": args.shape,
+    "layers": config.num_layers,
+    "batch": args.batch,
+    "seq": args.seq,
+    "rank": args.rank,
+    "remat": args.remat,
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+  }
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({**header, "steps": rows, "memory_grid": grid}, f, indent=2)
+  print(f"\n{header}")
+  base = next((r for r in rows if r["method"] == "bf16"), None)
+  print("| base | code bits | total bits | compile s | step ms | vs bf16 | peak GB | base GB |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
+    ratio = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "-"
     print(
-      f"| {r['name']} | {r.get('quantize_s', 0):.1f} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
-      f"{r['base_gb']:.2f} | {r['temp_gb']:.2f} |"
+      f"| {r['method']} | {r['code_bits']:.3f} | {r['total_bits']:.3f} | {r['compile_s']:.1f} "
+      f"| {r['step_ms']:.1f} | {ratio} | {r['peak_gb']:.2f} | {r['base_gb']:.2f} |"
     )
 
 

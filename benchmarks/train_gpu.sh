@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The default llama_1p5bit run on a GPU machine without network: carried wheels + a copy of the
-# bundled model and task under .carry/ (see docs/results.md). Usage: bash benchmarks/train_gpu.sh OUT
+# bundled model and task under .carry/ (see benchmarks/gpu_env.sh). Usage: bash benchmarks/train_gpu.sh OUT
 set -euo pipefail
 out=${1:?output directory}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-args=(--config=configs/llama_1p5bit.py --config.model.path=.carry/models/pycode-llama-17m
-      --config.data.path=.carry/pycode --config.eval_data.path=.carry/pycode
+source benchmarks/gpu_env.sh
+args=(--config=configs/llama_1p5bit.py --config.model.path=.carry/data/models/pycode-llama-17m
+      --config.data.path=.carry/data/pycode --config.eval_data.path=.carry/data/pycode
       --config.workdir=/tmp/run --config.train.eval_blocks=0)
 /usr/bin/time -v python train.py "${args[@]}" > "$out/train.txt" 2> "$out/train.err" || true
 python eval.py "${args[@]}" > "$out/eval.txt" 2> "$out/eval.err" || true

@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant = dict(
     method="lowra",
     bits=2,
+    layer_bits=(),  # nf: ((regex, bits), ...) per-layer overrides (LoftQ's mixed precision)
     budget=1.5,
     precisions=(1, 2, 4),
     group_size=64,

@@ -20,7 +20,7 @@ from lowra_jax import lora, sharding
 from lowra_jax.data import DataConfig
 from lowra_jax.models import llama
 from lowra_jax.models.tokenizer import Tokenizer, load_tokenizer
-from lowra_jax.quantize import QuantConfig
+from lowra_jax.quantize import BitsPerParam, QuantConfig, bits_per_param
 from lowra_jax.quantize.serialize import load_quantized, save_quantized
 from lowra_jax.train_lib import OptimConfig
 
@@ -55,7 +55,11 @@ def settings(config) -> Settings:
       f"config.model.dtype must be one of {sorted(DTYPES)}, got {values['model']['dtype']!r}."
     )
   lora_values = dict(values["lora"], targets=tuple(values["lora"]["targets"]))
-  quant_values = dict(values["quant"], precisions=tuple(values["quant"]["precisions"]))
+  quant_values = dict(
+    values["quant"],
+    precisions=tuple(values["quant"]["precisions"]),
+    layer_bits=tuple(tuple(x) for x in values["quant"]["layer_bits"]),
+  )
   return Settings(
     quant=_build(QuantConfig, "quant", quant_values),
     lora=_build(lora.LoraConfig, "lora", lora_values),
@@ -151,9 +155,26 @@ def save_base(config, prep: Prepared, base_dir: Path) -> None:
   save_quantized(base_dir, {"qparams": qparams, "adapters": prep.adapters}, base_identity(config))
 
 
-def peak_memory() -> str:
-  """Peak bytes in use on this process's first device, as text ('n/a' where the backend does not
+def base_bits(prep: Prepared) -> BitsPerParam | None:
+  """Code and total bits per quantized weight; None when the base is dense (method 'none')."""
+  return bits_per_param(prep.frozen["quant"]) if prep.frozen["quant"] else None
+
+
+def bits_columns(bits: BitsPerParam | None, dtype: str) -> tuple[str, str]:
+  """(code bits, total bits) as table text; the dtype's width for a dense base."""
+  if bits is None:
+    width = str(jnp.dtype(DTYPES[dtype]).itemsize * 8)
+    return width, width
+  return f"{bits.code:.3f}", f"{bits.total:.3f}"
+
+
+def peak_memory_bytes() -> int | None:
+  """Peak bytes in use on this process's first device so far (None where the backend does not
   say)."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
+  return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def peak_memory() -> str:
+  """`peak_memory_bytes` as text ('n/a' where the backend does not say)."""
+  peak = peak_memory_bytes()
   return f"{peak / 1e9:.2f} GB" if peak else "n/a on this backend"

@@ -177,13 +177,13 @@ def init_lora(
 
   Args:
     params: nested dense params (``weights.to_kernel_tree`` / `llama.load_pretrained`).
-    quant_config: how the base is quantized (any method: nf, lloyd, lowra).
+    quant_config: how the base is quantized (nf, lloyd, lowra; 'none' keeps it dense).
     lora_config: adapter settings; ``init`` picks QLoRA or LoftQ initialisation.
     rng: a jax PRNG key (QLoRA's random A).
 
   Returns:
     (qparams, lora, report): params with quantized kernels, the adapter tree, and the quantizer's
-    report (QLoRA) or a `loftq.LoftQReport` (LoftQ).
+    report (QLoRA), a `loftq.LoftQReport` (LoftQ) or None (method 'none').
   """
   shapes = target_paths(params, lora_config)
   too_small = [f"{'/'.join(p)} {s}" for p, s in shapes.items() if min(s) < lora_config.rank]
@@ -191,6 +191,12 @@ def init_lora(
     raise ValueError(
       f"LoRA rank {lora_config.rank} exceeds min(in, out) of {', '.join(too_small)}."
     )
+  if quant_config.method == "none":  # the dense (bf16) LoRA reference
+    if lora_config.init != "qlora":
+      raise ValueError(
+        "LoRA init 'loftq' needs a quantized base; with quant method 'none' use init='qlora'."
+      )
+    return params, random_adapters(shapes, lora_config.rank, rng), None
   if lora_config.init == "qlora":
     qparams, report = quantize_params(params, quant_config, progress=progress)
     return qparams, random_adapters(shapes, lora_config.rank, rng), report

@@ -27,6 +27,7 @@ def test_the_issue_configs_exist():
     "qlora_nf4",
     "qlora_nf2",
     "loftq_nf2",
+    "lora_bf16",
   } <= names
   assert "demo" in names
 
@@ -35,7 +36,7 @@ def test_the_issue_configs_exist():
 def test_config_builds_valid_settings(path):
   config = load(path)
   s = experiment.settings(config)
-  assert s.quant.method in ("nf", "lloyd", "lowra")
+  assert s.quant.method in ("nf", "lloyd", "lowra", "none")
   assert config.workdir.endswith(path.stem)
   if (ROOT / ".." / "shared").exists():
     assert (ROOT / config.model.path).exists() and (ROOT / config.data.path).exists()

@@ -238,3 +238,17 @@ def test_config_and_target_errors(stories):
     lora_lib.init_lora(params, NF2, lora_lib.LoraConfig(targets=("wq",)), jax.random.key(0))
   with pytest.raises(ValueError, match="exceeds min"):
     lora_lib.init_lora(params, NF2, lora_lib.LoraConfig(rank=100), jax.random.key(0))
+
+
+def test_method_none_is_the_dense_lora_reference(stories):
+  """quant method 'none': the params come back untouched, adapters start at B = 0."""
+  _, params = stories
+  none = QuantConfig(method="none")
+  qparams, adapters, report = lora_lib.init_lora(
+    params, none, lora_lib.LoraConfig(rank=4), jax.random.key(0)
+  )
+  assert report is None and qparams is params
+  assert not jax.tree.leaves(lora_lib.split_quantized(qparams)[1])
+  assert all(float(jnp.abs(b).max()) == 0 for b in jax.tree.leaves(adapters)[1::2])
+  with pytest.raises(ValueError, match="needs a quantized base"):
+    lora_lib.init_lora(params, none, lora_lib.LoraConfig(init="loftq"), jax.random.key(0))

@@ -181,11 +181,45 @@ def test_default_filter_skips_embeddings_norms_head_and_vectors():
     (dict(precisions=(1, 8)), r"subset of"),
     (dict(group_size=60), r"multiple of 8"),
     (dict(weighting="abs"), r"unknown weighting"),
+    (dict(method="lowra", layer_bits=(("q", 4),)), r"layer_bits applies to methods"),
+    (dict(method="nf", layer_bits=(("q", 5),)), r"\(regex, bits\) pair"),
+    (dict(method="nf", layer_bits=(("q[", 4),)), r"not a regex"),
   ],
 )
 def test_bad_configs_raise_clear_errors(kwargs, match):
   with pytest.raises(quantize.QuantizationError, match=match):
     quantize.QuantConfig(**kwargs)
+
+
+def nf_reference(w, bits):
+  """Plain NF-k with one float32 absmax per 64 inputs of a channel, float64 elsewhere."""
+  blocks = np.asarray(w, np.float64).reshape(-1, 64, w.shape[1])
+  absmax = np.abs(blocks).max(axis=1, keepdims=True).astype(np.float32).astype(np.float64)
+  levels = codebooks.nf_levels(bits).astype(np.float64)
+  codes = np.abs((blocks / absmax)[..., None] - levels).argmin(axis=-1)
+  return (levels[codes] * absmax).reshape(w.shape)
+
+
+def test_layer_bits_give_matching_kernels_their_own_precision():
+  """LoftQ-style mixed NF: layer 0 at 4 bits, the rest at 2, each equal to plain NF-k."""
+  params = {"layers": {str(i): {"q": {"kernel": heavy(10 + i, (128, 32))}} for i in range(3)}}
+  cfg = quantize.QuantConfig(
+    method="nf", bits=2, layer_bits=((r"layers/0/", 4),), double_quant=False
+  )
+  qparams, report = quantize.quantize_params(params, cfg, progress=False)
+  dense = quantize.dequantize_params(qparams, jnp.float32)
+  for i, bits in enumerate((4, 2, 2)):
+    w = params["layers"][str(i)]["q"]["kernel"]
+    assert report.layers[i].code_bits == bits
+    np.testing.assert_allclose(
+      dense["layers"][str(i)]["q"]["kernel"], nf_reference(w, bits), rtol=1e-6
+    )
+  assert report.code_bits == pytest.approx(8 / 3)
+
+
+def test_method_none_quantizes_nothing():
+  with pytest.raises(quantize.QuantizationError, match=r"method='none' quantizes nothing"):
+    quantize.quantize_params({"k": heavy(0, (64, 8))}, quantize.QuantConfig(method="none"))
 
 
 def test_bad_tensors_raise_clear_errors_naming_the_parameter():

@@ -81,6 +81,12 @@ def test_training_lowers_eval_loss_and_eval_reports_it(straight):
   assert list(ppl) == ["bf16 base", "quantized base", f"+ adapters (step {STEPS})"]
   assert ppl[f"+ adapters (step {STEPS})"] < ppl["quantized base"]
   np.testing.assert_allclose(np.log(ppl[f"+ adapters (step {STEPS})"]), evals[-1], rtol=1e-4)
+  summary = json.loads((straight / "summary.json").read_text())
+  assert summary["code_bits"] == 2.0 and summary["steps"] == STEPS
+  assert summary["init_eval_loss"] == evals[0] and summary["final_eval_loss"] == evals[-1]
+  # LoftQ init: the quantized base alone is logged too; eval.py measures it independently.
+  np.testing.assert_allclose(np.log(ppl["quantized base"]), summary["base_eval_loss"], rtol=1e-4)
+  assert summary["base_eval_loss"] > summary["init_eval_loss"]
   assert (straight / "base" / "tree.json").exists()  # eval.py loaded this base, not a new one
   out = subprocess.run(
     [*cmd, "--config.quant.bits=4"], check=False, cwd=ROOT, capture_output=True, text=True

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
-METHODS = ("nf", "lloyd", "lowra")
+METHODS = ("nf", "lloyd", "lowra", "none")
 PACKABLE_BITS = (1, 2, 3, 4)
-Method = Literal["nf", "lloyd", "lowra"]
+Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
 Solver = Literal["auto", "greedy", "milp"]
 
@@ -25,11 +26,16 @@ class QuantConfig:
     lloyd: per-output-channel weighted Lloyd-Max levels at a fixed `bits`.
     lowra: per-channel Lloyd-Max levels at each precision in `precisions`, then per-channel
            precision chosen model-wide so that the average *code* bits per parameter <= `budget`.
+    none:  nothing is quantized (the bf16 LoRA reference); `quantize_params` refuses it.
   """
 
   method: Method = "lowra"
   bits: int = 2
   """Fixed precision for `nf` and `lloyd` (1..4)."""
+  layer_bits: tuple[tuple[str, int], ...] = ()
+  """`nf` / `lloyd`: (regex, bits) pairs; a kernel whose '/'-joined path matches a pattern (the
+  first that does) gets that precision instead of `bits` -- LoftQ's mixed precision, e.g.
+  ((r"layers/[0-3]/", 4),) keeps the first four decoder layers at 4 bits."""
   budget: float = 2.0
   """`lowra`: average code bits per parameter over all quantized layers, in [1, 4]."""
   precisions: tuple[int, ...] = (1, 2, 4)
@@ -60,7 +66,13 @@ class QuantConfig:
   @property
   def candidate_bits(self) -> tuple[int, ...]:
     """Precisions a channel may be given under this config."""
-    return tuple(sorted(self.precisions)) if self.method == "lowra" else (self.bits,)
+    if self.method == "lowra":
+      return tuple(sorted(self.precisions))
+    return tuple(sorted({self.bits, *(b for _, b in self.layer_bits)}))
+
+  def bits_for(self, path: str) -> int:
+    """`nf` / `lloyd`: the fixed precision of the kernel at `path` (see `layer_bits`)."""
+    return next((b for p, b in self.layer_bits if re.search(p, path)), self.bits)
 
 
 def validate(cfg: QuantConfig) -> None:
@@ -85,6 +97,20 @@ def validate(cfg: QuantConfig) -> None:
       )
   elif cfg.bits not in PACKABLE_BITS:
     raise QuantizationError(f"bits={cfg.bits} is not supported: use one of {PACKABLE_BITS}.")
+  if cfg.layer_bits and cfg.method not in ("nf", "lloyd"):
+    raise QuantizationError(
+      f"layer_bits applies to methods 'nf' and 'lloyd', not {cfg.method!r}: remove it "
+      "(lowra chooses precisions itself from `budget`)."
+    )
+  for entry in cfg.layer_bits:
+    if len(entry) != 2 or entry[1] not in PACKABLE_BITS:
+      raise QuantizationError(
+        f"layer_bits entry {entry!r} must be a (regex, bits) pair with bits in {PACKABLE_BITS}."
+      )
+    try:
+      re.compile(entry[0])
+    except re.error as e:
+      raise QuantizationError(f"layer_bits pattern {entry[0]!r} is not a regex: {e}.") from None
   if cfg.group_size <= 0 or cfg.group_size % 8:
     raise QuantizationError(f"group_size={cfg.group_size} must be a positive multiple of 8.")
   if cfg.dq_block <= 0:

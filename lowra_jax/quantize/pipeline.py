@@ -176,11 +176,11 @@ class _Fitted:
   errors: np.ndarray | None  # float32 [N, P] for the solver; None for nf/lloyd
 
 
-def _fit(w, cfg: QuantConfig) -> _Fitted:
+def _fit(w, cfg: QuantConfig, path: str) -> _Fitted:
   x, fit_w, err_w, absmax = _normalise(w, group_size=cfg.group_size, weighting=cfg.weighting)
   if cfg.method == "nf":
     return _Fitted(np.asarray(absmax), {}, None)
-  bits = cfg.candidate_bits
+  bits = cfg.candidate_bits if cfg.method == "lowra" else (cfg.bits_for(path),)
   tables, errors = mapping.fit_channels(x, fit_w, err_w, bits=bits, iters=cfg.lloyd_iters)
   return _Fitted(
     np.asarray(absmax),
@@ -301,6 +301,8 @@ def quantize_and_dequantize(
     replaced by float32 [K, N] equal to `dequantize(qparams leaf, float32)` up to float32
     rounding (host and device compute the double-quantized scales apart).
   """
+  if config.method == "none":
+    raise QuantizationError("method='none' quantizes nothing: keep the params as they are.")
   filter_fn = filter_fn or default_filter(config)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   selected = [i for i, (p, leaf) in enumerate(flat) if filter_fn(path_str(p), leaf)]
@@ -316,14 +318,14 @@ def quantize_and_dequantize(
 
   t0 = time.perf_counter()
   fitted = {
-    i: _fit(flat[i][1], config)
+    i: _fit(flat[i][1], config, paths[i])
     for i in tqdm(selected, desc="fit", disable=not progress, leave=False)
   }
   seconds["fit"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  cand = np.asarray(config.candidate_bits)
   if config.method == "lowra":
+    cand = np.asarray(config.candidate_bits)
     errors = np.concatenate([fitted[i].errors for i in selected]).astype(np.float64)
     costs = np.concatenate([np.full(flat[i][1].shape[1], flat[i][1].shape[0]) for i in selected])
     choice = precision.solve_budget(
@@ -332,7 +334,7 @@ def quantize_and_dequantize(
     splits = np.cumsum([flat[i][1].shape[1] for i in selected])[:-1]
     channel_bits = dict(zip(selected, np.split(cand[choice], splits)))
   else:
-    channel_bits = {i: np.full(flat[i][1].shape[1], cand[0]) for i in selected}
+    channel_bits = {i: np.full(flat[i][1].shape[1], config.bits_for(paths[i])) for i in selected}
   seconds["solve"] = time.perf_counter() - t0
 
   leaves = [leaf for _, leaf in flat]
