@@ -21,6 +21,8 @@ demo: setup
 	$(PY) train.py --config=configs/demo.py --config.train.resume=True
 	$(PY) eval.py --config=configs/demo.py
 
+# The suite runs on 8 simulated CPU devices (tests/conftest.py), so the sharding and multi-host
+# tests (test_sharding.py, test_multihost.py) are part of it.
 test: setup
 	$(PY) -m pytest
 

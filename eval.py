@@ -8,7 +8,8 @@ non-overlapping windows of seq_len + 1 tokens (stride seq_len, no sliding contex
 first token is predicted by nobody, every other token once); `config.train.eval_blocks` caps the
 number of windows (0: all). The quantized base is loaded from `config.workdir/base` (saved by
 train.py; quantized from the config if absent), the adapters come from the newest checkpoint in
-`config.workdir/checkpoints` (skipped if there is none). Prints one table.
+`config.workdir/checkpoints` (skipped if there is none), onto this run's devices (`config.mesh`)
+whatever devices saved them. Prints one table.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lowra_jax import data, experiment, train_lib
+from lowra_jax import data, experiment, sharding, train_lib
 from lowra_jax.checkpoint import latest_adapters
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
 flags.mark_flags_as_required(["config"])
 
 
-def perplexity(eval_step, variables, adapters, blocks, batch_size) -> tuple[float, int]:
+def perplexity(eval_step, variables, adapters, blocks, batch_size, mesh) -> tuple[float, int]:
   """(perplexity, tokens scored) of `blocks` [n, T + 1]."""
-  loss, tokens = train_lib.mean_loss(eval_step, variables, adapters, blocks, batch_size)
+  loss, tokens = train_lib.mean_loss(eval_step, variables, adapters, blocks, batch_size, mesh)
   return float(np.exp(loss)), tokens
 
 
@@ -38,30 +39,37 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   s = experiment.settings(config)
+  mesh = experiment.make_mesh(s)
   prep = experiment.prepare(config, s, Path(config.workdir) / "base")
   blocks = data.load(s.eval_data, prep.tokenizer).blocks
   if config.train.eval_blocks:
     blocks = blocks[: config.train.eval_blocks]
-  eval_step = train_lib.make_eval_step(prep.model)
+  eval_step = train_lib.make_eval_step(prep.model, mesh=mesh)
   batch = s.eval_data.batch_size
+
+  def place(tree):
+    return jax.device_put(tree, sharding.tree_shardings(tree, mesh, s.mesh))
+
   rows = []
-  dense = {"params": jax.tree.map(np.asarray, prep.params)}
-  ppl, tokens = perplexity(eval_step, dense, None, blocks, batch)
+  ppl, tokens = perplexity(eval_step, place({"params": prep.params}), None, blocks, batch, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(prep.params))
   rows.append(("bf16 base", "16", "16", ppl))
   bits = experiment.base_bits(prep)
   code, total = experiment.bits_columns(bits, config.model.dtype)
+  frozen = place(prep.frozen)
   if bits is not None:
-    ppl, _ = perplexity(eval_step, prep.frozen, None, blocks, batch)
+    ppl, _ = perplexity(eval_step, frozen, None, blocks, batch, mesh)
     rows.append(("quantized base", code, total, ppl))
   tx = train_lib.make_optimizer(s.optim)
-  trained = latest_adapters(Path(config.workdir) / "checkpoints", prep.adapters, tx)
+  trained = latest_adapters(Path(config.workdir) / "checkpoints", prep.adapters, tx, place=place)
   if trained is not None:
     adapters, step = trained
-    ppl, _ = perplexity(eval_step, prep.frozen, adapters, blocks, batch)
+    ppl, _ = perplexity(eval_step, frozen, adapters, blocks, batch, mesh)
     rows.append((f"+ adapters (step {step})", code, total, ppl))
   n_quant = bits.num_params if bits is not None else 0
   n_adapter = sum(x.size for x in jax.tree.leaves(prep.adapters))
+  if jax.process_index():
+    return
   print(
     f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({n_quant / 1e6:.1f}M "
     f"quantized), adapters {n_adapter / 1e6:.2f}M; {tokens} tokens of {s.eval_data.path} "

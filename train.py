@@ -8,6 +8,10 @@ AdamW under jit and writes into `config.workdir`: checkpoints/ (Orbax: adapters,
 data position), base/ (the packed quantized base and initial adapters, reused by resume and
 eval.py), metrics.jsonl, loss.png, config.json, summary.json (bits, eval losses of the quantized
 base / initial adapters / final adapters, tokens/s, peak memory) and adapter-step{N}/ (PEFT).
+
+Runs on every visible device (`config.mesh`: data parallelism x FSDP); with
+`--config.mesh.distributed=True` each host runs this same command (README: "Multiple GPUs / hosts")
+and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from lowra_jax import data, experiment, export, lora, train_lib
+from lowra_jax import data, experiment, export, lora, sharding, train_lib
 from lowra_jax.checkpoint import TrainCheckpoints
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
@@ -65,6 +69,9 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   config = _CONFIG.value
   s = experiment.settings(config)
+  mesh = experiment.make_mesh(s)
+  sharding.check_batch_size(s.data.batch_size, mesh, "config.data.batch_size")
+  lead = jax.process_index() == 0  # writes the files; every process computes
   workdir = Path(config.workdir)
   check_workdir(workdir, config.train.resume)
   if config.train.export_merged and not Path(config.model.path).is_dir():
@@ -76,22 +83,33 @@ def main(argv) -> None:
   if config.train.eval_blocks:
     eval_blocks = eval_blocks[: config.train.eval_blocks]
   code, total_bits = experiment.bits_columns(experiment.base_bits(prep), config.model.dtype)
-  tqdm.write(f"base: {code} code bits, {total_bits} total bits per quantized weight")
+  if lead:
+    tqdm.write(f"base: {code} code bits, {total_bits} total bits per quantized weight")
 
   tx = train_lib.make_optimizer(s.optim)
   state = train_lib.TrainState.create(prep.adapters, tx)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if not base_dir.exists():
-    experiment.save_base(config, prep, base_dir)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  state_sharding = sharding.tree_shardings(state, mesh, s.mesh)
+  state = jax.device_put(state, state_sharding)
+  frozen = jax.device_put(prep.frozen, sharding.tree_shardings(prep.frozen, mesh, s.mesh))
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not base_dir.exists():
+      experiment.save_base(config, prep, base_dir)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   ckpt = TrainCheckpoints(
     workdir / "checkpoints", every=config.train.checkpoint_every, keep=config.train.keep
   )
   if config.train.resume and ckpt.latest_step is not None:
-    state, _ = ckpt.restore(state)
+    state, _ = ckpt.restore(state)  # onto this run's shardings, whatever the saving devices
     tqdm.write(f"resumed from step {int(state.step)}")
-  step_fn = train_lib.make_train_step(prep.model, tx)
-  eval_step = train_lib.make_eval_step(prep.model)
+  step_fn = train_lib.make_train_step(prep.model, tx, mesh=mesh, state_sharding=state_sharding)
+  eval_step = train_lib.make_eval_step(prep.model, mesh=mesh)
+
+  def evaluate(adapters) -> float:
+    return train_lib.mean_loss(
+      eval_step, frozen, adapters, eval_blocks, s.eval_data.batch_size, mesh
+    )[0]
+
   total = s.optim.total_steps * s.optim.accumulation
   start = int(state.step)
   metrics_path = workdir / "metrics.jsonl"
@@ -99,33 +117,27 @@ def main(argv) -> None:
   if metrics_path.exists():
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     records = [r for r in records if r["step"] <= start]
-  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  if lead:
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
   def log(record: dict) -> None:
     records.append(record)
-    with metrics_path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    if lead:
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
   if start == 0:
-    record = {
-      "step": 0,
-      "eval_loss": train_lib.mean_loss(
-        eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
-      )[0],
-    }
+    record = {"step": 0, "eval_loss": evaluate(state.adapters)}
     if s.lora.init == "loftq":  # the quantized base alone (zero adapters: no second compile)
-      zeros = jax.tree.map(jnp.zeros_like, state.adapters)
-      record["base_eval_loss"] = train_lib.mean_loss(
-        eval_step, prep.frozen, zeros, eval_blocks, s.eval_data.batch_size
-      )[0]
+      record["base_eval_loss"] = evaluate(jax.tree.map(jnp.zeros_like, state.adapters))
     log(record)
   rng = jax.random.key(config.train.seed)
   stream = data.batches(train_blocks, batch_size=s.data.batch_size, seed=s.data.seed, start=start)
   tokens_per_step = s.data.batch_size * s.data.seq_len
-  bar = tqdm(total=total, initial=start, desc="train", unit="step")
+  bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not lead)
   t0, window = time.perf_counter(), []
   for step in range(start + 1, total + 1):
-    state, metrics = step_fn(state, prep.frozen, next(stream), rng)
+    state, metrics = step_fn(state, frozen, sharding.put_batch(next(stream), mesh), rng)
     window.append(metrics)
     ckpt.save(state, data_position=step)
     if step % config.train.log_every == 0 or step == total:
@@ -142,33 +154,27 @@ def main(argv) -> None:
       bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
       t0, window = time.perf_counter(), []
     if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
-      log(
-        {
-          "step": step,
-          "eval_loss": train_lib.mean_loss(
-            eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
-          )[0],
-        }
-      )
+      log({"step": step, "eval_loss": evaluate(state.adapters)})
     bar.update(1)
   bar.close()
   ckpt.save(state, data_position=total, force=ckpt.latest_step != total)
   ckpt.close()
-  final, _ = train_lib.mean_loss(
-    eval_step, prep.frozen, state.adapters, eval_blocks, s.eval_data.batch_size
-  )
+  final = evaluate(state.adapters)
   log({"step": total, "eval_loss": final})
+  adapters = sharding.to_host(state.adapters)  # a collective: every process takes part
+  if not lead:
+    return
   plot_losses(records, workdir / "loss.png")
   if config.train.export_peft:
     out = workdir / f"adapter-step{total}"
     if not out.exists():
-      export.save_peft_adapters(out, state.adapters, s.lora, config.model.path)
+      export.save_peft_adapters(out, adapters, s.lora, config.model.path)
   if config.train.export_merged:
     out = workdir / f"merged-step{total}"
     if not out.exists():
       hf_config = json.loads((Path(config.model.path) / "config.json").read_text())
       qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
-      export.save_merged(out, qparams, state.adapters, s.lora, hf_config)
+      export.save_merged(out, qparams, adapters, s.lora, hf_config)
   first = next(r["eval_loss"] for r in records if "eval_loss" in r)
   rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
   summary = {

@@ -1,7 +1,8 @@
 """Shared defaults of the training configs: every config file starts from `base_config()`.
 
 Sections map one to one onto the library's dataclasses: ``quant`` -> `QuantConfig`, ``lora`` ->
-`LoraConfig`, ``data`` / ``eval_data`` -> `DataConfig`, ``optim`` -> `OptimConfig`; ``model``,
+`LoraConfig`, ``data`` / ``eval_data`` -> `DataConfig`, ``optim`` -> `OptimConfig`, ``mesh`` ->
+`sharding.MeshConfig` (default: data parallel over every device, no FSDP); ``model``,
 ``train`` and ``workdir`` are read by train.py / eval.py. Defaults point at the bundled
 pycode-llama-17m and its networkx fine-tuning task (paper setting: batch 1 x 512 tokens).
 """
@@ -65,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     grad_clip=1.0,
     accumulation=1,
   )
+  # Devices: data x fsdp = all of them (-1: the rest); batch sizes must divide by data x fsdp.
+  c.mesh = dict(data=-1, fsdp=1, min_shard_bytes=1 << 16, distributed=False)
   c.train = dict(
     seed=0,
     log_every=10,

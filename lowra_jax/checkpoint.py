@@ -6,7 +6,8 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 at any moment leaves only whole checkpoints; `restore` takes the newest one. The frozen base is not
-part of these checkpoints (it never changes).
+part of these checkpoints (it never changes). Arrays are saved as global arrays and restored onto
+the template's shardings, so a checkpoint written on one device count loads on any other.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class TrainCheckpoints:
     return bool(saved)
 
   def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, int]:
-    """(state, data_position) of `step` (default: the newest); `template` gives the structure."""
+    """(state, data_position) of `step` (default: the newest); `template` gives the structure and
+    the shardings to restore onto."""
     step = self.latest_step if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory} to resume from.")
@@ -70,12 +72,13 @@ class TrainCheckpoints:
 
 
 def latest_adapters(
-  directory: str | os.PathLike[str], adapters, tx: optax.GradientTransformation
+  directory: str | os.PathLike[str], adapters, tx: optax.GradientTransformation, place=None
 ) -> tuple[object, int] | None:
   """(adapters, step) of the newest checkpoint in `directory`; None when there is none.
 
   adapters: a tree of the run's structure (its initial adapters); tx: the run's optimizer (its
-  state is part of the checkpoint's structure).
+  state is part of the checkpoint's structure); place: optional tree -> tree putting the template
+  on the devices (shardings) to restore onto.
   """
   if not Path(directory).exists():
     return None
@@ -83,7 +86,8 @@ def latest_adapters(
   try:
     if ckpt.latest_step is None:
       return None
-    state, _ = ckpt.restore(TrainState.create(adapters, tx))
+    template = TrainState.create(adapters, tx)
+    state, _ = ckpt.restore(place(template) if place else template)
     return state.adapters, int(state.step)
   finally:
     ckpt.close()

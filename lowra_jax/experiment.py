@@ -1,8 +1,9 @@
 """From a train/eval config to the objects a run needs (shared by train.py and eval.py).
 
 `settings(config)` turns the ml_collections sections into the library's dataclasses, with one-line
-errors for bad values; `prepare(config)` loads the model and tokenizer, checks them against the
-data settings, quantizes the base and initialises the adapters.
+errors for bad values; `make_mesh(s)` joins the other hosts and builds the device mesh;
+`prepare(config)` loads the model and tokenizer, checks them against the data settings, quantizes
+the base and initialises the adapters.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from lowra_jax import lora
+from lowra_jax import lora, sharding
 from lowra_jax.data import DataConfig
 from lowra_jax.models import llama
 from lowra_jax.models.tokenizer import Tokenizer, load_tokenizer
@@ -34,6 +35,7 @@ class Settings:
   data: DataConfig
   eval_data: DataConfig
   optim: OptimConfig
+  mesh: sharding.MeshConfig
 
 
 def _build(cls, section: str, values: dict) -> Any:
@@ -65,7 +67,19 @@ def settings(config) -> Settings:
     data=_build(DataConfig, "data", values["data"]),
     eval_data=_build(DataConfig, "eval_data", values["eval_data"]),
     optim=_build(OptimConfig, "optim", values["optim"]),
+    mesh=_build(sharding.MeshConfig, "mesh", values["mesh"]),
   )
+
+
+def make_mesh(s: Settings) -> jax.sharding.Mesh:
+  """Joins the other processes (``mesh.distributed``) and builds the ("data", "fsdp") mesh over
+  every device (one-line error for axes that do not fit the devices)."""
+  sharding.initialize(s.mesh)
+  try:
+    mesh = sharding.make_mesh(s.mesh)
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from None
+  return mesh
 
 
 @dataclasses.dataclass
@@ -159,8 +173,9 @@ def bits_columns(bits: BitsPerParam | None, dtype: str) -> tuple[str, str]:
 
 
 def peak_memory_bytes() -> int | None:
-  """Peak bytes in use on the first device so far (None where the backend does not say)."""
-  return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  """Peak bytes in use on this process's first device so far (None where the backend does not
+  say)."""
+  return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
 
 
 def peak_memory() -> str:

@@ -8,6 +8,12 @@
 
 The packed base and the dense leftovers enter the step as arguments (not closed-over constants, so
 they are not baked into the compiled program), the adapters and optimizer state are donated.
+On several devices (`lowra_jax.sharding`), place the arguments first and pass the mesh:
+
+    state = jax.device_put(state, state_sharding := sharding.tree_shardings(state, mesh, cfg))
+    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, cfg))
+    step = make_train_step(model, tx, mesh=mesh, state_sharding=state_sharding)
+    state, metrics = step(state, frozen, sharding.put_batch(batch, mesh), rng)
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowra_jax import data
+from lowra_jax import data, sharding
 
 SCHEDULES = ("cosine", "constant")
 
@@ -110,12 +116,16 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | Non
   return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def make_train_step(model, tx: optax.GradientTransformation):
+def make_train_step(
+  model, tx: optax.GradientTransformation, *, mesh=None, state_sharding: TrainState | None = None
+):
   """A jitted (state, frozen variables, batch, rng) -> (state, metrics) step.
 
   frozen: {"params": ..., "quant": ...} (any collections but "lora"); batch: {"inputs", "targets"}
   int32 [B, T] (optional "mask" [B, T]); rng: a PRNG key for LoRA dropout, folded with the step.
   metrics: loss and gradient global norm (float32 scalars).
+  mesh: trace under this device mesh (arguments already placed on it); the new state keeps
+  `state_sharding` (a `TrainState` of shardings), the metrics are replicated.
   """
 
   def loss_fn(adapters, frozen, batch, rng):
@@ -135,11 +145,19 @@ def make_train_step(model, tx: optax.GradientTransformation):
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, adapters, opt_state), metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  if state_sharding is None:
+    raise ValueError("make_train_step: a mesh needs the state's sharding (state_sharding=...).")
+  out = (state_sharding, sharding.replicated(mesh))
+  return sharding.with_mesh(jax.jit(step, donate_argnums=0, out_shardings=out), mesh)
 
 
-def make_eval_step(model):
-  """A jitted (frozen variables, adapters or None, batch) -> (summed loss, token count) step."""
+def make_eval_step(model, *, mesh=None):
+  """A jitted (frozen variables, adapters or None, batch) -> (summed loss, token count) step.
+
+  mesh: trace under this device mesh (arguments already placed on it); results replicated.
+  """
 
   def step(frozen, adapters, batch):
     variables = frozen if adapters is None else {**frozen, "lora": adapters}
@@ -149,16 +167,23 @@ def make_eval_step(model):
     mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
     return (losses * mask).sum(), mask.sum()
 
-  return jax.jit(step)
+  if mesh is None:
+    return jax.jit(step)
+  return sharding.with_mesh(jax.jit(step, out_shardings=sharding.replicated(mesh)), mesh)
 
 
-def mean_loss(eval_step, variables, adapters, blocks, batch_size: int) -> tuple[float, int]:
+def mean_loss(
+  eval_step, variables, adapters, blocks, batch_size: int, mesh=None
+) -> tuple[float, int]:
   """(token-weighted mean next-token loss, tokens scored) of `blocks` [n, T + 1], in order.
 
-  eval_step: from `make_eval_step`; variables: frozen collections; adapters: tree or None.
+  eval_step: from `make_eval_step`; variables: frozen collections; adapters: tree or None;
+  mesh: the eval step's mesh (batches are split over it, padded with masked rows).
   """
   total = count = 0.0
   for batch in data.eval_batches(blocks, batch_size):
+    if mesh is not None:
+      batch = sharding.put_batch(batch, mesh, pad=True)
     loss_sum, n = eval_step(variables, adapters, batch)
     total, count = total + float(loss_sum), count + float(n)
   return total / count, int(count)

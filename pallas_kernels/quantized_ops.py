@@ -6,18 +6,26 @@ above M = 16, the `xla` backend, layouts the kernels do not cover) it is dequant
 transient weight for XLA's dot. The custom VJP returns only dX = dY @ W_hat^T the same two ways
 (`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed tensor itself
 is kept for the backward pass.
+
+Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
+split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
+its own rows against the whole packed tensor, which `shard_map` all-gathers (still packed) from its
+FSDP shards. Pallas calls cannot be partitioned by XLA, so this is what keeps them per device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from lowra_jax.quantize import QuantizedTensor
+from lowra_jax.sharding import BATCH_AXES
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import lut_matmul as lm
 
@@ -216,8 +224,35 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, backend: str = "auto"
     )
   impl = backend_lib.resolve(backend)
   lead = x.shape[:-1]
-  y = _qmm(x.reshape(-1, k), qt, impl)
+  x = x.reshape(-1, k)
+  axes = _row_axes(x.shape[0])
+  if axes:
+    row = P(axes, None)
+    # check_vma=False: pallas_call's outputs carry no varying-axes annotation.
+    local = jax.shard_map(
+      lambda x, qt: _qmm(x, qt, impl), in_specs=(row, P()), out_specs=row, check_vma=False
+    )
+    y = local(x, qt)
+  else:
+    y = _qmm(x, qt, impl)
   return y.reshape(*lead, n)
+
+
+def _row_axes(rows: int) -> tuple[str, ...]:
+  """Batch axes of the context mesh to split `rows` over; () without a mesh or when they do not
+  divide `rows` (XLA then partitions the call on its own: the `xla` path gathers dequantized
+  weights, Pallas calls run whole on every device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = tuple(
+    a
+    for a in BATCH_AXES
+    if a in mesh.axis_names
+    and mesh.shape[a] > 1
+    and mesh.axis_types[mesh.axis_names.index(a)] != jax.sharding.AxisType.Manual
+  )
+  return axes if axes and rows % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
 def quantized_matmul_reference(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
