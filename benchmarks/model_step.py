@@ -160,7 +160,7 @@ def main() -> None:
     print("RESULT " + json.dumps(measure(args, args.child)), flush=True)
     return
   rows = []
-  for name in args.methods.split(","):
+  for name in filter(None, args.methods.split(",")):
     if name not in METHODS:
       raise SystemExit(f"unknown method {name!r}: use some of {', '.join(METHODS)}.")
     cmd = [sys.executable, *sys.argv, f"--child={name}"]
