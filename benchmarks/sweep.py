@@ -346,7 +346,9 @@ def main() -> None:
   parser.add_argument("--data", default="../shared/data", help="root of the bundled material")
   parser.add_argument("--workers", type=int, default=1, help="rows run at the same time")
   parser.add_argument("--deadline_s", type=float, default=math.inf, help="start no row after this")
-  parser.add_argument("--only", default="", help="run only rows whose key contains this")
+  parser.add_argument(
+    "--only", default="", help="only rows whose key contains one of these (comma-separated)"
+  )
   parser.add_argument(
     "--extra", default="", help="flags added to every train.py command (e.g. for a smoke test)"
   )
@@ -357,7 +359,8 @@ def main() -> None:
   extra = tuple(shlex.split(args.extra))
   workdirs = args.workdirs or args.out / "runs"
   results = load_results(args.out)
-  todo = [r for r in rows() if args.only in r.key]
+  only = args.only.split(",")
+  todo = [r for r in rows() if any(o in r.key for o in only)]
   if args.list:
     for r in todo:
       workdir = workdirs / r.key

@@ -136,6 +136,8 @@ def _inverse_perm(qt: QuantizedTensor):
   return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
 
 
+# Jitted so that layers of identical shapes share one traced and lowered function.
+@functools.partial(jax.jit, static_argnums=2)
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
@@ -159,6 +161,7 @@ def _forward(x, qt: QuantizedTensor, impl: str):
   return y if qt.perm is None else y[:, _inverse_perm(qt)]
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def _backward(g, qt: QuantizedTensor, impl: str):
   m, _ = g.shape
   k = qt.shape[0]
