@@ -143,6 +143,47 @@ def memory_grid(args) -> list[dict]:
   return out
 
 
+def plot_memory(results: list[dict], path: str) -> None:
+  """Frozen-base GB vs total bits (memory grid) and each measured step's peak GB, one PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for label, marker, key in (("NF-k (QLoRA / LoftQ)", "s", "nf"), ("LowRA", "o", "lowra")):
+    grid = sorted(
+      (g["total_bits"], g["base_gb"])
+      for r in results
+      for g in r["memory_grid"]
+      if g["method"].startswith(key)
+    )
+    if grid:
+      ax.plot(*zip(*grid, strict=True), marker=marker, label=f"{label}: frozen base")
+  for r in results:
+    for g in r["memory_grid"]:
+      if g["method"] == "bf16":
+        ax.axhline(g["base_gb"], color="k", ls="--", lw=1, label="bf16: frozen base")
+    steps = [(s["total_bits"], s["peak_gb"], s["method"]) for s in r["steps"]]
+    for bits, peak, name in steps:
+      ax.scatter([min(bits, 5.5)], [peak], marker="*", s=120, color="tab:red", zorder=3)
+      ax.annotate(
+        f"{name} step peak",
+        (min(bits, 5.5), peak),
+        fontsize=7,
+        xytext=(4, 4),
+        textcoords="offset points",
+      )
+  ax.set_xlabel("total bits per quantized weight (bf16 step drawn at 5.5)")
+  ax.set_ylabel("GB")
+  ax.set_title("LLaMA-2-7B shapes: frozen base and training-step peak memory")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="7b", choices=sorted(SHAPES))
@@ -155,7 +196,16 @@ def main() -> None:
   parser.add_argument("--memory_grid", action="store_true")
   parser.add_argument("--out", help="write the results here as JSON")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # one method, JSON to stdout
+  parser.add_argument("--plot", help="PNG of memory vs bits from the JSON files in --plot_from")
+  parser.add_argument("--plot_from", default="", help="comma-separated --out files")
   args = parser.parse_args()
+  if args.plot:
+    results = []
+    for name in args.plot_from.split(","):
+      with open(name) as f:
+        results.append(json.load(f))
+    plot_memory(results, args.plot)
+    return
   if args.child:
     print("RESULT " + json.dumps(measure(args, args.child)), flush=True)
     return

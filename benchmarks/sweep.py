@@ -306,6 +306,7 @@ def plot(results: dict[str, dict], figures: Path) -> list[Path]:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   table = aggregate(results)
   figures.mkdir(parents=True, exist_ok=True)
@@ -327,6 +328,8 @@ def plot(results: dict[str, dict], figures: Path) -> list[Path]:
         ax.axhline(ref["mean"], color="k", ls="--", lw=1, label=LABELS["lora_bf16"])
       ax.set_xlabel(xkey.replace("_", " ") + " per quantized weight")
       ax.set_yscale("log")
+      ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
       ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("perplexity after fine-tuning")
     axes[0].legend(fontsize=8)

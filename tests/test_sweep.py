@@ -1,0 +1,94 @@
+"""benchmarks/sweep.py: the grid is the issue's, and every row's command builds valid settings."""
+
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowra_jax.quantize import QuantConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("sweep", ROOT / "benchmarks" / "sweep.py")
+sweep = importlib.util.module_from_spec(spec)
+sys.modules["sweep"] = sweep
+spec.loader.exec_module(sweep)
+
+
+def test_grid_covers_methods_budgets_and_seeds():
+  rows = sweep.rows()
+  keys = {r.key for r in rows}
+  assert len(keys) == len(rows)
+  for task in sweep.TASKS:
+    for b in (4, 3, 2.5, 2.25, 2.0, 1.75, 1.5, 1.25, 1.15):
+      for m in ("lowra_loftq", "lowra_qlora"):
+        assert sweep.Row(task, m, b, 0) in rows
+    assert {r.bits for r in rows if (r.task, r.method) == (task, "qlora")} == {4, 3, 2}
+    seeds = {(r.method, r.bits): set() for r in rows if r.task == task}
+    for r in rows:
+      if r.task == task:
+        seeds[(r.method, r.bits)].add(r.seed)
+    for (method, bits), s in seeds.items():
+      assert s == ({0, 1, 2} if bits in (2, 1.5) else {0}), (method, bits)
+
+
+@pytest.mark.parametrize(
+  ("bits", "layers", "expected"),
+  [(2.5, 8, (2, 2)), (2.25, 8, (2, 1)), (3, 8, (3, 0)), (2.5, 5, (2, 1))],
+)
+def test_loftq_mixed_precision_rounds_to_whole_layers(bits, layers, expected):
+  assert sweep.loftq_layer_bits(bits, layers) == expected
+
+
+PARSE = """
+import json, sys
+from absl import flags
+from ml_collections import config_flags
+from lowra_jax import experiment
+holder = config_flags.DEFINE_config_file("config")
+flags.FLAGS(sys.argv)
+s = experiment.settings(holder.value)
+print(json.dumps({"quant": s.quant.__dict__, "init": s.lora.init, "data": s.data.name,
+                  "model": holder.value.model.path, "train": holder.value.train.to_dict()}))
+"""
+
+
+def _settings(row) -> dict:
+  """The row's train.py flags parsed by absl + ml_collections, as train.py parses them."""
+  cmd = sweep.train_command(row, "../shared/data", Path("runs/x"))
+  out = subprocess.run(
+    [sys.executable, "-c", PARSE, *cmd[2:]], cwd=ROOT, capture_output=True, text=True, check=False
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+  "key", ["pycode-loftq-2.5-s0", "stories-lowra_qlora-1.15-s0", "pycode-lora_bf16-16-s0"]
+)
+def test_row_commands_build_valid_settings(key):
+  row = next(r for r in sweep.rows() if r.key == key)
+  s = _settings(row)
+  quant = QuantConfig(
+    **{
+      k: tuple(map(tuple, v)) if k == "layer_bits" else v
+      for k, v in s["quant"].items()
+      if k != "precisions"
+    }
+  )
+  if row.method == "loftq":
+    assert quant.method == "nf" and quant.bits == 2 and s["init"] == "loftq"
+    assert quant.bits_for("model/layers/1/mlp/up_proj/kernel") == 4
+    assert quant.bits_for("model/layers/2/mlp/up_proj/kernel") == 2
+  elif row.method == "lowra_qlora":
+    assert quant.budget == 1.15 and s["init"] == "qlora"
+    assert s["data"] == "wikitext" and s["model"].endswith("stories260K.bin")
+  else:
+    assert quant.method == "none"
+  assert s["train"]["eval_blocks"] == 0 and s["train"]["resume"]
+  assert shlex.split(shlex.join(sweep.train_command(row, "d", Path("w")))) == sweep.train_command(
+    row, "d", Path("w")
+  )
