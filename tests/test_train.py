@@ -135,3 +135,23 @@ def test_refuses_another_runs_checkpoints(need_data, tmp_path):
   (tmp_path / "w" / "checkpoints" / "4").mkdir(parents=True)
   out = run(tmp_path / "w")
   assert out.returncode != 0 and "--config.train.resume=True" in out.stderr
+
+
+def test_dense_lora_reference_runs_end_to_end(need_data, tmp_path):
+  """quant.method='none' (configs/lora_bf16.py): nothing quantized, bits reported as 32 (fp32)."""
+  workdir = tmp_path / "dense"
+  out = run(workdir, "--config.quant.method=none", "--config.lora.init=qlora")
+  assert out.returncode == 0, out.stderr[-2000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["code_bits"] == summary["total_bits"] == 32.0
+  assert summary["base_eval_loss"] == summary["init_eval_loss"]  # B = 0: starts as the base
+  assert np.isfinite(summary["final_eval_loss"])
+  assert summary["final_eval_loss"] != summary["init_eval_loss"]
+  cmd = args(workdir, "--config.quant.method=none", "--config.lora.init=qlora")
+  cmd[1] = str(ROOT / "eval.py")
+  out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
+  ppl = {r[1].strip(): float(r[4]) for r in rows}
+  assert list(ppl) == ["bf16 base", f"+ adapters (step {STEPS})"]
+  np.testing.assert_allclose(np.log(ppl["bf16 base"]), summary["init_eval_loss"], rtol=1e-4)
