@@ -279,7 +279,7 @@ def report(results: dict[str, dict]) -> str:
         lines.append(
           f"| {LABELS[m]} | {bits:g} | {r['code_bits']:.3f} | {r['total_bits']:.3f} "
           f"| {math.exp(r['base_eval_loss']):.2f} | {math.exp(r['init_eval_loss']):.2f} "
-          f"| **{g['mean']:.3f}**{spread} | {peak / 1e9 if peak else float('nan'):.2f} |"
+          f"| **{g['mean']:.3f}**{spread} | {f'{peak / 1e9:.2f}' if peak else 'n/a'} |"
         )
     if TASKS[task].tinystories:
       lines += [
