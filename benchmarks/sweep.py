@@ -161,12 +161,17 @@ def train_command(row: Row, data: str, workdir: Path, extra: tuple[str, ...] = (
   ]
 
 
+# Flags of a row's train.py command that its TinyStories eval.py command replaces or does not take.
+_NOT_FOR_EVAL = ("--config.eval_data", "--config.train.eval_blocks", "--config.train.resume")
+
+
 def tinystories_command(train_cmd: list[str], data: str) -> list[str]:
   """eval.py on the run's workdir with TinyStories as the evaluation text."""
   return [
     "python",
     "eval.py",
-    *[a for a in train_cmd[2:] if not a.startswith(("--config.eval_data", "--config.train"))],
+    # The seed stays: it is part of what the run's quantized base was made with.
+    *[a for a in train_cmd[2:] if not a.startswith(_NOT_FOR_EVAL)],
     "--config.eval_data.name=text",
     f"--config.eval_data.path={data}/tinystories/tinystories_val.txt",
     "--config.train.eval_blocks=128",

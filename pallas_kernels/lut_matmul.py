@@ -9,7 +9,6 @@ group scales S[G, Nb]:
 
 `lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> partial sums [splits, M, Nb]     (forward)
 `lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> partial sums [splits, M, K_pad]  (input grad)
-`lut_dequantize(...)`  = W in bf16           -> [K_pad, Nb] (for XLA's dot at large M)
 W is read only in packed form. A program loads a tile of packed rows [block_k, block_n] once and
 handles each of its p row slabs; block_k divides the group size, so a slab lies in one group and
 its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before the
@@ -31,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from lowra_jax.quantize.qtensor import select_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,21 +58,6 @@ def max_block_k(kp: int, group: int) -> int:
   while bk >= 16 and (kp % bk or group % bk):
     bk //= 2
   return bk if bk >= 16 else 0
-
-
-def _lookup(packed, shift, levels):
-  """Level of each code: packed int32 [R, C] holds codes in bits [shift, shift + b).
-
-  levels: 2^b arrays [1, C]. A depth-first binary tree of selects on the code bits, highest bit at
-  the root, so at most b + 1 tiles are live (a breadth-first tree spilled registers at 4 bits).
-  """
-  if len(levels) == 1:
-    return levels[0]
-  half = len(levels) // 2
-  top = (packed & (half << shift)) != 0
-  return jnp.where(
-    top, _lookup(packed, shift, levels[half:]), _lookup(packed, shift, levels[:half])
-  )
 
 
 def _mask(offset, size, limit, axis):
@@ -117,8 +103,8 @@ class _Bucket:
     scale = _load(self.s_ref, pl.ds(g, 1), pl.ds(self.n0, self.bn), self.n_ok)
     levels = [c * scale for c in columns]
     if self.narrow:
-      return _lookup(packed, i * self.bits, [v.astype(dtype) for v in levels])
-    return _lookup(packed, i * self.bits, levels).astype(dtype)
+      return select_levels(packed, [v.astype(dtype) for v in levels], i * self.bits)
+    return select_levels(packed, levels, i * self.bits).astype(dtype)
 
 
 def _bucket(p_ref, t_ref, s_ref, *, bits, kp, nb, group, n0, tiles):
@@ -190,16 +176,6 @@ def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles
     plgpu.store(
       o_ref.at[split, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk)], accs[i].astype(o_ref.dtype), mask=m_ok
     )
-
-
-def _dequant_kernel(p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
-  bn, bk = tiles.block_n, tiles.block_k
-  r0, n0 = pl.program_id(0) * bk, pl.program_id(1) * bn
-  b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
-  packed, columns = b.packed(r0, bk), b.columns()
-  for i in range(8 // bits):
-    w = b.slab(packed, i, r0, columns, o_ref.dtype)
-    plgpu.store(o_ref.at[pl.ds(r0 + i * kp, bk), pl.ds(n0, bn)], w, mask=b.n_ok)
 
 
 def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name: str, out):
@@ -291,32 +267,6 @@ def lut_matmul_t(
     interpret,
     f"lut_matmul_t_{bits}bit",
     out,
-  )
-
-
-def lut_dequantize(
-  plane,
-  tables,
-  scales,
-  *,
-  bits: int,
-  group: int,
-  dtype=jnp.bfloat16,
-  tiles: Tiles = Tiles(),
-  interpret: bool = False,
-  out=None,
-):
-  """W [K_pad, Nb] in `dtype`, written once (a transient buffer for XLA's dot at large M).
-
-  Arguments as `lut_matmul`; tiles.block_m is unused.
-  """
-  _check(plane, tables, scales, tiles, bits, group)
-  kp, nb = plane.shape
-  kernel = functools.partial(_dequant_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
-  grid = (kp // tiles.block_k, pl.cdiv(nb, tiles.block_n))
-  shape = jax.ShapeDtypeStruct((kp * 8 // bits, nb), dtype)
-  return _call(
-    kernel, (plane, tables, scales), shape, grid, tiles, interpret, f"lut_dequantize_{bits}bit", out
   )
 
 

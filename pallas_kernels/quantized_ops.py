@@ -2,10 +2,11 @@
 
 Forward: every precision bucket's columns come from `lut_matmul`; the concatenated columns are put
 back in channel order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, 4-bit buckets
-above M = 16, the `xla` backend, layouts the kernels do not cover) it is dequantized into a
-transient weight for XLA's dot. The custom VJP returns only dX = dY @ W_hat^T the same two ways
-(`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed tensor itself
-is kept for the backward pass.
+above M = 16, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
+select tree) into a transient transposed weight [Nb, K] for its dot; when every bucket is dense the
+output is computed as channels x rows, so that channel order is a row gather. The custom VJP
+returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is no
+dW and nothing but the packed tensor itself is kept for the backward pass.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
 split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
@@ -111,41 +112,32 @@ def _kernel_tiles(bucket, m: int, group: int, impl: str, backward: bool) -> lm.T
   return tiles_for(m, kp, nb, group, backward)
 
 
-def _dense(bucket, group: int, impl: str, dtype):
-  """The bucket's weights [K_pad, Nb] in `dtype`: a transient buffer.
-
-  `lut_dequantize` for 1 and 2 bits; XLA's dequantization otherwise (4 bits: ~5x faster there).
-  """
-  bk = lm.max_block_k(bucket.planes[0].shape[0], group)
-  if not (_kernels_apply(bucket, impl) and bk) or bucket.bits == 4:
-    return bucket.dequantize(group).astype(dtype)
-  tiles = lm.Tiles(block_k=bk, block_n=64, num_warps=4, num_stages=1)
-  return lm.lut_dequantize(
-    *_bucket_operands(bucket),
-    bits=bucket.bits,
-    group=group,
-    dtype=dtype,
-    tiles=tiles,
-    interpret=impl == "interpret",
-  )
+def _dense_t(bucket, group: int, k: int, dtype):
+  """The bucket's weights transposed, [Nb, K] in `dtype`: a transient buffer dequantized by XLA."""
+  return bucket.dequantize(group).T[:, :k].astype(dtype)
 
 
-def _inverse_perm(qt: QuantizedTensor):
-  """int32 [N]: column j of the original order is column inv[j] of the bucket order."""
-  perm = qt.perm.astype(jnp.int32)
-  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
+def _all_dense(qt: QuantizedTensor, m: int, impl: str, backward: bool) -> bool:
+  """Whether no bucket takes the kernels at M rows (then XLA dots on transient weights)."""
+  return all(_kernel_tiles(b, m, qt.group_size, impl, backward) is None for b in qt.buckets)
 
 
 # Jitted so that layers of identical shapes share one traced and lowered function.
 @functools.partial(jax.jit, static_argnums=2)
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
+  if _all_dense(qt, m, impl, False):
+    # Channels as rows, [N, M]: channel order is then a gather of whole rows, which XLA fuses
+    # with the transpose back (a column gather of [M, N] cost ~half the matmul at M = 4096).
+    yt = [jnp.dot(_dense_t(b, qt.group_size, k, x.dtype), x.T) for b in qt.buckets]
+    yt = yt[0] if len(yt) == 1 else jnp.concatenate(yt, axis=0)
+    return (yt if qt.perm is None else yt[qt.inverse_perm()]).T
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
   cols = []
   for b in qt.buckets:
     t = _kernel_tiles(b, m, qt.group_size, impl, False)
     if t is None:
-      cols.append(jnp.dot(xp, _dense(b, qt.group_size, impl, x.dtype)))  # fp32 accumulation
+      cols.append(jnp.dot(xp, _dense_t(b, qt.group_size, xp.shape[1], x.dtype).T))
       continue
     partial = lm.lut_matmul(
       xp,
@@ -158,23 +150,23 @@ def _forward(x, qt: QuantizedTensor, impl: str):
     )
     cols.append(_sum_splits(partial, x.dtype))
   y = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=1)
-  return y if qt.perm is None else y[:, _inverse_perm(qt)]
+  return y if qt.perm is None else y[:, qt.inverse_perm()]
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _backward(g, qt: QuantizedTensor, impl: str):
   m, _ = g.shape
   k = qt.shape[0]
+  one = len(qt.buckets) == 1
   if qt.perm is not None:
     g = g[:, qt.perm.astype(jnp.int32)]
   parts, start = [], 0
-  one = len(qt.buckets) == 1
   for b in qt.buckets:
     gb = g if one else g[:, start : start + b.num_channels]
     start += b.num_channels
     t = _kernel_tiles(b, m, qt.group_size, impl, True)
     if t is None:
-      parts.append(jnp.dot(gb, _dense(b, qt.group_size, impl, g.dtype).T))
+      parts.append(jnp.dot(gb, _dense_t(b, qt.group_size, k, g.dtype)))  # fp32 accumulation
       continue
     partial = lm.lut_matmul_t(
       gb,
@@ -185,9 +177,9 @@ def _backward(g, qt: QuantizedTensor, impl: str):
       dtype=g.dtype if one and t.splits == 1 else jnp.float32,
       interpret=impl == "interpret",
     )
-    parts.append(_sum_splits(partial, g.dtype if one else jnp.float32))
+    parts.append(_sum_splits(partial, g.dtype if one else jnp.float32)[:, :k])
   dx = parts[0] if one else sum(p.astype(jnp.float32) for p in parts)
-  return dx[:, :k].astype(g.dtype)
+  return dx.astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -205,8 +197,18 @@ def _zero_cotangent(a):
   return np.zeros(a.shape, jax.dtypes.float0)
 
 
+def _after(g, qt):
+  """(g, qt), on GPUs through an optimization barrier: the backward's dequantization then waits
+  for g and is not merged with the forward's (common subexpressions), which kept every layer's
+  transient weight alive from forward to backward (7B NF4 step: 24.5 GB peak without, 11.7 GB
+  with; docs/results.md). On CPU the barrier raised XLA's temporaries instead, so not there."""
+  barrier = lambda g, qt: jax.lax.optimization_barrier((g, qt))  # noqa: E731
+  return jax.lax.platform_dependent(g, qt, cuda=barrier, rocm=barrier, default=lambda *a: a)
+
+
 def _qmm_bwd(impl, qt, g):
-  return _backward(g, qt, impl), jax.tree_util.tree_map(_zero_cotangent, qt)
+  g, qt_b = _after(g, qt)
+  return _backward(g, qt_b, impl), jax.tree_util.tree_map(_zero_cotangent, qt)
 
 
 _qmm.defvjp(_qmm_fwd, _qmm_bwd)

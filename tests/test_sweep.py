@@ -92,3 +92,16 @@ def test_row_commands_build_valid_settings(key):
   assert shlex.split(shlex.join(sweep.train_command(row, "d", Path("w")))) == sweep.train_command(
     row, "d", Path("w")
   )
+
+
+def test_tinystories_eval_keeps_what_the_base_was_made_with():
+  """eval.py must rebuild the same quantized base as train.py did (seed included), with its own
+  evaluation text and block count."""
+  row = next(r for r in sweep.rows() if r.key == "stories-lowra_loftq-1.5-s2")
+  train = sweep.train_command(row, "d", Path("w"))
+  ev = sweep.tinystories_command(train, "d")
+  kept = [a for a in train[2:] if not a.startswith(("--config.eval_data", "--config.train.e"))]
+  assert ev[:2] == ["python", "eval.py"] and "--config.train.seed=2" in ev
+  assert [a for a in ev if a in kept] == [a for a in kept if a != "--config.train.resume=True"]
+  assert "--config.eval_data.path=d/tinystories/tinystories_val.txt" in ev
+  assert "--config.train.eval_blocks=128" in ev and "--config.train.resume=True" not in ev

@@ -25,6 +25,7 @@ from lowra_jax.quantize.qtensor import (
   QuantizedTensor,
   bits_per_param,
   dequantize,
+  dequantize_channels,
   is_quantized,
 )
 from lowra_jax.quantize.scaling import GroupScales
@@ -41,6 +42,7 @@ __all__ = [
   "bits_per_param",
   "default_filter",
   "dequantize",
+  "dequantize_channels",
   "dequantize_params",
   "is_quantized",
   "nf_levels",

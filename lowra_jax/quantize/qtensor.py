@@ -26,6 +26,24 @@ from lowra_jax.quantize import packing
 from lowra_jax.quantize.scaling import GroupScales, expand_groups
 
 
+def select_levels(codes: jax.Array, levels: list, shift: int = 0) -> jax.Array:
+  """levels[code]: the table level of each code, codes in bits [shift, shift + b) of `codes`.
+
+  codes: integer [R, C]; levels: 2^b arrays broadcastable against it (per-channel levels as
+  [1, C]). A depth-first binary tree of selects on the code bits, highest bit at the root, so at
+  most b + 1 tiles are live (a breadth-first tree spilled registers at 4 bits in the Triton
+  kernels). Used by XLA's dequantization (which fuses it; a gather is slower on the GPU) and
+  inside the Pallas kernels.
+  """
+  if len(levels) == 1:
+    return levels[0]
+  half = len(levels) // 2
+  top = (codes & (half << shift)) != 0
+  return jnp.where(
+    top, select_levels(codes, levels[half:], shift), select_levels(codes, levels[:half], shift)
+  )
+
+
 @flax.struct.dataclass
 class Bucket:
   """Channels of one precision; see the module docstring."""
@@ -48,8 +66,9 @@ class Bucket:
 
   def dequantize(self, group_size: int) -> jax.Array:
     """float32 [K_pad, Nb]."""
-    codes = packing.unpack(self.planes, self.bits).astype(jnp.int32)  # [K_pad, Nb]
-    values = jnp.take_along_axis(self.channel_tables().astype(jnp.float32).T, codes, axis=0)
+    codes = packing.unpack(self.planes, self.bits)  # uint8 [K_pad, Nb]
+    tables = self.channel_tables().astype(jnp.float32)
+    values = select_levels(codes, [tables[None, :, j] for j in range(tables.shape[1])])
     return values * expand_groups(self.scales.dequantize(), group_size)
 
 
@@ -77,6 +96,13 @@ class QuantizedTensor:
     """Everything stored: codes (with row padding), tables, indices, scales, permutation."""
     return sum(x.size * np.dtype(x.dtype).itemsize * 8 for x in jax.tree_util.tree_leaves(self))
 
+  def inverse_perm(self) -> jax.Array | None:
+    """int32 [N]: original channel j is bucket-order column inverse_perm()[j]; None: identity."""
+    if self.perm is None:
+      return None
+    perm = self.perm.astype(jnp.int32)
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
+
   def channel_bits(self) -> np.ndarray:
     """int [N]: precision of each output channel in the original order (host)."""
     sorted_bits = np.concatenate([np.full(b.num_channels, b.bits) for b in self.buckets])
@@ -87,12 +113,23 @@ class QuantizedTensor:
     return out
 
 
+def dequantize_channels(qt: QuantizedTensor, dtype=None) -> jax.Array:
+  """W_hat^T [N, K] in `dtype` (default: the original dtype): row n holds output channel n.
+
+  Traceable. Buckets are dequantized as rows and put in channel order by a row gather (whole rows
+  of K: contiguous, and fused by XLA into the dequantization), which is why this is the layout the
+  dense path of `quantized_matmul` uses; a column gather of [K, N] or of the matmul's output
+  [M, N] moves the same bytes scattered.
+  """
+  rows = jnp.concatenate([b.dequantize(qt.group_size).T for b in qt.buckets], axis=0)
+  if qt.perm is not None:
+    rows = rows[qt.inverse_perm()]
+  return rows[:, : qt.shape[0]].astype(dtype or qt.dtype)
+
+
 def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
   """W_hat [K, N] in `dtype` (default: the original dtype). Traceable."""
-  cols = jnp.concatenate([b.dequantize(qt.group_size) for b in qt.buckets], axis=1)
-  if qt.perm is not None:
-    cols = jnp.zeros_like(cols).at[:, qt.perm.astype(jnp.int32)].set(cols)
-  return cols[: qt.shape[0]].astype(dtype or qt.dtype)
+  return dequantize_channels(qt, dtype).T
 
 
 def is_quantized(x) -> bool:
