@@ -116,11 +116,9 @@ class QuantizedTensor:
 def dequantize_channels(qt: QuantizedTensor, dtype=None) -> jax.Array:
   """W_hat^T [N, K] in `dtype` (default: the original dtype): row n holds output channel n.
 
-  Traceable. Buckets are dequantized as rows and put in channel order by a row gather (whole rows
-  of K: contiguous, and fused by XLA into the dequantization), which is why this is the layout the
-  dense path of `quantized_matmul` uses; a column gather of [K, N] or of the matmul's output
-  [M, N] moves the same bytes scattered.
+  Traceable. Buckets are dequantized and put in channel order by a gather of whole rows.
   """
+"
   rows = jnp.concatenate([b.dequantize(qt.group_size).T for b in qt.buckets], axis=0)
   if qt.perm is not None:
     rows = rows[qt.inverse_perm()]
