@@ -118,7 +118,6 @@ def dequantize_channels(qt: QuantizedTensor, dtype=None) -> jax.Array:
 
   Traceable. Buckets are dequantized and put in channel order by a gather of whole rows.
   """
-"
   rows = jnp.concatenate([b.dequantize(qt.group_size).T for b in qt.buckets], axis=0)
   if qt.perm is not None:
     rows = rows[qt.inverse_perm()]
