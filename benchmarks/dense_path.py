@@ -50,6 +50,8 @@ def load_before(rev: str, into: Path):
   sys.path.insert(0, str(into))
   import before_quantized_ops as before
 
+  if not hasattr(before, "_dense"):  # 4-bit gather patch only for commits that had `_dense`
+    return before
   dense = before._dense
 
   def gather_dense(bucket, group, impl, dtype):

@@ -3,10 +3,12 @@
 Forward: every precision bucket's columns come from `lut_matmul`; the concatenated columns are put
 back in channel order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, 4-bit buckets
 above M = 16, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
-select tree) into a transient transposed weight [Nb, K] for its dot; when every bucket is dense the
-output is computed as channels x rows, so that channel order is a row gather. The custom VJP
-returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is no
-dW and nothing but the packed tensor itself is kept for the backward pass.
+select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense the
+whole weight becomes one transient W_hat^T [N, K] and one GEMM computes the output or dX; a mixed
+tensor's channel order is restored by gathering whole rows (`row_gather`) of the output (below
+PERMUTE_WEIGHT_FROM_M rows; dY's columns in the backward) or of the weight. The custom VJP
+returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is
+no dW and nothing but the packed tensor itself is kept for the backward pass.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
 split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
@@ -25,14 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from lowra_jax.quantize import QuantizedTensor
+from lowra_jax.quantize import QuantizedTensor, dequantize_buckets, dequantize_channels
 from lowra_jax.sharding import BATCH_AXES
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import lut_matmul as lm
+from pallas_kernels import row_gather as rg
 
 # M from which a bucket is dequantized once into a transient bf16 buffer for XLA's dot
 # (training-size batches are compute-bound; see docs/results.md).
 DENSE_FROM_M = 256
+# M from which a mixed-precision tensor's dense path permutes the transient weight (a fixed cost)
+# rather than the output and dY (costs growing with M); measured on the H200 (docs/results.md).
+PERMUTE_WEIGHT_FROM_M = 2048
 # Aim for this many programs per streaming multiprocessor (forward, backward): measured on the H200
 # at M = 16 (docs/results.md); the forward's split partial sums cost an extra reduction.
 _WAVES = {False: 2, True: 4}
@@ -117,6 +123,22 @@ def _dense_t(bucket, group: int, k: int, dtype):
   return bucket.dequantize(group).T[:, :k].astype(dtype)
 
 
+def _gather_rows(a, idx, impl: str):
+  """a[idx] (whole rows): the Pallas row-gather kernel where it tiles `a`, else XLA's gather."""
+  if impl in ("triton", "interpret") and rg.block_shape(idx.shape[0], a.shape[1]):
+    return rg.row_gather(a, idx, interpret=impl == "interpret")
+  return rg.row_gather_reference(a, idx)
+
+
+def _weight_rows(qt: QuantizedTensor, dtype, impl: str):
+  """W_hat^T [N, K] in channel order: a transient buffer dequantized by XLA."""
+  if qt.perm is None or not (impl in ("triton", "interpret") and rg.block_shape(*qt.shape[::-1])):
+    return dequantize_channels(qt, dtype)
+  return rg.row_gather(
+    dequantize_buckets(qt, dtype), qt.inverse_perm(), interpret=impl == "interpret"
+  )
+
+
 def _all_dense(qt: QuantizedTensor, m: int, impl: str, backward: bool) -> bool:
   """Whether no bucket takes the kernels at M rows (then XLA dots on transient weights)."""
   return all(_kernel_tiles(b, m, qt.group_size, impl, backward) is None for b in qt.buckets)
@@ -127,11 +149,11 @@ def _all_dense(qt: QuantizedTensor, m: int, impl: str, backward: bool) -> bool:
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
   if _all_dense(qt, m, impl, False):
-    # Channels as rows, [N, M]: channel order is then a gather of whole rows, which XLA fuses
-    # with the transpose back (a column gather of [M, N] cost ~half the matmul at M = 4096).
-    yt = [jnp.dot(_dense_t(b, qt.group_size, k, x.dtype), x.T) for b in qt.buckets]
-    yt = yt[0] if len(yt) == 1 else jnp.concatenate(yt, axis=0)
-    return (yt if qt.perm is None else yt[qt.inverse_perm()]).T
+    # One transient weight W_hat^T [N, K], one GEMM computing channels x rows: channel order
+    # is then a gather of whole rows, of the weight or of the output, whichever is smaller.
+    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M:
+      return jnp.dot(_weight_rows(qt, x.dtype, impl), x.T).T
+    return _gather_rows(jnp.dot(dequantize_buckets(qt, x.dtype), x.T), qt.inverse_perm(), impl).T
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
   cols = []
   for b in qt.buckets:
@@ -157,6 +179,10 @@ def _forward(x, qt: QuantizedTensor, impl: str):
 def _backward(g, qt: QuantizedTensor, impl: str):
   m, _ = g.shape
   k = qt.shape[0]
+  if _all_dense(qt, m, impl, True):
+    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M:
+      return jnp.dot(g, _weight_rows(qt, g.dtype, impl))  # channel order: dY needs no gather
+    return jnp.dot(g[:, qt.perm.astype(jnp.int32)], dequantize_buckets(qt, g.dtype))
   one = len(qt.buckets) == 1
   if qt.perm is not None:
     g = g[:, qt.perm.astype(jnp.int32)]

@@ -11,7 +11,8 @@ import pytest
 from lowra_jax import quantize
 from lowra_jax.quantize import packing
 from pallas_kernels import lut_matmul as lm
-from pallas_kernels import quantized_matmul, quantized_matmul_reference
+from pallas_kernels import quantized_matmul, quantized_matmul_reference, quantized_ops
+from pallas_kernels import row_gather as rg
 
 BACKENDS = ["interpret", "xla"] + (["triton"] if jax.default_backend() == "gpu" else [])
 TOL = {jnp.float32: 1e-3, jnp.bfloat16: 2e-2}  # relative to ||ref||: tf32 / bf16 operands
@@ -121,6 +122,35 @@ def test_kernels_write_every_output_tile(bits, k, n, m, splits, narrow):
   np.testing.assert_allclose(
     np.asarray(lm.dequantize_reference(*args, bits=bits, group=64)), w, rtol=1e-6
   )
+
+
+@pytest.mark.parametrize("rows,cols,dtype", [(48, 4096, jnp.bfloat16), (16, 48, jnp.float32)])
+def test_row_gather_copies_whole_rows(rows, cols, dtype):
+  rng = np.random.default_rng(rows)
+  src = rng.normal(size=(rows + 5, cols)).astype(np.float32)
+  idx = rng.integers(0, rows + 5, rows).astype(np.int32)
+  interpret = jax.default_backend() != "gpu"
+  got = rg.row_gather(jnp.asarray(src, dtype), jnp.asarray(idx), interpret=interpret)
+  np.testing.assert_array_equal(
+    np.asarray(got, np.float32), np.asarray(jnp.asarray(src, dtype)[idx], np.float32)
+  )
+  assert rg.block_shape(rows, 40) is None and rg.block_shape(15, 64) is None
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
+@pytest.mark.parametrize("m", [256, quantized_ops.PERMUTE_WEIGHT_FROM_M])
+def test_dense_path_of_a_mixed_tensor_matches_float64(m, backend):
+  """Both ways of restoring channel order (output rows below PERMUTE_WEIGHT_FROM_M, weight rows
+  from it), forward and input gradient, through the row-gather kernel."""
+  qt = quantize.quantize_tensor(weights(7, 256, 96), quantize.QuantConfig(budget=1.5))
+  assert qt.perm is not None and rg.block_shape(96, m) and rg.block_shape(96, 256)
+  rng = np.random.default_rng(m)
+  x = rng.normal(size=(m, 256)).astype(np.float32)
+  c = rng.normal(size=(m, 96)).astype(np.float32)
+  w = np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
+  y, vjp = jax.vjp(lambda x: quantized_matmul(x, qt, backend=backend), jnp.asarray(x))
+  assert rel_err(y, x.astype(np.float64) @ w) < TOL[jnp.float32]
+  assert rel_err(vjp(jnp.asarray(c))[0], c.astype(np.float64) @ w.T) < TOL[jnp.float32]
 
 
 def test_bad_inputs_raise_clear_errors(qtensor):

@@ -25,6 +25,7 @@ from lowra_jax.quantize.qtensor import (
   QuantizedTensor,
   bits_per_param,
   dequantize,
+  dequantize_buckets,
   dequantize_channels,
   is_quantized,
 )
@@ -42,6 +43,7 @@ __all__ = [
   "bits_per_param",
   "default_filter",
   "dequantize",
+  "dequantize_buckets",
   "dequantize_channels",
   "dequantize_params",
   "is_quantized",
