@@ -9,6 +9,8 @@ group scales S[G, Nb]:
 
 `lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> partial sums [splits, M, Nb]     (forward)
 `lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> partial sums [splits, M, K_pad]  (input grad)
+`lut_matmul_buckets` is the forward of all buckets of a mixed tensor in one launch (programs pick
+their bucket by channel block), so the small buckets share the GPU instead of running in turn.
 W is read only in packed form. A program loads a tile of packed rows [block_k, block_n] once and
 handles each of its p row slabs; block_k divides the group size, so a slab lies in one group and
 its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before the
@@ -114,8 +116,27 @@ def _bucket(p_ref, t_ref, s_ref, *, bits, kp, nb, group, n0, tiles):
 
 
 def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
+  ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+  _fwd_body(x_ref, p_ref, t_ref, s_ref, o_ref, ids, 0, bits, kp, nb, group, tiles)
+
+
+def _fwd_buckets_kernel(x_ref, *refs, layout, group, tiles):
+  """Program (i, j, s) runs the bucket whose channel blocks include j (`layout`, static)."""
+  o_ref, (i, j, split) = refs[-1], (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+  for b, (bits, kp, nb, block_k, first, offset) in enumerate(layout):
+    p_ref, t_ref, s_ref = refs[3 * b : 3 * b + 3]
+    last = first + pl.cdiv(nb, tiles.block_n)
+    t = dataclasses.replace(tiles, block_k=block_k)
+    ids = (i, j - first, split)  # read outside the branch (the interpreter needs them there)
+    args = (x_ref, p_ref, t_ref, s_ref, o_ref, ids, offset, bits, kp, nb, group, t)
+    pl.when((j >= first) & (j < last))(functools.partial(_fwd_body, *args))
+
+
+def _fwd_body(x_ref, p_ref, t_ref, s_ref, o_ref, ids, offset, bits, kp, nb, group, tiles):
+  """Rows block ids[0] x channel block ids[1] of one bucket, reduction split ids[2]; written at
+  output columns offset + channel."""
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-  m0, n0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
+  m0, n0, split = ids[0] * bm, ids[1] * bn, ids[2]
   m = x_ref.shape[0]
   m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
   b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
@@ -136,7 +157,8 @@ def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles
     lo, jnp.minimum(steps, lo + per_split), step, jnp.zeros((bm, bn), jnp.float32)
   )
   mask = _both(m_ok, b.n_ok)
-  plgpu.store(o_ref.at[split, pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=mask)
+  cols = pl.ds(offset + n0, bn)
+  plgpu.store(o_ref.at[split, pl.ds(m0, bm), cols], acc.astype(o_ref.dtype), mask=mask)
 
 
 def _both(row_ok, col_ok):
@@ -237,6 +259,39 @@ def lut_matmul(
   return _call(
     kernel, (x, plane, tables, scales), shape, grid, tiles, interpret, f"lut_matmul_{bits}bit", out
   )
+
+
+def lut_matmul_buckets(
+  x,
+  operands,
+  *,
+  bits: tuple[int, ...],
+  block_ks: tuple[int, ...],
+  group: int,
+  tiles: Tiles = Tiles(),
+  dtype=jnp.float32,
+  interpret: bool = False,
+  out=None,
+):
+  """`lut_matmul` of several buckets in one launch: x [M, K_pad] @ [W_1 | W_2 | ...] -> partial
+  sums [tiles.splits, M, sum Nb] (columns in bucket order).
+
+  Args:
+    operands: one (plane, tables, scales) per bucket, as for `lut_matmul`.
+    bits, block_ks: per bucket (tiles.block_k is ignored); the rest of `tiles` is shared.
+  """
+  layout, first, offset = [], 0, 0
+  for (plane, tables, scales), b, bk in zip(operands, bits, block_ks, strict=True):
+    _check(plane, tables, scales, dataclasses.replace(tiles, block_k=bk), b, group)
+    kp, nb = plane.shape
+    layout.append((b, kp, nb, bk, first, offset))
+    first, offset = first + pl.cdiv(nb, tiles.block_n), offset + nb
+  kernel = functools.partial(_fwd_buckets_kernel, layout=tuple(layout), group=group, tiles=tiles)
+  grid = (pl.cdiv(x.shape[0], tiles.block_m), first, tiles.splits)
+  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], offset), dtype)
+  flat = [a for ops in operands for a in ops]
+  name = "lut_matmul_" + "_".join(f"{b}bit" for b in bits)
+  return _call(kernel, (x, *flat), shape, grid, tiles, interpret, name, out)
 
 
 def lut_matmul_t(

@@ -155,9 +155,11 @@ def _forward(x, qt: QuantizedTensor, impl: str):
       return jnp.dot(_weight_rows(qt, x.dtype, impl), x.T).T
     return _gather_rows(jnp.dot(dequantize_buckets(qt, x.dtype), x.T), qt.inverse_perm(), impl).T
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
+  tiles = [_kernel_tiles(b, m, qt.group_size, impl, False) for b in qt.buckets]
+  if len(tiles) > 1 and all(tiles):
+    return _unpermute(_forward_buckets(xp, qt, tiles, impl), qt)
   cols = []
-  for b in qt.buckets:
-    t = _kernel_tiles(b, m, qt.group_size, impl, False)
+  for b, t in zip(qt.buckets, tiles, strict=True):
     if t is None:
       cols.append(jnp.dot(xp, _dense_t(b, qt.group_size, xp.shape[1], x.dtype).T))
       continue
@@ -171,8 +173,35 @@ def _forward(x, qt: QuantizedTensor, impl: str):
       interpret=impl == "interpret",
     )
     cols.append(_sum_splits(partial, x.dtype))
-  y = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=1)
-  return y if qt.perm is None else y[:, qt.inverse_perm()]
+  return _unpermute(cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=1), qt)
+
+
+def _forward_buckets(xp, qt: QuantizedTensor, tiles: list[lm.Tiles], impl: str):
+  """xp [M, K_pad] @ every bucket by one `lut_matmul_buckets` launch -> [M, N] in bucket order."""
+  m = xp.shape[0]
+  nbs = [b.num_channels for b in qt.buckets]
+  programs = -(-m // tiles[0].block_m) * sum(-(-nb // tiles[0].block_n) for nb in nbs)
+  steps = min(b.planes[0].shape[0] // t.block_k for b, t in zip(qt.buckets, tiles, strict=True))
+  splits = max(1, min(steps, -(-_WAVES[False] * _num_sms() // programs)))
+  partial = lm.lut_matmul_buckets(
+    xp,
+    [_bucket_operands(b) for b in qt.buckets],
+    bits=tuple(b.bits for b in qt.buckets),
+    block_ks=tuple(t.block_k for t in tiles),
+    group=qt.group_size,
+    tiles=dataclasses.replace(tiles[0], splits=splits),
+    dtype=xp.dtype if splits == 1 else jnp.float32,
+    interpret=impl == "interpret",
+  )
+  return _sum_splits(partial, xp.dtype)
+
+
+def _unpermute(y, qt: QuantizedTensor):
+  """Bucket-order columns [M, N] -> channel order; scattered by perm rather than gathered by its
+  inverse, which costs three more launches."""
+  if qt.perm is None:
+    return y
+  return jnp.zeros_like(y).at[:, qt.perm.astype(jnp.int32)].set(y, unique_indices=True)
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -124,6 +124,45 @@ def test_kernels_write_every_output_tile(bits, k, n, m, splits, narrow):
   )
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_one_launch_for_all_buckets_writes_every_tile(splits):
+  """`lut_matmul_buckets` over a 1-bit and a 2-bit bucket with ragged channel counts, its output
+  NaN-poisoned: every column written, each bucket's block equal to its float64 product."""
+  rng = np.random.default_rng(splits)
+  k, m, args, ws = 256, 5, [], []
+  for bits, n in ((1, 40), (2, 70)):
+    codes = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
+    (plane,) = packing.pack(codes, bits)
+    tables = rng.normal(size=(1 << bits, n)).astype(np.float32)
+    scales = rng.uniform(0.5, 2.0, (k // 64, n)).astype(np.float32)
+    ws.append(tables[codes, np.arange(n)[None, :]] * np.repeat(scales, 64, axis=0))
+    args.append((jnp.asarray(plane), jnp.asarray(tables), jnp.asarray(scales)))
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  y = lm.lut_matmul_buckets(
+    jnp.asarray(x),
+    args,
+    bits=(1, 2),
+    block_ks=(16, 32),
+    group=64,
+    tiles=lm.Tiles(block_m=16, block_n=32, splits=splits, narrow=True),
+    interpret=jax.default_backend() != "gpu",
+    out=jnp.full((splits, m, 110), jnp.nan),
+  )
+  assert rel_err(y.sum(axis=0), x.astype(np.float64) @ np.concatenate(ws, axis=1)) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_small_m_of_a_mixed_tensor_takes_one_launch(m):
+  qt = quantize.quantize_tensor(weights(7, 256, 96), quantize.QuantConfig(budget=1.5))
+  assert len(qt.buckets) > 1 and all(
+    quantized_ops._kernel_tiles(b, m, qt.group_size, "interpret", False) for b in qt.buckets
+  )
+  x = np.random.default_rng(m).normal(size=(m, 256)).astype(np.float32)
+  w = np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
+  got = quantized_matmul(jnp.asarray(x), qt, backend="interpret")
+  assert rel_err(got, x.astype(np.float64) @ w) < TOL[jnp.float32]
+
+
 @pytest.mark.parametrize("rows,cols,dtype", [(48, 4096, jnp.bfloat16), (16, 48, jnp.float32)])
 def test_row_gather_copies_whole_rows(rows, cols, dtype):
   rng = np.random.default_rng(rows)
