@@ -123,20 +123,23 @@ def _dense_t(bucket, group: int, k: int, dtype):
   return bucket.dequantize(group).T[:, :k].astype(dtype)
 
 
+def _row_kernel(rows: int, cols: int, impl: str) -> bool:
+  """Whether `row_gather` (Pallas) permutes [rows, cols]; else XLA's gather does."""
+  return impl in ("triton", "interpret") and rg.block_shape(rows, cols) is not None
+
+
 def _gather_rows(a, idx, impl: str):
   """a[idx] (whole rows): the Pallas row-gather kernel where it tiles `a`, else XLA's gather."""
-  if impl in ("triton", "interpret") and rg.block_shape(idx.shape[0], a.shape[1]):
+  if _row_kernel(idx.shape[0], a.shape[1], impl):
     return rg.row_gather(a, idx, interpret=impl == "interpret")
   return rg.row_gather_reference(a, idx)
 
 
 def _weight_rows(qt: QuantizedTensor, dtype, impl: str):
   """W_hat^T [N, K] in channel order: a transient buffer dequantized by XLA."""
-  if qt.perm is None or not (impl in ("triton", "interpret") and rg.block_shape(*qt.shape[::-1])):
-    return dequantize_channels(qt, dtype)
-  return rg.row_gather(
-    dequantize_buckets(qt, dtype), qt.inverse_perm(), interpret=impl == "interpret"
-  )
+  if qt.perm is not None and _row_kernel(qt.shape[1], qt.shape[0], impl):
+    return _gather_rows(dequantize_buckets(qt, dtype), qt.inverse_perm(), impl)
+  return dequantize_channels(qt, dtype)  # XLA's gather, or none without a permutation
 
 
 def _all_dense(qt: QuantizedTensor, m: int, impl: str, backward: bool) -> bool:
