@@ -11,6 +11,11 @@ M = batch rows (dense `jnp.dot` for bf16). Methods (`--methods`): `bf16`, `nf4` 
 rank-16 adapters on all projections applied unmerged, i.e. exact fine-tuned inference). Each
 method runs in its own subprocess, so each peak memory is its own.
 
+`--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
+(launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
+on stderr, all of them in the JSON row): what a step spends in the quantized matmuls' kernels and
+in everything around them.
+
 Weights: `7b` (LLaMA-2-7B shapes) and `tiny` use random weights (std 0.02). Quantizing all of 7B's
 layers with LowRA takes long and gives every layer its own bucket sizes (one Triton compilation
 per distinct shape, minutes in all), so ONE decoder layer's random weights are quantized per method
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +44,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from trace_kernels import kernels_of
 
 from lowra_jax import generate as gen
 from lowra_jax import lora
@@ -159,6 +166,25 @@ def median_seconds(setup, fn, repeat: int) -> float:
   return float(np.median(times))
 
 
+def step_kernels(decode, context, steps: int) -> list[dict]:
+  """Kernels of one decode step (a traced decode of `steps` steps, divided by `steps`), grouped by
+  name without numeric suffixes ("fusion.12" -> "fusion"), most time first."""
+  groups: dict[str, list[float]] = {}
+  for k in kernels_of(decode, lambda: (context(),), calls=1):
+    name = re.sub(r"([._]\d+)+$", "", k.name)
+    acc = groups.setdefault(name, [0.0, 0.0])
+    acc[0], acc[1] = acc[0] + k.launches / steps, acc[1] + k.us / steps
+  rows = [{"kernel": n, "launches": a, "us": u} for n, (a, u) in groups.items()]
+  return sorted(rows, key=lambda r: -r["us"])
+
+
+def print_kernels(label: str, rows: list[dict], top: int = 20) -> None:
+  total_us, total_n = sum(r["us"] for r in rows), sum(r["launches"] for r in rows)
+  print(f"\n{label}: {total_n:.0f} kernels, {total_us:.0f} µs per step", file=sys.stderr)
+  for r in rows[:top]:
+    print(f"  {r['us']:8.1f} µs {r['launches']:6.0f}x  {r['kernel'][:100]}", file=sys.stderr)
+
+
 def worker(args) -> None:
   """Measures one method at every batch size; prints one JSON row per batch on stdout."""
   start = time.perf_counter()
@@ -204,6 +230,9 @@ def worker(args) -> None:
 
       jax.block_until_ready(prefill(prompts))
       row["prefill_ms"] = 1e3 * median_seconds(lambda p=prompts: p, prefill, args.repeat)
+    if args.trace:
+      row["step_kernels"] = step_kernels(decode, context, args.new)
+      print_kernels(f"{args.worker} batch {batch}", row["step_kernels"])
     row["peak_gb"] = peak_gb()
     log(start, f"{args.worker} batch {batch}: {row['tokens_per_s']:.1f} tokens/s")
     print(json.dumps(row), flush=True)
@@ -235,6 +264,7 @@ def main() -> None:
   parser.add_argument("--new", type=int, default=64, help="decode steps timed")
   parser.add_argument("--repeat", type=int, default=3)
   parser.add_argument("--prefill", action="store_true", help="also time the prefill")
+  parser.add_argument("--trace", action="store_true", help="kernels of one step (profiler)")
   parser.add_argument("--out", default="", help="write the rows as JSON here")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -246,6 +276,8 @@ def main() -> None:
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+  if args.trace and jax.default_backend() != "gpu":
+    parser.error("--trace reads GPU kernels from a profiler trace; run it on a GPU machine.")
   start, rows = time.perf_counter(), []
   for method in methods:
     cmd = [sys.executable, __file__, *sys.argv[1:], f"--worker={method}"]

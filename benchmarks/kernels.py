@@ -105,8 +105,8 @@ def sweep():
   w = (0.02 * jax.random.t(jax.random.key(0), 5.0, (k, n))).astype(jnp.bfloat16)
   qt = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2))
   copies = rotate(lambda i: jax.tree_util.tree_map(lambda a: a + 0, qt), packed_bytes(qt))
-  ops = [qmm._bucket_operands(q.buckets[0]) for q in copies]  # distinct buffers: no L2 reuse
-  kp = ops[0][0].shape[0]
+  ops = [q.buckets[0] for q in copies]  # distinct buffers: no L2 reuse
+  kp = ops[0].planes[0].shape[0]
   for backward_pass, inp in ((False, (m, k)), (True, (m, n))):
     a = jax.random.normal(jax.random.key(1), inp, jnp.bfloat16)
     base = qmm.tiles_for(m, kp, n, 64, backward_pass)
@@ -125,7 +125,7 @@ def sweep():
     ):
       t = dataclasses.replace(base, **kw)
       call = lm.lut_matmul_t if backward_pass else lm.lut_matmul
-      sec = bench(lambda z, op: call(z, *op, bits=2, group=64, tiles=t).sum(0), a, ops)
+      sec = bench(lambda z, op: call(z, op, group=64, tiles=t).sum(0), a, ops)
       print(
         f"{'bwd' if backward_pass else 'fwd'} {kw or 'default'}: {sec * 1e6:.1f} us", flush=True
       )

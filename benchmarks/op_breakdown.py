@@ -6,66 +6,38 @@ Perfetto JSON jax writes) give each kernel's duration. Printed per case: the ker
 in launch order with their mean µs, their sum, and the op's time per call in the timed loop.
 
     python benchmarks/op_breakdown.py --shape=4096x11008 --precisions=2,mix1.5 --ms=1,512
+    python benchmarks/op_breakdown.py --ms=1,16 --passes=fwd --before=3321f5c   # also that commit
+
+The op is the custom-VJP `quantized_matmul` itself (the backward through its VJP), on the Triton
+kernels on a GPU and in Pallas' interpreter elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import kernels as kb  # benchmarks/kernels.py: the same timing loop and weights
+from dense_path import load_before, op
+from trace_kernels import kernels_of
 
 from lowra_jax import quantize
+from pallas_kernels import quantized_ops as current
 
 
-def device_events(trace_dir: str) -> list[tuple[float, str, float]]:
-  """(start µs, name, duration µs) of the kernels in the trace: complete events on the device's
-  stream tracks (its derived "XLA Ops"/"XLA Modules" tracks would count every kernel twice)."""
-  path = next(Path(trace_dir).rglob("*.json.gz"))
-  trace = json.load(gzip.open(path))
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  meta = lambda kind: {  # noqa: E731
-    (e["pid"], e.get("tid")) if kind == "thread_name" else e["pid"]: e["args"]["name"]
-    for e in events
-    if e.get("ph") == "M" and e.get("name") == kind
-  }
-  processes, threads = meta("process_name"), meta("thread_name")
-  devices = {pid for pid, name in processes.items() if "/device:" in name and "CPU" not in name}
-  streams = {t for t, name in threads.items() if t[0] in devices and "stream" in name.lower()}
-  if not streams:
-    found = sorted({f"{processes.get(p)}: {name}" for (p, _), name in threads.items()})
-    raise SystemExit(f"no device stream track in the trace; tracks: {found}")
-  return sorted(
-    (e["ts"], e["name"], e["dur"])
-    for e in events
-    if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e
-  )
-
-
-def kernels_per_call(events, calls: int) -> list[tuple[str, float]]:
-  """Kernels of one call: names in first-seen order with the mean duration over `calls`."""
-  total, order = defaultdict(float), []
-  for _, name, dur in events:
-    if name not in total:
-      order.append(name)
-    total[name] += dur
-  return [(name, total[name] / calls) for name in order]
-
-
-def profile(fn, a, qt, calls: int):
-  once = jax.jit(fn)
-  jax.block_until_ready(once(a, qt))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-      for _ in range(calls):
-        jax.block_until_ready(once(a, qt))
-    return kernels_per_call(device_events(d), calls)
+def breakdown(label: str, fn, a, qt, calls: int) -> tuple[float, float, float]:
+  """Prints the kernels of one fn(a, qt); returns (timed-loop µs, kernels launched, kernel µs)."""
+  sec = kb.bench(fn, a, [qt], iters=10, reps=5)
+  ks = kernels_of(jax.jit(fn), lambda: (a, qt), calls=calls)
+  total, count = sum(x.us for x in ks), sum(x.launches for x in ks)
+  print(f"\n{label}: {sec * 1e6:.1f} µs per call (timed loop)")
+  for x in ks:
+    print(f"  {x.us:8.1f} µs  {x.launches:g}x {x.name[:110]}")
+  print(f"  {total:8.1f} µs  sum of {count:g} kernels", flush=True)
+  return sec * 1e6, count, total
 
 
 def main():
@@ -75,31 +47,34 @@ def main():
   parser.add_argument("--ms", default="1,512")
   parser.add_argument("--passes", default="fwd,bwd")
   parser.add_argument("--calls", type=int, default=5)
+  parser.add_argument("--before", default="", help="also break down the op at this git revision")
   args = parser.parse_args()
+  impl = "triton" if jax.default_backend() == "gpu" else "interpret"
   k, n = (int(s) for s in args.shape.split("x"))
   key = jax.random.key(k * 7 + n)
   w = (0.02 * jax.random.t(key, 5.0, (k, n))).astype(jnp.bfloat16)
   summary = []
-  for prec in args.precisions.split(","):
-    qt = quantize.quantize_tensor(w, quantize.QuantConfig(**kb.PRECISIONS[prec]))
-    for m in (int(s) for s in args.ms.split(",")):
-      for direction in args.passes.split(","):
-        op = kb.forward if direction == "fwd" else kb.backward
-        fn = lambda z, q, op=op: op(z, q, backend="auto")  # noqa: E731
-        a = jax.random.normal(key, (m, k if direction == "fwd" else n), jnp.bfloat16)
-        sec = kb.bench(fn, a, [qt], iters=10, reps=5)
-        ks = profile(fn, a, qt, args.calls)
-        total = sum(us for _, us in ks)
-        print(f"\n{args.shape} {prec} M={m} {direction}: {sec * 1e6:.1f} µs per call (timed loop)")
-        for name, us in ks:
-          print(f"  {us:8.1f} µs  {name[:110]}")
-        print(f"  {total:8.1f} µs  sum of {len(ks)} kernels", flush=True)
-        summary.append((prec, m, direction, sec * 1e6, len(ks), total))
+  with tempfile.TemporaryDirectory() as tmp:
+    versions = {"now": current}
+    if args.before:
+      versions = {args.before: load_before(args.before, Path(tmp)), **versions}
+    for prec in args.precisions.split(","):
+      qt = quantize.quantize_tensor(w, quantize.QuantConfig(**kb.PRECISIONS[prec]))
+      for m in (int(s) for s in args.ms.split(",")):
+        for d in args.passes.split(","):
+          a = jax.random.normal(key, (m, k if d == "fwd" else n), jnp.bfloat16)
+          for name, module in versions.items():
+            label = f"{args.shape} {prec} M={m} {d} ({name})"
+            summary.append(
+              (prec, m, d, name, *breakdown(label, op(module, impl, d), a, qt, args.calls))
+            )
   print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.shape}")
-  print("| precision | M | pass | op µs (timed loop) | kernels | sum of kernel µs (trace) |")
-  print("|---|---|---|---|---|---|")
-  for prec, m, d, op_us, count, total in summary:
-    print(f"| {prec} | {m} | {d} | {op_us:.1f} | {count} | {total:.1f} |")
+  print(
+    "| precision | M | pass | version | op µs (timed loop) | kernels | sum of kernel µs (trace) |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  for prec, m, d, name, op_us, count, total in summary:
+    print(f"| {prec} | {m} | {d} | {name} | {op_us:.1f} | {count:g} | {total:.1f} |")
 
 
 if __name__ == "__main__":

@@ -2,25 +2,26 @@
 
 One bucket of a `QuantizedTensor` holds Nb output channels at b bits (b in {1, 2, 4}): codes in one
 uint8 plane P[Kp, Nb] packed planar along K (Kp = K_pad * b / 8, p = 8 / b codes per byte, byte r
-holding rows r + i * Kp for i < p), per-channel tables T[2^b, Nb] (one column per channel) and
-group scales S[G, Nb]:
+holding rows r + i * Kp for i < p), its tables (one per channel, shared through an index, or one
+for the bucket) and group scales S[G, Nb] (float32 or double-quantized int8):
 
-    W[k, n] = T[code[k, n], n] * S[k // group, n]
+    W[k, n] = table_n[code[k, n]] * S[k // group, n]
 
-`lut_matmul(x, ...)`   = x[M, K_pad] @ W     -> partial sums [splits, M, Nb]     (forward)
-`lut_matmul_t(g, ...)` = g[M, Nb]    @ W^T   -> partial sums [splits, M, K_pad]  (input grad)
+`lut_matmul(x, bucket)`   = x[M, K_pad] @ W     -> partial sums [splits, M, Nb]     (forward)
+`lut_matmul_t(g, bucket)` = g[M, Nb]    @ W^T   -> partial sums [splits, M, K_pad]  (input grad)
 `lut_matmul_buckets` is the forward of all buckets of a mixed tensor in one launch (programs pick
 their bucket by channel block), so the small buckets share the GPU instead of running in turn.
-W is read only in packed form. A program loads a tile of packed rows [block_k, block_n] once and
-handles each of its p row slabs; block_k divides the group size, so a slab lies in one group and
-its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before the
-lookup. The lookup itself is a tree of selects on the code bits, tested in place in the packed
+The kernels read every operand as stored (`operands`): W only in packed form, a program's table
+levels once (gathered through the index where tables are shared), its scale rows dequantized per
+slab -- no preparation kernels per call. A program loads a tile of packed rows [block_k, block_n]
+once and handles each of its p row slabs; block_k divides the group size, so a slab lies in one
+group and its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before
+the lookup. The lookup itself is a tree of selects on the code bits, tested in place in the packed
 bytes (no shift or mask per slab). The slab then feeds the tensor cores with fp32 accumulation.
 Small M gets more programs by splitting the reduction (K for the forward, N for the backward)
 into partial sums that XLA adds up afterwards -- deterministic, unlike atomics; with one split the
 kernel writes the result in its final dtype. Ragged M and Nb are masked in the kernel (no padding
 copies); masks are only emitted where a dimension is ragged, so full tiles get vector loads.
-`dequantize_reference` is the jnp equivalent of the dequantization.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lowra_jax.quantize.qtensor import select_levels
+from lowra_jax.quantize.qtensor import Bucket, select_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +77,52 @@ def _load(ref, rows, cols, mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Bucket:
-  """One bucket's refs and static layout, as seen by a program owning channels [n0, n0 + bn)."""
+class Layout:
+  """Static layout of one bucket's kernel operands (`operands`), read as stored.
 
-  p_ref: object
-  t_ref: object
-  s_ref: object
+  tables: "channel" (tables [Nb, 2^b], one per channel), "indexed" (tables [C, 2^b] shared through
+  table_index uint8 [Nb]) or "shared" (one table [1, 2^b] for the bucket).
+  dq_block: 0 for float32 scales [G, Nb]; else the scales are double-quantized: int8 codes [G, Nb],
+  float32 block absmax [G, ceil(Nb / dq_block)] and offset [1], scale = offset + code * absmax / 127.
+  """
+
   bits: int
   kp: int
+  nb: int
+  tables: str
+  dq_block: int
+
+  @property
+  def num_refs(self) -> int:
+    return 3 + (self.tables == "indexed") + (2 if self.dq_block else 0)
+
+
+def operands(bucket: Bucket) -> tuple[Layout, tuple[jax.Array, ...]]:
+  """(layout, arrays) of a bucket: plane, tables, [table_index], scales ([absmax, offset]).
+
+  The kernels read tables and scales as stored (no per-call preparation kernels)."""
+  (plane,) = bucket.planes
+  kp, nb = plane.shape
+  arrays = [plane, bucket.tables]
+  if bucket.table_index is not None:
+    mode = "indexed"
+    arrays.append(bucket.table_index)
+  else:
+    mode = "shared" if bucket.tables.shape[0] == 1 else "channel"
+  s = bucket.scales
+  if s.dq_block:
+    arrays += [s.codes, s.block_absmax, jnp.reshape(s.offset, (1,)).astype(jnp.float32)]
+  else:
+    arrays.append(s.values)
+  return Layout(bucket.bits, kp, nb, mode, s.dq_block), tuple(arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+  """One bucket's refs as seen by a program owning channels [n0, n0 + bn)."""
+
+  refs: tuple
+  layout: Layout
   group: int
   n0: object
   bn: int
@@ -91,61 +130,90 @@ class _Bucket:
   narrow: bool
 
   def columns(self):
-    """The 2^b table rows of these channels: list of float32 [1, bn] (load once per program)."""
-    cols = pl.ds(self.n0, self.bn)
-    return [_load(self.t_ref, pl.ds(j, 1), cols, self.n_ok) for j in range(self.t_ref.shape[0])]
+    """The 2^b table levels of these channels: float32 [1, bn] ([1] if shared; load once)."""
+    t_ref, mode, ok = self.refs[1], self.layout.tables, None if self.n_ok is None else self.n_ok[0]
+    levels = [jnp.int32(j) for j in range(1 << self.layout.bits)]  # index arrays, not ints
+    if mode == "shared":
+      return [plgpu.load(t_ref.at[pl.ds(0, 1), j]).astype(jnp.float32) for j in levels]  # [1]
+    rows = pl.ds(self.n0, self.bn)
+    if mode == "indexed":
+      rows = _load1(self.refs[2].at[rows], ok).astype(jnp.int32)
+    return [_load1(t_ref.at[rows, j], ok).astype(jnp.float32)[None, :] for j in levels]
 
   def packed(self, r0, bk):
     """int32 [bk, bn]: packed rows [r0, r0 + bk)."""
-    return _load(self.p_ref, pl.ds(r0, bk), pl.ds(self.n0, self.bn), self.n_ok).astype(jnp.int32)
+    cols = pl.ds(self.n0, self.bn)
+    return _load(self.refs[0], pl.ds(r0, bk), cols, self.n_ok).astype(jnp.int32)
+
+  def scale(self, g):
+    """float32 [1, bn]: group row g's scales of these channels."""
+    cols, dq = pl.ds(self.n0, self.bn), self.layout.dq_block
+    if not dq:
+      return _load(self.refs[-1], pl.ds(g, 1), cols, self.n_ok)
+    codes_ref, absmax_ref, offset_ref = self.refs[-3:]
+    codes = _load(codes_ref, pl.ds(g, 1), cols, self.n_ok).astype(jnp.float32)
+    if dq % self.bn == 0:  # the program's channels lie in one block (n0 is a multiple of bn)
+      absmax = plgpu.load(absmax_ref.at[g, self.n0 // dq])
+    else:
+      blocks = (self.n0 + jax.lax.iota(jnp.int32, self.bn)) // dq
+      ok = None if self.n_ok is None else self.n_ok[0]
+      absmax = _load1(absmax_ref.at[g, blocks], ok)[None, :]
+    return plgpu.load(offset_ref.at[pl.ds(0, 1)]) + codes * (absmax / 127.0)
 
   def slab(self, packed, i, r0, columns, dtype):
     """Weights [bk, bn] in `dtype` of code rows r0 + i * kp + [0, bk) (one group)."""
-    g = (r0 + i * self.kp) // self.group
-    scale = _load(self.s_ref, pl.ds(g, 1), pl.ds(self.n0, self.bn), self.n_ok)
+    bits = self.layout.bits
+    scale = self.scale((r0 + i * self.layout.kp) // self.group)
     levels = [c * scale for c in columns]
     if self.narrow:
-      return select_levels(packed, [v.astype(dtype) for v in levels], i * self.bits)
-    return select_levels(packed, levels, i * self.bits).astype(dtype)
+      return select_levels(packed, [v.astype(dtype) for v in levels], i * bits)
+    return select_levels(packed, levels, i * bits).astype(dtype)
 
 
-def _bucket(p_ref, t_ref, s_ref, *, bits, kp, nb, group, n0, tiles):
-  """The `_Bucket` view of channels [n0, n0 + block_n)."""
-  n_ok = None if nb % tiles.block_n == 0 else _mask(n0, tiles.block_n, nb, 1)
-  return _Bucket(p_ref, t_ref, s_ref, bits, kp, group, n0, tiles.block_n, n_ok, tiles.narrow)
+def _load1(ref, mask):
+  """1-D load of ref (a view indexed to [bn]) with masked-out elements 0."""
+  return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
-def _fwd_kernel(x_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
+def _view(refs, layout: Layout, *, group, n0, tiles):
+  """The `_View` of channels [n0, n0 + block_n)."""
+  n_ok = None if layout.nb % tiles.block_n == 0 else _mask(n0, tiles.block_n, layout.nb, 1)
+  return _View(tuple(refs), layout, group, n0, tiles.block_n, n_ok, tiles.narrow)
+
+
+def _fwd_kernel(x_ref, *refs, layout: Layout, group, tiles):
   ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
-  _fwd_body(x_ref, p_ref, t_ref, s_ref, o_ref, ids, 0, bits, kp, nb, group, tiles)
+  _fwd_body(x_ref, refs[:-1], refs[-1], ids, 0, layout, group, tiles)
 
 
-def _fwd_buckets_kernel(x_ref, *refs, layout, group, tiles):
-  """Program (i, j, s) runs the bucket whose channel blocks include j (`layout`, static)."""
+def _fwd_buckets_kernel(x_ref, *refs, layouts, block_ks, group, tiles):
+  """Program (i, j, s) runs the bucket whose channel blocks include j (static `layouts`)."""
   o_ref, (i, j, split) = refs[-1], (pl.program_id(0), pl.program_id(1), pl.program_id(2))
-  for b, (bits, kp, nb, block_k, first, offset) in enumerate(layout):
-    p_ref, t_ref, s_ref = refs[3 * b : 3 * b + 3]
-    last = first + pl.cdiv(nb, tiles.block_n)
+  first, offset, at = 0, 0, 0
+  for layout, block_k in zip(layouts, block_ks, strict=True):
+    last = first + pl.cdiv(layout.nb, tiles.block_n)
     t = dataclasses.replace(tiles, block_k=block_k)
     ids = (i, j - first, split)  # read outside the branch (the interpreter needs them there)
-    args = (x_ref, p_ref, t_ref, s_ref, o_ref, ids, offset, bits, kp, nb, group, t)
+    args = (x_ref, refs[at : at + layout.num_refs], o_ref, ids, offset, layout, group, t)
     pl.when((j >= first) & (j < last))(functools.partial(_fwd_body, *args))
+    first, offset, at = last, offset + layout.nb, at + layout.num_refs
 
 
-def _fwd_body(x_ref, p_ref, t_ref, s_ref, o_ref, ids, offset, bits, kp, nb, group, tiles):
+def _fwd_body(x_ref, refs, o_ref, ids, offset, layout: Layout, group, tiles):
   """Rows block ids[0] x channel block ids[1] of one bucket, reduction split ids[2]; written at
   output columns offset + channel."""
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, n0, split = ids[0] * bm, ids[1] * bn, ids[2]
   m = x_ref.shape[0]
   m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
-  b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
+  b = _view(refs, layout, group=group, n0=n0, tiles=tiles)
   columns = b.columns()  # loop-invariant: this program's channels are fixed
+  kp = layout.kp
 
   def step(s, acc):
     r0 = s * bk
     packed = b.packed(r0, bk)
-    for i in range(8 // bits):
+    for i in range(8 // layout.bits):
       x = _load(x_ref, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk), m_ok)
       acc += jnp.dot(x, b.slab(packed, i, r0, columns, x.dtype), preferred_element_type=jnp.float32)
     return acc
@@ -168,16 +236,17 @@ def _both(row_ok, col_ok):
   return row_ok & col_ok
 
 
-def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles):
+def _bwd_kernel(g_ref, *refs, layout: Layout, group, tiles):
+  refs, o_ref = refs[:-1], refs[-1]
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, r0, split = pl.program_id(0) * bm, pl.program_id(1) * bk, pl.program_id(2)
   m = g_ref.shape[0]
   m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
-  per = 8 // bits
+  per, kp = 8 // layout.bits, layout.kp
 
   def step(s, accs):
     n0 = s * bn
-    b = _bucket(p_ref, t_ref, s_ref, bits=bits, kp=kp, nb=nb, group=group, n0=n0, tiles=tiles)
+    b = _view(refs, layout, group=group, n0=n0, tiles=tiles)
     g = _load(g_ref, pl.ds(m0, bm), pl.ds(n0, bn), _both(m_ok, b.n_ok))
     packed, columns = b.packed(r0, bk), b.columns()
     contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
@@ -189,7 +258,7 @@ def _bwd_kernel(g_ref, p_ref, t_ref, s_ref, o_ref, *, bits, kp, nb, group, tiles
       for i in range(per)
     )
 
-  steps = pl.cdiv(nb, bn)
+  steps = pl.cdiv(layout.nb, bn)
   per_split = pl.cdiv(steps, tiles.splits)
   lo = split * per_split
   init = tuple(jnp.zeros((bm, bk), jnp.float32) for _ in range(per))
@@ -218,23 +287,20 @@ def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name
   )(*operands)
 
 
-def _check(plane, tables, scales, tiles: Tiles, bits: int, group: int):
-  kp, nb = plane.shape
-  if bits not in (1, 2, 4):
-    raise NotImplementedError(f"{bits=}: the LUT kernels handle 1, 2 and 4 bits.")
-  if kp % tiles.block_k or group % tiles.block_k:
-    raise ValueError(f"{tiles.block_k=} must divide the packed rows {kp=} and {group=}.")
-  if tables.shape != (1 << bits, nb) or scales.shape != (kp * 8 // bits // group, nb):
-    raise ValueError(f"tables {tables.shape} / scales {scales.shape} do not match {nb=}, {bits=}.")
+def _checked(bucket: Bucket, block_k: int, group: int) -> tuple[Layout, tuple[jax.Array, ...]]:
+  """`operands(bucket)` after checking that the kernels cover it with this block_k."""
+  if bucket.bits not in (1, 2, 4) or len(bucket.planes) != 1:
+    raise NotImplementedError(f"bits={bucket.bits}: the LUT kernels handle 1, 2 and 4 bits.")
+  layout, arrays = operands(bucket)
+  if layout.kp % block_k or group % block_k:
+    raise ValueError(f"block_k={block_k} must divide the packed rows kp={layout.kp} and {group=}.")
+  return layout, arrays
 
 
 def lut_matmul(
   x,
-  plane,
-  tables,
-  scales,
+  bucket: Bucket,
   *,
-  bits: int,
   group: int,
   tiles: Tiles = Tiles(),
   dtype=jnp.float32,
@@ -245,27 +311,23 @@ def lut_matmul(
 
   Args:
     x: [M, K_pad] activations (any M).
-    plane: uint8 [Kp, Nb] packed codes (Kp = K_pad * bits / 8).
-    tables: float32 [2**bits, Nb], column n is channel n's table.
-    scales: float32 [K_pad / group, Nb] group scales.
+    bucket: one precision bucket of a `QuantizedTensor` (1, 2 or 4 bits, one plane), as stored.
+    group: the tensor's group size.
     dtype: of the partial sums (float32 unless there is a single split).
     out: optional buffer the result is written into (aliased); NaN-poison it to test coverage.
   """
-  _check(plane, tables, scales, tiles, bits, group)
-  kp, nb = plane.shape
-  kernel = functools.partial(_fwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
-  grid = (pl.cdiv(x.shape[0], tiles.block_m), pl.cdiv(nb, tiles.block_n), tiles.splits)
-  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], nb), dtype)
-  return _call(
-    kernel, (x, plane, tables, scales), shape, grid, tiles, interpret, f"lut_matmul_{bits}bit", out
-  )
+  layout, arrays = _checked(bucket, tiles.block_k, group)
+  kernel = functools.partial(_fwd_kernel, layout=layout, group=group, tiles=tiles)
+  grid = (pl.cdiv(x.shape[0], tiles.block_m), pl.cdiv(layout.nb, tiles.block_n), tiles.splits)
+  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], layout.nb), dtype)
+  name = f"lut_matmul_{layout.bits}bit"
+  return _call(kernel, (x, *arrays), shape, grid, tiles, interpret, name, out)
 
 
 def lut_matmul_buckets(
   x,
-  operands,
+  buckets,
   *,
-  bits: tuple[int, ...],
   block_ks: tuple[int, ...],
   group: int,
   tiles: Tiles = Tiles(),
@@ -277,30 +339,26 @@ def lut_matmul_buckets(
   sums [tiles.splits, M, sum Nb] (columns in bucket order).
 
   Args:
-    operands: one (plane, tables, scales) per bucket, as for `lut_matmul`.
-    bits, block_ks: per bucket (tiles.block_k is ignored); the rest of `tiles` is shared.
+    buckets: the buckets, as for `lut_matmul`; block_ks: their block_k (tiles.block_k is ignored;
+      the rest of `tiles` is shared).
   """
-  layout, first, offset = [], 0, 0
-  for (plane, tables, scales), b, bk in zip(operands, bits, block_ks, strict=True):
-    _check(plane, tables, scales, dataclasses.replace(tiles, block_k=bk), b, group)
-    kp, nb = plane.shape
-    layout.append((b, kp, nb, bk, first, offset))
-    first, offset = first + pl.cdiv(nb, tiles.block_n), offset + nb
-  kernel = functools.partial(_fwd_buckets_kernel, layout=tuple(layout), group=group, tiles=tiles)
-  grid = (pl.cdiv(x.shape[0], tiles.block_m), first, tiles.splits)
-  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], offset), dtype)
-  flat = [a for ops in operands for a in ops]
-  name = "lut_matmul_" + "_".join(f"{b}bit" for b in bits)
+  checked = [_checked(b, bk, group) for b, bk in zip(buckets, block_ks, strict=True)]
+  layouts = tuple(layout for layout, _ in checked)
+  kernel = functools.partial(
+    _fwd_buckets_kernel, layouts=layouts, block_ks=tuple(block_ks), group=group, tiles=tiles
+  )
+  blocks = sum(pl.cdiv(layout.nb, tiles.block_n) for layout in layouts)
+  grid = (pl.cdiv(x.shape[0], tiles.block_m), blocks, tiles.splits)
+  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], sum(lo.nb for lo in layouts)), dtype)
+  flat = [a for _, arrays in checked for a in arrays]
+  name = "lut_matmul_" + "_".join(f"{lo.bits}bit" for lo in layouts)
   return _call(kernel, (x, *flat), shape, grid, tiles, interpret, name, out)
 
 
 def lut_matmul_t(
   g,
-  plane,
-  tables,
-  scales,
+  bucket: Bucket,
   *,
-  bits: int,
   group: int,
   tiles: Tiles = Tiles(),
   dtype=jnp.float32,
@@ -308,26 +366,9 @@ def lut_matmul_t(
   out=None,
 ):
   """g [M, Nb] @ W^T -> partial sums [tiles.splits, M, K_pad] in `dtype`; args: lut_matmul."""
-  _check(plane, tables, scales, tiles, bits, group)
-  kp, nb = plane.shape
-  kernel = functools.partial(_bwd_kernel, bits=bits, kp=kp, nb=nb, group=group, tiles=tiles)
-  grid = (pl.cdiv(g.shape[0], tiles.block_m), kp // tiles.block_k, tiles.splits)
-  shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], kp * 8 // bits), dtype)
-  return _call(
-    kernel,
-    (g, plane, tables, scales),
-    shape,
-    grid,
-    tiles,
-    interpret,
-    f"lut_matmul_t_{bits}bit",
-    out,
-  )
-
-
-def dequantize_reference(plane, tables, scales, *, bits: int, group: int):
-  """jnp dequantization of one bucket: float32 [K_pad, Nb]."""
-  per = 8 // bits
-  codes = jnp.concatenate([(plane >> (i * bits)) & ((1 << bits) - 1) for i in range(per)], axis=0)
-  values = jnp.take_along_axis(tables, codes.astype(jnp.int32), axis=0)
-  return values * jnp.repeat(scales, group, axis=0)
+  layout, arrays = _checked(bucket, tiles.block_k, group)
+  kernel = functools.partial(_bwd_kernel, layout=layout, group=group, tiles=tiles)
+  grid = (pl.cdiv(g.shape[0], tiles.block_m), layout.kp // tiles.block_k, tiles.splits)
+  shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], layout.kp * 8 // layout.bits), dtype)
+  name = f"lut_matmul_t_{layout.bits}bit"
+  return _call(kernel, (g, *arrays), shape, grid, tiles, interpret, name, out)

@@ -88,19 +88,6 @@ def _sum_splits(partial, dtype):
   return partial.sum(axis=0).astype(dtype)
 
 
-def _bucket_operands(bucket):
-  """(plane uint8 [Kp, Nb], tables float32 [2^b, Nb], scales float32 [G, Nb]) of a bucket.
-
-  Reading tables [Nb, 2^b] and double-quantized scales as stored inside the kernels was measured
-  1.5-4x slower on the H200 (docs/results.md), so they are prepared here by XLA.
-  """
-  return (
-    bucket.planes[0],
-    bucket.channel_tables().astype(jnp.float32).T,
-    bucket.scales.dequantize(),
-  )
-
-
 def _kernels_apply(bucket, impl: str) -> bool:
   """Whether the LUT kernels can run this bucket (block sizes are checked by `tiles_for`)."""
   return impl in ("triton", "interpret") and len(bucket.planes) == 1
@@ -168,8 +155,7 @@ def _forward(x, qt: QuantizedTensor, impl: str):
       continue
     partial = lm.lut_matmul(
       xp,
-      *_bucket_operands(b),
-      bits=b.bits,
+      b,
       group=qt.group_size,
       tiles=t,
       dtype=x.dtype if t.splits == 1 else jnp.float32,
@@ -188,8 +174,7 @@ def _forward_buckets(xp, qt: QuantizedTensor, tiles: list[lm.Tiles], impl: str):
   splits = max(1, min(steps, -(-_WAVES[False] * _num_sms() // programs)))
   partial = lm.lut_matmul_buckets(
     xp,
-    [_bucket_operands(b) for b in qt.buckets],
-    bits=tuple(b.bits for b in qt.buckets),
+    qt.buckets,
     block_ks=tuple(t.block_k for t in tiles),
     group=qt.group_size,
     tiles=dataclasses.replace(tiles[0], splits=splits),
@@ -228,8 +213,7 @@ def _backward(g, qt: QuantizedTensor, impl: str):
       continue
     partial = lm.lut_matmul_t(
       gb,
-      *_bucket_operands(b),
-      bits=b.bits,
+      b,
       group=qt.group_size,
       tiles=t,
       dtype=g.dtype if one and t.splits == 1 else jnp.float32,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lowra_jax import quantize
-from lowra_jax.quantize import packing
+from lowra_jax.quantize import packing, scaling
+from lowra_jax.quantize.qtensor import Bucket
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import quantized_matmul, quantized_matmul_reference, quantized_ops
 from pallas_kernels import row_gather as rg
@@ -95,60 +96,82 @@ def test_no_gradient_flows_into_the_frozen_base(qtensor):
       assert not np.any(np.asarray(leaf))
 
 
-KERNEL_CASES = [(1, 1024, 40, 16, 1), (2, 512, 130, 5, 3), (4, 256, 64, 16, 2), (2, 192, 9, 48, 1)]
+def stored_bucket(rng, bits, k, n, tables, dq_block):
+  """A random `Bucket` as the quantizer stores it, and its weights in float64 [k, n] (computed
+  here from the stored fields). tables: 'channel' (float16 [n, 2^b]), 'indexed' (3 float16 tables
+  and an index) or 'shared' (one float32 table); dq_block 0: float32 scales, else int8 codes."""
+  codes = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
+  levels = 1 << bits
+  index = None
+  if tables == "channel":
+    t = rng.normal(size=(n, levels)).astype(np.float16)
+    per_channel = t
+  elif tables == "indexed":
+    t = rng.normal(size=(3, levels)).astype(np.float16)
+    index = rng.integers(0, 3, n).astype(np.uint8)
+    per_channel = t[index]
+  else:
+    t = rng.normal(size=(1, levels)).astype(np.float32)
+    per_channel = np.repeat(t, n, axis=0)
+  s = rng.uniform(0.5, 2.0, (k // 64, n)).astype(np.float32)
+  scales = scaling.make_scales(s, bool(dq_block), dq_block or 256)
+  if dq_block:
+    step = np.repeat(scales.block_absmax.astype(np.float64) / 127, dq_block, axis=1)[:, :n]
+    s = float(scales.offset) + scales.codes.astype(np.float64) * step
+  w = per_channel.astype(np.float64)[np.arange(n)[None, :], codes] * np.repeat(s, 64, axis=0)
+  bucket = Bucket(packing.pack(codes, bits), t, scales, index, bits)
+  return jax.tree_util.tree_map(jnp.asarray, bucket), w
+
+
+# (bits, K, N, M, splits, tables, dq_block): ragged N and M, every table layout, scales as float32,
+# double-quantized with blocks that hold whole programs' channels (64) and ones that do not (48).
+KERNEL_CASES = [
+  (1, 1024, 40, 16, 1, "channel", 0),
+  (2, 512, 130, 5, 3, "indexed", 64),
+  (4, 256, 64, 16, 2, "shared", 48),
+  (2, 192, 9, 48, 1, "channel", 256),
+]
 
 
 @pytest.mark.parametrize("narrow", [False, True])
-@pytest.mark.parametrize("bits,k,n,m,splits", KERNEL_CASES)
-def test_kernels_write_every_output_tile(bits, k, n, m, splits, narrow):
+@pytest.mark.parametrize("bits,k,n,m,splits,tables,dq", KERNEL_CASES)
+def test_kernels_write_every_output_tile(bits, k, n, m, splits, tables, dq, narrow):
   """Outputs start NaN-poisoned; every element must be written and correct."""
   rng = np.random.default_rng(bits * k + n)
-  codes = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
-  (plane,) = packing.pack(codes, bits)
-  tables = rng.normal(size=(1 << bits, n)).astype(np.float32)
-  scales = rng.uniform(0.5, 2.0, (k // 64, n)).astype(np.float32)
-  w = tables[codes, np.arange(n)[None, :]] * np.repeat(scales, 64, axis=0)  # float64 oracle
-  bk = lm.max_block_k(plane.shape[0], 64)
+  bucket, w = stored_bucket(rng, bits, k, n, tables, dq)
+  np.testing.assert_allclose(np.asarray(bucket.dequantize(64)), w, rtol=1e-6)  # the oracle
+  bk = lm.max_block_k(bucket.planes[0].shape[0], 64)
   tiles = lm.Tiles(block_m=16, block_n=32, block_k=bk, splits=splits, narrow=narrow)
   assert tiles.block_k >= 16
-  args = (jnp.asarray(plane), jnp.asarray(tables), jnp.asarray(scales))
-  kw = dict(bits=bits, group=64, tiles=tiles, interpret=jax.default_backend() != "gpu")
+  kw = dict(group=64, tiles=tiles, interpret=jax.default_backend() != "gpu")
   x = rng.normal(size=(m, k)).astype(np.float32)
-  y = lm.lut_matmul(jnp.asarray(x), *args, out=jnp.full((splits, m, n), jnp.nan), **kw)
+  y = lm.lut_matmul(jnp.asarray(x), bucket, out=jnp.full((splits, m, n), jnp.nan), **kw)
   assert rel_err(y.sum(axis=0), x.astype(np.float64) @ w) < 1e-3
   g = rng.normal(size=(m, n)).astype(np.float32)
-  dx = lm.lut_matmul_t(jnp.asarray(g), *args, out=jnp.full((splits, m, k), jnp.nan), **kw)
+  dx = lm.lut_matmul_t(jnp.asarray(g), bucket, out=jnp.full((splits, m, k), jnp.nan), **kw)
   assert rel_err(dx.sum(axis=0), g.astype(np.float64) @ w.T) < 1e-3
-  np.testing.assert_allclose(
-    np.asarray(lm.dequantize_reference(*args, bits=bits, group=64)), w, rtol=1e-6
-  )
 
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_one_launch_for_all_buckets_writes_every_tile(splits):
-  """`lut_matmul_buckets` over a 1-bit and a 2-bit bucket with ragged channel counts, its output
-  NaN-poisoned: every column written, each bucket's block equal to its float64 product."""
+  """`lut_matmul_buckets` over a 1-bit and a 2-bit bucket with ragged channel counts and different
+  table and scale layouts, its output NaN-poisoned: every column written, each bucket's block
+  equal to its float64 product."""
   rng = np.random.default_rng(splits)
-  k, m, args, ws = 256, 5, [], []
-  for bits, n in ((1, 40), (2, 70)):
-    codes = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
-    (plane,) = packing.pack(codes, bits)
-    tables = rng.normal(size=(1 << bits, n)).astype(np.float32)
-    scales = rng.uniform(0.5, 2.0, (k // 64, n)).astype(np.float32)
-    ws.append(tables[codes, np.arange(n)[None, :]] * np.repeat(scales, 64, axis=0))
-    args.append((jnp.asarray(plane), jnp.asarray(tables), jnp.asarray(scales)))
+  k, m = 256, 5
+  one, w1 = stored_bucket(rng, 1, k, 40, "shared", 0)
+  two, w2 = stored_bucket(rng, 2, k, 70, "indexed", 48)
   x = rng.normal(size=(m, k)).astype(np.float32)
   y = lm.lut_matmul_buckets(
     jnp.asarray(x),
-    args,
-    bits=(1, 2),
+    (one, two),
     block_ks=(16, 32),
     group=64,
     tiles=lm.Tiles(block_m=16, block_n=32, splits=splits, narrow=True),
     interpret=jax.default_backend() != "gpu",
     out=jnp.full((splits, m, 110), jnp.nan),
   )
-  assert rel_err(y.sum(axis=0), x.astype(np.float64) @ np.concatenate(ws, axis=1)) < 1e-2
+  assert rel_err(y.sum(axis=0), x.astype(np.float64) @ np.concatenate([w1, w2], axis=1)) < 1e-2
 
 
 @pytest.mark.parametrize("m", [1, 17])
@@ -197,15 +220,9 @@ def test_bad_inputs_raise_clear_errors(qtensor):
     quantized_matmul(jnp.ones((2, 7)), qtensor)
   with pytest.raises(ValueError, match=r"unknown backend 'cuda'"):
     quantized_matmul(jnp.ones((2, 320)), qtensor, backend="cuda")
+  three = quantize.quantize_tensor(weights(3, 64, 8), quantize.QuantConfig(method="lloyd", bits=3))
   with pytest.raises(NotImplementedError, match=r"bits=3"):
-    lm.lut_matmul(
-      jnp.ones((16, 64)),
-      jnp.ones((24, 8), jnp.uint8),
-      jnp.ones((8, 8)),
-      jnp.ones((1, 8)),
-      bits=3,
-      group=64,
-    )
+    lm.lut_matmul(jnp.ones((16, 64)), three.buckets[0], group=64)
 
 
 def test_set_default_backend_changes_what_auto_runs(monkeypatch):
