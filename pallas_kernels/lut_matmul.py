@@ -11,10 +11,12 @@ for the bucket) and group scales S[G, Nb] (float32 or double-quantized int8):
 `lut_matmul_t(g, bucket)` = g[M, Nb]    @ W^T   -> partial sums [splits, M, K_pad]  (input grad)
 `lut_matmul_buckets` is the forward of all buckets of a mixed tensor in one launch (programs pick
 their bucket by channel block), so the small buckets share the GPU instead of running in turn.
-The kernels read every operand as stored (`operands`): W only in packed form, a program's table
-levels once (gathered through the index where tables are shared), its scale rows dequantized per
-slab -- no preparation kernels per call. A program loads a tile of packed rows [block_k, block_n]
-once and handles each of its p row slabs; block_k divides the group size, so a slab lies in one
+W is read only in packed form. The forward kernels read tables and scales as stored (`operands`):
+a program's table levels once (gathered through the index where tables are shared), its scale rows
+dequantized per slab -- no preparation kernels per call; the backward reads them prepared by XLA.
+`lut_matmul_buckets` can also write its columns in channel order (a mixed tensor's permutation),
+so that no scatter follows it. A program loads a tile of packed rows [block_k, block_n] once and
+handles each of its p row slabs; block_k divides the group size, so a slab lies in one
 group and its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before
 the lookup. The lookup itself is a tree of selects on the code bits, tested in place in the packed
 bytes (no shift or mask per slab). The slab then feeds the tensor cores with fp32 accumulation.
@@ -78,9 +80,10 @@ def _load(ref, rows, cols, mask):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Static layout of one bucket's kernel operands (`operands`), read as stored.
+  """Static layout of one bucket's kernel operands (`operands`).
 
-  tables: "channel" (tables [Nb, 2^b], one per channel), "indexed" (tables [C, 2^b] shared through
+  tables: "levels" (prepared: float32 [2^b, Nb], row j holds every channel's level j), or as
+  stored: "channel" (tables [Nb, 2^b], one per channel), "indexed" (tables [C, 2^b] shared through
   table_index uint8 [Nb]) or "shared" (one table [1, 2^b] for the bucket).
   dq_block: 0 for float32 scales [G, Nb]; else the scales are double-quantized: int8 codes [G, Nb],
   float32 block absmax [G, ceil(Nb / dq_block)] and offset [1], scale = offset + code * absmax / 127.
@@ -97,21 +100,27 @@ class Layout:
     return 3 + (self.tables == "indexed") + (2 if self.dq_block else 0)
 
 
-def operands(bucket: Bucket) -> tuple[Layout, tuple[jax.Array, ...]]:
-  """(layout, arrays) of a bucket: plane, tables, [table_index], scales ([absmax, offset]).
+def operands(bucket: Bucket, prepared: bool = False) -> tuple[Layout, tuple[jax.Array, ...]]:
+  """(layout, arrays) of a bucket: plane, tables, [table_index [1, Nb]], scales (values, or codes
+  + flattened block absmax + offset [1]).
 
-  The kernels read tables and scales as stored (no per-call preparation kernels)."""
+  As stored (default) the arrays are the bucket's own (reshapes only: no per-call preparation
+  kernels). `prepared`: tables as float32 [2^b, Nb] and float32 scales, made by XLA here (two
+  small kernels) -- for the backward kernel, which rereads them for every channel block."""
   (plane,) = bucket.planes
   kp, nb = plane.shape
-  arrays = [plane, bucket.tables]
+  s = bucket.scales
+  if prepared:
+    tables = bucket.channel_tables().astype(jnp.float32).T
+    return Layout(bucket.bits, kp, nb, "levels", 0), (plane, tables, s.dequantize())
+  arrays = [plane, bucket.tables.reshape(-1)]
   if bucket.table_index is not None:
     mode = "indexed"
-    arrays.append(bucket.table_index)
+    arrays.append(bucket.table_index.reshape(1, nb))
   else:
     mode = "shared" if bucket.tables.shape[0] == 1 else "channel"
-  s = bucket.scales
   if s.dq_block:
-    arrays += [s.codes, s.block_absmax, jnp.reshape(s.offset, (1,)).astype(jnp.float32)]
+    arrays += [s.codes, s.block_absmax.reshape(-1), jnp.reshape(s.offset, (1,))]
   else:
     arrays.append(s.values)
   return Layout(bucket.bits, kp, nb, mode, s.dq_block), tuple(arrays)
@@ -119,7 +128,11 @@ def operands(bucket: Bucket) -> tuple[Layout, tuple[jax.Array, ...]]:
 
 @dataclasses.dataclass(frozen=True)
 class _View:
-  """One bucket's refs as seen by a program owning channels [n0, n0 + bn)."""
+  """One bucket's refs as seen by a program owning channels [n0, n0 + bn).
+
+  Per-channel values are read as [1, bn] tiles in the layout of the weight tiles (gathers by
+  [1, bn] index arrays where they are not contiguous): 1-D loads broadcast into the tiles were
+  measured 2-4x slower on the H200 (layout conversions in the inner loop)."""
 
   refs: tuple
   layout: Layout
@@ -129,50 +142,60 @@ class _View:
   n_ok: object  # bool [1, bn] or None (Nb a multiple of bn)
   narrow: bool
 
-  def columns(self):
-    """The 2^b table levels of these channels: float32 [1, bn] ([1] if shared; load once)."""
-    t_ref, mode, ok = self.refs[1], self.layout.tables, None if self.n_ok is None else self.n_ok[0]
-    levels = [jnp.int32(j) for j in range(1 << self.layout.bits)]  # index arrays, not ints
+  def _channels(self):
+    """int32 [1, bn]: the channel indices."""
+    return self.n0 + jax.lax.broadcasted_iota(jnp.int32, (1, self.bn), 1)
+
+  def _gather(self, flat_ref, index):
+    """float32 [1, bn]: flat_ref[index] for index int32 [1, bn]; masked-out channels read 0."""
+    view = flat_ref.at[index]
+    v = plgpu.load(view) if self.n_ok is None else plgpu.load(view, mask=self.n_ok, other=0)
+    return v.astype(jnp.float32)
+
+  def invariants(self):
+    """(levels, offset): the 2^b table levels of these channels, float32 [1, bn] each, and the
+    scales' offset [1, bn] (None unless double-quantized). Loaded once per channel block."""
+    mode, levels = self.layout.tables, 1 << self.layout.bits
+    cols = pl.ds(self.n0, self.bn)
+    if mode == "levels":
+      return [_load(self.refs[1], pl.ds(j, 1), cols, self.n_ok) for j in range(levels)], None
     if mode == "shared":
-      return [plgpu.load(t_ref.at[pl.ds(0, 1), j]).astype(jnp.float32) for j in levels]  # [1]
-    rows = pl.ds(self.n0, self.bn)
-    if mode == "indexed":
-      rows = _load1(self.refs[2].at[rows], ok).astype(jnp.int32)
-    return [_load1(t_ref.at[rows, j], ok).astype(jnp.float32)[None, :] for j in levels]
+      rows = jnp.zeros((1, self.bn), jnp.int32)
+    elif mode == "indexed":
+      rows = _load(self.refs[2], pl.ds(0, 1), cols, self.n_ok)
+      rows = rows.astype(jnp.int32)
+    else:
+      rows = self._channels()
+    table = [self._gather(self.refs[1], rows * levels + j) for j in range(levels)]
+    offset = None
+    if self.layout.dq_block:
+      offset = self._gather(self.refs[-1], jnp.zeros((1, self.bn), jnp.int32))
+    return table, offset
 
   def packed(self, r0, bk):
     """int32 [bk, bn]: packed rows [r0, r0 + bk)."""
     cols = pl.ds(self.n0, self.bn)
     return _load(self.refs[0], pl.ds(r0, bk), cols, self.n_ok).astype(jnp.int32)
 
-  def scale(self, g):
+  def scale(self, g, offset):
     """float32 [1, bn]: group row g's scales of these channels."""
     cols, dq = pl.ds(self.n0, self.bn), self.layout.dq_block
     if not dq:
       return _load(self.refs[-1], pl.ds(g, 1), cols, self.n_ok)
-    codes_ref, absmax_ref, offset_ref = self.refs[-3:]
+    codes_ref, absmax_ref, _ = self.refs[-3:]
     codes = _load(codes_ref, pl.ds(g, 1), cols, self.n_ok).astype(jnp.float32)
-    if dq % self.bn == 0:  # the program's channels lie in one block (n0 is a multiple of bn)
-      absmax = plgpu.load(absmax_ref.at[g, self.n0 // dq])
-    else:
-      blocks = (self.n0 + jax.lax.iota(jnp.int32, self.bn)) // dq
-      ok = None if self.n_ok is None else self.n_ok[0]
-      absmax = _load1(absmax_ref.at[g, blocks], ok)[None, :]
-    return plgpu.load(offset_ref.at[pl.ds(0, 1)]) + codes * (absmax / 127.0)
+    absmax = self._gather(absmax_ref, g * pl.cdiv(self.layout.nb, dq) + self._channels() // dq)
+    return offset + codes * (absmax * (1 / 127))  # a division per slab cost ~15% at 2 bits
 
-  def slab(self, packed, i, r0, columns, dtype):
+  def slab(self, packed, i, r0, invariants, dtype):
     """Weights [bk, bn] in `dtype` of code rows r0 + i * kp + [0, bk) (one group)."""
+    table, offset = invariants
     bits = self.layout.bits
-    scale = self.scale((r0 + i * self.layout.kp) // self.group)
-    levels = [c * scale for c in columns]
+    scale = self.scale((r0 + i * self.layout.kp) // self.group, offset)
+    levels = [c * scale for c in table]
     if self.narrow:
       return select_levels(packed, [v.astype(dtype) for v in levels], i * bits)
     return select_levels(packed, levels, i * bits).astype(dtype)
-
-
-def _load1(ref, mask):
-  """1-D load of ref (a view indexed to [bn]) with masked-out elements 0."""
-  return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
 def _view(refs, layout: Layout, *, group, n0, tiles):
@@ -183,31 +206,32 @@ def _view(refs, layout: Layout, *, group, n0, tiles):
 
 def _fwd_kernel(x_ref, *refs, layout: Layout, group, tiles):
   ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
-  _fwd_body(x_ref, refs[:-1], refs[-1], ids, 0, layout, group, tiles)
+  _fwd_body(x_ref, refs[:-1], None, refs[-1], ids, 0, layout, group, tiles)
 
 
-def _fwd_buckets_kernel(x_ref, *refs, layouts, block_ks, group, tiles):
+def _fwd_buckets_kernel(x_ref, *refs, layouts, block_ks, group, tiles, permuted):
   """Program (i, j, s) runs the bucket whose channel blocks include j (static `layouts`)."""
   o_ref, (i, j, split) = refs[-1], (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+  c_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
   first, offset, at = 0, 0, 0
   for layout, block_k in zip(layouts, block_ks, strict=True):
     last = first + pl.cdiv(layout.nb, tiles.block_n)
     t = dataclasses.replace(tiles, block_k=block_k)
     ids = (i, j - first, split)  # read outside the branch (the interpreter needs them there)
-    args = (x_ref, refs[at : at + layout.num_refs], o_ref, ids, offset, layout, group, t)
+    args = (x_ref, refs[at : at + layout.num_refs], c_ref, o_ref, ids, offset, layout, group, t)
     pl.when((j >= first) & (j < last))(functools.partial(_fwd_body, *args))
     first, offset, at = last, offset + layout.nb, at + layout.num_refs
 
 
-def _fwd_body(x_ref, refs, o_ref, ids, offset, layout: Layout, group, tiles):
+def _fwd_body(x_ref, refs, c_ref, o_ref, ids, offset, layout: Layout, group, tiles):
   """Rows block ids[0] x channel block ids[1] of one bucket, reduction split ids[2]; written at
-  output columns offset + channel."""
+  output columns offset + channel, or at c_ref[offset + channel] (int [1, N]) if given."""
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, n0, split = ids[0] * bm, ids[1] * bn, ids[2]
   m = x_ref.shape[0]
   m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
   b = _view(refs, layout, group=group, n0=n0, tiles=tiles)
-  columns = b.columns()  # loop-invariant: this program's channels are fixed
+  invariants = b.invariants()  # this program's channels are fixed
   kp = layout.kp
 
   def step(s, acc):
@@ -215,7 +239,8 @@ def _fwd_body(x_ref, refs, o_ref, ids, offset, layout: Layout, group, tiles):
     packed = b.packed(r0, bk)
     for i in range(8 // layout.bits):
       x = _load(x_ref, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk), m_ok)
-      acc += jnp.dot(x, b.slab(packed, i, r0, columns, x.dtype), preferred_element_type=jnp.float32)
+      w = b.slab(packed, i, r0, invariants, x.dtype)
+      acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
     return acc
 
   steps = kp // bk
@@ -226,7 +251,16 @@ def _fwd_body(x_ref, refs, o_ref, ids, offset, layout: Layout, group, tiles):
   )
   mask = _both(m_ok, b.n_ok)
   cols = pl.ds(offset + n0, bn)
-  plgpu.store(o_ref.at[split, pl.ds(m0, bm), cols], acc.astype(o_ref.dtype), mask=mask)
+  if c_ref is None:
+    plgpu.store(o_ref.at[split, pl.ds(m0, bm), cols], acc.astype(o_ref.dtype), mask=mask)
+    return
+  view = c_ref.at[pl.ds(0, 1), cols]
+  if b.n_ok is None:
+    cols = plgpu.load(view).astype(jnp.int32)  # [1, bn]
+  else:  # masked-out lanes get a column past the end: no store in the interpreter collides there
+    cols = plgpu.load(view, mask=b.n_ok, other=o_ref.shape[2]).astype(jnp.int32)
+  rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+  plgpu.store(o_ref.at[split, rows, cols], acc.astype(o_ref.dtype), mask=mask)
 
 
 def _both(row_ok, col_ok):
@@ -248,12 +282,15 @@ def _bwd_kernel(g_ref, *refs, layout: Layout, group, tiles):
     n0 = s * bn
     b = _view(refs, layout, group=group, n0=n0, tiles=tiles)
     g = _load(g_ref, pl.ds(m0, bm), pl.ds(n0, bn), _both(m_ok, b.n_ok))
-    packed, columns = b.packed(r0, bk), b.columns()
+    packed, invariants = b.packed(r0, bk), b.invariants()
     contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
     return tuple(
       accs[i]
       + jax.lax.dot_general(
-        g, b.slab(packed, i, r0, columns, g.dtype), contract_n, preferred_element_type=jnp.float32
+        g,
+        b.slab(packed, i, r0, invariants, g.dtype),
+        contract_n,
+        preferred_element_type=jnp.float32,
       )
       for i in range(per)
     )
@@ -287,11 +324,11 @@ def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name
   )(*operands)
 
 
-def _checked(bucket: Bucket, block_k: int, group: int) -> tuple[Layout, tuple[jax.Array, ...]]:
-  """`operands(bucket)` after checking that the kernels cover it with this block_k."""
+def _checked(bucket: Bucket, block_k: int, group: int, prepared: bool = False):
+  """`operands(bucket, prepared)` after checking that the kernels cover it with this block_k."""
   if bucket.bits not in (1, 2, 4) or len(bucket.planes) != 1:
     raise NotImplementedError(f"bits={bucket.bits}: the LUT kernels handle 1, 2 and 4 bits.")
-  layout, arrays = operands(bucket)
+  layout, arrays = operands(bucket, prepared)
   if layout.kp % block_k or group % block_k:
     raise ValueError(f"block_k={block_k} must divide the packed rows kp={layout.kp} and {group=}.")
   return layout, arrays
@@ -332,25 +369,35 @@ def lut_matmul_buckets(
   group: int,
   tiles: Tiles = Tiles(),
   dtype=jnp.float32,
+  columns=None,
   interpret: bool = False,
   out=None,
 ):
   """`lut_matmul` of several buckets in one launch: x [M, K_pad] @ [W_1 | W_2 | ...] -> partial
-  sums [tiles.splits, M, sum Nb] (columns in bucket order).
+  sums [tiles.splits, M, sum Nb] (columns in bucket order, or as `columns` says).
 
   Args:
     buckets: the buckets, as for `lut_matmul`; block_ks: their block_k (tiles.block_k is ignored;
       the rest of `tiles` is shared).
+    columns: optional int [sum Nb], a permutation: bucket-order column c is written at output
+      column columns[c] (a mixed tensor's `perm` gives channel order).
   """
   checked = [_checked(b, bk, group) for b, bk in zip(buckets, block_ks, strict=True)]
   layouts = tuple(layout for layout, _ in checked)
   kernel = functools.partial(
-    _fwd_buckets_kernel, layouts=layouts, block_ks=tuple(block_ks), group=group, tiles=tiles
+    _fwd_buckets_kernel,
+    layouts=layouts,
+    block_ks=tuple(block_ks),
+    group=group,
+    tiles=tiles,
+    permuted=columns is not None,
   )
   blocks = sum(pl.cdiv(layout.nb, tiles.block_n) for layout in layouts)
   grid = (pl.cdiv(x.shape[0], tiles.block_m), blocks, tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], sum(lo.nb for lo in layouts)), dtype)
   flat = [a for _, arrays in checked for a in arrays]
+  if columns is not None:
+    flat.append(columns.reshape(1, -1))
   name = "lut_matmul_" + "_".join(f"{lo.bits}bit" for lo in layouts)
   return _call(kernel, (x, *flat), shape, grid, tiles, interpret, name, out)
 
@@ -365,8 +412,11 @@ def lut_matmul_t(
   interpret: bool = False,
   out=None,
 ):
-  """g [M, Nb] @ W^T -> partial sums [tiles.splits, M, K_pad] in `dtype`; args: lut_matmul."""
-  layout, arrays = _checked(bucket, tiles.block_k, group)
+  """g [M, Nb] @ W^T -> partial sums [tiles.splits, M, K_pad] in `dtype`; args: lut_matmul.
+
+  Reads prepared tables and scales (`operands(prepared=True)`): read as stored, the gathers and
+  scale dequantization repeated for every channel block of its loop made it 1.1-1.6x slower."""
+  layout, arrays = _checked(bucket, tiles.block_k, group, prepared=True)
   kernel = functools.partial(_bwd_kernel, layout=layout, group=group, tiles=tiles)
   grid = (pl.cdiv(g.shape[0], tiles.block_m), layout.kp // tiles.block_k, tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], layout.kp * 8 // layout.bits), dtype)

@@ -147,7 +147,7 @@ def _forward(x, qt: QuantizedTensor, impl: str):
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
   tiles = [_kernel_tiles(b, m, qt.group_size, impl, False) for b in qt.buckets]
   if len(tiles) > 1 and all(tiles):
-    return _unpermute(_forward_buckets(xp, qt, tiles, impl), qt)
+    return _forward_buckets(xp, qt, tiles, impl)
   cols = []
   for b, t in zip(qt.buckets, tiles, strict=True):
     if t is None:
@@ -166,7 +166,8 @@ def _forward(x, qt: QuantizedTensor, impl: str):
 
 
 def _forward_buckets(xp, qt: QuantizedTensor, tiles: list[lm.Tiles], impl: str):
-  """xp [M, K_pad] @ every bucket by one `lut_matmul_buckets` launch -> [M, N] in bucket order."""
+  """xp [M, K_pad] @ every bucket by one `lut_matmul_buckets` launch, which writes the columns in
+  channel order -> [M, N]."""
   m = xp.shape[0]
   nbs = [b.num_channels for b in qt.buckets]
   programs = -(-m // tiles[0].block_m) * sum(-(-nb // tiles[0].block_n) for nb in nbs)
@@ -179,6 +180,7 @@ def _forward_buckets(xp, qt: QuantizedTensor, tiles: list[lm.Tiles], impl: str):
     group=qt.group_size,
     tiles=dataclasses.replace(tiles[0], splits=splits),
     dtype=xp.dtype if splits == 1 else jnp.float32,
+    columns=qt.perm,
     interpret=impl == "interpret",
   )
   return _sum_splits(partial, xp.dtype)

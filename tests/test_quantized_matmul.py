@@ -152,26 +152,32 @@ def test_kernels_write_every_output_tile(bits, k, n, m, splits, tables, dq, narr
   assert rel_err(dx.sum(axis=0), g.astype(np.float64) @ w.T) < 1e-3
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_one_launch_for_all_buckets_writes_every_tile(splits):
+@pytest.mark.parametrize("splits,permuted", [(1, False), (3, True)])
+def test_one_launch_for_all_buckets_writes_every_tile(splits, permuted):
   """`lut_matmul_buckets` over a 1-bit and a 2-bit bucket with ragged channel counts and different
   table and scale layouts, its output NaN-poisoned: every column written, each bucket's block
-  equal to its float64 product."""
+  equal to its float64 product (at the columns a permutation sends it to, if given)."""
   rng = np.random.default_rng(splits)
   k, m = 256, 5
   one, w1 = stored_bucket(rng, 1, k, 40, "shared", 0)
   two, w2 = stored_bucket(rng, 2, k, 70, "indexed", 48)
   x = rng.normal(size=(m, k)).astype(np.float32)
+  perm = rng.permutation(110).astype(np.int16) if permuted else None
   y = lm.lut_matmul_buckets(
     jnp.asarray(x),
     (one, two),
     block_ks=(16, 32),
     group=64,
     tiles=lm.Tiles(block_m=16, block_n=32, splits=splits, narrow=True),
+    columns=None if perm is None else jnp.asarray(perm),
     interpret=jax.default_backend() != "gpu",
     out=jnp.full((splits, m, 110), jnp.nan),
   )
-  assert rel_err(y.sum(axis=0), x.astype(np.float64) @ np.concatenate([w1, w2], axis=1)) < 1e-2
+  want = x.astype(np.float64) @ np.concatenate([w1, w2], axis=1)
+  if permuted:
+    want = np.zeros_like(want)
+    want[:, perm] = x.astype(np.float64) @ np.concatenate([w1, w2], axis=1)
+  assert rel_err(y.sum(axis=0), want) < 1e-2
 
 
 @pytest.mark.parametrize("m", [1, 17])
