@@ -1,0 +1,53 @@
+"""benchmarks/trace_kernels.py: kernels are read from the device's stream tracks only (not its
+derived XLA Ops track, not the host), and averaged per call."""
+
+import gzip
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location(
+  "trace_kernels", ROOT / "benchmarks" / "trace_kernels.py"
+)
+trace_kernels = importlib.util.module_from_spec(spec)
+sys.modules["trace_kernels"] = trace_kernels  # its dataclass looks its module up there
+spec.loader.exec_module(trace_kernels)
+
+
+def meta(kind, pid, name, tid=None):
+  e = {"ph": "M", "name": kind, "pid": pid, "args": {"name": name}}
+  return e if tid is None else {**e, "tid": tid}
+
+
+def kernel(pid, tid, ts, name, dur):
+  return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "name": name, "dur": dur}
+
+
+def test_device_stream_events_averaged_per_call(tmp_path):
+  events = [
+    meta("process_name", 1, "/device:GPU:0"),
+    meta("thread_name", 1, "Stream #13(Compute)", tid=7),
+    meta("thread_name", 1, "XLA Ops", tid=8),
+    meta("process_name", 2, "/host:CPU"),
+    meta("thread_name", 2, "python", tid=1),
+    # two calls, each: lut kernel then a reduce; the same kernels on the derived track
+    kernel(1, 7, 10.0, "lut_matmul_2bit", 20.0),
+    kernel(1, 7, 31.0, "loop_reduce_fusion", 1.0),
+    kernel(1, 7, 50.0, "lut_matmul_2bit", 24.0),
+    kernel(1, 7, 75.0, "loop_reduce_fusion", 3.0),
+    kernel(1, 8, 10.0, "lut_matmul_2bit", 20.0),
+    kernel(2, 1, 5.0, "PjitFunction", 100.0),
+  ]
+  path = tmp_path / "plugins" / "profile" / "run"
+  path.mkdir(parents=True)
+  with gzip.open(path / "host.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  found = trace_kernels.device_events(str(tmp_path))
+  assert [name for _, name, _ in found] == ["lut_matmul_2bit", "loop_reduce_fusion"] * 2
+  per_call = trace_kernels.per_call(found, calls=2)
+  assert per_call == [
+    trace_kernels.Kernel("lut_matmul_2bit", 1.0, 22.0),
+    trace_kernels.Kernel("loop_reduce_fusion", 1.0, 2.0),
+  ]
