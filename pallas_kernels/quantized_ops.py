@@ -1,7 +1,9 @@
 """`quantized_matmul(x, qtensor)`: x @ dequantize(qtensor) without materialising the weight.
 
-Forward: every precision bucket's columns come from `lut_matmul`; the concatenated columns are put
-back in channel order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, 4-bit buckets
+Forward: every precision bucket's columns come from `lut_matmul`, reading the bucket as stored;
+when all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them
+all and stores them in channel order, otherwise the concatenated columns are put back in channel
+order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, 4-bit buckets
 above M = 16, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
 select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense the
 whole weight becomes one transient W_hat^T [N, K] and one GEMM computes the output or dX; a mixed
