@@ -65,13 +65,13 @@ def max_block_k(kp: int, group: int) -> int:
   return bk if bk >= 16 else 0
 
 
-def _mask(offset, size, limit, axis):
+def range_mask(offset, size, limit, axis):
   """bool [size, 1] (axis 0) or [1, size] (axis 1): offset + i < limit."""
   shape = (size, 1) if axis == 0 else (1, size)
   return offset + jax.lax.broadcasted_iota(jnp.int32, shape, axis) < limit
 
 
-def _load(ref, rows, cols, mask):
+def masked_load(ref, rows, cols, mask):
   """ref[rows, cols] with masked-out elements 0; mask None loads unmasked (vectorised)."""
   if mask is None:
     return plgpu.load(ref.at[rows, cols])
@@ -127,7 +127,7 @@ def operands(bucket: Bucket, prepared: bool = False) -> tuple[Layout, tuple[jax.
 
 
 @dataclasses.dataclass(frozen=True)
-class _View:
+class BucketView:
   """One bucket's refs as seen by a program owning channels [n0, n0 + bn).
 
   Per-channel values are read as [1, bn] tiles in the layout of the weight tiles (gathers by
@@ -158,11 +158,11 @@ class _View:
     mode, levels = self.layout.tables, 1 << self.layout.bits
     cols = pl.ds(self.n0, self.bn)
     if mode == "levels":
-      return [_load(self.refs[1], pl.ds(j, 1), cols, self.n_ok) for j in range(levels)], None
+      return [masked_load(self.refs[1], pl.ds(j, 1), cols, self.n_ok) for j in range(levels)], None
     if mode == "shared":
       rows = jnp.zeros((1, self.bn), jnp.int32)
     elif mode == "indexed":
-      rows = _load(self.refs[2], pl.ds(0, 1), cols, self.n_ok)
+      rows = masked_load(self.refs[2], pl.ds(0, 1), cols, self.n_ok)
       rows = rows.astype(jnp.int32)
     else:
       rows = self._channels()
@@ -175,15 +175,15 @@ class _View:
   def packed(self, r0, bk):
     """int32 [bk, bn]: packed rows [r0, r0 + bk)."""
     cols = pl.ds(self.n0, self.bn)
-    return _load(self.refs[0], pl.ds(r0, bk), cols, self.n_ok).astype(jnp.int32)
+    return masked_load(self.refs[0], pl.ds(r0, bk), cols, self.n_ok).astype(jnp.int32)
 
   def scale(self, g, offset):
     """float32 [1, bn]: group row g's scales of these channels."""
     cols, dq = pl.ds(self.n0, self.bn), self.layout.dq_block
     if not dq:
-      return _load(self.refs[-1], pl.ds(g, 1), cols, self.n_ok)
+      return masked_load(self.refs[-1], pl.ds(g, 1), cols, self.n_ok)
     codes_ref, absmax_ref, _ = self.refs[-3:]
-    codes = _load(codes_ref, pl.ds(g, 1), cols, self.n_ok).astype(jnp.float32)
+    codes = masked_load(codes_ref, pl.ds(g, 1), cols, self.n_ok).astype(jnp.float32)
     at = g * pl.cdiv(self.layout.nb, dq)
     if dq % self.bn == 0:  # one block holds the program's channels (n0 is a multiple of bn)
       # A [1, 1] tile, not a scalar load (not pipelined: 2x slower) nor a [1, bn] gather.
@@ -203,10 +203,10 @@ class _View:
     return select_levels(packed, levels, i * bits).astype(dtype)
 
 
-def _view(refs, layout: Layout, *, group, n0, tiles):
-  """The `_View` of channels [n0, n0 + block_n)."""
-  n_ok = None if layout.nb % tiles.block_n == 0 else _mask(n0, tiles.block_n, layout.nb, 1)
-  return _View(tuple(refs), layout, group, n0, tiles.block_n, n_ok, tiles.narrow)
+def bucket_view(refs, layout: Layout, *, group, n0, tiles):
+  """The `BucketView` of channels [n0, n0 + block_n)."""
+  n_ok = None if layout.nb % tiles.block_n == 0 else range_mask(n0, tiles.block_n, layout.nb, 1)
+  return BucketView(tuple(refs), layout, group, n0, tiles.block_n, n_ok, tiles.narrow)
 
 
 def _fwd_kernel(x_ref, *refs, layout: Layout, group, tiles):
@@ -214,18 +214,30 @@ def _fwd_kernel(x_ref, *refs, layout: Layout, group, tiles):
   _fwd_body(x_ref, refs[:-1], None, refs[-1], ids, 0, layout, group, tiles)
 
 
+def by_channel_block(j, layouts, block_n: int, refs, body):
+  """Runs body(index, bucket_refs, j_local, offset) for the bucket whose channel blocks (of
+  block_n, numbered over the buckets in turn) include block j: j_local is the block within that
+  bucket, offset its first column in bucket order. Static `layouts`: one `pl.when` per bucket."""
+  first, offset, at = 0, 0, 0
+  for index, layout in enumerate(layouts):
+    last = first + pl.cdiv(layout.nb, block_n)
+    local = j - first  # computed outside the branch (the interpreter needs program ids there)
+    args = (index, refs[at : at + layout.num_refs], local, offset)
+    pl.when((j >= first) & (j < last))(functools.partial(body, *args))
+    first, offset, at = last, offset + layout.nb, at + layout.num_refs
+
+
 def _fwd_buckets_kernel(x_ref, *refs, layouts, block_ks, group, tiles, permuted):
   """Program (i, j, s) runs the bucket whose channel blocks include j (static `layouts`)."""
   o_ref, (i, j, split) = refs[-1], (pl.program_id(0), pl.program_id(1), pl.program_id(2))
   c_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
-  first, offset, at = 0, 0, 0
-  for layout, block_k in zip(layouts, block_ks, strict=True):
-    last = first + pl.cdiv(layout.nb, tiles.block_n)
-    t = dataclasses.replace(tiles, block_k=block_k)
-    ids = (i, j - first, split)  # read outside the branch (the interpreter needs them there)
-    args = (x_ref, refs[at : at + layout.num_refs], c_ref, o_ref, ids, offset, layout, group, t)
-    pl.when((j >= first) & (j < last))(functools.partial(_fwd_body, *args))
-    first, offset, at = last, offset + layout.nb, at + layout.num_refs
+
+  def body(index, bucket_refs, local, offset):
+    t = dataclasses.replace(tiles, block_k=block_ks[index])
+    ids = (i, local, split)
+    _fwd_body(x_ref, bucket_refs, c_ref, o_ref, ids, offset, layouts[index], group, t)
+
+  by_channel_block(j, layouts, tiles.block_n, refs, body)
 
 
 def _fwd_body(x_ref, refs, c_ref, o_ref, ids, offset, layout: Layout, group, tiles):
@@ -234,8 +246,8 @@ def _fwd_body(x_ref, refs, c_ref, o_ref, ids, offset, layout: Layout, group, til
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, n0, split = ids[0] * bm, ids[1] * bn, ids[2]
   m = x_ref.shape[0]
-  m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
-  b = _view(refs, layout, group=group, n0=n0, tiles=tiles)
+  m_ok = None if m % bm == 0 else range_mask(m0, bm, m, 0)
+  b = bucket_view(refs, layout, group=group, n0=n0, tiles=tiles)
   invariants = b.invariants()  # this program's channels are fixed
   kp = layout.kp
 
@@ -243,7 +255,7 @@ def _fwd_body(x_ref, refs, c_ref, o_ref, ids, offset, layout: Layout, group, til
     r0 = s * bk
     packed = b.packed(r0, bk)
     for i in range(8 // layout.bits):
-      x = _load(x_ref, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk), m_ok)
+      x = masked_load(x_ref, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk), m_ok)
       w = b.slab(packed, i, r0, invariants, x.dtype)
       acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
     return acc
@@ -280,13 +292,13 @@ def _bwd_kernel(g_ref, *refs, layout: Layout, group, tiles):
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, r0, split = pl.program_id(0) * bm, pl.program_id(1) * bk, pl.program_id(2)
   m = g_ref.shape[0]
-  m_ok = None if m % bm == 0 else _mask(m0, bm, m, 0)
+  m_ok = None if m % bm == 0 else range_mask(m0, bm, m, 0)
   per, kp = 8 // layout.bits, layout.kp
 
   def step(s, accs):
     n0 = s * bn
-    b = _view(refs, layout, group=group, n0=n0, tiles=tiles)
-    g = _load(g_ref, pl.ds(m0, bm), pl.ds(n0, bn), _both(m_ok, b.n_ok))
+    b = bucket_view(refs, layout, group=group, n0=n0, tiles=tiles)
+    g = masked_load(g_ref, pl.ds(m0, bm), pl.ds(n0, bn), _both(m_ok, b.n_ok))
     packed, invariants = b.packed(r0, bk), b.invariants()
     contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
     return tuple(
@@ -311,7 +323,7 @@ def _bwd_kernel(g_ref, *refs, layout: Layout, group, tiles):
     )
 
 
-def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name: str, out):
+def launch(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name: str, out):
   """Runs `kernel`; with `out` (e.g. NaN-poisoned in tests), results are written into it."""
   if out is not None:
     if out.shape != out_shape.shape or out.dtype != out_shape.dtype:
@@ -329,7 +341,7 @@ def _call(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, name
   )(*operands)
 
 
-def _checked(bucket: Bucket, block_k: int, group: int, prepared: bool = False):
+def checked_operands(bucket: Bucket, block_k: int, group: int, prepared: bool = False):
   """`operands(bucket, prepared)` after checking that the kernels cover it with this block_k."""
   if bucket.bits not in (1, 2, 4) or len(bucket.planes) != 1:
     raise NotImplementedError(f"bits={bucket.bits}: the LUT kernels handle 1, 2 and 4 bits.")
@@ -358,12 +370,12 @@ def lut_matmul(
     dtype: of the partial sums (float32 unless there is a single split).
     out: optional buffer the result is written into (aliased); NaN-poison it to test coverage.
   """
-  layout, arrays = _checked(bucket, tiles.block_k, group)
+  layout, arrays = checked_operands(bucket, tiles.block_k, group)
   kernel = functools.partial(_fwd_kernel, layout=layout, group=group, tiles=tiles)
   grid = (pl.cdiv(x.shape[0], tiles.block_m), pl.cdiv(layout.nb, tiles.block_n), tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], layout.nb), dtype)
   name = f"lut_matmul_{layout.bits}bit"
-  return _call(kernel, (x, *arrays), shape, grid, tiles, interpret, name, out)
+  return launch(kernel, (x, *arrays), shape, grid, tiles, interpret, name, out)
 
 
 def lut_matmul_buckets(
@@ -387,7 +399,7 @@ def lut_matmul_buckets(
     columns: optional int [sum Nb], a permutation: bucket-order column c is written at output
       column columns[c] (a mixed tensor's `perm` gives channel order).
   """
-  checked = [_checked(b, bk, group) for b, bk in zip(buckets, block_ks, strict=True)]
+  checked = [checked_operands(b, bk, group) for b, bk in zip(buckets, block_ks, strict=True)]
   layouts = tuple(layout for layout, _ in checked)
   kernel = functools.partial(
     _fwd_buckets_kernel,
@@ -404,7 +416,7 @@ def lut_matmul_buckets(
   if columns is not None:
     flat.append(columns.reshape(1, -1))
   name = "lut_matmul_" + "_".join(f"{lo.bits}bit" for lo in layouts)
-  return _call(kernel, (x, *flat), shape, grid, tiles, interpret, name, out)
+  return launch(kernel, (x, *flat), shape, grid, tiles, interpret, name, out)
 
 
 def lut_matmul_t(
@@ -421,9 +433,9 @@ def lut_matmul_t(
 
   Reads prepared tables and scales (`operands(prepared=True)`): read as stored, the gathers and
   scale dequantization repeated for every channel block of its loop made it 1.1-1.6x slower."""
-  layout, arrays = _checked(bucket, tiles.block_k, group, prepared=True)
+  layout, arrays = checked_operands(bucket, tiles.block_k, group, prepared=True)
   kernel = functools.partial(_bwd_kernel, layout=layout, group=group, tiles=tiles)
   grid = (pl.cdiv(g.shape[0], tiles.block_m), layout.kp // tiles.block_k, tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], layout.kp * 8 // layout.bits), dtype)
   name = f"lut_matmul_t_{layout.bits}bit"
-  return _call(kernel, (g, *arrays), shape, grid, tiles, interpret, name, out)
+  return launch(kernel, (g, *arrays), shape, grid, tiles, interpret, name, out)

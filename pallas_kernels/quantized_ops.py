@@ -6,11 +6,14 @@ all and stores them in channel order, otherwise the concatenated columns are put
 order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, 4-bit buckets
 above M = 16, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
 select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense the
-whole weight becomes one transient W_hat^T [N, K] and one GEMM computes the output or dX; a mixed
-tensor's channel order is restored by gathering whole rows (`row_gather`) of the output (below
-PERMUTE_WEIGHT_FROM_M rows; dY's columns in the backward) or of the weight. The custom VJP
-returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is
-no dW and nothing but the packed tensor itself is kept for the backward pass.
+whole weight becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the output
+or dX. A mixed or 1-bit tensor's transient weight is written by one `lut_dequantize_t` launch,
+rows already in channel order; otherwise (a single 2- or 4-bit bucket, where XLA's fusion is as
+fast, or layouts that kernel does not cover) XLA dequantizes it, and a mixed tensor's channel order
+is restored by gathering whole rows (`row_gather`) of the output (below PERMUTE_WEIGHT_FROM_M rows;
+dY's columns in the backward) or of the weight. The custom VJP returns only dX = dY @ W_hat^T the
+same ways (`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed
+tensor itself is kept for the backward pass.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
 split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
@@ -32,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from lowra_jax.quantize import QuantizedTensor, dequantize_buckets, dequantize_channels
 from lowra_jax.sharding import BATCH_AXES
 from pallas_kernels import backend as backend_lib
+from pallas_kernels import lut_dequantize as ld
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import row_gather as rg
 
@@ -125,10 +129,22 @@ def _gather_rows(a, idx, impl: str):
 
 
 def _weight_rows(qt: QuantizedTensor, dtype, impl: str):
-  """W_hat^T [N, K] in channel order: a transient buffer dequantized by XLA."""
+  """W_hat^T [N, K] in channel order, a transient buffer: written by one `lut_dequantize_t` launch
+  where that kernel covers the tensor, else dequantized by XLA (a mixed tensor's rows then put in
+  channel order by `row_gather` where it tiles them, by XLA's gather otherwise)."""
+  if _dequantize_kernel(qt, impl):
+    return ld.lut_dequantize_t(qt, dtype, interpret=impl == "interpret")
   if qt.perm is not None and _row_kernel(qt.shape[1], qt.shape[0], impl):
     return _gather_rows(dequantize_buckets(qt, dtype), qt.inverse_perm(), impl)
   return dequantize_channels(qt, dtype)  # XLA's gather, or none without a permutation
+
+
+def _dequantize_kernel(qt: QuantizedTensor, impl: str) -> bool:
+  """Whether `lut_dequantize_t` writes the tensor's transient weight: for mixed tensors (then in
+  channel order at no extra cost: the dense path never permutes activations) and 1-bit ones; XLA's
+  fused dequantization of a single 2- or 4-bit bucket is as fast (docs/results.md)."""
+  one = len(qt.buckets) == 1 and qt.buckets[0].bits != 1
+  return impl in ("triton", "interpret") and not one and ld.block_ks(qt) is not None
 
 
 def _all_dense(qt: QuantizedTensor, m: int, impl: str, backward: bool) -> bool:
@@ -143,7 +159,7 @@ def _forward(x, qt: QuantizedTensor, impl: str):
   if _all_dense(qt, m, impl, False):
     # One transient weight W_hat^T [N, K], one GEMM computing channels x rows: channel order
     # is then a gather of whole rows, of the weight or of the output, whichever is smaller.
-    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M:
+    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M or _dequantize_kernel(qt, impl):
       return jnp.dot(_weight_rows(qt, x.dtype, impl), x.T).T
     return _gather_rows(jnp.dot(dequantize_buckets(qt, x.dtype), x.T), qt.inverse_perm(), impl).T
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
@@ -201,7 +217,7 @@ def _backward(g, qt: QuantizedTensor, impl: str):
   m, _ = g.shape
   k = qt.shape[0]
   if _all_dense(qt, m, impl, True):
-    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M:
+    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M or _dequantize_kernel(qt, impl):
       return jnp.dot(g, _weight_rows(qt, g.dtype, impl))  # channel order: dY needs no gather
     return jnp.dot(g[:, qt.perm.astype(jnp.int32)], dequantize_buckets(qt, g.dtype))
   one = len(qt.buckets) == 1

@@ -11,6 +11,7 @@ import pytest
 from lowra_jax import quantize
 from lowra_jax.quantize import packing, scaling
 from lowra_jax.quantize.qtensor import Bucket
+from pallas_kernels import lut_dequantize as ld
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import quantized_matmul, quantized_matmul_reference, quantized_ops
 from pallas_kernels import row_gather as rg
@@ -180,6 +181,34 @@ def test_one_launch_for_all_buckets_writes_every_tile(splits, permuted):
   assert rel_err(y.sum(axis=0), want) < 1e-2
 
 
+@pytest.mark.parametrize("permuted,k", [(False, 256), (True, 256), (True, 200)])
+def test_dequantize_kernel_writes_every_row_in_channel_order(permuted, k):
+  """`lut_dequantize_t` over 1-, 2- and 4-bit buckets (ragged channel counts, every table and
+  scale layout), output NaN-poisoned: W^T in channel order, equal to the float64 weights; K
+  below the padded rows (200 of 256) drops the padding."""
+  rng = np.random.default_rng(k + permuted)
+  kp = 256
+  parts = [
+    stored_bucket(rng, 1, kp, 40, "shared", 0),
+    stored_bucket(rng, 2, kp, 70, "indexed", 48),
+    stored_bucket(rng, 4, kp, 64, "channel", 64),
+  ]
+  w = np.concatenate([wb for _, wb in parts], axis=1)[:k]  # [K, N] in bucket order
+  n = w.shape[1]
+  perm = rng.permutation(n).astype(np.int16) if permuted else None
+  qt = quantize.QuantizedTensor(
+    tuple(b for b, _ in parts), None if perm is None else jnp.asarray(perm), (k, n), 64, "float32"
+  )
+  assert ld.block_ks(qt) == (32, 64, 64)  # the 1- and 2-bit programs of row block 1 idle
+  got = ld.lut_dequantize_t(
+    qt, jnp.float32, interpret=jax.default_backend() != "gpu", out=jnp.full((n, k), jnp.nan)
+  )
+  want = np.empty((n, k))
+  want[perm if permuted else np.arange(n)] = w.T
+  assert rel_err(got, want) < 1e-6
+  np.testing.assert_allclose(np.asarray(ld.lut_dequantize_t_reference(qt, jnp.float32)), want, 1e-6)
+
+
 @pytest.mark.parametrize("m", [1, 17])
 def test_small_m_of_a_mixed_tensor_takes_one_launch(m):
   qt = quantize.quantize_tensor(weights(7, 256, 96), quantize.QuantConfig(budget=1.5))
@@ -206,12 +235,19 @@ def test_row_gather_copies_whole_rows(rows, cols, dtype):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
-@pytest.mark.parametrize("m", [256, quantized_ops.PERMUTE_WEIGHT_FROM_M])
-def test_dense_path_of_a_mixed_tensor_matches_float64(m, backend):
-  """Both ways of restoring channel order (output rows below PERMUTE_WEIGHT_FROM_M, weight rows
-  from it), forward and input gradient, through the row-gather kernel."""
-  qt = quantize.quantize_tensor(weights(7, 256, 96), quantize.QuantConfig(budget=1.5))
+@pytest.mark.parametrize(
+  "budget,m", [(1.5, 256), (3.0, 256), (3.0, quantized_ops.PERMUTE_WEIGHT_FROM_M)]
+)
+def test_dense_path_of_a_mixed_tensor_matches_float64(budget, m, backend):
+  """Forward and input gradient of the dense path: a 1/2-bit tensor's weight written in channel
+  order by `lut_dequantize_t`; one with 3-bit buckets (which that kernel does not cover) restored
+  to channel order by the row-gather kernel, of output rows below PERMUTE_WEIGHT_FROM_M, weight
+  rows from it."""
+  precisions = (1, 2, 4) if budget == 1.5 else (1, 2, 3, 4)
+  config = quantize.QuantConfig(budget=budget, precisions=precisions)
+  qt = quantize.quantize_tensor(weights(7, 256, 96), config)
   assert qt.perm is not None and rg.block_shape(96, m) and rg.block_shape(96, 256)
+  assert quantized_ops._dequantize_kernel(qt, backend) == (budget == 1.5)
   rng = np.random.default_rng(m)
   x = rng.normal(size=(m, 256)).astype(np.float32)
   c = rng.normal(size=(m, 96)).astype(np.float32)
