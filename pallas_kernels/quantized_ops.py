@@ -3,8 +3,9 @@
 Forward: every precision bucket's columns come from `lut_matmul`, reading the bucket as stored;
 when all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them
 all and stores them in channel order, otherwise the concatenated columns are put back in channel
-order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, 4-bit buckets
-above M = 16, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
+order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, or M >=
+CHANNEL_ORDER_DENSE_FROM_M for tensors `lut_dequantize_t` writes; 4-bit buckets above M = 16, the
+`xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
 select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense the
 whole weight becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the output
 or dX. A mixed or 1-bit tensor's transient weight is written by one `lut_dequantize_t` launch,
@@ -42,6 +43,9 @@ from pallas_kernels import row_gather as rg
 # M from which a bucket is dequantized once into a transient bf16 buffer for XLA's dot
 # (training-size batches are compute-bound; see docs/results.md).
 DENSE_FROM_M = 256
+# The same for tensors whose transient weight `lut_dequantize_t` writes (mixed, 1-bit): one launch
+# in channel order makes the dense path cheaper than the LUT kernels from here (docs/results.md).
+CHANNEL_ORDER_DENSE_FROM_M = 32
 # M from which a mixed-precision tensor's dense path permutes the transient weight (a fixed cost)
 # rather than the output and dY (costs growing with M); measured on the H200 (docs/results.md).
 PERMUTE_WEIGHT_FROM_M = 2048
@@ -148,7 +152,10 @@ def _dequantize_kernel(qt: QuantizedTensor, impl: str) -> bool:
 
 
 def _all_dense(qt: QuantizedTensor, m: int, impl: str, backward: bool) -> bool:
-  """Whether no bucket takes the kernels at M rows (then XLA dots on transient weights)."""
+  """Whether no bucket takes the kernels at M rows (then XLA dots on transient weights): from
+  DENSE_FROM_M rows, or from CHANNEL_ORDER_DENSE_FROM_M where `lut_dequantize_t` writes them."""
+  if m >= CHANNEL_ORDER_DENSE_FROM_M and _dequantize_kernel(qt, impl):
+    return True
   return all(_kernel_tiles(b, m, qt.group_size, impl, backward) is None for b in qt.buckets)
 
 
