@@ -49,8 +49,10 @@ CHANNEL_ORDER_DENSE_FROM_M = 32
 # M from which a mixed-precision tensor's dense path permutes the transient weight (a fixed cost)
 # rather than the output and dY (costs growing with M); measured on the H200 (docs/results.md).
 PERMUTE_WEIGHT_FROM_M = 2048
-# Aim for this many programs per streaming multiprocessor (forward, backward): measured on the H200
-# at M = 16 (docs/results.md); the forward's split partial sums cost an extra reduction.
+# Forward LUT programs resident per streaming multiprocessor (4 warps at ~170 registers a thread:
+# Nsight Compute on the H200), for the split model of `_forward_splits`.
+_RESIDENT = 2
+# Programs per SM aimed at by `_target_splits` (backward; mixed forward), measured on the H200.
 _WAVES = {False: 2, True: 4}
 
 
@@ -83,12 +85,39 @@ def tiles_for(m: int, kp: int, nb: int, group: int, backward: bool) -> lm.Tiles 
     return None
   m_tiles = -(-m // t.block_m)
   n_steps = -(-nb // t.block_n)
-  programs, steps = (
-    (m_tiles * kp // t.block_k, n_steps) if backward else (m_tiles * n_steps, kp // t.block_k)
-  )
-  splits = max(1, min(steps, -(-_WAVES[backward] * _num_sms() // programs)))
+  if backward:
+    splits = _target_splits(m_tiles * kp // t.block_k, n_steps, backward=True)
+  else:
+    splits = _forward_splits(m_tiles * n_steps, kp // t.block_k)
   # Levels looked up in the activation dtype: faster in the forward, slower in the backward.
   return dataclasses.replace(t, splits=splits, narrow=not backward)
+
+
+def _target_splits(programs: int, steps: int, backward: bool) -> int:
+  """Reduction splits giving `programs` unsplit programs about _WAVES[backward] programs per SM.
+  Used by the backward and by the one-launch mixed forward, whose programs differ in length (its
+  1-bit programs have half the steps): the wave model below was 1-3 µs slower there."""
+  return max(1, min(steps, -(-_WAVES[backward] * _num_sms() // programs)))
+
+
+def _forward_splits(tiles: int, steps: int) -> int:
+  """K splits of a one-bucket forward launch of `tiles` output tiles of `steps` K steps each.
+
+  Models the launch as waves of _RESIDENT programs per SM, each wave as long as a program (its
+  steps per split plus one for its fixed work), and picks the split count with the fewest modelled
+  steps among those filling at least 90 % of one wave (fewer programs leave SMs half-used, slower
+  than the model); ties go to fewer splits. Measured against `_target_splits` on the H200: 2-9 %
+  faster on LLaMA-7B/70B shapes at M = 1 and 16 (docs/results.md).
+  """
+  slots = _RESIDENT * _num_sms()
+  best = (math.inf, 1)
+  for s in range(1, steps + 1):
+    per = -(-steps // s)  # steps per split; trailing splits may get none
+    programs = tiles * -(-steps // per)
+    if programs < 0.9 * slots and s < steps:
+      continue
+    best = min(best, (-(-programs // slots) * (per + 1), s))
+  return best[1]
 
 
 def _sum_splits(partial, dtype):
@@ -193,11 +222,10 @@ def _forward(x, qt: QuantizedTensor, impl: str):
 def _forward_buckets(xp, qt: QuantizedTensor, tiles: list[lm.Tiles], impl: str):
   """xp [M, K_pad] @ every bucket by one `lut_matmul_buckets` launch, which writes the columns in
   channel order -> [M, N]."""
-  m = xp.shape[0]
-  nbs = [b.num_channels for b in qt.buckets]
-  programs = -(-m // tiles[0].block_m) * sum(-(-nb // tiles[0].block_n) for nb in nbs)
+  m_tiles = -(-xp.shape[0] // tiles[0].block_m)
+  programs = m_tiles * sum(-(-b.num_channels // tiles[0].block_n) for b in qt.buckets)
   steps = min(b.planes[0].shape[0] // t.block_k for b, t in zip(qt.buckets, tiles, strict=True))
-  splits = max(1, min(steps, -(-_WAVES[False] * _num_sms() // programs)))
+  splits = _target_splits(programs, steps, backward=False)
   partial = lm.lut_matmul_buckets(
     xp,
     qt.buckets,

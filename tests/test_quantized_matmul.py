@@ -290,3 +290,13 @@ def test_set_default_backend_changes_what_auto_runs(monkeypatch):
   assert backend_lib.resolve("auto") == ("triton" if jax.default_backend() == "gpu" else "xla")
   with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
     set_default_backend("cuda")
+
+
+def test_forward_split_model_picks_the_measured_best_on_an_h200(monkeypatch):
+  """`_forward_splits` on 132 SMs, M = 1, 2 bits (block_n 64, block_k 64): the split counts the
+  H200 probe measured fastest (docs/results.md); every count within [1, steps]."""
+  monkeypatch.setattr(quantized_ops, "_num_sms", lambda: 132)
+  for (k, n), best in {(4096, 11008): 3, (11008, 4096): 4, (4096, 4096): 4}.items():
+    assert quantized_ops._forward_splits(n // 64, k * 2 // 8 // 64) == best
+  for tiles, steps in [(1, 4), (2, 40), (448, 32), (5000, 7)]:
+    assert 1 <= quantized_ops._forward_splits(tiles, steps) <= steps
