@@ -1,4 +1,4 @@
-"""`lut_dequantize_t(buckets, ...)`: a quantized weight as W_hat^T [N, K], rows in channel order,
+"""`lut_dequantize_t(qt)`: a quantized weight as W_hat^T [N, K], rows in channel order,
 written by one Pallas (Triton) launch over all its buckets.
 
 The dense path of `quantized_matmul` (training-size M) dequantizes the packed weight once into a
