@@ -47,7 +47,7 @@ def block_ks(qt: QuantizedTensor) -> tuple[int, ...] | None:
   return tuple(out)
 
 
-def _kernel(*refs, layouts, block_ks, group, k, permuted):
+def _kernel(*refs, layouts, block_ks, group, k, permuted, interpret):
   o_ref, (j, r) = refs[-1], (pl.program_id(0), pl.program_id(1))
   rows_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
 
@@ -55,7 +55,7 @@ def _kernel(*refs, layouts, block_ks, group, k, permuted):
     layout, bk = layouts[index], block_ks[index]
     tiles = lm.Tiles(block_n=BLOCK_N, block_k=bk, narrow=NARROW)
     n0, r0 = local * BLOCK_N, r * bk
-    b = lm.bucket_view(bucket_refs, layout, group=group, n0=n0, tiles=tiles)
+    b = lm.bucket_view(bucket_refs, layout, group=group, n0=n0, tiles=tiles, interpret=interpret)
     n_ok = None if b.n_ok is None else lm.range_mask(n0, BLOCK_N, layout.nb, 0)  # [bn, 1]
     if rows_ref is None:
       rows = offset + n0 + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_N, 1), 0)
@@ -102,7 +102,13 @@ def lut_dequantize_t(
   if qt.perm is not None:
     flat.append(qt.perm.reshape(-1, 1))
   kernel = functools.partial(
-    _kernel, layouts=layouts, block_ks=bks, group=qt.group_size, k=k, permuted=qt.perm is not None
+    _kernel,
+    layouts=layouts,
+    block_ks=bks,
+    group=qt.group_size,
+    k=k,
+    permuted=qt.perm is not None,
+    interpret=interpret,
   )
   blocks = sum(pl.cdiv(layout.nb, BLOCK_N) for layout in layouts)
   grid = (blocks, max(layout.kp // bk for layout, bk in zip(layouts, bks)))

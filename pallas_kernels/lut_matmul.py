@@ -18,8 +18,10 @@ dequantized per slab -- no preparation kernels per call; the backward reads them
 so that no scatter follows it. A program loads a tile of packed rows [block_k, block_n] once and
 handles each of its p row slabs; block_k divides the group size, so a slab lies in one
 group and its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before
-the lookup. The lookup itself is a tree of selects on the code bits, tested in place in the packed
-bytes (no shift or mask per slab). The slab then feeds the tensor cores with fp32 accumulation.
+the lookup. Looking levels up in a 16-bit activation dtype (`Tiles.narrow`, the forward), 2- and
+4-bit codes go through byte permutations (`byte_lookup`); otherwise the lookup is a tree of
+selects on the code bits, tested in place in the packed bytes (no shift or mask per slab). The
+slab then feeds the tensor cores with fp32 accumulation.
 Small M gets more programs by splitting the reduction (K for the forward, N for the backward)
 into partial sums that XLA adds up afterwards -- deterministic, unlike atomics; with one split the
 kernel writes the result in its final dtype. Ragged M and Nb are masked in the kernel (no padding
@@ -37,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lowra_jax.quantize.qtensor import Bucket, select_levels
+from pallas_kernels import byte_lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +144,7 @@ class BucketView:
   bn: int
   n_ok: object  # bool [1, bn] or None (Nb a multiple of bn)
   narrow: bool
+  interpret: bool  # Pallas' interpreter: no inline PTX
 
   def _channels(self):
     """int32 [1, bn]: the channel indices."""
@@ -198,20 +202,23 @@ class BucketView:
     bits = self.layout.bits
     scale = self.scale((r0 + i * self.layout.kp) // self.group, offset)
     levels = [c * scale for c in table]
-    if self.narrow:
-      return select_levels(packed, [v.astype(dtype) for v in levels], i * bits)
-    return select_levels(packed, levels, i * bits).astype(dtype)
+    if not self.narrow:
+      return select_levels(packed, levels, i * bits).astype(dtype)
+    levels = [v.astype(dtype) for v in levels]
+    if byte_lookup.covers(bits, dtype):
+      return byte_lookup.lookup(packed, i, bits, levels, interpret=self.interpret)
+    return select_levels(packed, levels, i * bits)
 
 
-def bucket_view(refs, layout: Layout, *, group, n0, tiles):
+def bucket_view(refs, layout: Layout, *, group, n0, tiles, interpret):
   """The `BucketView` of channels [n0, n0 + block_n)."""
   n_ok = None if layout.nb % tiles.block_n == 0 else range_mask(n0, tiles.block_n, layout.nb, 1)
-  return BucketView(tuple(refs), layout, group, n0, tiles.block_n, n_ok, tiles.narrow)
+  return BucketView(tuple(refs), layout, group, n0, tiles.block_n, n_ok, tiles.narrow, interpret)
 
 
-def _fwd_kernel(x_ref, *refs, layout: Layout, group, tiles):
+def _fwd_kernel(x_ref, *refs, layout: Layout, group, tiles, interpret):
   ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
-  _fwd_body(x_ref, refs[:-1], None, refs[-1], ids, 0, layout, group, tiles)
+  _fwd_body(x_ref, refs[:-1], None, refs[-1], ids, 0, layout, group, tiles, interpret)
 
 
 def by_channel_block(j, layouts, block_n: int, refs, body):
@@ -227,7 +234,7 @@ def by_channel_block(j, layouts, block_n: int, refs, body):
     first, offset, at = last, offset + layout.nb, at + layout.num_refs
 
 
-def _fwd_buckets_kernel(x_ref, *refs, layouts, block_ks, group, tiles, permuted):
+def _fwd_buckets_kernel(x_ref, *refs, layouts, block_ks, group, tiles, permuted, interpret):
   """Program (i, j, s) runs the bucket whose channel blocks include j (static `layouts`)."""
   o_ref, (i, j, split) = refs[-1], (pl.program_id(0), pl.program_id(1), pl.program_id(2))
   c_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
@@ -235,19 +242,19 @@ def _fwd_buckets_kernel(x_ref, *refs, layouts, block_ks, group, tiles, permuted)
   def body(index, bucket_refs, local, offset):
     t = dataclasses.replace(tiles, block_k=block_ks[index])
     ids = (i, local, split)
-    _fwd_body(x_ref, bucket_refs, c_ref, o_ref, ids, offset, layouts[index], group, t)
+    _fwd_body(x_ref, bucket_refs, c_ref, o_ref, ids, offset, layouts[index], group, t, interpret)
 
   by_channel_block(j, layouts, tiles.block_n, refs, body)
 
 
-def _fwd_body(x_ref, refs, c_ref, o_ref, ids, offset, layout: Layout, group, tiles):
+def _fwd_body(x_ref, refs, c_ref, o_ref, ids, offset, layout: Layout, group, tiles, interpret):
   """Rows block ids[0] x channel block ids[1] of one bucket, reduction split ids[2]; written at
   output columns offset + channel, or at c_ref[offset + channel] (int [1, N]) if given."""
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, n0, split = ids[0] * bm, ids[1] * bn, ids[2]
   m = x_ref.shape[0]
   m_ok = None if m % bm == 0 else range_mask(m0, bm, m, 0)
-  b = bucket_view(refs, layout, group=group, n0=n0, tiles=tiles)
+  b = bucket_view(refs, layout, group=group, n0=n0, tiles=tiles, interpret=interpret)
   invariants = b.invariants()  # this program's channels are fixed
   kp = layout.kp
 
@@ -287,7 +294,7 @@ def _both(row_ok, col_ok):
   return row_ok & col_ok
 
 
-def _bwd_kernel(g_ref, *refs, layout: Layout, group, tiles):
+def _bwd_kernel(g_ref, *refs, layout: Layout, group, tiles, interpret):
   refs, o_ref = refs[:-1], refs[-1]
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
   m0, r0, split = pl.program_id(0) * bm, pl.program_id(1) * bk, pl.program_id(2)
@@ -297,7 +304,7 @@ def _bwd_kernel(g_ref, *refs, layout: Layout, group, tiles):
 
   def step(s, accs):
     n0 = s * bn
-    b = bucket_view(refs, layout, group=group, n0=n0, tiles=tiles)
+    b = bucket_view(refs, layout, group=group, n0=n0, tiles=tiles, interpret=interpret)
     g = masked_load(g_ref, pl.ds(m0, bm), pl.ds(n0, bn), _both(m_ok, b.n_ok))
     packed, invariants = b.packed(r0, bk), b.invariants()
     contract_n = (((1,), (1,)), ((), ()))  # g [bm, bn] . w [bk, bn] -> [bm, bk]
@@ -371,7 +378,9 @@ def lut_matmul(
     out: optional buffer the result is written into (aliased); NaN-poison it to test coverage.
   """
   layout, arrays = checked_operands(bucket, tiles.block_k, group)
-  kernel = functools.partial(_fwd_kernel, layout=layout, group=group, tiles=tiles)
+  kernel = functools.partial(
+    _fwd_kernel, layout=layout, group=group, tiles=tiles, interpret=interpret
+  )
   grid = (pl.cdiv(x.shape[0], tiles.block_m), pl.cdiv(layout.nb, tiles.block_n), tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], layout.nb), dtype)
   name = f"lut_matmul_{layout.bits}bit"
@@ -408,6 +417,7 @@ def lut_matmul_buckets(
     group=group,
     tiles=tiles,
     permuted=columns is not None,
+    interpret=interpret,
   )
   blocks = sum(pl.cdiv(layout.nb, tiles.block_n) for layout in layouts)
   grid = (pl.cdiv(x.shape[0], tiles.block_m), blocks, tiles.splits)
@@ -434,7 +444,9 @@ def lut_matmul_t(
   Reads prepared tables and scales (`operands(prepared=True)`): read as stored, the gathers and
   scale dequantization repeated for every channel block of its loop made it 1.1-1.6x slower."""
   layout, arrays = checked_operands(bucket, tiles.block_k, group, prepared=True)
-  kernel = functools.partial(_bwd_kernel, layout=layout, group=group, tiles=tiles)
+  kernel = functools.partial(
+    _bwd_kernel, layout=layout, group=group, tiles=tiles, interpret=interpret
+  )
   grid = (pl.cdiv(g.shape[0], tiles.block_m), layout.kp // tiles.block_k, tiles.splits)
   shape = jax.ShapeDtypeStruct((tiles.splits, g.shape[0], layout.kp * 8 // layout.bits), dtype)
   name = f"lut_matmul_t_{layout.bits}bit"

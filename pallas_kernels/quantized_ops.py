@@ -4,15 +4,15 @@ Forward: every precision bucket's columns come from `lut_matmul`, reading the bu
 when all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them
 all and stores them in channel order, otherwise the concatenated columns are put back in channel
 order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, or M >=
-CHANNEL_ORDER_DENSE_FROM_M for tensors `lut_dequantize_t` writes; 4-bit buckets above M = 16, the
-`xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
-select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense the
-whole weight becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the output
-or dX. A mixed or 1-bit tensor's transient weight is written by one `lut_dequantize_t` launch,
-rows already in channel order; otherwise (a single 2- or 4-bit bucket, where XLA's fusion is as
-fast, or layouts that kernel does not cover) XLA dequantizes it, and a mixed tensor's channel order
-is restored by gathering whole rows (`row_gather`) of the output (below PERMUTE_WEIGHT_FROM_M rows;
-dY's columns in the backward) or of the weight. The custom VJP returns only dX = dY @ W_hat^T the
+CHANNEL_ORDER_DENSE_FROM_M for mixed and 1-bit tensors; 4-bit buckets above M = 16, the `xla`
+backend, layouts the kernels do not cover) XLA dequantizes it (a fused select tree) into a
+transient transposed weight [Nb, K] for its dot. When every bucket is dense the whole weight
+becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the output or dX. That
+weight is written by one `lut_dequantize_t` launch, rows already in channel order, wherever the
+kernel covers the tensor (a single 2- or 4-bit bucket only in 16-bit dtypes, which it looks up by
+bytes: in float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed tensor's
+channel order is restored by gathering whole rows (`row_gather`) of the output (below
+PERMUTE_WEIGHT_FROM_M rows; dY's columns in the backward) or of the weight. The custom VJP returns only dX = dY @ W_hat^T the
 same ways (`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed
 tensor itself is kept for the backward pass.
 
@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from lowra_jax.quantize import QuantizedTensor, dequantize_buckets, dequantize_channels
 from lowra_jax.sharding import BATCH_AXES
 from pallas_kernels import backend as backend_lib
+from pallas_kernels import byte_lookup
 from pallas_kernels import lut_dequantize as ld
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import row_gather as rg
@@ -43,8 +44,8 @@ from pallas_kernels import row_gather as rg
 # M from which a bucket is dequantized once into a transient bf16 buffer for XLA's dot
 # (training-size batches are compute-bound; see docs/results.md).
 DENSE_FROM_M = 256
-# The same for tensors whose transient weight `lut_dequantize_t` writes (mixed, 1-bit): one launch
-# in channel order makes the dense path cheaper than the LUT kernels from here (docs/results.md).
+# The same for mixed and 1-bit tensors whose transient weight `lut_dequantize_t` writes: one launch
+# in channel order makes the dense path cheaper than their LUT kernels from here (docs/results.md).
 CHANNEL_ORDER_DENSE_FROM_M = 32
 # M from which a mixed-precision tensor's dense path permutes the transient weight (a fixed cost)
 # rather than the output and dY (costs growing with M); measured on the H200 (docs/results.md).
@@ -135,10 +136,12 @@ def _kernels_apply(bucket, impl: str) -> bool:
 def _kernel_tiles(bucket, m: int, group: int, impl: str, backward: bool) -> lm.Tiles | None:
   """Tiles of the LUT matmul kernel for this bucket at M rows; None: dense weight + XLA dot.
 
-  4-bit buckets take the kernels only for M <= 16 (their 16-level lookup loses to XLA's
-  dequantize + dot from M = 64 on the H200).
+  4-bit buckets take the kernels only in the forward for M <= 16: their backward kernel (a
+  16-level select tree in float32) was 2-4x slower than the dense path at every M, and their
+  forward loses to it from M = 64 (H200, docs/results.md).
   """
-  if not _kernels_apply(bucket, impl) or m >= DENSE_FROM_M or (bucket.bits == 4 and m > 16):
+  four = bucket.bits == 4 and (backward or m > 16)
+  if not _kernels_apply(bucket, impl) or m >= DENSE_FROM_M or four:
     return None
   kp, nb = bucket.planes[0].shape
   return tiles_for(m, kp, nb, group, backward)
@@ -163,27 +166,32 @@ def _gather_rows(a, idx, impl: str):
 
 def _weight_rows(qt: QuantizedTensor, dtype, impl: str):
   """W_hat^T [N, K] in channel order, a transient buffer: written by one `lut_dequantize_t` launch
-  where that kernel covers the tensor, else dequantized by XLA (a mixed tensor's rows then put in
+  where `_dequantize_kernel` says so, else dequantized by XLA (a mixed tensor's rows then put in
   channel order by `row_gather` where it tiles them, by XLA's gather otherwise)."""
-  if _dequantize_kernel(qt, impl):
+  if _dequantize_kernel(qt, impl, dtype):
     return ld.lut_dequantize_t(qt, dtype, interpret=impl == "interpret")
   if qt.perm is not None and _row_kernel(qt.shape[1], qt.shape[0], impl):
     return _gather_rows(dequantize_buckets(qt, dtype), qt.inverse_perm(), impl)
   return dequantize_channels(qt, dtype)  # XLA's gather, or none without a permutation
 
 
-def _dequantize_kernel(qt: QuantizedTensor, impl: str) -> bool:
-  """Whether `lut_dequantize_t` writes the tensor's transient weight: for mixed tensors (then in
-  channel order at no extra cost: the dense path never permutes activations) and 1-bit ones; XLA's
-  fused dequantization of a single 2- or 4-bit bucket is as fast (docs/results.md)."""
-  one = len(qt.buckets) == 1 and qt.buckets[0].bits != 1
-  return impl in ("triton", "interpret") and not one and ld.block_ks(qt) is not None
+def _dequantize_kernel(qt: QuantizedTensor, impl: str, dtype) -> bool:
+  """Whether `lut_dequantize_t` writes the tensor's transient weight in `dtype`: wherever it covers
+  the tensor (a mixed one then comes out in channel order at no extra cost: the dense path never
+  permutes activations), except a single 2- or 4-bit bucket in a dtype it cannot look up by bytes
+  (`byte_lookup`), where XLA's fused dequantization is faster (docs/results.md)."""
+  if impl not in ("triton", "interpret") or ld.block_ks(qt) is None:
+    return False
+  bits = qt.buckets[0].bits
+  return len(qt.buckets) > 1 or bits == 1 or byte_lookup.covers(bits, dtype)
 
 
-def _all_dense(qt: QuantizedTensor, m: int, impl: str, backward: bool) -> bool:
+def _all_dense(qt: QuantizedTensor, m: int, impl: str, dtype, backward: bool) -> bool:
   """Whether no bucket takes the kernels at M rows (then XLA dots on transient weights): from
-  DENSE_FROM_M rows, or from CHANNEL_ORDER_DENSE_FROM_M where `lut_dequantize_t` writes them."""
-  if m >= CHANNEL_ORDER_DENSE_FROM_M and _dequantize_kernel(qt, impl):
+  DENSE_FROM_M rows, or from CHANNEL_ORDER_DENSE_FROM_M for mixed and 1-bit tensors whose weight
+  `lut_dequantize_t` writes (their LUT kernels run a launch per bucket or in bucket order)."""
+  mixed_or_1bit = len(qt.buckets) > 1 or qt.buckets[0].bits == 1
+  if m >= CHANNEL_ORDER_DENSE_FROM_M and mixed_or_1bit and _dequantize_kernel(qt, impl, dtype):
     return True
   return all(_kernel_tiles(b, m, qt.group_size, impl, backward) is None for b in qt.buckets)
 
@@ -192,10 +200,10 @@ def _all_dense(qt: QuantizedTensor, m: int, impl: str, backward: bool) -> bool:
 @functools.partial(jax.jit, static_argnums=2)
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
-  if _all_dense(qt, m, impl, False):
+  if _all_dense(qt, m, impl, x.dtype, False):
     # One transient weight W_hat^T [N, K], one GEMM computing channels x rows: channel order
     # is then a gather of whole rows, of the weight or of the output, whichever is smaller.
-    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M or _dequantize_kernel(qt, impl):
+    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M or _dequantize_kernel(qt, impl, x.dtype):
       return jnp.dot(_weight_rows(qt, x.dtype, impl), x.T).T
     return _gather_rows(jnp.dot(dequantize_buckets(qt, x.dtype), x.T), qt.inverse_perm(), impl).T
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
@@ -251,8 +259,8 @@ def _unpermute(y, qt: QuantizedTensor):
 def _backward(g, qt: QuantizedTensor, impl: str):
   m, _ = g.shape
   k = qt.shape[0]
-  if _all_dense(qt, m, impl, True):
-    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M or _dequantize_kernel(qt, impl):
+  if _all_dense(qt, m, impl, g.dtype, True):
+    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M or _dequantize_kernel(qt, impl, g.dtype):
       return jnp.dot(g, _weight_rows(qt, g.dtype, impl))  # channel order: dY needs no gather
     return jnp.dot(g[:, qt.perm.astype(jnp.int32)], dequantize_buckets(qt, g.dtype))
   one = len(qt.buckets) == 1

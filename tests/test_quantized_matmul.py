@@ -134,10 +134,13 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize(
+  "narrow,dtype", [(False, jnp.float32), (True, jnp.float32), (True, jnp.bfloat16)]
+)
 @pytest.mark.parametrize("bits,k,n,m,splits,tables,dq", KERNEL_CASES)
-def test_kernels_write_every_output_tile(bits, k, n, m, splits, tables, dq, narrow):
-  """Outputs start NaN-poisoned; every element must be written and correct."""
+def test_kernels_write_every_output_tile(bits, k, n, m, splits, tables, dq, narrow, dtype):
+  """Outputs start NaN-poisoned; every element must be written and correct. Narrow lookups in
+  bf16 take `byte_lookup` (2 and 4 bits), the others the select tree."""
   rng = np.random.default_rng(bits * k + n)
   bucket, w = stored_bucket(rng, bits, k, n, tables, dq)
   np.testing.assert_allclose(np.asarray(bucket.dequantize(64)), w, rtol=1e-6)  # the oracle
@@ -145,12 +148,13 @@ def test_kernels_write_every_output_tile(bits, k, n, m, splits, tables, dq, narr
   tiles = lm.Tiles(block_m=16, block_n=32, block_k=bk, splits=splits, narrow=narrow)
   assert tiles.block_k >= 16
   kw = dict(group=64, tiles=tiles, interpret=jax.default_backend() != "gpu")
-  x = rng.normal(size=(m, k)).astype(np.float32)
-  y = lm.lut_matmul(jnp.asarray(x), bucket, out=jnp.full((splits, m, n), jnp.nan), **kw)
-  assert rel_err(y.sum(axis=0), x.astype(np.float64) @ w) < 1e-3
-  g = rng.normal(size=(m, n)).astype(np.float32)
-  dx = lm.lut_matmul_t(jnp.asarray(g), bucket, out=jnp.full((splits, m, k), jnp.nan), **kw)
-  assert rel_err(dx.sum(axis=0), g.astype(np.float64) @ w.T) < 1e-3
+  tol = 1e-3 if dtype == jnp.float32 else 1e-2
+  x = np.asarray(jnp.asarray(rng.normal(size=(m, k)), dtype), np.float64)
+  y = lm.lut_matmul(jnp.asarray(x, dtype), bucket, out=jnp.full((splits, m, n), jnp.nan), **kw)
+  assert rel_err(y.sum(axis=0), x @ w) < tol
+  g = np.asarray(jnp.asarray(rng.normal(size=(m, n)), dtype), np.float64)
+  dx = lm.lut_matmul_t(jnp.asarray(g, dtype), bucket, out=jnp.full((splits, m, k), jnp.nan), **kw)
+  assert rel_err(dx.sum(axis=0), g @ w.T) < tol
 
 
 @pytest.mark.parametrize("splits,permuted", [(1, False), (3, True)])
@@ -181,11 +185,15 @@ def test_one_launch_for_all_buckets_writes_every_tile(splits, permuted):
   assert rel_err(y.sum(axis=0), want) < 1e-2
 
 
-@pytest.mark.parametrize("permuted,k", [(False, 256), (True, 256), (True, 200)])
-def test_dequantize_kernel_writes_every_row_in_channel_order(permuted, k):
+@pytest.mark.parametrize(
+  "permuted,k,dtype",
+  [(False, 256, jnp.float32), (True, 256, jnp.float32), (True, 200, jnp.bfloat16)],
+)
+def test_dequantize_kernel_writes_every_row_in_channel_order(permuted, k, dtype):
   """`lut_dequantize_t` over 1-, 2- and 4-bit buckets (ragged channel counts, every table and
-  scale layout), output NaN-poisoned: W^T in channel order, equal to the float64 weights; K
-  below the padded rows (200 of 256) drops the padding."""
+  scale layout), output NaN-poisoned: W^T in channel order, equal to the float64 weights (to
+  bf16's rounding in bf16, where 2 and 4 bits take `byte_lookup`); K below the padded rows (200
+  of 256) drops the padding."""
   rng = np.random.default_rng(k + permuted)
   kp = 256
   parts = [
@@ -201,11 +209,11 @@ def test_dequantize_kernel_writes_every_row_in_channel_order(permuted, k):
   )
   assert ld.block_ks(qt) == (32, 64, 64)  # the 1- and 2-bit programs of row block 1 idle
   got = ld.lut_dequantize_t(
-    qt, jnp.float32, interpret=jax.default_backend() != "gpu", out=jnp.full((n, k), jnp.nan)
+    qt, dtype, interpret=jax.default_backend() != "gpu", out=jnp.full((n, k), jnp.nan, dtype)
   )
   want = np.empty((n, k))
   want[perm if permuted else np.arange(n)] = w.T
-  assert rel_err(got, want) < 1e-6
+  assert rel_err(got, want) < (1e-6 if dtype == jnp.float32 else 3e-3)
   np.testing.assert_allclose(np.asarray(ld.lut_dequantize_t_reference(qt, jnp.float32)), want, 1e-6)
 
 
@@ -247,7 +255,7 @@ def test_dense_path_of_a_mixed_tensor_matches_float64(budget, m, backend):
   config = quantize.QuantConfig(budget=budget, precisions=precisions)
   qt = quantize.quantize_tensor(weights(7, 256, 96), config)
   assert qt.perm is not None and rg.block_shape(96, m) and rg.block_shape(96, 256)
-  assert quantized_ops._dequantize_kernel(qt, backend) == (budget == 1.5)
+  assert quantized_ops._dequantize_kernel(qt, backend, jnp.float32) == (budget == 1.5)
   rng = np.random.default_rng(m)
   x = rng.normal(size=(m, 256)).astype(np.float32)
   c = rng.normal(size=(m, 96)).astype(np.float32)
