@@ -198,7 +198,7 @@ def test_dequantize_kernel_writes_every_row_in_channel_order(permuted, k, dtype)
   kp = 256
   parts = [
     stored_bucket(rng, 1, kp, 40, "shared", 0),
-    stored_bucket(rng, 2, kp, 70, "indexed", 48),
+    stored_bucket(rng, 2, kp, 200, "indexed", 48),  # a full block of 128 channels, a ragged one
     stored_bucket(rng, 4, kp, 64, "channel", 64),
   ]
   w = np.concatenate([wb for _, wb in parts], axis=1)[:k]  # [K, N] in bucket order
