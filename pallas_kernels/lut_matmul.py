@@ -143,7 +143,7 @@ class BucketView:
   group: int
   n0: object
   bn: int
-  n_ok: object  # bool [1, bn] or None (Nb a multiple of bn)
+  n_ok: object  # bool [1, bn], or None where the block holds no channel past Nb (unmasked loads)
   narrow: bool
   interpret: bool  # Pallas' interpreter: no inline PTX
 
