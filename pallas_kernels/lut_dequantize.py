@@ -55,32 +55,26 @@ def _kernel(*refs, layouts, block_ks, group, k, permuted, interpret):
     layout, bk = layouts[index], block_ks[index]
     tiles = lm.Tiles(block_n=BLOCK_N, block_k=bk, narrow=NARROW)
     n0, r0 = local * BLOCK_N, r * bk
+    b = lm.bucket_view(bucket_refs, layout, group=group, n0=n0, tiles=tiles, interpret=interpret)
+    n_ok = None if b.n_ok is None else lm.range_mask(n0, BLOCK_N, layout.nb, 0)  # [bn, 1]
+    if rows_ref is None:
+      rows = offset + n0 + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_N, 1), 0)
+    else:  # masked-out channels get a row past the end: no interpreter store collides there
+      view = rows_ref.at[pl.ds(offset + n0, BLOCK_N), pl.ds(0, 1)]
+      other = o_ref.shape[0]
+      rows = plgpu.load(view) if n_ok is None else plgpu.load(view, mask=n_ok, other=other)
+      rows = rows.astype(jnp.int32)
 
-    def block(masked):
-      b = lm.bucket_view(
-        bucket_refs, layout, group=group, n0=n0, tiles=tiles, interpret=interpret, masked=masked
-      )
-      n_ok = None if b.n_ok is None else lm.range_mask(n0, BLOCK_N, layout.nb, 0)  # [bn, 1]
-      if rows_ref is None:
-        rows = offset + n0 + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_N, 1), 0)
-      else:  # masked-out channels get a row past the end: no interpreter store collides there
-        view = rows_ref.at[pl.ds(offset + n0, BLOCK_N), pl.ds(0, 1)]
-        other = o_ref.shape[0]
-        rows = plgpu.load(view) if n_ok is None else plgpu.load(view, mask=n_ok, other=other)
-        rows = rows.astype(jnp.int32)
-
-      @pl.when(r0 < layout.kp)
-      def _():
-        invariants, packed = b.invariants(), b.packed(r0, bk)
-        for i in range(8 // layout.bits):
-          w = b.slab(packed, i, r0, invariants, o_ref.dtype)  # [bk, bn]
-          cols = r0 + i * layout.kp + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-          mask = n_ok
-          if layout.kp * 8 // layout.bits != k:  # K padded to the group size: drop the padding
-            mask = cols < k if mask is None else mask & (cols < k)
-          plgpu.store(o_ref.at[rows, cols], w.T, mask=mask)
-
-    lm.by_raggedness(n0, layout, BLOCK_N, block)
+    @pl.when(r0 < layout.kp)
+    def _():
+      invariants, packed = b.invariants(), b.packed(r0, bk)
+      for i in range(8 // layout.bits):
+        w = b.slab(packed, i, r0, invariants, o_ref.dtype)  # [bk, bn]
+        cols = r0 + i * layout.kp + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        mask = n_ok
+        if layout.kp * 8 // layout.bits != k:  # K padded to the group size: drop the padding
+          mask = cols < k if mask is None else mask & (cols < k)
+        plgpu.store(o_ref.at[rows, cols], w.T, mask=mask)
 
   lm.by_channel_block(j, layouts, BLOCK_N, refs, body)
 

@@ -25,8 +25,9 @@ slab then feeds the tensor cores with fp32 accumulation.
 Small M gets more programs by splitting the reduction (K for the forward, N for the backward)
 into partial sums that XLA adds up afterwards -- deterministic, unlike atomics; with one split the
 kernel writes the result in its final dtype. Ragged M and Nb are masked in the kernel (no padding
-copies); masks are only emitted where a dimension is ragged, so full tiles get vector loads (in
-the forward only the last channel block of a ragged bucket is masked: `by_raggedness`).
+copies); masks are only emitted where a dimension is ragged, so full tiles get vector loads. A
+ragged bucket masks all its channel blocks: masking only its last one (a branch per program)
+made a real 7B layer's mixed decode forward 7 % slower on the H200 (docs/results.md).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class BucketView:
   group: int
   n0: object
   bn: int
-  n_ok: object  # bool [1, bn], or None where the block holds no channel past Nb (unmasked loads)
+  n_ok: object  # bool [1, bn] or None (Nb a multiple of bn)
   narrow: bool
   interpret: bool  # Pallas' interpreter: no inline PTX
 
@@ -211,30 +212,15 @@ class BucketView:
     return select_levels(packed, levels, i * bits)
 
 
-def bucket_view(refs, layout: Layout, *, group, n0, tiles, interpret, masked=None):
-  """The `BucketView` of channels [n0, n0 + block_n); masked: whether channel loads are masked
-  (default: where Nb is not a multiple of block_n; see `by_raggedness`)."""
-  if masked is None:
-    masked = layout.nb % tiles.block_n != 0
-  n_ok = range_mask(n0, tiles.block_n, layout.nb, 1) if masked else None
+def bucket_view(refs, layout: Layout, *, group, n0, tiles, interpret):
+  """The `BucketView` of channels [n0, n0 + block_n)."""
+  n_ok = None if layout.nb % tiles.block_n == 0 else range_mask(n0, tiles.block_n, layout.nb, 1)
   return BucketView(tuple(refs), layout, group, n0, tiles.block_n, n_ok, tiles.narrow, interpret)
 
 
 def _fwd_kernel(x_ref, *refs, layout: Layout, group, tiles, interpret):
   ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
   _fwd_body(x_ref, refs[:-1], None, refs[-1], ids, 0, layout, group, tiles, interpret)
-
-
-def by_raggedness(n0, layout: Layout, block_n: int, body):
-  """Runs body(masked) for the channel block at n0: masked only for the last block of a bucket
-  whose Nb is not a multiple of block_n, so that every other block gets unmasked (vector) loads.
-  A real model's mixed-precision buckets are ragged in nearly every tensor."""
-  if layout.nb % block_n == 0:
-    body(False)
-    return
-  last = n0 + block_n > layout.nb
-  pl.when(jnp.logical_not(last))(functools.partial(body, False))
-  pl.when(last)(functools.partial(body, True))
 
 
 def by_channel_block(j, layouts, block_n: int, refs, body):
@@ -270,43 +256,37 @@ def _fwd_body(x_ref, refs, c_ref, o_ref, ids, offset, layout: Layout, group, til
   m0, n0, split = ids[0] * bm, ids[1] * bn, ids[2]
   m = x_ref.shape[0]
   m_ok = None if m % bm == 0 else range_mask(m0, bm, m, 0)
+  b = bucket_view(refs, layout, group=group, n0=n0, tiles=tiles, interpret=interpret)
+  invariants = b.invariants()  # this program's channels are fixed
+  kp = layout.kp
 
-  def block(masked):
-    b = bucket_view(
-      refs, layout, group=group, n0=n0, tiles=tiles, interpret=interpret, masked=masked
-    )
-    invariants = b.invariants()  # this program's channels are fixed
-    kp = layout.kp
+  def step(s, acc):
+    r0 = s * bk
+    packed = b.packed(r0, bk)
+    for i in range(8 // layout.bits):
+      x = masked_load(x_ref, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk), m_ok)
+      w = b.slab(packed, i, r0, invariants, x.dtype)
+      acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return acc
 
-    def step(s, acc):
-      r0 = s * bk
-      packed = b.packed(r0, bk)
-      for i in range(8 // layout.bits):
-        x = masked_load(x_ref, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk), m_ok)
-        w = b.slab(packed, i, r0, invariants, x.dtype)
-        acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
-      return acc
-
-    steps = kp // bk
-    per_split = pl.cdiv(steps, tiles.splits)
-    lo = split * per_split
-    acc = jax.lax.fori_loop(
-      lo, jnp.minimum(steps, lo + per_split), step, jnp.zeros((bm, bn), jnp.float32)
-    )
-    mask = _both(m_ok, b.n_ok)
-    cols = pl.ds(offset + n0, bn)
-    if c_ref is None:
-      plgpu.store(o_ref.at[split, pl.ds(m0, bm), cols], acc.astype(o_ref.dtype), mask=mask)
-      return
-    view = c_ref.at[pl.ds(0, 1), cols]
-    if b.n_ok is None:
-      cols = plgpu.load(view).astype(jnp.int32)  # [1, bn]
-    else:  # masked-out lanes get a column past the end: no store in the interpreter collides there
-      cols = plgpu.load(view, mask=b.n_ok, other=o_ref.shape[2]).astype(jnp.int32)
-    rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    plgpu.store(o_ref.at[split, rows, cols], acc.astype(o_ref.dtype), mask=mask)
-
-  by_raggedness(n0, layout, bn, block)
+  steps = kp // bk
+  per_split = pl.cdiv(steps, tiles.splits)
+  lo = split * per_split
+  acc = jax.lax.fori_loop(
+    lo, jnp.minimum(steps, lo + per_split), step, jnp.zeros((bm, bn), jnp.float32)
+  )
+  mask = _both(m_ok, b.n_ok)
+  cols = pl.ds(offset + n0, bn)
+  if c_ref is None:
+    plgpu.store(o_ref.at[split, pl.ds(m0, bm), cols], acc.astype(o_ref.dtype), mask=mask)
+    return
+  view = c_ref.at[pl.ds(0, 1), cols]
+  if b.n_ok is None:
+    cols = plgpu.load(view).astype(jnp.int32)  # [1, bn]
+  else:  # masked-out lanes get a column past the end: no store in the interpreter collides there
+    cols = plgpu.load(view, mask=b.n_ok, other=o_ref.shape[2]).astype(jnp.int32)
+  rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+  plgpu.store(o_ref.at[split, rows, cols], acc.astype(o_ref.dtype), mask=mask)
 
 
 def _both(row_ok, col_ok):
