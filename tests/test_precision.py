@@ -19,7 +19,7 @@ import pytest
 import scipy.optimize
 
 from lowra_jax.quantize.config import QuantizationError
-from lowra_jax.quantize.precision import solve_budget, solve_greedy, solve_milp
+from lowra_jax.quantize.precision import align_counts, solve_budget, solve_greedy, solve_milp
 
 BITS3 = np.array([1.0, 2.0, 4.0])
 BITS4 = np.array([1.0, 2.0, 3.0, 4.0])
@@ -381,3 +381,54 @@ def test_non_ascending_bits_raise(bits):
   errors = np.random.default_rng(0).random((4, 3))
   with pytest.raises(QuantizationError, match="ascending"):
     solve_budget(errors, np.full(4, 128.0), bits, 2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bucket-size alignment (one tensor): brute force over which channels move.
+
+
+def best_moves(errors, choice, frm, to, count):
+  """Lowest total error after moving `count` channels from precision frm to to (enumerated)."""
+  at = [c for c in range(len(choice)) if choice[c] == frm]
+  best = np.inf
+  for moved in itertools.combinations(at, count):
+    new = np.array(choice)
+    new[list(moved)] = to
+    best = min(best, errors[np.arange(len(new)), new].sum())
+  return best
+
+
+@pytest.mark.parametrize(
+  "top, slack, direction", [(5, 0.0, "down"), (7, 1e9, "up"), (7, 0.0, "down")]
+)
+def test_align_counts_moves_the_best_channels(top, slack, direction):
+  rng = np.random.default_rng(top)
+  n, m, k = 12, 4, 64
+  errors = np.sort(rng.exponential(size=(n, 2)), axis=1)[:, ::-1].copy()  # 1 bit worse than 2
+  choice = np.array([1] * top + [0] * (n - top))
+  rng.shuffle(choice)
+  new, added = align_counts(errors, choice, (1, 2), k, m, slack)
+  r = top % m
+  if direction == "down":
+    assert (new == 1).sum() == top - r and added == -r * k
+    expected = best_moves(errors, choice, 1, 0, r)
+  else:
+    assert (new == 1).sum() == top + m - r and added == (m - r) * k
+    expected = best_moves(errors, choice, 0, 1, m - r)
+  assert errors[np.arange(n), new].sum() == pytest.approx(expected, rel=1e-12)
+  assert ((new != choice).sum()) == (r if direction == "down" else m - r)
+
+
+def test_align_counts_three_precisions_multiples_and_budget():
+  rng = np.random.default_rng(0)
+  n, m, k = 1000, 16, 128
+  errors = np.sort(rng.exponential(size=(n, 3)), axis=1)[:, ::-1].copy()
+  bits = np.array([1.0, 2.0, 4.0])
+  choice = rng.integers(0, 3, n)
+  slack = 5.0 * k
+  new, added = align_counts(errors, choice, bits, k, m, slack)
+  counts = [(new == p).sum() for p in range(3)]
+  assert counts[1] % m == 0 and counts[2] % m == 0 and sum(counts) == n
+  assert added <= slack
+  assert added == pytest.approx(k * (bits[new].sum() - bits[choice].sum()))
+  assert (new != choice).sum() <= 2 * (m - 1)

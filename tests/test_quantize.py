@@ -1,5 +1,6 @@
 """End-to-end `quantize_params` / `QuantizedTensor` against float64 numpy references."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -110,6 +111,26 @@ def test_mixed_precision_layout_and_permutation():
     start += b.num_channels
 
 
+def test_bucket_sizes_are_multiples_of_bucket_multiple_within_budget():
+  # 1024 output channels: at least 64 x 16, so the counts are rounded; 64 channels: left alone.
+  params = {"wide": {"kernel": heavy(11, (64, 1024))}, "narrow": {"kernel": heavy(12, (64, 64))}}
+  cfg = quantize.QuantConfig(budget=1.5)
+  q, report = quantize.quantize_params(params, cfg, progress=False)
+  assert report.code_bits <= 1.5 + 1e-9
+  sizes = [b.num_channels for b in q["wide"]["kernel"].buckets]
+  assert len(sizes) > 1 and all(n % 16 == 0 for n in sizes), sizes
+  free, _ = quantize.quantize_params(
+    params, dataclasses.replace(cfg, bucket_multiple=1), progress=False
+  )
+  solved = [b.num_channels for b in free["wide"]["kernel"].buckets]
+  assert any(n % 16 for n in solved), "the test needs a tensor the solver leaves ragged"
+  moved = np.abs(np.array(sizes) - np.array(solved))
+  assert moved.max() < 2 * 16, (sizes, solved)  # at most multiple - 1 per precision, cascaded
+  for name in ("narrow",):  # below 64 x 16 channels: as solved
+    a, b = q[name]["kernel"], free[name]["kernel"]
+    assert [x.num_channels for x in a.buckets] == [x.num_channels for x in b.buckets]
+
+
 def test_model_wide_budget_gives_noisier_layers_more_bits():
   params = {
     "calm": {"kernel": heavy(5, (128, 64)) * 0.1},
@@ -181,6 +202,7 @@ def test_default_filter_skips_embeddings_norms_head_and_vectors():
     (dict(precisions=(1, 8)), r"subset of"),
     (dict(group_size=60), r"multiple of 8"),
     (dict(weighting="abs"), r"unknown weighting"),
+    (dict(bucket_multiple=0), r"bucket_multiple=0 must be >= 1"),
     (dict(method="lowra", layer_bits=(("q", 4),)), r"layer_bits applies to methods"),
     (dict(method="nf", layer_bits=(("q", 5),)), r"\(regex, bits\) pair"),
     (dict(method="nf", layer_bits=(("q[", 4),)), r"not a regex"),

@@ -57,6 +57,12 @@ class QuantConfig:
   """Budget solver: `milp` (exact, scipy/HiGHS), `greedy` (convex-hull, optimal up to one channel),
   `auto` = milp up to `milp_max_channels` channels, else greedy."""
   milp_max_channels: int = 2_000
+  bucket_multiple: int = 16
+  """`lowra`: each tensor's channel count at each precision is rounded to a multiple of this
+  (`precision.align_counts`: fewer than this many channels per precision move one step, least error
+  first, within the budget), so that every precision bucket's rows are 16-byte aligned: the GPU
+  kernels load ragged rows byte by byte (1.2-1.5x slower on a LLaMA-7B layer, docs/results.md).
+  Tensors with fewer than 64 x this many output channels are left as solved. 1 turns it off."""
   skip_patterns: tuple[str, ...] = ("embed", "lm_head", "norm")
   """Regexes on the '/'-joined parameter path; matching leaves are never quantized."""
 
@@ -123,6 +129,10 @@ def validate(cfg: QuantConfig) -> None:
     )
   if cfg.solver not in ("auto", "greedy", "milp"):
     raise QuantizationError(f"unknown solver {cfg.solver!r}: use 'auto', 'greedy' or 'milp'.")
+  if cfg.bucket_multiple < 1:
+    raise QuantizationError(
+      f"bucket_multiple={cfg.bucket_multiple} must be >= 1 (1 leaves bucket sizes as solved)."
+    )
   if not 0 <= cfg.lut_clusters <= 256:
     raise QuantizationError(
       f"lut_clusters={cfg.lut_clusters} must be in [0, 256] (0 = one table per channel)."

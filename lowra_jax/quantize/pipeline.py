@@ -2,7 +2,8 @@
 
   1. fit (device, per kernel):  absmax per group; Lloyd-Max tables and per-channel errors at every
      candidate precision (`mapping.fit_channels`); skipped for `nf`, whose table is fixed.
-  2. solve (host, model-wide):  precision per channel under the budget (`precision.solve_budget`).
+  2. solve (host, model-wide):  precision per channel under the budget (`precision.solve_budget`),
+     then each tensor's channel count per precision rounded to a multiple of `bucket_multiple`.
   3. encode (device, per kernel): channels permuted into precision buckets; scales double-quantized
      per bucket; codes = nearest level of w / scale; the exact squared error of the stored result.
   4. pack (host):  codes into uint8 planes per bucket (`packing.pack`).
@@ -258,6 +259,20 @@ def _encode_and_pack(
   return qt, err, w_hat
 
 
+def _align_buckets(choices, errors, ks, config: QuantConfig, slack: float):
+  """Each tensor's bucket sizes rounded to multiples of config.bucket_multiple
+  (`precision.align_counts`), the upgrades paid from the budget's `slack` (code bits), tensors in
+  order. Tensors with fewer than 64 x bucket_multiple channels keep their solved precisions."""
+  m, out = config.bucket_multiple, dict(choices)
+  for i, choice in choices.items():
+    if m > 1 and len(choice) >= 64 * m:
+      out[i], added = precision.align_counts(
+        errors[i], choice, config.candidate_bits, ks[i], m, slack
+      )
+      slack -= added
+  return out
+
+
 def quantize_params(
   params,
   config: QuantConfig = QuantConfig(),
@@ -332,7 +347,14 @@ def quantize_and_dequantize(
       errors, costs, cand, config.budget, config.solver, config.milp_max_channels
     )
     splits = np.cumsum([flat[i][1].shape[1] for i in selected])[:-1]
-    channel_bits = dict(zip(selected, np.split(cand[choice], splits)))
+    choices = _align_buckets(
+      dict(zip(selected, np.split(choice, splits))),
+      dict(zip(selected, np.split(errors, splits))),
+      {i: flat[i][1].shape[0] for i in selected},
+      config,
+      slack=config.budget * float(costs.sum()) - float((costs * cand[choice]).sum()),
+    )
+    channel_bits = {i: cand[c] for i, c in choices.items()}
   else:
     channel_bits = {i: np.full(flat[i][1].shape[1], config.bits_for(paths[i])) for i in selected}
   seconds["solve"] = time.perf_counter() - t0

@@ -208,3 +208,44 @@ def solve_budget(
   use_milp = solver == "milp" or (solver == "auto" and len(costs) <= milp_max_channels)
   fn = solve_milp if use_milp else solve_greedy
   return fn(errors, costs, bits, budget)
+
+
+def align_counts(
+  errors: np.ndarray, choice: np.ndarray, bits, cost: float, multiple: int, slack: float
+) -> tuple[np.ndarray, float]:
+  """One tensor's channel count at each precision rounded to a multiple of `multiple`.
+
+  From the highest precision down to the second lowest, r = (channels at p) mod `multiple`
+  channels move one step: when r >= multiple / 2, the channels one step below are enough and the
+  upgrade's bits fit `slack`, the multiple - r channels below gaining the most error go up to p;
+  otherwise the r channels at p losing the least go down one step. The lowest precision keeps the
+  rest (a multiple too when the tensor's channel count is). Used so that every precision bucket's
+  rows are 16-byte aligned for the GPU kernels (`QuantConfig.bucket_multiple`).
+
+  Args:
+    errors: float [N, P], squared error of each channel of the tensor at each precision.
+    choice: int [N], indices into `bits` (not modified).
+    bits: P precisions, ascending; cost: parameters per channel (the tensor's K).
+    multiple: the count multiple (>= 1); slack: code bits the upgrades may add.
+  Returns:
+    (new choice int64 [N], code bits added: negative when channels went down).
+  """
+  choice = np.array(choice, np.int64)
+  bits = np.asarray(bits, np.float64)
+  added = 0.0
+  for p in range(len(bits) - 1, 0, -1):
+    r = int((choice == p).sum()) % multiple
+    if not r:
+      continue
+    below = np.flatnonzero(choice == p - 1)
+    gain = errors[below, p - 1] - errors[below, p]  # error saved by going up to p
+    up_bits = (multiple - r) * cost * (bits[p] - bits[p - 1])
+    if 2 * r >= multiple and len(below) >= multiple - r and added + up_bits <= slack:
+      choice[below[np.argsort(-gain, kind="stable")[: multiple - r]]] = p
+      added += up_bits
+    else:
+      at = np.flatnonzero(choice == p)
+      loss = errors[at, p - 1] - errors[at, p]
+      choice[at[np.argsort(loss, kind="stable")[:r]]] = p - 1
+      added -= r * cost * (bits[p] - bits[p - 1])
+  return choice, added
