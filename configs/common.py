@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     double_quant=True,
     lut_clusters=0,
     solver="auto",
+    bucket_multiple=16,  # lowra: bucket sizes rounded to multiples of this (GPU row alignment)
   )
   c.lora = dict(
     rank=16, alpha=16.0, dropout=0.05, targets=DEFAULT_TARGETS, init="loftq", loftq_iters=5
