@@ -10,6 +10,9 @@ sum_c n[c] * bits[p_c] <= budget * sum_c n[c].
   then the leftover budget is filled with the best upgrades that still fit. This is the LP
   relaxation's solution rounded down, so it is optimal up to one channel's upgrade; it solves
   LLaMA-7B's ~1.3M channels in about a second.
+
+`align_counts` then rounds one tensor's channel count per precision to a multiple (the GPU
+kernels want 16-byte aligned bucket rows), moving a few channels one step within the budget.
 """
 
 from __future__ import annotations
