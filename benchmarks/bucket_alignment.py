@@ -69,12 +69,7 @@ def main():
       ("x16", keep_multiple(qt, 16)),
       ("x64", keep_multiple(qt, 64)),
     ):
-      copies = kernels.rotate(
-        lambda i, t=t: jax.tree_util.tree_map(
-          lambda a: a + 0 if jnp.issubdtype(a.dtype, jnp.integer) else a * (1 + i * 1e-3), t
-        ),
-        kernels.packed_bytes(t),
-      )
+      copies = kernels.quantized_copies(t)
       for d, op, width in (
         ("fwd", kernels.forward, t.shape[0]),
         ("bwd", kernels.backward, t.shape[1]),

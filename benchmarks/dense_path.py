@@ -95,13 +95,7 @@ def main():
       w_copies = kb.rotate(lambda i: w + jnp.bfloat16(i * 1e-3), w.nbytes, most=4)
       for prec in precisions:
         qt = quantize.quantize_tensor(w, quantize.QuantConfig(**kb.PRECISIONS[prec]))
-        qs = kb.rotate(
-          lambda i: jax.tree_util.tree_map(
-            lambda a: a + 0 if jnp.issubdtype(a.dtype, jnp.integer) else a * (1 + i * 1e-3), qt
-          ),
-          kb.packed_bytes(qt),
-          most=4,
-        )
+        qs = kb.quantized_copies(qt, most=4)
         for m in ms:
           for d in ("fwd", "bwd"):
             a = jax.random.normal(key, (m, k if d == "fwd" else n), jnp.bfloat16)

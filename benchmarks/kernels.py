@@ -78,6 +78,17 @@ def rotate(make, nbytes: int, most: int = 8):
   return [make(i) for i in range(min(most, max(1, -(-2 * L2_BYTES // max(nbytes, 1)))))]
 
 
+def quantized_copies(qt, most: int = 8):
+  """`rotate`d copies of a QuantizedTensor in distinct buffers (floats scaled by 1 + i * 1e-3)."""
+  return rotate(
+    lambda i: jax.tree_util.tree_map(
+      lambda a: a + 0 if jnp.issubdtype(a.dtype, jnp.integer) else a * (1 + i * 1e-3), qt
+    ),
+    packed_bytes(qt),
+    most,
+  )
+
+
 def forward(a, w_or_qt, backend=None):
   """y = a @ W: bf16 `jnp.dot` on a dense W, else `quantized_matmul` with `backend`."""
   if backend is None:
@@ -159,12 +170,7 @@ def main():
     q_copies = {}
     for prec in args.precisions.split(","):
       qt = quantize.quantize_tensor(w, quantize.QuantConfig(**PRECISIONS[prec]))
-      q_copies[prec] = rotate(
-        lambda i: jax.tree_util.tree_map(
-          lambda a: a + 0 if jnp.issubdtype(a.dtype, jnp.integer) else a * (1 + i * 1e-3), qt
-        ),
-        packed_bytes(qt),
-      )
+      q_copies[prec] = quantized_copies(qt)
     for m in (int(s) for s in args.ms.split(",")):
       iters, reps = (10, 5) if m <= 512 else (3, 3)
       for direction, op in (("fwd", forward), ("bwd", backward))[: 1 if args.no_backward else 2]:
