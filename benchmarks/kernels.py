@@ -6,20 +6,26 @@ timed side by side in one process: bf16 `jnp.dot` on the dequantized weight, the
 DENSE_FROM_M rows, dequantize + dot above). Weights rotate over enough copies to exceed the L2
 cache. Also: packed bytes / time against the measured device copy bandwidth.
 
-    python benchmarks/kernels.py                                   # full table (H200: ~20 min)
-    python benchmarks/kernels.py --shapes 4096x11008               # one shape: ~5 min
-    python benchmarks/kernels.py --shapes 4096x11008 --ms 16,4096 --precisions 2
+    python benchmarks/kernels.py --rows runs/kernels/a.jsonl                  # the full grid
+    python benchmarks/kernels.py --shapes 4096x11008 --rows runs/kernels/b.jsonl
+    python benchmarks/kernels.py --report runs/kernels/*.jsonl --figure docs/figures/kernels.png
 
-Most of the time is compilation (one jitted loop per row and backend), so split a run that must
-fit a time limit by shape.
+Each row is appended to the --rows file as it is measured, so a run cut short keeps what it
+measured; split a run that must fit a time limit by shape (or by M for the 70B shape) and merge
+the files with --report, which prints the table, forward + backward at M >= 4096 and the issue's
+targets (met or not), and can plot speed-up against M.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import functools
+import json
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +34,7 @@ from lowra_jax import quantize
 from pallas_kernels import quantized_matmul
 
 L2_BYTES = 60 * 2**20
+SHAPES = ("4096x4096", "4096x11008", "11008x4096", "8192x28672")  # LLaMA-7B, then 70B
 PRECISIONS = {
   "1": dict(method="lloyd", bits=1),
   "2": dict(method="lloyd", bits=2),
@@ -107,8 +114,6 @@ def backward(a, w_or_qt, backend=None):
 
 def sweep():
   """Kernel-only times of tile settings on 4096x11008, 2 bits, M = 16 (pick `tiles_for` here)."""
-  import dataclasses
-
   from pallas_kernels import lut_matmul as lm
   from pallas_kernels import quantized_ops as qmm
 
@@ -142,26 +147,48 @@ def sweep():
       )
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,8192x28672")
-  parser.add_argument("--ms", default="1,16,64,512,4096,8192")
-  parser.add_argument("--precisions", default=",".join(PRECISIONS))
-  parser.add_argument("--no-backward", action="store_true")
-  parser.add_argument(
-    "--sweep",
-    action="store_true",
-    help="time lut_matmul tile settings on 4096x11008, 2 bits, M=16, then exit",
-  )
-  args = parser.parse_args()
-  if args.sweep:
-    return sweep()
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One measured row: seconds per call of each variant, packed bytes of the quantized weight."""
+
+  shape: str  # "KxN"
+  precision: str  # a key of PRECISIONS
+  m: int
+  direction: str  # "fwd" (x @ W) or "bwd" (dY @ W^T)
+  bf16_s: float
+  xla_s: float
+  ours_s: float
+  packed_bytes: int
+  copy_bw: float  # bytes/s, measured in the same process
+  device: str
+  jax: str
+  date: str
+
+  @property
+  def speedup(self) -> float:
+    return self.bf16_s / self.ours_s
+
+  @property
+  def bw_fraction(self) -> float:
+    return self.packed_bytes / self.ours_s / self.copy_bw
+
+
+def load_rows(paths) -> list[Row]:
+  """Rows of one or more JSONL files (later files win for a repeated shape/precision/M/pass)."""
+  rows = {}
+  for path in paths:
+    for line in Path(path).read_text().splitlines():
+      r = Row(**json.loads(line))
+      rows[(r.shape, r.precision, r.m, r.direction)] = r
+  return list(rows.values())
+
+
+def measure(args) -> None:
+  """Times every row of the grid, printing each and appending it to args.rows as measured."""
   bw = copy_bandwidth()
-  print(
-    f"{jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s",
-    flush=True,
-  )
-  rows = []
+  device, date = jax.devices()[0].device_kind, datetime.date.today().isoformat()
+  print(f"{device}, jax {jax.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+  args.rows.parent.mkdir(parents=True, exist_ok=True)
   for shape in args.shapes.split(","):
     k, n = (int(s) for s in shape.split("x"))
     key = jax.random.key(k * 7 + n)
@@ -179,36 +206,179 @@ def main():
         for prec, qs in q_copies.items():
           t_xla = bench(functools.partial(op, backend="xla"), a, qs, iters, reps)
           t_ours = bench(functools.partial(op, backend="auto"), a, qs, iters, reps)
-          frac = packed_bytes(qs[0]) / t_ours / bw
-          rows.append((shape, prec, m, direction, t_bf16, t_xla, t_ours, frac))
+          row = Row(
+            shape, prec, m, direction, t_bf16, t_xla, t_ours, packed_bytes(qs[0]), bw, device,
+            jax.__version__, date,
+          )  # fmt: skip
+          with args.rows.open("a") as f:
+            f.write(json.dumps(dataclasses.asdict(row)) + "\n")
           print(
             f"{shape:>11s} {prec:>6s} M={m:<5d} {direction}  bf16 {t_bf16 * 1e6:8.1f} us  "
             f"xla {t_xla * 1e6:8.1f} us  ours {t_ours * 1e6:8.1f} us  "
-            f"x{t_bf16 / t_ours:5.2f} vs bf16  {100 * frac:5.1f}% of copy bw",
+            f"x{row.speedup:5.2f} vs bf16  {100 * row.bw_fraction:5.1f}% of copy bw",
             flush=True,
           )
-  print_table(rows)
 
 
-def print_table(rows):
-  """The markdown table, then forward + backward against bf16 per (shape, bits, M)."""
-  print(
-    "\n| K x N | bits | M | pass | bf16 dot (µs) | XLA dequant+dot (µs) | ours (µs) | "
-    "speed-up vs bf16 | packed bytes/time vs copy bw |"
+def _order(rows: list[Row]) -> list[Row]:
+  shapes = {s: i for i, s in enumerate(SHAPES)}
+  precs = {p: i for i, p in enumerate(PRECISIONS)}
+  return sorted(
+    rows,
+    key=lambda r: (shapes.get(r.shape, 99), r.shape, precs[r.precision], r.m, r.direction != "fwd"),
   )
-  print("|---|---|---|---|---|---|---|---|---|")
-  for shape, prec, m, d, tb, tx, to, frac in rows:
-    print(
-      f"| {shape} | {prec} | {m} | {d} | {tb * 1e6:.1f} | {tx * 1e6:.1f} | {to * 1e6:.1f} | "
-      f"{tb / to:.2f}x | {100 * frac:.0f}% |"
-    )
+
+
+def fwd_bwd(rows: list[Row]) -> dict[tuple[str, str, int], float]:
+  """(shape, precision, M) -> (ours fwd + bwd) / (bf16 fwd + bwd), where both passes were timed."""
   both = {}
-  for shape, prec, m, _, tb, _, to, _ in rows:
-    both.setdefault((shape, prec, m), []).append((tb, to))
-  print("\n| K x N | bits | M | fwd+bwd ours / bf16 |\n|---|---|---|---|")
-  for (shape, prec, m), t in both.items():
-    if len(t) == 2:
-      print(f"| {shape} | {prec} | {m} | {sum(o for _, o in t) / sum(b for b, _ in t):.2f}x |")
+  for r in rows:
+    both.setdefault((r.shape, r.precision, r.m), []).append(r)
+  return {
+    key: sum(r.ours_s for r in rs) / sum(r.bf16_s for r in rs)
+    for key, rs in both.items()
+    if {r.direction for r in rs} == {"fwd", "bwd"}
+  }
+
+
+def targets(rows: list[Row]) -> list[tuple[str, int, float, float, bool]]:
+  """The issue's speed targets: (target, rows judged, worst, best, met by every row).
+
+  Decode targets are judged on the forward (what decoding runs); the bandwidth one on the 70B
+  shape's best precision per M. Speed-ups are bf16 / ours, the M >= 4096 one ours / bf16."""
+  small = [r for r in rows if r.m <= 16 and r.direction == "fwd"]
+  out = []
+  for prec, goal in (("2", 4.0), ("mix1.5", 5.0)):
+    s = [r.speedup for r in small if r.precision == prec]
+    if s:
+      out.append(
+        (f"M <= 16, {prec} bits: >= {goal:g}x bf16", len(s), min(s), max(s), min(s) >= goal)
+      )
+  big = {}
+  for r in small:
+    if r.shape == SHAPES[-1]:
+      big[r.m] = max(big.get(r.m, 0.0), r.bw_fraction)
+  if big:
+    v = list(big.values())
+    out.append(("M <= 16, 70B: >= 40 % of copy bw", len(v), min(v), max(v), min(v) >= 0.4))
+  ratios = [v for (_, _, m), v in fwd_bwd(rows).items() if m >= 4096]
+  if ratios:
+    worst, best = max(ratios), min(ratios)
+    out.append(("M >= 4096: fwd + bwd <= 1.10x bf16", len(ratios), worst, best, worst <= 1.10))
+  return out
+
+
+def report(rows: list[Row]) -> str:
+  """Markdown: the rows, forward + backward against bf16 at M >= 4096, and the targets."""
+  rows = _order(rows)
+  runs = sorted({(r.date, r.device, r.jax) for r in rows})
+  lines = [
+    "Measured " + "; ".join(f"{d}, {dev}, jax {v}" for d, dev, v in runs) + ".",
+    "",
+    "| K x N | bits | M | pass | bf16 dot (µs) | XLA dequant+dot (µs) | ours (µs) | "
+    "ours vs bf16 | packed bytes/time vs copy bw |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r.shape} | {r.precision} | {r.m} | {r.direction} | {r.bf16_s * 1e6:.1f} | "
+      f"{r.xla_s * 1e6:.1f} | {r.ours_s * 1e6:.1f} | {r.speedup:.2f}x | "
+      f"{100 * r.bw_fraction:.0f}% |"
+    )
+  lines += ["", "| K x N | bits | M | fwd+bwd ours / bf16 |", "|---|---|---|---|"]
+  for (shape, prec, m), v in fwd_bwd(rows).items():
+    if m >= 4096:
+      lines.append(f"| {shape} | {prec} | {m} | {v:.2f}x |")
+  lines += ["", "| target | rows | worst | best | met |", "|---|---|---|---|---|"]
+  for name, count, worst, best, met in targets(rows):
+    unit = (lambda v: f"{100 * v:.0f} %") if "copy bw" in name else (lambda v: f"{v:.2f}x")
+    lines.append(
+      f"| {name} | {count} | {unit(worst)} | {unit(best)} | {'yes' if met else '**no**'} |"
+    )
+  return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+  """One panel per shape: forward and backward speed-up over bf16 against M, per precision."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = _order(rows)
+  shapes = list(dict.fromkeys(r.shape for r in rows))
+  fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 4), sharey=True)
+  axes = [axes] if len(shapes) == 1 else list(axes)
+  colors = dict(zip(PRECISIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+  for ax, shape in zip(axes, shapes, strict=True):
+    for prec in PRECISIONS:
+      for direction, style in (("fwd", "-o"), ("bwd", "--s")):
+        pts = [(r.m, r.speedup) for r in rows if (r.shape, r.precision, r.direction) == (
+          shape, prec, direction)]  # fmt: skip
+        if pts:
+          m, s = zip(*pts, strict=True)
+          label = f"{prec} bits {direction}" if ax is axes[0] else None
+          ax.plot(m, s, style, color=colors[prec], ms=3, lw=1, label=label)
+    ax.axhline(1.0, color="k", lw=1)
+    for goal in (4.0, 5.0):
+      ax.axhline(goal, color="gray", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ms = sorted({r.m for r in rows if r.shape == shape})
+    ax.set_xticks(ms, [str(m) for m in ms], fontsize=7)
+    ax.set_yscale("log", base=2)
+    ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8) if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.set_title(f"K x N = {shape}")
+    ax.set_xlabel("M (rows of x)")
+    ax.grid(alpha=0.3, which="both")
+  axes[0].set_ylabel("speed-up over bf16 jnp.dot (higher is better)")
+  axes[0].legend(fontsize=7, ncol=2)
+  fig.suptitle("quantized_matmul vs bf16 (dotted: the decode targets 4x / 5x)", fontsize=10)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", default=",".join(SHAPES))
+  parser.add_argument("--ms", default="1,16,64,512,4096,8192")
+  parser.add_argument("--precisions", default=",".join(PRECISIONS))
+  parser.add_argument("--no-backward", action="store_true")
+  parser.add_argument(
+    "--rows", type=Path, default=Path("runs/kernels/rows.jsonl"), help="appended to as measured"
+  )
+  parser.add_argument(
+    "--report",
+    nargs="+",
+    type=Path,
+    metavar="JSONL",
+    help="do not measure: print the table of these rows files (several calls merged)",
+  )
+  parser.add_argument("--figure", type=Path, help="with --report: write the speed-up plot here")
+  parser.add_argument(
+    "--sweep",
+    action="store_true",
+    help="time lut_matmul tile settings on 4096x11008, 2 bits, M=16, then exit",
+  )
+  args = parser.parse_args()
+  if args.sweep:
+    return sweep()
+  if args.report:
+    rows = load_rows(args.report)
+    if not rows:
+      raise SystemExit(f"no rows in {', '.join(map(str, args.report))}: run without --report first")
+    if args.figure:
+      plot(rows, args.figure)
+    print(report(rows))
+    return
+  if args.rows.exists():
+    raise SystemExit(
+      f"{args.rows} exists: pass another --rows file (rows are appended as measured)"
+    )
+  measure(args)
+  print("\n" + report(load_rows([args.rows])))
 
 
 if __name__ == "__main__":
