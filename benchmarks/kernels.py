@@ -112,39 +112,28 @@ def backward(a, w_or_qt, backend=None):
   return jax.vjp(lambda z: quantized_matmul(z, w_or_qt, backend=backend), x)[1](a)[0]
 
 
-def sweep():
-  """Kernel-only times of tile settings on 4096x11008, 2 bits, M = 16 (pick `tiles_for` here)."""
+def sweep(m: int, settings: str):
+  """Kernel-only times of tile settings on 4096x11008, 2 bits, at M rows (pick `tiles_for` here).
+
+  settings: JSON list of `Tiles` overrides, each timed against the default tiles of that M."""
   from pallas_kernels import lut_matmul as lm
   from pallas_kernels import quantized_ops as qmm
 
-  k, n, m = 4096, 11008, 16
+  k, n = 4096, 11008
   w = (0.02 * jax.random.t(jax.random.key(0), 5.0, (k, n))).astype(jnp.bfloat16)
   qt = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2))
-  copies = rotate(lambda i: jax.tree_util.tree_map(lambda a: a + 0, qt), packed_bytes(qt))
-  ops = [q.buckets[0] for q in copies]  # distinct buffers: no L2 reuse
+  ops = [q.buckets[0] for q in quantized_copies(qt)]  # distinct buffers: no L2 reuse
   kp = ops[0].planes[0].shape[0]
   for backward_pass, inp in ((False, (m, k)), (True, (m, n))):
     a = jax.random.normal(jax.random.key(1), inp, jnp.bfloat16)
     base = qmm.tiles_for(m, kp, n, 64, backward_pass)
-    print(f"default {'bwd' if backward_pass else 'fwd'} tiles: {base}")
-    for kw in (
-      {},
-      {"narrow": backward_pass},
-      {"block_n": 32},
-      {"block_n": 128},
-      {"block_k": 32},
-      {"num_warps": 8},
-      {"num_stages": 2},
-      {"num_stages": 4},
-      {"splits": 1},
-      {"splits": 2 * base.splits},
-    ):
+    name = "bwd" if backward_pass else "fwd"
+    print(f"M={m} default {name} tiles: {base}")
+    for kw in [{}, *json.loads(settings)]:
       t = dataclasses.replace(base, **kw)
       call = lm.lut_matmul_t if backward_pass else lm.lut_matmul
       sec = bench(lambda z, op: call(z, op, group=64, tiles=t).sum(0), a, ops)
-      print(
-        f"{'bwd' if backward_pass else 'fwd'} {kw or 'default'}: {sec * 1e6:.1f} us", flush=True
-      )
+      print(f"M={m} {name} {kw or 'default'}: {sec * 1e6:.1f} us", flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,12 +348,19 @@ def main():
   parser.add_argument("--figure", type=Path, help="with --report: write the speed-up plot here")
   parser.add_argument(
     "--sweep",
-    action="store_true",
-    help="time lut_matmul tile settings on 4096x11008, 2 bits, M=16, then exit",
+    type=int,
+    metavar="M",
+    help="time lut_matmul tile settings (--tiles) on 4096x11008, 2 bits, at M rows, then exit",
+  )
+  parser.add_argument(
+    "--tiles",
+    default='[{"block_n": 32}, {"block_n": 128}, {"block_k": 32}, {"num_warps": 8}, '
+    '{"num_stages": 2}, {"num_stages": 4}, {"splits": 1}]',
+    help="with --sweep: JSON list of Tiles overrides",
   )
   args = parser.parse_args()
   if args.sweep:
-    return sweep()
+    return sweep(args.sweep, args.tiles)
   if args.report:
     rows = load_rows(args.report)
     if not rows:

@@ -1,18 +1,18 @@
 """`quantized_matmul(x, qtensor)`: x @ dequantize(qtensor) without materialising the weight.
 
-Forward: every precision bucket's columns come from `lut_matmul`, reading the bucket as stored;
-when all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them
-all and stores them in channel order, otherwise the concatenated columns are put back in channel
-order. Where a bucket does not take the kernels (M >= DENSE_FROM_M, or M >=
-CHANNEL_ORDER_DENSE_FROM_M for mixed and 1-bit tensors; 4-bit buckets above M = 16, the `xla`
-backend, layouts the kernels do not cover) XLA dequantizes it (a fused select tree) into a
-transient transposed weight [Nb, K] for its dot. When every bucket is dense the whole weight
-becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the output or dX. That
-weight is written by one `lut_dequantize_t` launch, rows already in channel order, wherever the
-kernel covers the tensor (a single 2- or 4-bit bucket only in 16-bit dtypes, which it looks up by
-bytes: in float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed tensor's
-channel order is restored by gathering whole rows (`row_gather`) of the output (below
-PERMUTE_WEIGHT_FROM_M rows; dY's columns in the backward) or of the weight. The custom VJP returns only dX = dY @ W_hat^T the
+Forward: every precision bucket's columns come from `lut_matmul`, reading the bucket as stored; when
+all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them all
+and stores them in channel order, otherwise the concatenated columns are put back in channel order.
+Where a bucket does not take the kernels (M >= DENSE_FROM_M, or M >= CHANNEL_ORDER_DENSE_FROM_M for
+mixed and 1-bit tensors: 65 forward, 32 backward; 4-bit buckets above M = 16, the `xla` backend,
+layouts the kernels do not cover) XLA dequantizes it (a fused select tree) into a transient
+transposed weight [Nb, K] for its dot. When every bucket is dense the whole weight becomes one
+transient W_hat^T [N, K] in channel order and one GEMM computes the output or dX. That weight is
+written by one `lut_dequantize_t` launch, rows already in channel order, wherever the kernel covers
+the tensor (a single 2- or 4-bit bucket only in 16-bit dtypes, which it looks up by bytes: in
+float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed tensor's channel order is
+restored by gathering whole rows (`row_gather`) of the output (below PERMUTE_WEIGHT_FROM_M rows;
+dY's columns in the backward) or of the weight. The custom VJP returns only dX = dY @ W_hat^T the
 same ways (`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed
 tensor itself is kept for the backward pass.
 
@@ -44,9 +44,10 @@ from pallas_kernels import row_gather as rg
 # M from which a bucket is dequantized once into a transient bf16 buffer for XLA's dot
 # (training-size batches are compute-bound; see docs/results.md).
 DENSE_FROM_M = 256
-# The same for mixed and 1-bit tensors whose transient weight `lut_dequantize_t` writes: one launch
-# in channel order makes the dense path cheaper than their LUT kernels from here (docs/results.md).
-CHANNEL_ORDER_DENSE_FROM_M = 32
+# The same for mixed and 1-bit tensors whose transient weight `lut_dequantize_t` writes (one launch,
+# in channel order), by pass: their one-launch LUT forward is faster up to M = 64 (the mid tiles),
+# their backward (a launch per bucket, in bucket order) only below 32 (H200, docs/results.md).
+CHANNEL_ORDER_DENSE_FROM_M = {"forward": 65, "backward": 32}
 # M from which a mixed-precision tensor's dense path permutes the transient weight (a fixed cost)
 # rather than the output and dY (costs growing with M); measured on the H200 (docs/results.md).
 PERMUTE_WEIGHT_FROM_M = 2048
@@ -65,15 +66,25 @@ def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
 
-def _base_tiles(m: int, kp: int, group: int) -> lm.Tiles | None:
+def _base_tiles(m: int, kp: int, group: int, backward: bool) -> lm.Tiles | None:
+  """Block sizes and launch settings of a shape class (decode M <= 16, mid M <= 64, larger),
+  from tile sweeps on the H200 (`benchmarks/kernels.py --sweep M`, docs/results.md). Levels are
+  looked up in the activation dtype (`narrow`, byte permutations) only in the forward up to
+  M = 64: beyond, and in the backward, the float32 select tree fed the tensor cores faster."""
   bk = lm.max_block_k(kp, group)
   if not bk:
     return None
   if m <= 16:
-    return lm.Tiles(block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3)
-  if m <= 64:
-    return lm.Tiles(block_m=64, block_n=64, block_k=bk, num_warps=4, num_stages=2)
-  return lm.Tiles(block_m=128, block_n=64, block_k=min(bk, 32), num_warps=8, num_stages=2)
+    t = lm.Tiles(block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3)
+  elif m <= 64:
+    t = lm.Tiles(block_m=64, block_n=128, block_k=bk, num_warps=4, num_stages=2)
+    if backward:
+      t = dataclasses.replace(t, block_n=32, num_stages=3)
+  else:
+    t = lm.Tiles(block_m=128, block_n=64, block_k=min(bk, 32), num_warps=8, num_stages=2)
+    if backward:
+      t = dataclasses.replace(t, block_n=32, num_stages=3)
+  return dataclasses.replace(t, narrow=not backward and m <= 64)
 
 
 def tiles_for(m: int, kp: int, nb: int, group: int, backward: bool) -> lm.Tiles | None:
@@ -81,7 +92,7 @@ def tiles_for(m: int, kp: int, nb: int, group: int, backward: bool) -> lm.Tiles 
 
   None when the kernels do not apply (no power-of-two block >= 16 divides Kp and the group).
   """
-  t = _base_tiles(m, kp, group)
+  t = _base_tiles(m, kp, group, backward)
   if t is None:
     return None
   m_tiles = -(-m // t.block_m)
@@ -90,8 +101,7 @@ def tiles_for(m: int, kp: int, nb: int, group: int, backward: bool) -> lm.Tiles 
     splits = _target_splits(m_tiles * kp // t.block_k, n_steps, backward=True)
   else:
     splits = _forward_splits(m_tiles * n_steps, kp // t.block_k)
-  # Levels looked up in the activation dtype: faster in the forward, slower in the backward.
-  return dataclasses.replace(t, splits=splits, narrow=not backward)
+  return dataclasses.replace(t, splits=splits)
 
 
 def _target_splits(programs: int, steps: int, backward: bool) -> int:
@@ -191,7 +201,8 @@ def _all_dense(qt: QuantizedTensor, m: int, impl: str, dtype, backward: bool) ->
   DENSE_FROM_M rows, or from CHANNEL_ORDER_DENSE_FROM_M for mixed and 1-bit tensors whose weight
   `lut_dequantize_t` writes (their LUT kernels run a launch per bucket or in bucket order)."""
   mixed_or_1bit = len(qt.buckets) > 1 or qt.buckets[0].bits == 1
-  if m >= CHANNEL_ORDER_DENSE_FROM_M and mixed_or_1bit and _dequantize_kernel(qt, impl, dtype):
+  from_m = CHANNEL_ORDER_DENSE_FROM_M["backward" if backward else "forward"]
+  if m >= from_m and mixed_or_1bit and _dequantize_kernel(qt, impl, dtype):
     return True
   return all(_kernel_tiles(b, m, qt.group_size, impl, backward) is None for b in qt.buckets)
 

@@ -3,6 +3,8 @@
 Kernels run in Pallas' interpreter on CPU (and compiled through Triton when a GPU is present).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,12 +219,19 @@ def test_dequantize_kernel_writes_every_row_in_channel_order(permuted, k, dtype)
   np.testing.assert_allclose(np.asarray(ld.lut_dequantize_t_reference(qt, jnp.float32)), want, 1e-6)
 
 
-@pytest.mark.parametrize("m", [1, 17])
-def test_small_m_of_a_mixed_tensor_takes_one_launch(m):
+@pytest.mark.parametrize("m", [1, 17, 40])
+def test_mixed_tensor_forward_up_to_64_rows_takes_one_launch(m):
+  """Decode and mid-M tiles of the one-launch forward; from 65 rows (and from 32 in the backward)
+  the mixed tensor takes the dense path."""
   qt = quantize.quantize_tensor(weights(7, 256, 96), quantize.QuantConfig(budget=1.5))
   assert len(qt.buckets) > 1 and all(
     quantized_ops._kernel_tiles(b, m, qt.group_size, "interpret", False) for b in qt.buckets
   )
+  dense = functools.partial(quantized_ops._all_dense, qt, impl="interpret", dtype=jnp.float32)
+  assert (
+    not dense(m, backward=False) and not dense(64, backward=False) and dense(65, backward=False)
+  )
+  assert dense(m, backward=True) == (m >= 32) and not dense(31, backward=True)
   x = np.random.default_rng(m).normal(size=(m, 256)).astype(np.float32)
   w = np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
   got = quantized_matmul(jnp.asarray(x), qt, backend="interpret")
