@@ -296,10 +296,14 @@ def plot(rows: list[Row], path: Path) -> None:
 
   rows = _order(rows)
   shapes = list(dict.fromkeys(r.shape for r in rows))
-  fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 4), sharey=True)
-  axes = [axes] if len(shapes) == 1 else list(axes)
+  cols = min(2, len(shapes))
+  grid = -(-len(shapes) // cols)
+  fig, axes = plt.subplots(grid, cols, figsize=(5.5 * cols, 4 * grid), sharey=True, squeeze=False)
+  axes = list(axes.flat)
+  for ax in axes[len(shapes) :]:
+    ax.set_visible(False)
   colors = dict(zip(PRECISIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-  for ax, shape in zip(axes, shapes, strict=True):
+  for ax, shape in zip(axes, shapes, strict=False):
     for prec in PRECISIONS:
       for direction, style in (("fwd", "-o"), ("bwd", "--s")):
         pts = [(r.m, r.speedup) for r in rows if (r.shape, r.precision, r.direction) == (
@@ -313,14 +317,15 @@ def plot(rows: list[Row], path: Path) -> None:
       ax.axhline(goal, color="gray", ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ms = sorted({r.m for r in rows if r.shape == shape})
-    ax.set_xticks(ms, [str(m) for m in ms], fontsize=7)
+    ax.set_xticks(ms, [f"{m // 1024}k" if m >= 4096 else str(m) for m in ms])
     ax.set_yscale("log", base=2)
     ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8) if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
     ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
     ax.set_title(f"K x N = {shape}")
     ax.set_xlabel("M (rows of x)")
     ax.grid(alpha=0.3, which="both")
-  axes[0].set_ylabel("speed-up over bf16 jnp.dot (higher is better)")
+  for ax in axes[::cols]:
+    ax.set_ylabel("speed-up over bf16 jnp.dot (higher is better)")
   axes[0].legend(fontsize=7, ncol=2)
   fig.suptitle("quantized_matmul vs bf16 (dotted: the decode targets 4x / 5x)", fontsize=10)
   fig.tight_layout()
