@@ -78,12 +78,10 @@ def _base_tiles(m: int, kp: int, group: int, backward: bool) -> lm.Tiles | None:
     t = lm.Tiles(block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3)
   elif m <= 64:
     t = lm.Tiles(block_m=64, block_n=128, block_k=bk, num_warps=4, num_stages=2)
-    if backward:
-      t = dataclasses.replace(t, block_n=32, num_stages=3)
   else:
     t = lm.Tiles(block_m=128, block_n=64, block_k=min(bk, 32), num_warps=8, num_stages=2)
-    if backward:
-      t = dataclasses.replace(t, block_n=32, num_stages=3)
+  if backward and m > 16:
+    t = dataclasses.replace(t, block_n=32, num_stages=3)
   return dataclasses.replace(t, narrow=not backward and m <= 64)
 
 
@@ -198,8 +196,8 @@ def _dequantize_kernel(qt: QuantizedTensor, impl: str, dtype) -> bool:
 
 def _all_dense(qt: QuantizedTensor, m: int, impl: str, dtype, backward: bool) -> bool:
   """Whether no bucket takes the kernels at M rows (then XLA dots on transient weights): from
-  DENSE_FROM_M rows, or from CHANNEL_ORDER_DENSE_FROM_M for mixed and 1-bit tensors whose weight
-  `lut_dequantize_t` writes (their LUT kernels run a launch per bucket or in bucket order)."""
+  DENSE_FROM_M rows, or from CHANNEL_ORDER_DENSE_FROM_M (per pass) for mixed and 1-bit tensors
+  whose weight `lut_dequantize_t` writes."""
   mixed_or_1bit = len(qt.buckets) > 1 or qt.buckets[0].bits == 1
   from_m = CHANNEL_ORDER_DENSE_FROM_M["backward" if backward else "forward"]
   if m >= from_m and mixed_or_1bit and _dequantize_kernel(qt, impl, dtype):
