@@ -6,10 +6,11 @@
 Perplexity = exp(token-weighted mean next-token loss) over `config.eval_data` cut into
 non-overlapping windows of seq_len + 1 tokens (stride seq_len, no sliding context: each window's
 first token is predicted by nobody, every other token once); `config.train.eval_blocks` caps the
-number of windows (0: all). The quantized base is loaded from `config.workdir/base` (saved by
-train.py; quantized from the config if absent), the adapters come from the newest checkpoint in
-`config.workdir/checkpoints` (skipped if there is none), onto this run's devices (`config.mesh`)
-whatever devices saved them. Prints one table.
+number of windows (0: all). `config.workdir` must hold a train.py run of this config: the quantized
+base comes from its `base/`, the adapters from the newest checkpoint in its `checkpoints/` (the
+row is left out if there is none yet), onto this run's devices (`config.mesh`) whatever devices
+saved them. Prints one table: the dense base, the quantized base, the quantized base + LoftQ's
+initial adapters (LoftQ runs) and + the trained adapters.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from lowra_jax import data, experiment, sharding, train_lib
+from lowra_jax import cli, experiment, preflight, sharding, train_lib
 from lowra_jax.checkpoint import latest_adapters
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
@@ -36,12 +37,14 @@ def perplexity(eval_step, variables, adapters, blocks, batch_size, mesh) -> tupl
 
 def main(argv) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   s = experiment.settings(config)
   mesh = experiment.make_mesh(s)
-  prep = experiment.prepare(config, s, Path(config.workdir) / "base")
-  blocks = data.load(s.eval_data, prep.tokenizer).blocks
+  inputs = preflight.check_model(config, s)
+  preflight.check_data(("eval_data", s.eval_data))
+  base_dir = preflight.check_saved_run(config, "eval.py")
+  blocks = preflight.load_blocks("eval_data", s.eval_data, inputs.tokenizer)
+  prep = experiment.prepare(config, s, inputs.tokenizer, base_dir)
   if config.train.eval_blocks:
     blocks = blocks[: config.train.eval_blocks]
   eval_step = train_lib.make_eval_step(prep.model, mesh=mesh)
@@ -60,6 +63,9 @@ def main(argv) -> None:
   if bits is not None:
     ppl, _ = perplexity(eval_step, frozen, None, blocks, batch, mesh)
     rows.append(("quantized base", code, total, ppl))
+  if s.lora.init == "loftq":  # LoftQ's initial adapters already correct the base (QLoRA's: B = 0)
+    ppl, _ = perplexity(eval_step, frozen, place(prep.adapters), blocks, batch, mesh)
+    rows.append(("+ LoftQ adapters (step 0)", code, total, ppl))
   tx = train_lib.make_optimizer(s.optim)
   trained = latest_adapters(Path(config.workdir) / "checkpoints", prep.adapters, tx, place=place)
   if trained is not None:
@@ -82,4 +88,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,8 +5,8 @@
       --temperature=0.8 --top_p=0.95 --seed=1 --max_new_tokens=64
     python generate.py --config=configs/demo.py --merge    # fold the adapters into the base
 
-Loads the packed base from `config.workdir/base` (saved by train.py; quantized from the config if
-absent) and the adapters of the newest checkpoint in `config.workdir/checkpoints` (the initial
+`config.workdir` must hold a train.py run of this config: loads the packed base from its `base/`
+and the adapters of the newest checkpoint in `config.workdir/checkpoints` (the initial
 adapters if there is none; `--noadapters`: the quantized base alone). Adapters are applied on the
 fly (exact). `--merge` instead re-quantizes W + (alpha / rank) A B with the run's QuantConfig (for
 LowRA the same bit budget), generates with that adapter-free model, and prints the perplexity of
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from lowra_jax import data, experiment, lora, train_lib
+from lowra_jax import cli, experiment, lora, preflight, train_lib
 from lowra_jax import generate as gen
 from lowra_jax.checkpoint import latest_adapters
 from lowra_jax.quantize import bits_per_param
@@ -50,7 +50,7 @@ def log(message: str) -> None:
 
 def perplexities(model, config, s, prep, runs) -> list[tuple[str, float]]:
   """[(name, perplexity on config.eval_data)] of each (name, variables, adapters) of `runs`."""
-  blocks = data.load(s.eval_data, prep.tokenizer).blocks
+  blocks = preflight.load_blocks("eval_data", s.eval_data, prep.tokenizer)
   if config.train.eval_blocks:
     blocks = blocks[: config.train.eval_blocks]
   step = train_lib.make_eval_step(model)
@@ -105,17 +105,22 @@ def streamer(tokenizer, prompt: list[int]):
 
 def main(argv) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   s = experiment.settings(config)
-  sampling = gen.Sampling(_TEMPERATURE.value, _TOP_P.value)
-  base_dir = Path(config.workdir) / "base"
-  if not base_dir.exists():
-    log(f"no saved base in {base_dir}: quantizing {config.model.path} from the config")
-  prep = experiment.prepare(config, s, base_dir)
+  with cli.user_errors():
+    sampling = gen.Sampling(_TEMPERATURE.value, _TOP_P.value)
+  if _MERGE.value and not _ADAPTERS.value:
+    raise cli.UserError("--merge folds the adapters into the base — drop --noadapters")
+  inputs = preflight.check_model(config, s)
+  prompts = [inputs.tokenizer.encode(text) for text in _PROMPT.value]
+  with cli.user_errors():
+    gen.layout(prompts, _MAX_NEW.value, _MAX_LEN.value or None, inputs.hf_config["vocab_size"])
+  if _MERGE.value:
+    preflight.check_data(("eval_data", s.eval_data))
+  base_dir = preflight.check_saved_run(config, "generate.py")
+  prep = experiment.prepare(config, s, inputs.tokenizer, base_dir)
   model = prep.model.clone(remat=False)
   tok = prep.tokenizer
-  prompts = [tok.encode(text) for text in _PROMPT.value]
   adapters = None
   if _ADAPTERS.value:
     trained = latest_adapters(
@@ -124,8 +129,6 @@ def main(argv) -> None:
     adapters, step = trained if trained is not None else (prep.adapters, 0)
     log(f"adapters of step {step}" + (" (initial)" if trained is None else ""))
   if _MERGE.value:
-    if adapters is None:
-      raise ValueError("--merge needs the adapters; drop --noadapters.")
     variables = merged_model(model, config, s, prep, adapters)
   else:
     variables = prep.frozen if adapters is None else {**prep.frozen, "lora": adapters}
@@ -155,4 +158,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,7 +7,12 @@ Quantizes `config.model.path` (LowRA / NF), initialises adapters (QLoRA / LoftQ)
 AdamW under jit and writes into `config.workdir`: checkpoints/ (Orbax: adapters, optimizer, step,
 data position), base/ (the packed quantized base and initial adapters, reused by resume and
 eval.py), metrics.jsonl, loss.png, config.json, summary.json (bits, eval losses of the quantized
-base / initial adapters / final adapters, tokens/s, peak memory) and adapter-step{N}/ (PEFT).
+base / initial adapters / final adapters, tokens/s, peak memory) and the exports
+(`lowra_jax.export`): base-hf/ (the dequantized quantized base as an HF checkpoint) with
+adapter-step{N}/ (PEFT, pointing at base-hf/), and with `train.export_merged` merged-step{N}/.
+
+Bad input (config, model, tokenizer, data, LoRA targets, workdir) stops it with one line before
+any weight is read (`lowra_jax.preflight`).
 
 Runs on every visible device (`config.mesh`: data parallelism x FSDP); with
 `--config.mesh.distributed=True` each host runs this same command (README: "Multiple GPUs / hosts")
@@ -23,11 +28,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from lowra_jax import data, experiment, export, lora, sharding, train_lib
+from lowra_jax import cli, data, experiment, export, lora, preflight, sharding, train_lib
 from lowra_jax.checkpoint import TrainCheckpoints
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
@@ -55,33 +60,24 @@ def plot_losses(records: list[dict], path: Path) -> None:
   plt.close(fig)
 
 
-def check_workdir(workdir: Path, resume: bool) -> None:
-  ckpt = workdir / "checkpoints"
-  if ckpt.exists() and any(ckpt.iterdir()) and not resume:
-    raise ValueError(
-      f"{workdir} holds checkpoints of an earlier run; pass --config.train.resume=True to "
-      "continue it or choose another --config.workdir."
-    )
-
-
 def main(argv) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   config = _CONFIG.value
   s = experiment.settings(config)
   mesh = experiment.make_mesh(s)
-  sharding.check_batch_size(s.data.batch_size, mesh, "config.data.batch_size")
-  lead = jax.process_index() == 0  # writes the files; every process computes
-  workdir = Path(config.workdir)
-  check_workdir(workdir, config.train.resume)
-  if config.train.export_merged and not Path(config.model.path).is_dir():
-    raise ValueError("config.train.export_merged needs an HF model directory as config.model.path.")
-  base_dir = workdir / "base"
-  prep = experiment.prepare(config, s, base_dir)  # all that can fail on bad input, before writing
-  train_blocks = data.load(s.data, prep.tokenizer).blocks
-  eval_blocks = data.load(s.eval_data, prep.tokenizer).blocks
+  with cli.user_errors():
+    sharding.check_batch_size(s.data.batch_size, mesh, "config.data.batch_size")
+  inputs = preflight.check_model(config, s)
+  preflight.check_data(("data", s.data), ("eval_data", s.eval_data))
+  preflight.check_train_workdir(config)
+  train_blocks = preflight.load_blocks("data", s.data, inputs.tokenizer, full_batch=True)
+  eval_blocks = preflight.load_blocks("eval_data", s.eval_data, inputs.tokenizer)
   if config.train.eval_blocks:
     eval_blocks = eval_blocks[: config.train.eval_blocks]
+  lead = jax.process_index() == 0  # writes the files; every process computes
+  workdir = Path(config.workdir)
+  base_dir = workdir / "base"
+  prep = experiment.prepare(config, s, inputs.tokenizer, base_dir)
   code, total_bits = experiment.bits_columns(experiment.base_bits(prep), config.model.dtype)
   if lead:
     tqdm.write(f"base: {code} code bits, {total_bits} total bits per quantized weight")
@@ -116,7 +112,7 @@ def main(argv) -> None:
   records = []
   if metrics_path.exists():
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    records = [r for r in records if r["step"] <= start]
+    records = train_lib.kept_records(records, start)
   if lead:
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -159,22 +155,28 @@ def main(argv) -> None:
   bar.close()
   ckpt.save(state, data_position=total, force=ckpt.latest_step != total)
   ckpt.close()
-  final = evaluate(state.adapters)
-  log({"step": total, "eval_loss": final})
+  done = [r["eval_loss"] for r in records if r["step"] == total and "eval_loss" in r]
+  if done:  # a finished run started again: its final eval is on record
+    final = done[-1]
+  else:
+    final = evaluate(state.adapters)
+    log({"step": total, "eval_loss": final})
   adapters = sharding.to_host(state.adapters)  # a collective: every process takes part
   if not lead:
     return
   plot_losses(records, workdir / "loss.png")
-  if config.train.export_peft:
-    out = workdir / f"adapter-step{total}"
-    if not out.exists():
-      export.save_peft_adapters(out, adapters, s.lora, config.model.path)
-  if config.train.export_merged:
-    out = workdir / f"merged-step{total}"
-    if not out.exists():
-      hf_config = json.loads((Path(config.model.path) / "config.json").read_text())
-      qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
-      export.save_merged(out, qparams, adapters, s.lora, hf_config)
+  if config.train.export_peft or config.train.export_merged:
+    export.export_run(
+      workdir,
+      total,
+      lora.merge_trees(prep.frozen["params"], prep.frozen["quant"]),
+      adapters,
+      s.lora,
+      inputs.hf_config,
+      inputs.tokenizer,
+      peft=config.train.export_peft,
+      merged=config.train.export_merged,
+    )
   first = next(r["eval_loss"] for r in records if "eval_loss" in r)
   rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
   summary = {
@@ -196,4 +198,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -96,18 +96,16 @@ class DataConfig:
 
   def __post_init__(self):
     if self.name not in NAMES:
-      raise ValueError(f"DataConfig.name must be one of {', '.join(NAMES)}; got {self.name!r}.")
+      raise ValueError(f"name={self.name!r} — use one of {', '.join(NAMES)}.")
     for field in ("seq_len", "batch_size"):
       if getattr(self, field) < 1:
-        raise ValueError(f"DataConfig.{field} must be >= 1, got {getattr(self, field)}.")
+        raise ValueError(f"{field}={getattr(self, field)} — use a value >= 1.")
     if self.seed < 0:
-      raise ValueError(f"DataConfig.seed must be >= 0, got {self.seed}.")
+      raise ValueError(f"seed={self.seed} — use a seed >= 0.")
     if self.max_documents is not None and self.max_documents < 1:
-      raise ValueError(
-        f"DataConfig.max_documents must be >= 1 or None (all), got {self.max_documents}."
-      )
+      raise ValueError(f"max_documents={self.max_documents} — use a count >= 1, or None for all.")
     if self.separator == "":
-      raise ValueError("DataConfig.separator must not be empty; use None for the default.")
+      raise ValueError("separator is empty — use None for the default.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +137,7 @@ def load(config: DataConfig, tokenizer: Tokenizer) -> PackedData:
   if num_blocks(len(tokens), config.seq_len) == 0:
     raise ValueError(
       f"{config.path} ({config.split}) gives {len(tokens)} tokens, fewer than seq_len + 1 = "
-      f"{config.seq_len + 1}; lower seq_len or add data."
+      f"{config.seq_len + 1} — lower seq_len or add data."
     )
   return PackedData(tokens, config.seq_len, len(documents))
 
@@ -149,7 +147,10 @@ def load_documents(config: DataConfig) -> datasets.Dataset:
   loader = {"wikitext": _wikitext, "oasst1": _oasst1, "text": _plain_text}[config.name]
   documents = loader(config)
   if len(documents) == 0:
-    raise ValueError(f"{config.path} ({config.split}) holds no {config.name} documents.")
+    raise ValueError(
+      f"{config.path} ({config.split}) holds no {config.name} documents — check data.name, "
+      "data.path and data.split"
+    )
   if config.max_documents is not None:
     documents = documents.select(range(min(config.max_documents, len(documents))))
   return documents
@@ -203,7 +204,7 @@ def batches(
   per_epoch = batches_per_epoch(blocks, batch_size)
   if per_epoch == 0:
     raise ValueError(
-      f"{len(blocks)} blocks cannot fill one batch of {batch_size}; lower batch_size or seq_len."
+      f"{len(blocks)} blocks cannot fill one batch of {batch_size} — lower batch_size or seq_len."
     )
   if start < 0:
     raise ValueError(f"start is a count of batches already consumed, >= 0; got {start}.")
@@ -247,7 +248,7 @@ def _local_files(config: DataConfig) -> list[str]:
   """The local files of ``config``: ``path`` itself, or its directory's files for ``split``."""
   path = Path(config.path)
   if not path.exists():
-    raise FileNotFoundError(f"data path {path} does not exist; set data.path to a file or dir.")
+    raise FileNotFoundError(f"data path {path} does not exist — set data.path to a file or dir.")
   if path.is_file():
     return [str(path)]
   files = sorted(
@@ -256,12 +257,21 @@ def _local_files(config: DataConfig) -> list[str]:
   if not files:
     raise FileNotFoundError(
       f"no file for split {config.split!r} in {path} (names must hold it, e.g. "
-      f"{config.split}.txt); set data.split or point data.path at a file."
+      f"{config.split}.txt) — set data.split or point data.path at a file."
     )
   if len({p.suffix for p in files}) > 1:
     names = ", ".join(p.name for p in files)
-    raise ValueError(f"{path} holds {config.split!r} in several formats ({names}); pick one file.")
+    raise ValueError(
+      f"{path} holds {config.split!r} in several formats ({names}) — point data.path at one file."
+    )
   return [str(p) for p in files]
+
+
+def check_source(config: DataConfig) -> None:
+  """Reads nothing: a local source's files exist and hold its split (FileNotFoundError /
+  ValueError as `load`); hub names are checked when loaded."""
+  if not _is_hub(config):
+    _local_files(config)
 
 
 def _load(config: DataConfig, builder: str, **kwargs) -> datasets.Dataset:
@@ -305,7 +315,9 @@ def _oasst1(config: DataConfig) -> datasets.Dataset:
   messages = _load(config, "json")
   missing = [c for c in OASST1_COLUMNS if c not in messages.column_names]
   if missing:
-    raise ValueError(f"{config.path} lacks oasst1 columns {', '.join(missing)}; is it oasst1?")
+    raise ValueError(
+      f"{config.path} lacks oasst1 columns {', '.join(missing)} — point data.path at oasst1 rows"
+    )
   messages = messages.select_columns(list(OASST1_COLUMNS)).to_list()
   return datasets.Dataset.from_dict({"text": best_threads(messages)})
 

@@ -2,8 +2,8 @@
 
 `settings(config)` turns the ml_collections sections into the library's dataclasses, with one-line
 errors for bad values; `make_mesh(s)` joins the other hosts and builds the device mesh;
-`prepare(config)` loads the model and tokenizer, checks them against the data settings, quantizes
-the base and initialises the adapters.
+`prepare(config, s, tokenizer)` loads the model (whose inputs `preflight` has checked), quantizes
+the base and initialises the adapters, or loads both from a saved base.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from lowra_jax import lora, sharding
+from lowra_jax.cli import UserError
 from lowra_jax.data import DataConfig
 from lowra_jax.models import llama
-from lowra_jax.models.tokenizer import Tokenizer, load_tokenizer
+from lowra_jax.models.tokenizer import Tokenizer
 from lowra_jax.quantize import BitsPerParam, QuantConfig, bits_per_param
 from lowra_jax.quantize.serialize import load_quantized, save_quantized
 from lowra_jax.train_lib import OptimConfig
+from pallas_kernels.backend import BACKENDS as KERNEL_BACKENDS
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -43,17 +45,21 @@ def _build(cls, section: str, values: dict) -> Any:
     return cls(**values)
   except TypeError as e:  # unknown or missing field
     fields = ", ".join(f.name for f in dataclasses.fields(cls))
-    raise ValueError(f"config.{section}: {e}; valid fields: {fields}.") from None
+    raise UserError(f"config.{section}: {e} — valid fields: {fields}.") from None
   except ValueError as e:
-    raise ValueError(f"config.{section}: {e}") from None
+    raise UserError(f"config.{section}: {e}") from None
 
 
 def settings(config) -> Settings:
-  """The config's sections as validated dataclasses (ValueError naming the section)."""
+  """The config's sections as validated dataclasses (`UserError` naming the section)."""
   values = config.to_dict()
   if values["model"]["dtype"] not in DTYPES:
-    raise ValueError(
-      f"config.model.dtype must be one of {sorted(DTYPES)}, got {values['model']['dtype']!r}."
+    raise UserError(
+      f"config.model.dtype={values['model']['dtype']!r} — use one of {sorted(DTYPES)}."
+    )
+  if values["model"]["kernels"] not in KERNEL_BACKENDS:
+    raise UserError(
+      f"config.model.kernels={values['model']['kernels']!r} — use one of {sorted(KERNEL_BACKENDS)}."
     )
   lora_values = dict(values["lora"], targets=tuple(values["lora"]["targets"]))
   quant_values = dict(
@@ -78,7 +84,7 @@ def make_mesh(s: Settings) -> jax.sharding.Mesh:
   try:
     mesh = sharding.make_mesh(s.mesh)
   except ValueError as e:
-    raise ValueError(f"config.mesh: {e}") from None
+    raise UserError(f"config.mesh: {e}") from None
   return mesh
 
 
@@ -96,31 +102,17 @@ class Prepared:
   init_report: Any
 
 
-def load_model(config, s: Settings) -> tuple[llama.Llama, dict, Tokenizer]:
-  """The model (with LoRA settings), its dense params and its tokenizer, checked against data.
+def load_model(config, s: Settings) -> tuple[llama.Llama, dict]:
+  """The model (with LoRA settings) and its dense params (`preflight.check_model` has checked
+  them against the config).
 
   Also makes `config.model.kernels` the default implementation of `quantized_matmul`."""
   pallas_kernels.set_default_backend(config.model.kernels)
-  path = Path(config.model.path)
-  if not path.exists():
-    raise FileNotFoundError(f"config.model.path {path} does not exist.")
   base, params = llama.load_pretrained(
-    path, dtype=DTYPES[config.model.dtype], remat=config.model.remat
+    config.model.path, dtype=DTYPES[config.model.dtype], remat=config.model.remat
   )
-  tokenizer = load_tokenizer(path if path.is_dir() else path.parent)
-  if tokenizer.vocab_size > base.config.vocab_size:
-    raise ValueError(
-      f"tokenizer of {path} has {tokenizer.vocab_size} tokens but the model only "
-      f"{base.config.vocab_size}; they do not belong together."
-    )
-  for name, data in (("data", s.data), ("eval_data", s.eval_data)):
-    if data.seq_len > base.config.max_position_embeddings:
-      raise ValueError(
-        f"config.{name}.seq_len={data.seq_len} exceeds the model's max_position_embeddings="
-        f"{base.config.max_position_embeddings}."
-      )
   model = llama.Llama(base.config, dtype=base.dtype, lora=s.lora, remat=base.remat)
-  return model, params, tokenizer
+  return model, params
 
 
 def base_identity(config) -> dict:
@@ -134,17 +126,13 @@ def base_identity(config) -> dict:
   return json.loads(json.dumps(identity))
 
 
-def prepare(config, s: Settings, base_dir: Path | None = None) -> Prepared:
+def prepare(config, s: Settings, tokenizer: Tokenizer, base_dir: Path | None = None) -> Prepared:
   """Load the model; quantize it and initialise adapters (deterministic in config.train.seed),
-  or, when `base_dir` holds them (saved by `save_base`), load both from there."""
-  model, params, tokenizer = load_model(config, s)
+  or, when `base_dir` holds them (saved by `save_base` for this config, which `preflight` checks),
+  load both from there."""
+  model, params = load_model(config, s)
   if base_dir is not None and base_dir.exists():
-    saved, identity = load_quantized(base_dir)
-    if identity != base_identity(config):
-      raise ValueError(
-        f"{base_dir} was quantized with other model/quant/lora/seed settings than this config; "
-        "use the run's own config or another --config.workdir."
-      )
+    saved, _ = load_quantized(base_dir)
     qparams, adapters, report = saved["qparams"], saved["adapters"], None
   else:
     key = jax.random.key(config.train.seed)

@@ -49,9 +49,9 @@ class Sampling:
 
   def __post_init__(self):
     if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}.")
+      raise ValueError(f"temperature={self.temperature} — use >= 0 (0: greedy).")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+      raise ValueError(f"top_p={self.top_p} — use a mass in (0, 1] (1: off).")
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -177,18 +177,19 @@ def layout(
   Generation stops early when the cache is full.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token (e.g. BOS).")
+    raise ValueError("a prompt has no tokens — give every prompt at least one token (e.g. BOS).")
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    raise ValueError(f"max_new_tokens={max_new_tokens} — ask for at least 1 new token.")
   ids = np.concatenate([np.asarray(p) for p in prompts])
   if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= vocab_size:
-    raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}).")
+    raise ValueError(f"prompt token ids lie outside [0, {vocab_size}) — use the model's tokenizer.")
   longest = max(len(p) for p in prompts)
   if max_len is None:
     max_len = _round_up(longest, PROMPT_MULTIPLE) + max_new_tokens
   if longest >= max_len:
     raise ValueError(
-      f"a prompt of {longest} tokens leaves no room for new tokens in max_len={max_len} slots."
+      f"a prompt of {longest} tokens leaves no room for new tokens in max_len={max_len} slots "
+      "— raise max_len or shorten the prompt."
     )
   new = min(max_new_tokens, max_len - longest)
   width = min(_round_up(longest, PROMPT_MULTIPLE), max_len - new)

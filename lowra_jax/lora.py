@@ -61,13 +61,13 @@ class LoraConfig:
 
   def __post_init__(self):
     if self.rank < 1:
-      raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}.")
+      raise ValueError(f"rank={self.rank} — use a rank >= 1, e.g. 16.")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}.")
+      raise ValueError(f"dropout={self.dropout} — use a probability in [0, 1).")
     if self.init not in INITS:
-      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}.")
+      raise ValueError(f"init={self.init!r} — use one of {INITS}.")
     if self.init == "loftq" and self.loftq_iters < 1:
-      raise ValueError(f"LoraConfig.loftq_iters must be >= 1, got {self.loftq_iters}.")
+      raise ValueError(f"loftq_iters={self.loftq_iters} — use >= 1 LoftQ rounds.")
 
   @property
   def scale(self) -> float:
@@ -131,23 +131,47 @@ def split_quantized(qparams: dict) -> tuple[dict, dict]:
   return _partition(qparams, is_quantized)
 
 
-def target_paths(params: dict, config: LoraConfig) -> dict[tuple[str, ...], tuple[int, int]]:
-  """{module path: (in, out)} of every ``kernel`` whose module name is in `config.targets`."""
+def kernel_shapes(params: dict) -> dict[tuple[str, ...], tuple[int, int]]:
+  """{module path: (in, out)} of every ``kernel`` leaf of a nested params dict."""
   found = {}
 
   def visit(node, path):
     for key, value in node.items():
       if isinstance(value, dict):
         visit(value, (*path, key))
-      elif key == "kernel" and path and path[-1] in config.targets:
+      elif key == "kernel":
         found[path] = tuple(value.shape)
 
   visit(params, ())
-  if not found:
+  return found
+
+
+def check_targets(
+  kernels: dict[tuple[str, ...], tuple[int, int]], config: LoraConfig
+) -> dict[tuple[str, ...], tuple[int, int]]:
+  """The entries of `kernels` ({module path: (in, out)}) that `config.targets` adapt.
+
+  ValueError when a target names no module, or the rank exceeds a targeted min(in, out)."""
+  modules = {path[-1] for path in kernels if path}
+  unknown = [t for t in config.targets if t not in modules]
+  if unknown:
     raise ValueError(
-      f"no kernel matches LoRA targets {config.targets}; check the names against the params tree."
+      f"LoRA targets {unknown} match no module of the model — use names among {sorted(modules)}"
+    )
+  found = {p: s for p, s in kernels.items() if p and p[-1] in config.targets}
+  too_small = [f"{'/'.join(p)} {s}" for p, s in found.items() if min(s) < config.rank]
+  if too_small:
+    raise ValueError(
+      f"LoRA rank {config.rank} exceeds min(in, out) of {', '.join(too_small[:3])}"
+      f"{' ...' if len(too_small) > 3 else ''} — lower the rank"
     )
   return found
+
+
+def target_paths(params: dict, config: LoraConfig) -> dict[tuple[str, ...], tuple[int, int]]:
+  """{module path: (in, out)} of every ``kernel`` whose module name is in `config.targets`
+  (ValueError as `check_targets`)."""
+  return check_targets(kernel_shapes(params), config)
 
 
 def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
@@ -192,15 +216,10 @@ def init_lora(
     report (QLoRA), a `loftq.LoftQReport` (LoftQ) or None (method 'none').
   """
   shapes = target_paths(params, lora_config)
-  too_small = [f"{'/'.join(p)} {s}" for p, s in shapes.items() if min(s) < lora_config.rank]
-  if too_small:
-    raise ValueError(
-      f"LoRA rank {lora_config.rank} exceeds min(in, out) of {', '.join(too_small)}."
-    )
   if quant_config.method == "none":  # the dense (bf16) LoRA reference
     if lora_config.init != "qlora":
       raise ValueError(
-        "LoRA init 'loftq' needs a quantized base; with quant method 'none' use init='qlora'."
+        "LoRA init 'loftq' needs a quantized base — with quant method 'none' use init='qlora'."
       )
     return params, random_adapters(shapes, lora_config.rank, rng), None
   if lora_config.init == "qlora":

@@ -55,24 +55,25 @@ class MeshConfig:
     sizes = (self.data, self.fsdp)
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
       raise ValueError(
-        f"mesh axes data={self.data}, fsdp={self.fsdp}: each must be >= 1, or -1 for one of them "
+        f"mesh axes data={self.data}, fsdp={self.fsdp} — give each >= 1, or -1 for one of them "
         "(all remaining devices)."
       )
     if self.min_shard_bytes < 0:
-      raise ValueError(f"MeshConfig.min_shard_bytes must be >= 0, got {self.min_shard_bytes}.")
+      raise ValueError(f"min_shard_bytes={self.min_shard_bytes} — use a size >= 0.")
 
   def axis_sizes(self, num_devices: int) -> tuple[int, int]:
     """(data, fsdp) with -1 resolved; ValueError when they do not multiply to `num_devices`."""
     known = math.prod(s for s in (self.data, self.fsdp) if s != -1)
     if num_devices % known:
       raise ValueError(
-        f"mesh data={self.data} x fsdp={self.fsdp} does not divide the {num_devices} devices."
+        f"mesh data={self.data} x fsdp={self.fsdp} does not divide the {num_devices} devices — "
+        "pick axis sizes whose product divides it, or -1 for one axis."
       )
     data = num_devices // known if self.data == -1 else self.data
     fsdp = num_devices // known if self.fsdp == -1 else self.fsdp
     if data * fsdp != num_devices:
       raise ValueError(
-        f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but there are {num_devices}; "
+        f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but there are {num_devices} — "
         "set one axis to -1 to use all of them."
       )
     return data, fsdp
@@ -181,7 +182,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> N
   n = batch_shards(mesh)
   if batch_size % n:
     raise ValueError(
-      f"{name}={batch_size} does not split over data x fsdp = {n} devices; use a multiple of {n}."
+      f"{name}={batch_size} does not split over data x fsdp = {n} devices — use a multiple of {n}."
     )
 
 

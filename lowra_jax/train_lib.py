@@ -52,16 +52,16 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"OptimConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+      raise ValueError(f"schedule={self.schedule!r} — use one of {SCHEDULES}.")
     if self.learning_rate <= 0 or self.total_steps < 1 or self.accumulation < 1:
       raise ValueError(
-        "OptimConfig needs learning_rate > 0, total_steps >= 1 and accumulation >= 1; got "
-        f"{self.learning_rate}, {self.total_steps}, {self.accumulation}."
+        f"learning_rate={self.learning_rate}, total_steps={self.total_steps}, accumulation="
+        f"{self.accumulation} — use learning_rate > 0, total_steps >= 1 and accumulation >= 1."
       )
     if not 0 <= self.warmup_steps <= self.total_steps:
       raise ValueError(
-        f"OptimConfig.warmup_steps must be in [0, total_steps={self.total_steps}], "
-        f"got {self.warmup_steps}."
+        f"warmup_steps={self.warmup_steps} is outside [0, total_steps={self.total_steps}] — "
+        "lower warmup_steps or raise total_steps."
       )
 
 
@@ -187,3 +187,9 @@ def mean_loss(
     loss_sum, n = eval_step(variables, adapters, batch)
     total, count = total + float(loss_sum), count + float(n)
   return total / count, int(count)
+
+
+def kept_records(records: list[dict], start: int) -> list[dict]:
+  """The metrics records ({"step": int, ...}) a run resumed at step `start` keeps: those before
+  it, and those of step `start` itself unless it is 0 (the step-0 eval is measured again)."""
+  return [r for r in records if r["step"] < start or (r["step"] == start and start > 0)]

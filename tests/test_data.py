@@ -254,12 +254,12 @@ def test_missing_path_is_named(tmp_path):
 @pytest.mark.parametrize(
   "kwargs, match",
   [
-    ({"name": "c4"}, "name must be one of wikitext, oasst1, text"),
-    ({"seq_len": 0}, "seq_len must be >= 1"),
-    ({"batch_size": 0}, "batch_size must be >= 1"),
-    ({"seed": -1}, "seed must be >= 0"),
-    ({"max_documents": 0}, "max_documents must be >= 1"),
-    ({"separator": ""}, "separator must not be empty"),
+    ({"name": "c4"}, "name='c4' — use one of wikitext, oasst1, text"),
+    ({"seq_len": 0}, "seq_len=0 — use a value >= 1"),
+    ({"batch_size": 0}, "batch_size=0 — use a value >= 1"),
+    ({"seed": -1}, "seed=-1 — use a seed >= 0"),
+    ({"max_documents": 0}, "max_documents=0 — use a count >= 1"),
+    ({"separator": ""}, "separator is empty"),
   ],
 )
 def test_config_errors(kwargs, match):

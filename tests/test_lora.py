@@ -15,6 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import (
+  assert_close_at_scale,
+  assert_trees_close_at_scale,
+  f32_sum,
+  llama_grad_terms,
+  llama_terms,
+)
 
 from lowra_jax import lora as lora_lib
 from lowra_jax.loftq import get_kernel
@@ -71,7 +78,8 @@ def test_layer_matches_float64():
   ]:
     out = layer.apply(variables, jnp.asarray(x))
     ref = x @ kernel + bias + 2.0 * (x @ a) @ b
-    np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
+    # float32 dots over K = 96 and the rank, after rounding a, b and bias to float32
+    assert_close_at_scale(out, ref, f32_sum(k + r + 3))
 
 
 def test_zero_b_is_the_quantized_base(stories):
@@ -86,7 +94,7 @@ def test_zero_b_is_the_quantized_base(stories):
   without = model.apply({"params": frozen, "quant": quant}, tokens)
   np.testing.assert_array_equal(with_lora, without)
   dense = model.apply({"params": _dense_variables(qparams)}, tokens)
-  np.testing.assert_allclose(with_lora, dense, atol=1e-4)
+  assert_close_at_scale(with_lora, dense, f32_sum(llama_terms(config, tokens.shape[1], 4)))
 
 
 def test_gradients_reach_only_adapters_and_match_dense_reference(stories):
@@ -104,7 +112,7 @@ def test_gradients_reach_only_adapters_and_match_dense_reference(stories):
   grads = jax.grad(loss({"params": frozen, "quant": quant}))(lora)
   ref = jax.grad(loss({"params": _dense_variables(qparams)}))(lora)
   chex.assert_trees_all_equal_structs(grads, lora)
-  chex.assert_trees_all_close(grads, ref, rtol=2e-3, atol=1e-6)
+  assert_trees_close_at_scale(grads, ref, f32_sum(llama_grad_terms(config, *tokens.shape, 4)))
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
   assert not any(is_quantized(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized))
   assert all(is_quantized(x) for x in jax.tree.leaves(quant, is_leaf=is_quantized))
@@ -228,13 +236,13 @@ def test_train_step_keeps_no_dense_copy_of_the_base():
 
 def test_config_and_target_errors(stories):
   _, params = stories
-  with pytest.raises(ValueError, match="rank must be >= 1"):
+  with pytest.raises(ValueError, match="rank=0 — use a rank >= 1"):
     lora_lib.LoraConfig(rank=0)
-  with pytest.raises(ValueError, match="init must be one of"):
+  with pytest.raises(ValueError, match="init=.* — use one of"):
     lora_lib.LoraConfig(init="pissa")
   with pytest.raises(ValueError, match="dropout"):
     lora_lib.LoraConfig(dropout=1.0)
-  with pytest.raises(ValueError, match="no kernel matches LoRA targets"):
+  with pytest.raises(ValueError, match=r"LoRA targets \['wq'\] match no module"):
     lora_lib.init_lora(params, NF2, lora_lib.LoraConfig(targets=("wq",)), jax.random.key(0))
   with pytest.raises(ValueError, match="exceeds min"):
     lora_lib.init_lora(params, NF2, lora_lib.LoraConfig(rank=100), jax.random.key(0))

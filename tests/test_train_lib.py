@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_trees_close_at_scale, f32_sum, llama_grad_terms
 
 from lowra_jax import lora as lora_lib
 from lowra_jax import train_lib
@@ -119,7 +119,31 @@ def test_accumulation_equals_one_full_batch_step(setup):
   step = train_lib.make_train_step(model, acc_tx)
   for half in (slice(0, 2), slice(2, 4)):
     acc, _ = step(acc, frozen, {k: v[half] for k, v in batch.items()}, key)
-  chex.assert_trees_all_close(acc.adapters, full.adapters, rtol=1e-4, atol=1e-6)
+  # One Adam step on the mean gradient of two halves vs on the full batch's: the moments agree
+  # to the gradient's float32 error. The update lr * m_hat / (sqrt(v_hat) + eps) = lr * sign(g)
+  # of a first step flips where g ~ 0, so it is compared weighted by sqrt(nu): 2 lr dg at most.
+  bound = f32_sum(llama_grad_terms(model.config, *batch["inputs"].shape, model.lora.rank))
+  inner, ref = acc.opt_state.inner_opt_state[1][0], full.opt_state[1][0]
+  assert int(inner.count) == int(ref.count) == 1
+  assert_trees_close_at_scale(inner.mu, ref.mu, bound)
+  assert_trees_close_at_scale(inner.nu, ref.nu, 2 * bound)  # squared gradients
+
+  def weighted_update(s):
+    return jax.tree.map(lambda a, b, v: (a - b) * jnp.sqrt(v), s.adapters, adapters, ref.nu)
+
+  assert_trees_close_at_scale(weighted_update(acc), weighted_update(full), 2 * bound)
   assert not all(
     bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(full.adapters), jax.tree.leaves(adapters))
   )
+
+
+def test_resumed_metrics_keep_one_record_per_step_and_eval():
+  records = [
+    {"step": 0, "eval_loss": 3.0},
+    {"step": 10, "loss": 2.5},
+    {"step": 10, "eval_loss": 2.4},
+    {"step": 20, "loss": 2.2},
+  ]
+  assert train_lib.kept_records(records, 0) == []  # step 0's eval is measured again
+  assert train_lib.kept_records(records, 10) == records[:3]  # the loop restarts at step 11
+  assert train_lib.kept_records(records, 20) == records

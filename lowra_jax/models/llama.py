@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -426,14 +425,6 @@ def load_pretrained(
   Returns ``(model, params)``: a `Llama` module and its ``params`` tree of numpy arrays in the
   stored dtypes (put them on a device, or quantize them first with `lowra_jax.quantize`).
   """
-  path = Path(path)
-  if path.is_dir():
-    hf_config, state = weights.read_hf_checkpoint(path)
-  elif path.suffix == ".bin":
-    hf_config, state = weights.read_llama2c_checkpoint(path)
-  else:
-    raise FileNotFoundError(
-      f"{path}: expected an HF model directory (config.json + *.safetensors) or a llama2.c .bin"
-    )
+  hf_config, state = weights.read_checkpoint(path)
   config = LlamaConfig.from_hf(hf_config)
   return Llama(config, dtype=dtype, remat=remat), _checkpoint_params(state, config)

@@ -24,10 +24,14 @@ parsed with ``struct``.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+# Without torch, `import transformers` prints "PyTorch was not found..."; tokenizers need no torch.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, normalizers
@@ -104,7 +108,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
   """
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"tokenizer path {path} does not exist")
+    raise FileNotFoundError(f"tokenizer path {path} does not exist — check the path")
   if path.is_dir():
     if any((path / name).is_file() for name in _HF_FILES):
       return Tokenizer(_load_hf(path))
@@ -113,15 +117,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
       return Tokenizer(_load_llama2c(candidates[0]))
     if len(candidates) > 1:
       names = ", ".join(p.name for p in candidates)
-      raise ValueError(f"{path} holds several llama2.c tokenizers ({names}); pass one of them")
+      raise ValueError(f"{path} holds several llama2.c tokenizers ({names}) — keep one of them")
     raise ValueError(
-      f"{path} holds no tokenizer: expected {' or '.join(_HF_FILES)} (HF) or a llama2.c "
+      f"{path} holds no tokenizer — add {' or '.join(_HF_FILES)} (HF) or a llama2.c "
       f"{_LLAMA2C_GLOB} file"
     )
   if path.match(_LLAMA2C_GLOB):
     return Tokenizer(_load_llama2c(path))
   raise ValueError(
-    f"{path} is not a tokenizer: expected an HF model directory or a llama2.c {_LLAMA2C_GLOB} file"
+    f"{path} is not a tokenizer — pass an HF model directory or a llama2.c {_LLAMA2C_GLOB} file"
   )
 
 
@@ -130,8 +134,8 @@ def _load_hf(directory: Path) -> PreTrainedTokenizerFast:
   hf = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
   if not isinstance(hf, PreTrainedTokenizerFast):
     raise ValueError(
-      f"{directory}: transformers loaded a {type(hf).__name__}, expected a fast tokenizer "
-      "(add a tokenizer.json)"
+      f"{directory}: transformers loaded a {type(hf).__name__}, not a fast tokenizer — add a "
+      "tokenizer.json"
     )
   return hf
 

@@ -19,6 +19,7 @@ Layout conventions
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers the "bfloat16" dtype name with numpy; see read_hf_checkpoint)
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -34,18 +35,102 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _LLAMA2C_MAGIC = 0x616B3432  # "ak42": header of llama2.c's version-1/2 exports
 
 
-def _read_safetensors(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-  """Read ``names`` (default: all tensors) from one safetensors file, keeping stored dtypes."""
-  with safe_open(path, framework="np") as f:
-    stored = set(f.keys())
-    wanted = sorted(stored) if names is None else names
-    missing = sorted(set(wanted) - stored)
-    if missing:
-      raise ValueError(
-        f"{path.name} lacks tensors {missing} that {_INDEX} maps to it; "
-        "the checkpoint is inconsistent, re-save it"
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+  """``safe_open(path)`` (numpy), with a corrupt or truncated file named in a ValueError.
+
+  Opening parses the header and checks that its tensors cover the file exactly, so a truncated
+  shard fails here, before any tensor is read."""
+  try:
+    handle = safe_open(path, framework="np")
+  except SafetensorError as e:
+    raise ValueError(
+      f"{path} is not a readable safetensors file ({e}) — it is truncated or corrupt; "
+      "re-download or re-save it"
+    ) from None
+  with handle as f:
+    yield f
+
+
+def _hf_weight_files(root: Path) -> dict[Path, list[str] | None]:
+  """{safetensors file: tensor names to read from it (None: all)} of an HF model directory.
+
+  Raises:
+      FileNotFoundError: missing directory, ``config.json``, weights, or a shard named by the index.
+      ValueError: pickle-only checkpoint (``*.bin``/``*.pt``) or un-indexed shards.
+  """
+  if not root.is_dir():
+    raise FileNotFoundError(
+      f"checkpoint directory {root} does not exist — pass an HF model directory"
+    )
+  if not (root / "config.json").is_file():
+    raise FileNotFoundError(
+      f"{root} has no config.json — point at an HF model directory (config.json + safetensors) "
+      "or a llama2.c .bin"
+    )
+  if (root / _INDEX).is_file():
+    weight_map: dict[str, str] = _read_json(root / _INDEX)["weight_map"]
+    by_shard: dict[Path, list[str]] = {}
+    for name, shard in weight_map.items():
+      by_shard.setdefault(root / shard, []).append(name)
+    absent = sorted(s.name for s in by_shard if not s.is_file())
+    if absent:
+      raise FileNotFoundError(
+        f"{_INDEX} in {root} names missing shard(s) {absent} — re-download them"
       )
-    return {name: f.get_tensor(name) for name in wanted}
+    return dict(sorted(by_shard.items()))
+  if (root / _SINGLE).is_file():
+    return {root / _SINGLE: None}
+  if any(root.glob("*.safetensors")):
+    raise ValueError(
+      f"{root} has *.safetensors shards but no {_SINGLE} or {_INDEX} — add the index file"
+    )
+  pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+  if pickles:
+    raise ValueError(
+      f"{root} holds only pickle weights {pickles} — convert to safetensors "
+      "(save_pretrained(..., safe_serialization=True)); lowra-jax never unpickles"
+    )
+  raise FileNotFoundError(
+    f"{root} has no {_SINGLE} or {_INDEX}: no safetensors weights to read — point at a model "
+    "directory that holds them"
+  )
+
+
+def _read_json(path: Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}) — re-download or fix it") from None
+
+
+def _tensor_names(f, path: Path, names: list[str] | None) -> list[str]:
+  """``names`` (default: all of the open file `f`), checked to be stored in it."""
+  stored = set(f.keys())
+  wanted = sorted(stored) if names is None else names
+  missing = sorted(set(wanted) - stored)
+  if missing:
+    raise ValueError(
+      f"{path.name} lacks tensors {missing} that {_INDEX} maps to it — the checkpoint is "
+      "inconsistent; re-save it"
+    )
+  return wanted
+
+
+def inspect_hf_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple]]:
+  """``(config, {HF name: shape})`` of an HF model directory, reading only file headers.
+
+  Every shard is opened, so a missing, truncated or inconsistent one raises here (the errors of
+  `read_hf_checkpoint`) before any weight is read."""
+  root = Path(path)
+  files = _hf_weight_files(root)
+  config = _read_json(root / "config.json")
+  shapes = {}
+  for file, names in files.items():
+    with _open_safetensors(file) as f:
+      for name in _tensor_names(f, file, names):
+        shapes[name] = tuple(f.get_slice(name).get_shape())
+  return config, shapes
 
 
 def read_hf_checkpoint(
@@ -67,47 +152,69 @@ def read_hf_checkpoint(
 
   Raises:
       FileNotFoundError: missing directory, ``config.json``, weights, or a shard named by the index.
-      ValueError: pickle-only checkpoint (``*.bin``/``*.pt``), un-indexed shards, or an index
-          mapping a tensor to a shard that does not contain it.
+      ValueError: pickle-only checkpoint (``*.bin``/``*.pt``), un-indexed shards, a truncated or
+          corrupt shard, or an index mapping a tensor to a shard that does not contain it.
   """
   root = Path(path)
-  if not root.is_dir():
-    raise FileNotFoundError(
-      f"checkpoint directory {root} does not exist; pass an HF model directory"
-    )
-  config_path = root / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{root} has no config.json; HF model directories need one")
-  config = json.loads(config_path.read_text())
+  files = _hf_weight_files(root)
+  config = _read_json(root / "config.json")
+  state: dict[str, np.ndarray] = {}
+  for file, names in files.items():
+    with _open_safetensors(file) as f:
+      state.update({name: f.get_tensor(name) for name in _tensor_names(f, file, names)})
+  return config, state
 
-  if (root / _INDEX).is_file():
-    weight_map: dict[str, str] = json.loads((root / _INDEX).read_text())["weight_map"]
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
-      by_shard.setdefault(shard, []).append(name)
-    absent = sorted(s for s in by_shard if not (root / s).is_file())
-    if absent:
-      raise FileNotFoundError(
-        f"{_INDEX} in {root} names missing shard(s) {absent}; re-download them"
-      )
-    state: dict[str, np.ndarray] = {}
-    for shard, names in sorted(by_shard.items()):
-      state.update(_read_safetensors(root / shard, names))
-    return config, state
-  if (root / _SINGLE).is_file():
-    return config, _read_safetensors(root / _SINGLE)
 
-  if any(root.glob("*.safetensors")):
-    raise ValueError(
-      f"{root} has *.safetensors shards but no {_SINGLE} or {_INDEX}; add the index file"
-    )
-  pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-  if pickles:
-    raise ValueError(
-      f"{root} holds only pickle weights {pickles}; convert to safetensors "
-      "(save_pretrained(..., safe_serialization=True)) -- lowra-jax never unpickles"
-    )
-  raise FileNotFoundError(f"{root} has no {_SINGLE} or {_INDEX}; no safetensors weights to read")
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """`read_hf_checkpoint` of a directory, `read_llama2c_checkpoint` of a ``.bin`` file."""
+  return _reader(Path(path))[0](path)
+
+
+def inspect_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple]]:
+  """``(config, {HF name: shape})`` of a checkpoint `read_checkpoint` reads, with its errors, from
+  headers only (a llama2.c file, small by design, is read whole)."""
+  return _reader(Path(path))[1](path)
+
+
+def _reader(path: Path):
+  if path.is_dir():
+    return read_hf_checkpoint, inspect_hf_checkpoint
+  if path.suffix == ".bin":
+    return read_llama2c_checkpoint, _inspect_llama2c
+  raise FileNotFoundError(
+    f"{path}{'' if path.exists() else ' does not exist'}: expected an HF model directory (config.json + *.safetensors) or a llama2.c .bin — "
+    "point at one of them"
+  )
+
+
+def _inspect_llama2c(path) -> tuple[dict[str, Any], dict[str, tuple]]:
+  config, state = read_llama2c_checkpoint(path)
+  return config, {name: tuple(a.shape) for name, a in state.items()}
+
+
+def kernel_shapes(shapes: dict[str, tuple]) -> dict[tuple[str, ...], tuple[int, int]]:
+  """``{module path: (in, out)}`` of the kernels `to_kernel_tree` makes from tensors of these HF
+  names and torch shapes (``model.layers.0.self_attn.q_proj.weight`` [out, in] ->
+  ``("model", "layers", "0", "self_attn", "q_proj"): (in, out)``)."""
+  out = {}
+  for name, shape in shapes.items():
+    *path, leaf = name.split(".")
+    if path and _leaf_kind(path[-1], leaf, len(shape)) == "kernel":
+      out[tuple(path)] = (shape[1], shape[0])
+  return out
+
+
+def _leaf_kind(module: str, leaf: str, ndim: int) -> str | None:
+  """The Flax leaf name for an HF ``{module}.{leaf}`` tensor of rank `ndim`, None if unknown."""
+  if leaf == "weight" and ndim == 2 and (module.endswith("_proj") or module == "lm_head"):
+    return "kernel"
+  if leaf == "bias" and ndim == 1 and module.endswith("_proj"):
+    return "bias"
+  if leaf == "weight" and ndim == 1 and module.endswith("norm"):
+    return "scale"
+  if leaf == "weight" and ndim == 2 and module == "embed_tokens":
+    return "embedding"
+  return None
 
 
 def _permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -144,16 +251,17 @@ def read_llama2c_checkpoint(
   """
   file = Path(path)
   if not file.is_file():
-    raise FileNotFoundError(f"llama2.c checkpoint {file} does not exist")
+    raise FileNotFoundError(f"llama2.c checkpoint {file} does not exist — check the path")
   size = file.stat().st_size
   if size < 28:
     raise ValueError(
-      f"{file} is {size} bytes, shorter than the 28-byte llama2.c header; it is truncated"
+      f"{file} is {size} bytes, shorter than the 28-byte llama2.c header — it is truncated; "
+      "re-download it"
     )
   header = np.fromfile(file, dtype="<i4", count=7)
   if int(header[0]) == _LLAMA2C_MAGIC:
     raise ValueError(
-      f"{file} is a llama2.c version-1/2 export; re-export it in legacy version-0 format"
+      f"{file} is a llama2.c version-1/2 export — re-export it in legacy version-0 format"
     )
   dim, hidden, n_layers, n_heads, n_kv_heads, signed_vocab, seq_len = (int(v) for v in header)
   vocab, shared = abs(signed_vocab), signed_vocab > 0
@@ -164,7 +272,8 @@ def read_llama2c_checkpoint(
     or (dim // n_heads) % 2
   ):
     raise ValueError(
-      f"{file} has an implausible header {header.tolist()}; not a llama2.c version-0 file"
+      f"{file} has an implausible header {header.tolist()} — it is not a llama2.c version-0 "
+      "file; pass an HF model directory or a llama2.c .bin"
     )
   head_size = dim // n_heads
   kv_dim = n_kv_heads * head_size
@@ -189,8 +298,8 @@ def read_llama2c_checkpoint(
   expected = 28 + 4 * sum(int(np.prod(s)) for s in shapes.values())
   if size != expected:
     raise ValueError(
-      f"{file} is {size} bytes but its header {header.tolist()} implies {expected}; "
-      "the file is truncated or corrupt"
+      f"{file} is {size} bytes but its header {header.tolist()} implies {expected} — the file "
+      "is truncated or corrupt; re-download it"
     )
 
   flat = np.fromfile(file, dtype="<f4", offset=28)
@@ -254,21 +363,14 @@ def to_kernel_tree(state: dict[str, np.ndarray]) -> dict[str, Any]:
   for key, value in state.items():
     parts = key.split(".")
     parents, (module, leaf) = parts[:-2], (parts[-2:] if len(parts) >= 2 else ("", ""))
-    if leaf == "weight" and value.ndim == 2 and (module.endswith("_proj") or module == "lm_head"):
-      new_leaf, array = "kernel", value.T
-    elif leaf == "bias" and value.ndim == 1 and module.endswith("_proj"):
-      new_leaf, array = "bias", value
-    elif leaf == "weight" and value.ndim == 1 and module.endswith("norm"):
-      new_leaf, array = "scale", value
-    elif leaf == "weight" and value.ndim == 2 and module == "embed_tokens":
-      new_leaf, array = "embedding", value
-    else:
+    new_leaf = _leaf_kind(module, leaf, value.ndim)
+    if new_leaf is None:
       unknown.append(f"{key} {tuple(value.shape)}")
       continue
     node = tree
     for part in (*parents, module):
       node = node.setdefault(part, {})
-    node[new_leaf] = np.ascontiguousarray(array)
+    node[new_leaf] = np.ascontiguousarray(value.T if new_leaf == "kernel" else value)
   if unknown:
     raise ValueError(f"to_kernel_tree: {len(unknown)} unrecognised key(s): {', '.join(unknown)}")
   return tree

@@ -84,56 +84,58 @@ class QuantConfig:
 def validate(cfg: QuantConfig) -> None:
   """Raises `QuantizationError` naming the bad field and the fix."""
   if cfg.method not in METHODS:
-    raise QuantizationError(f"unknown quantization method {cfg.method!r}: use one of {METHODS}.")
+    raise QuantizationError(f"unknown quantization method {cfg.method!r} — use one of {METHODS}.")
   if cfg.method == "lowra":
     bad = [b for b in cfg.precisions if b not in PACKABLE_BITS]
     if not cfg.precisions or bad:
       raise QuantizationError(
-        f"precisions={cfg.precisions} must be a non-empty subset of {PACKABLE_BITS}."
+        f"precisions={cfg.precisions} — use a non-empty subset of {PACKABLE_BITS}."
       )
     if not 1.0 <= cfg.budget <= 4.0:
       raise QuantizationError(
-        f"budget={cfg.budget} is outside [1, 4]: give the average code bits per parameter, "
+        f"budget={cfg.budget} is outside [1, 4] — give the average code bits per parameter, "
         "e.g. budget=1.5."
       )
     if cfg.budget < min(cfg.precisions):
       raise QuantizationError(
         f"budget={cfg.budget} is infeasible with precisions={cfg.precisions}: every channel needs "
-        f"at least {min(cfg.precisions)} bits; raise the budget or allow lower precisions."
+        f"at least {min(cfg.precisions)} bits — raise the budget or allow lower precisions."
       )
   elif cfg.bits not in PACKABLE_BITS:
-    raise QuantizationError(f"bits={cfg.bits} is not supported: use one of {PACKABLE_BITS}.")
+    raise QuantizationError(f"bits={cfg.bits} is not supported — use one of {PACKABLE_BITS}.")
   if cfg.layer_bits and cfg.method not in ("nf", "lloyd"):
     raise QuantizationError(
-      f"layer_bits applies to methods 'nf' and 'lloyd', not {cfg.method!r}: remove it "
+      f"layer_bits applies to methods 'nf' and 'lloyd', not {cfg.method!r} — remove it "
       "(lowra chooses precisions itself from `budget`)."
     )
   for entry in cfg.layer_bits:
     if len(entry) != 2 or entry[1] not in PACKABLE_BITS:
       raise QuantizationError(
-        f"layer_bits entry {entry!r} must be a (regex, bits) pair with bits in {PACKABLE_BITS}."
+        f"layer_bits entry {entry!r} is not a (regex, bits) pair — give bits in {PACKABLE_BITS}."
       )
     try:
       re.compile(entry[0])
     except re.error as e:
-      raise QuantizationError(f"layer_bits pattern {entry[0]!r} is not a regex: {e}.") from None
+      raise QuantizationError(
+        f"layer_bits pattern {entry[0]!r} is not a regex ({e}) — fix the pattern."
+      ) from None
   if cfg.group_size <= 0 or cfg.group_size % 8:
-    raise QuantizationError(f"group_size={cfg.group_size} must be a positive multiple of 8.")
+    raise QuantizationError(f"group_size={cfg.group_size} — use a positive multiple of 8, e.g. 64.")
   if cfg.dq_block <= 0:
-    raise QuantizationError(f"dq_block={cfg.dq_block} must be positive.")
+    raise QuantizationError(f"dq_block={cfg.dq_block} — use a positive block size, e.g. 256.")
   if cfg.lloyd_iters < 0:
-    raise QuantizationError(f"lloyd_iters={cfg.lloyd_iters} must be >= 0.")
+    raise QuantizationError(f"lloyd_iters={cfg.lloyd_iters} — use >= 0 iterations.")
   if cfg.weighting not in ("absmax2", "absmax", "none"):
     raise QuantizationError(
-      f"unknown weighting {cfg.weighting!r}: use 'absmax2', 'absmax' or 'none'."
+      f"unknown weighting {cfg.weighting!r} — use 'absmax2', 'absmax' or 'none'."
     )
   if cfg.solver not in ("auto", "greedy", "milp"):
-    raise QuantizationError(f"unknown solver {cfg.solver!r}: use 'auto', 'greedy' or 'milp'.")
+    raise QuantizationError(f"unknown solver {cfg.solver!r} — use 'auto', 'greedy' or 'milp'.")
   if cfg.bucket_multiple < 1:
     raise QuantizationError(
-      f"bucket_multiple={cfg.bucket_multiple} must be >= 1 (1 leaves bucket sizes as solved)."
+      f"bucket_multiple={cfg.bucket_multiple} — use >= 1 (1 leaves bucket sizes as solved)."
     )
   if not 0 <= cfg.lut_clusters <= 256:
     raise QuantizationError(
-      f"lut_clusters={cfg.lut_clusters} must be in [0, 256] (0 = one table per channel)."
+      f"lut_clusters={cfg.lut_clusters} — use a value in [0, 256] (0: one table per channel)."
     )

@@ -122,12 +122,21 @@ def save_quantized(
   return directory
 
 
+def _spec(directory: Path) -> dict[str, Any]:
+  if not (directory / "tree.json").exists():
+    raise FileNotFoundError(f"{directory} holds no saved quantized params (tree.json missing).")
+  return json.loads((directory / "tree.json").read_text())
+
+
+def load_extra(directory: str | os.PathLike[str]) -> dict[str, Any]:
+  """The `extra` dict given to `save_quantized`, without reading any array."""
+  return _spec(Path(directory))["extra"]
+
+
 def load_quantized(directory: str | os.PathLike[str]) -> tuple[dict, dict[str, Any]]:
   """(qparams, extra) as given to `save_quantized`."""
   directory = Path(directory)
-  if not (directory / "tree.json").exists():
-    raise FileNotFoundError(f"{directory} holds no saved quantized params (tree.json missing).")
-  spec = json.loads((directory / "tree.json").read_text())
+  spec = _spec(directory)
   arrays = load_file(directory / "arrays.safetensors")
   tree: dict = {}
   for meta in spec["leaves"]:
