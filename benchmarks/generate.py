@@ -44,10 +44,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from trace_kernels import kernels_of
+from trace_kernels import check_gpu, kernels_of
 
+from lowra_jax import cli, lora
 from lowra_jax import generate as gen
-from lowra_jax import lora
 from lowra_jax.models import llama
 from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
 
@@ -268,16 +268,22 @@ def main() -> None:
   parser.add_argument("--out", default="", help="write the rows as JSON here")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  args.batches = [int(b) for b in args.batches.split(",")]
+  methods = cli.parse_list(args.methods, "--methods", METHODS)
+  args.batches = cli.parse_list(args.batches, "--batches", convert=int)
+  cli.positive("--batches", *args.batches)
+  for flag in ("prompt", "new", "repeat"):
+    cli.positive(f"--{flag}", getattr(args, flag))
+  if args.layers:
+    cli.positive("--layers", args.layers)
+  if args.shape in BUNDLED:
+    cli.existing("--shape", BUNDLED[args.shape], "run it from the project root")
+  if args.out:
+    cli.output_file("--out", args.out)
+  if args.trace:
+    check_gpu("--trace")
   if args.worker:
     worker(args)
     return
-  methods = args.methods.split(",")
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown:
-    parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-  if args.trace and jax.default_backend() != "gpu":
-    parser.error("--trace reads GPU kernels from a profiler trace; run it on a GPU machine.")
   start, rows = time.perf_counter(), []
   for method in methods:
     cmd = [sys.executable, __file__, *sys.argv[1:], f"--worker={method}"]
@@ -300,4 +306,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

@@ -7,6 +7,7 @@ Scores the eval windows that train.py scored (the workdir's config.json: `eval_d
   (a) merged-step{N}/ loaded by AutoModelForCausalLM,
   (b) base-hf/ + PeftModel.from_pretrained(adapter-step{N}/),
   (c) base-hf/ alone,
+  (d) the checkpoint that was quantized (an HF dir) + the adapters: not their base,
 N being the run's last step, and prints a markdown table beside the JAX losses of summary.json
 (final_eval_loss for (a) and (b), base_eval_loss for (c)). Run it from the directory train.py ran
 in (config paths are relative to it). Needs torch, transformers and peft (not in
@@ -100,10 +101,20 @@ def main() -> None:
     ("(c) base-hf alone", base_loss),
   ]
   ours = [summary["final_eval_loss"], summary["final_eval_loss"], summary["base_eval_loss"]]
+  source = Path(config["model"]["path"])
+  if source.is_dir():  # the adapters on the checkpoint that was quantized: not their base
+    wrong = PeftModel.from_pretrained(
+      load(source, args.device), args.workdir / f"adapter-step{step}"
+    )
+    rows.append((f"(d) {source.name} (unquantized) + adapter-step{step}", score(wrong.eval())))
+    ours.append(None)
   print(f"\n{args.workdir}, step {step}: {blocks[:, 1:].size} eval tokens, {args.device}")
   print("| export | perplexity (torch) | perplexity (ours, JAX) | rel. diff |")
   print("|---|---|---|---|")
   for (name, theirs), mine in zip(rows, ours):
+    if mine is None:
+      print(f"| {name} | {math.exp(theirs):.3f} | — | — |")
+      continue
     theirs, mine = math.exp(theirs), math.exp(mine)
     print(f"| {name} | {theirs:.3f} | {mine:.3f} | {theirs / mine - 1:+.2e} |")
 

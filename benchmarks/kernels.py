@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from lowra_jax import quantize
+from lowra_jax import cli, quantize
 from pallas_kernels import quantized_matmul
 
 L2_BYTES = 60 * 2**20
@@ -42,6 +42,26 @@ PRECISIONS = {
   "mix1.5": dict(method="lowra", budget=1.5),
   "mix2.0": dict(method="lowra", budget=2.0),
 }
+
+
+def dims(shape: str, flag: str = "--shapes") -> tuple[int, int]:
+  """(K, N) of a "KxN" weight shape given with `flag`."""
+  try:
+    k, n = (int(s) for s in shape.split("x"))
+  except ValueError:
+    raise cli.UserError(f"{flag}: {shape!r} is not KxN — give e.g. 4096x11008") from None
+  cli.positive(flag, k, n)
+  return k, n
+
+
+def grid(args) -> tuple[list[str], list[str], list[int]]:
+  """(shapes, precisions, M values) to measure, from the --shapes, --precisions and --ms flags."""
+  shapes = cli.parse_list(args.shapes, "--shapes")
+  for shape in shapes:
+    dims(shape)
+  ms = cli.parse_list(args.ms, "--ms", convert=int)
+  cli.positive("--ms", *ms)
+  return shapes, cli.parse_list(args.precisions, "--precisions", PRECISIONS), ms
 
 
 def bench(fn, x, operands, iters: int = 10, reps: int = 5) -> float:
@@ -112,10 +132,29 @@ def backward(a, w_or_qt, backend=None):
   return jax.vjp(lambda z: quantized_matmul(z, w_or_qt, backend=backend), x)[1](a)[0]
 
 
-def sweep(m: int, settings: str):
+def tile_overrides(text: str) -> list[dict]:
+  """The --tiles flag: a JSON list of `Tiles` overrides ({field: value} each)."""
+  from pallas_kernels import lut_matmul as lm
+
+  fields = [f.name for f in dataclasses.fields(lm.Tiles)]
+  try:
+    overrides = json.loads(text)
+  except ValueError:
+    overrides = None
+  if not isinstance(overrides, list) or not all(
+    isinstance(o, dict) and set(o) <= set(fields) for o in overrides
+  ):
+    raise cli.UserError(
+      f"--tiles: {text} is not a JSON list of Tiles overrides — give e.g. "
+      f"'[{{\"block_n\": 32}}]' with keys from {', '.join(fields)}"
+    )
+  return overrides
+
+
+def sweep(m: int, overrides: list[dict]):
   """Kernel-only times of tile settings on 4096x11008, 2 bits, at M rows (pick `tiles_for` here).
 
-  settings: JSON list of `Tiles` overrides, each timed against the default tiles of that M."""
+  overrides: `Tiles` overrides, each timed against the default tiles of that M."""
   from pallas_kernels import lut_matmul as lm
   from pallas_kernels import quantized_ops as qmm
 
@@ -129,7 +168,7 @@ def sweep(m: int, settings: str):
     base = qmm.tiles_for(m, kp, n, 64, backward_pass)
     name = "bwd" if backward_pass else "fwd"
     print(f"M={m} default {name} tiles: {base}")
-    for kw in [{}, *json.loads(settings)]:
+    for kw in [{}, *overrides]:
       t = dataclasses.replace(base, **kw)
       call = lm.lut_matmul_t if backward_pass else lm.lut_matmul
       sec = bench(lambda z, op: call(z, op, group=64, tiles=t).sum(0), a, ops)
@@ -166,8 +205,13 @@ def load_rows(paths) -> list[Row]:
   """Rows of one or more JSONL files (later files win for a repeated shape/precision/M/pass)."""
   rows = {}
   for path in paths:
-    for line in Path(path).read_text().splitlines():
-      r = Row(**json.loads(line))
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+      try:
+        r = Row(**json.loads(line))
+      except (TypeError, ValueError) as e:
+        raise cli.UserError(
+          f"{path} line {i} is not a row of kernels.py ({e}) — pass files that --rows wrote"
+        ) from None
       rows[(r.shape, r.precision, r.m, r.direction)] = r
   return list(rows.values())
 
@@ -177,17 +221,18 @@ def measure(args) -> None:
   bw = copy_bandwidth()
   device, date = jax.devices()[0].device_kind, datetime.date.today().isoformat()
   print(f"{device}, jax {jax.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+  shapes, precisions, ms = grid(args)
   args.rows.parent.mkdir(parents=True, exist_ok=True)
-  for shape in args.shapes.split(","):
-    k, n = (int(s) for s in shape.split("x"))
+  for shape in shapes:
+    k, n = dims(shape)
     key = jax.random.key(k * 7 + n)
     w = (0.02 * jax.random.t(key, 5.0, (k, n))).astype(jnp.bfloat16)
     w_copies = rotate(lambda i: w + jnp.bfloat16(i * 1e-3), w.nbytes)
     q_copies = {}
-    for prec in args.precisions.split(","):
+    for prec in precisions:
       qt = quantize.quantize_tensor(w, quantize.QuantConfig(**PRECISIONS[prec]))
       q_copies[prec] = quantized_copies(qt)
-    for m in (int(s) for s in args.ms.split(",")):
+    for m in ms:
       iters, reps = (10, 5) if m <= 512 else (3, 3)
       for direction, op in (("fwd", forward), ("bwd", backward))[: 1 if args.no_backward else 2]:
         a = jax.random.normal(key, (m, k if direction == "fwd" else n), jnp.bfloat16)
@@ -364,23 +409,29 @@ def main():
     help="with --sweep: JSON list of Tiles overrides",
   )
   args = parser.parse_args()
-  if args.sweep:
-    return sweep(args.sweep, args.tiles)
+  if args.sweep is not None:
+    cli.positive("--sweep", args.sweep)
+    return sweep(args.sweep, tile_overrides(args.tiles))
   if args.report:
+    for path in args.report:
+      cli.existing("--report", path, "pass the files that --rows wrote")
     rows = load_rows(args.report)
     if not rows:
-      raise SystemExit(f"no rows in {', '.join(map(str, args.report))}: run without --report first")
+      raise cli.UserError(
+        f"no rows in {', '.join(map(str, args.report))} — run without --report first"
+      )
     if args.figure:
       plot(rows, args.figure)
     print(report(rows))
     return
+  grid(args)
   if args.rows.exists():
-    raise SystemExit(
-      f"{args.rows} exists: pass another --rows file (rows are appended as measured)"
+    raise cli.UserError(
+      f"{args.rows} exists — pass another --rows file (rows are appended as measured)"
     )
   measure(args)
   print("\n" + report(load_rows([args.rows])))
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

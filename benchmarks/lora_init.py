@@ -16,11 +16,12 @@ import jax
 import numpy as np
 import optax
 
-from lowra_jax import lora
-from lowra_jax.models import llama
+from lowra_jax import cli, lora
+from lowra_jax.models import llama, weights
 from lowra_jax.models.tokenizer import load_tokenizer
 from lowra_jax.quantize import QuantConfig
 
+TOKENS = 16 * 512 + 1  # 16 windows of 512 next-token predictions
 CONFIGS = {
   "NF4": QuantConfig(method="nf", bits=4),
   "NF2": QuantConfig(method="nf", bits=2),
@@ -36,10 +37,19 @@ def main() -> None:
   parser.add_argument("--rank", type=int, default=16)
   parser.add_argument("--iters", type=int, default=5)
   args = parser.parse_args()
+  for flag in ("rank", "iters"):
+    cli.positive(f"--{flag}", getattr(args, flag))
+  with cli.user_errors("--model: "):
+    weights.inspect_checkpoint(args.model)
+    tok = load_tokenizer(args.model)
+  with cli.existing("--text", args.text).open() as f:
+    ids = np.asarray(tok.encode(f.read(200_000))[:TOKENS])
+  if len(ids) < TOKENS:
+    raise cli.UserError(
+      f"--text: {args.text} gives {len(ids)} tokens in its first 200000 characters, fewer than "
+      f"the {TOKENS} needed — pass a longer text"
+    )
   base, params = llama.load_pretrained(args.model)
-  tok = load_tokenizer(args.model)
-  with open(args.text) as f:
-    ids = np.asarray(tok.encode(f.read(200_000))[: 16 * 512 + 1])
   inputs, targets = ids[:-1].reshape(16, 512), ids[1:].reshape(16, 512)
   model = llama.Llama(base.config, lora=lora.LoraConfig(rank=args.rank))
 
@@ -74,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowra_jax import lora, train_lib
+from lowra_jax import cli, lora, train_lib
 from lowra_jax.models import llama
 from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
 
@@ -202,19 +202,23 @@ def main() -> None:
   parser.add_argument("--plot_from", default="", help="comma-separated --out files")
   args = parser.parse_args()
   if args.plot:
+    cli.output_file("--plot", args.plot)
     results = []
-    for name in args.plot_from.split(","):
-      with open(name) as f:
+    for name in cli.parse_list(args.plot_from, "--plot_from"):
+      with cli.existing("--plot_from", name, "pass the --out files of earlier runs").open() as f:
         results.append(json.load(f))
     plot_memory(results, args.plot)
     return
+  methods = cli.parse_list(args.methods, "--methods", METHODS) if args.methods else []
+  for flag in ("batch", "seq", "rank", "repeat"):
+    cli.positive(f"--{flag}", getattr(args, flag))
+  if args.out:
+    cli.output_file("--out", args.out)
   if args.child:
     print("RESULT " + json.dumps(measure(args, args.child)), flush=True)
     return
   rows = []
-  for name in filter(None, args.methods.split(",")):
-    if name not in METHODS:
-      raise SystemExit(f"unknown method {name!r}: use some of {', '.join(METHODS)}.")
+  for name in methods:
     cmd = [sys.executable, *sys.argv, f"--child={name}"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -255,4 +259,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

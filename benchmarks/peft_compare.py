@@ -22,7 +22,7 @@ import argparse
 import jax
 import numpy as np
 
-from lowra_jax import loftq
+from lowra_jax import cli, loftq
 from lowra_jax.models import weights
 from lowra_jax.quantize import QuantConfig, quantize_and_dequantize
 
@@ -49,6 +49,16 @@ def kernels(model: str, layers: list[str]) -> dict[tuple[str, ...], np.ndarray]:
             layer[block][name]["kernel"], np.float32
           )
   return out
+
+
+def check_model(model: str, layers: str) -> list[str]:
+  """The decoder layers `layers` of --model, checked against its config (an .npz has its own)."""
+  if model.endswith(".npz"):
+    cli.existing("--model", model, "pass an HF model directory or an .npz written by --save")
+    return []
+  with cli.user_errors("--model: "):
+    config, _ = weights.inspect_hf_checkpoint(model)
+  return cli.parse_list(layers, "--layers", [str(i) for i in range(config["num_hidden_layers"])])
 
 
 def rel(num: float, den: float) -> float:
@@ -120,10 +130,14 @@ def main() -> None:
   parser.add_argument("--rank", type=int, default=16)
   parser.add_argument("--save", help="write the selected kernels to this .npz and stop")
   args = parser.parse_args()
-  ws = kernels(args.model, args.layers.split(","))
+  layers = check_model(args.model, args.layers)
+  cli.positive("--rank", args.rank)
   if args.save:
-    np.savez(args.save, **{"/".join(p): w for p, w in ws.items()})
+    path = cli.output_file("--save", args.save)
+    np.savez(path, **{"/".join(p): w for p, w in kernels(args.model, layers).items()})
     return
+  cli.require_modules("peft_compare.py", "torch", "peft", "bitsandbytes")
+  ws = kernels(args.model, layers)
   print(
     f"{len(ws)} kernels, {sum(w.size for w in ws.values()) / 1e6:.2f}M weights; jax {jax.__version__}"
   )
@@ -152,4 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

@@ -19,21 +19,20 @@ from pathlib import Path
 
 import jax
 
-from lowra_jax import quantize
+from lowra_jax import cli, quantize
 from lowra_jax.models import weights
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "models"
+MODELS = {
+  "pycode": DATA / "pycode-llama-17m",
+  "stories": DATA / "stories260K" / "stories260K.bin",
+}
 BUDGETS = (1.15, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 4.0)
 
 
 def load(name: str):
   """Kernel tree of a bundled model (real loading paths)."""
-  if name == "pycode":
-    _, state = weights.read_hf_checkpoint(DATA / "pycode-llama-17m")
-  elif name == "stories":
-    _, state = weights.read_llama2c_checkpoint(DATA / "stories260K" / "stories260K.bin")
-  else:
-    raise SystemExit(f"unknown model {name!r}: use pycode or stories.")
+  _, state = weights.read_checkpoint(MODELS[name])
   return weights.to_kernel_tree(state)
 
 
@@ -72,11 +71,16 @@ def main():
     help="also run LowRA with this many shared tables per bucket (0: skip)",
   )
   args = parser.parse_args()
-  budgets = tuple(float(b) for b in args.budgets.split(","))
+  models = cli.parse_list(args.models, "--models", MODELS)
+  for model in models:
+    cli.existing("--models", MODELS[model], "the bundled models belong in ../shared/data/models")
+  budgets = tuple(cli.parse_list(args.budgets, "--budgets", convert=float))
+  with cli.user_errors("--budgets / --lut-clusters: "):
+    runs = list(configs(budgets, args.lut_clusters))
   rows = []
-  for model in args.models.split(","):
+  for model in models:
     params = load(model)
-    for label, cfg in configs(budgets, args.lut_clusters):
+    for label, cfg in runs:
       t0 = time.perf_counter()
       _, report = quantize.quantize_params(params, cfg, progress=False)
       seconds = time.perf_counter() - t0
@@ -108,4 +112,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lowra_jax import quantize
+from lowra_jax import cli, quantize
 
 
 def llama_like(layers: int, hidden: int, intermediate: int, seed: int = 0):
@@ -53,6 +53,10 @@ def main():
   parser.add_argument("--budget", type=float, default=2.0)
   parser.add_argument("--repeat", type=int, default=2, help="runs; the first includes compilation")
   args = parser.parse_args()
+  for flag in ("layers", "width", "repeat"):
+    cli.positive(f"--{flag}", getattr(args, flag))
+  with cli.user_errors("--budget: "):
+    cfg = quantize.QuantConfig(method="lowra", budget=args.budget)
   params = llama_like(args.layers, args.width, int(args.width * 11008 / 4096))
   jax.block_until_ready(params)
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -60,7 +64,6 @@ def main():
     f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {n / 1e9:.2f}B parameters in "
     f"{args.layers} layers"
   )
-  cfg = quantize.QuantConfig(method="lowra", budget=args.budget)
   runs = []
   for _ in range(args.repeat):
     t0 = time.perf_counter()
@@ -81,4 +84,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lowra_jax import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 NF_BITS = (4, 3, 2)
 LOFTQ_BITS = (4, 3, 2.5, 2.25, 2)
@@ -364,11 +366,17 @@ def main() -> None:
   parser.add_argument("--report", action="store_true", help="print the tables, do not run")
   parser.add_argument("--figures", type=Path, help="with --report: write the plots here")
   args = parser.parse_args()
-  extra = tuple(shlex.split(args.extra))
+  cli.positive("--workers", args.workers)
+  try:
+    extra = tuple(shlex.split(args.extra))
+  except ValueError as e:
+    raise cli.UserError(f"--extra: {e} in {args.extra!r} — quote it as in a shell") from None
   workdirs = args.workdirs or args.out / "runs"
   results = load_results(args.out)
   only = args.only.split(",")
   todo = [r for r in rows() if any(o in r.key for o in only)]
+  if not todo:
+    raise cli.UserError(f"--only={args.only} matches no row — see --list for the row keys")
   if args.list:
     for r in todo:
       workdir = workdirs / r.key
@@ -376,11 +384,17 @@ def main() -> None:
       print("  " + shlex.join(train_command(r, args.data, workdir, extra)))
     return
   if args.report:
+    if not results:
+      raise cli.UserError(
+        f"{args.out / 'results.jsonl'} holds no finished row — run the sweep first or pass its --out"
+      )
     print(report(results))
     if args.figures:
       for path in plot(results, args.figures):
         print(f"wrote {path}")
     return
+  for task in dict.fromkeys(r.task for r in todo):
+    cli.existing("--data", ROOT / args.data / TASKS[task].model, "pass the bundled material's root")
   todo = [r for r in todo if r.key not in results]
   print(f"{len(todo)} rows to run ({len(results)} done) with {args.workers} workers", flush=True)
   run_all(todo, args.data, args.out, workdirs, args.workers, args.deadline_s, extra)
@@ -388,4 +402,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

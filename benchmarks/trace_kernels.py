@@ -2,7 +2,8 @@
 
 `kernels_of(fn, make_args, calls=5)` runs fn(*make_args()) once (compilation), then `calls` times
 under the profiler (fresh arguments each time: fn may donate them), and returns every kernel name seen with its launches and µs per call. Used by
-`op_breakdown.py` (one `quantized_matmul`) and `generate.py --trace` (one decode step).
+`op_breakdown.py` (one `quantized_matmul`) and `generate.py --trace` (one decode step), which
+call `check_gpu` first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import jax
 
+from lowra_jax.cli import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
@@ -23,6 +26,16 @@ class Kernel:
   name: str
   launches: float
   us: float
+
+
+def check_gpu(what: str) -> None:
+  """A `UserError` unless jax runs on a GPU: `kernels_of` finds no device kernels elsewhere."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    raise UserError(
+      f"{what} reads GPU kernels from a profiler trace but jax runs on {backend} here — "
+      "run it on a GPU machine"
+    )
 
 
 def device_events(trace_dir: str) -> list[tuple[float, str, float]]:
