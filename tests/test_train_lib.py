@@ -72,9 +72,9 @@ def test_schedule_closed_form():
 @pytest.mark.parametrize(
   ("kwargs", "match"),
   [
-    ({"schedule": "linear"}, "schedule must be one of"),
+    ({"schedule": "linear"}, "schedule=.linear. — use one of"),
     ({"learning_rate": 0.0}, "learning_rate > 0"),
-    ({"warmup_steps": 5000}, "warmup_steps must be in"),
+    ({"warmup_steps": 5000}, r"warmup_steps=5000 is outside \[0, total_steps=1000\]"),
     ({"accumulation": 0}, "accumulation >= 1"),
   ],
 )
