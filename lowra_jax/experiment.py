@@ -1,7 +1,8 @@
 """From a train/eval config to the objects a run needs (shared by train.py and eval.py).
 
-`settings(config)` turns the ml_collections sections into the library's dataclasses, with one-line
-errors for bad values; `make_mesh(s)` joins the other hosts and builds the device mesh;
+`settings(config)` turns the ml_collections sections into their dataclasses (`Settings`: the
+library's, plus `ModelConfig` and `TrainConfig` for the entry points), with one-line errors for bad
+values; `make_mesh(s)` joins the other hosts and builds the device mesh;
 `prepare(config, s, tokenizer)` loads the model (whose inputs `preflight` has checked), quantizes
 the base and initialises the adapters, or loads both from a saved base.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +33,79 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The checkpoint to fine-tune and how to run it.
+
+  path: HF checkpoint directory or llama2.c ``.bin``. dtype: compute and base dtype, one of
+  `DTYPES`. remat: recompute each decoder layer in the backward pass (less memory, more compute).
+  kernels: `quantized_matmul`'s implementation, "auto" (Pallas Triton on GPU, XLA on CPU), "xla"
+  (dequantize + XLA dot: same numbers, much shorter compile with mixed precision), "triton".
+  """
+
+  path: str
+  dtype: str = "bfloat16"
+  remat: bool = False
+  kernels: str = "auto"
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r} — use one of {sorted(DTYPES)}.")
+    if self.kernels not in KERNEL_BACKENDS:
+      raise ValueError(f"kernels={self.kernels!r} — use one of {sorted(KERNEL_BACKENDS)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """train.py's loop (eval.py and generate.py read `seed` and `eval_blocks`).
+
+  seed: adapter init and dropout. log_every: steps per metrics record. eval_every: steps between
+  evaluations (0: only before and after training). eval_blocks: blocks of eval_data per evaluation
+  (0: all). checkpoint_every, keep: steps between checkpoints, checkpoints kept. resume: continue
+  the run in the workdir. export_peft, export_merged: write the PEFT adapters / the merged HF
+  checkpoint at the end.
+  """
+
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0
+  eval_blocks: int = 64
+  checkpoint_every: int = 100
+  keep: int = 3
+  resume: bool = False
+  export_peft: bool = True
+  export_merged: bool = False
+
+  def __post_init__(self):
+    minimum = {"log_every": 1, "eval_every": 0, "eval_blocks": 0, "checkpoint_every": 1, "keep": 1}
+    for field, low in minimum.items():
+      if getattr(self, field) < low:
+        raise ValueError(f"{field}={getattr(self, field)} — use a value >= {low}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
+  """One dataclass per config section (the field names are the section names)."""
+
+  model: ModelConfig
   quant: QuantConfig
   lora: lora.LoraConfig
   data: DataConfig
   eval_data: DataConfig
   optim: OptimConfig
   mesh: sharding.MeshConfig
+  train: TrainConfig
+
+
+def _tuples(value: Any) -> Any:
+  """Lists (as the command line may give them) as tuples, nested ones too: the dataclasses' types."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
 
 
 def _build(cls, section: str, values: dict) -> Any:
   try:
-    return cls(**values)
+    return cls(**{name: _tuples(value) for name, value in values.items()})
   except TypeError as e:  # unknown or missing field
     fields = ", ".join(f.name for f in dataclasses.fields(cls))
     raise UserError(f"config.{section}: {e} — valid fields: {fields}.") from None
@@ -53,28 +116,8 @@ def _build(cls, section: str, values: dict) -> Any:
 def settings(config) -> Settings:
   """The config's sections as validated dataclasses (`UserError` naming the section)."""
   values = config.to_dict()
-  if values["model"]["dtype"] not in DTYPES:
-    raise UserError(
-      f"config.model.dtype={values['model']['dtype']!r} — use one of {sorted(DTYPES)}."
-    )
-  if values["model"]["kernels"] not in KERNEL_BACKENDS:
-    raise UserError(
-      f"config.model.kernels={values['model']['kernels']!r} — use one of {sorted(KERNEL_BACKENDS)}."
-    )
-  lora_values = dict(values["lora"], targets=tuple(values["lora"]["targets"]))
-  quant_values = dict(
-    values["quant"],
-    precisions=tuple(values["quant"]["precisions"]),
-    layer_bits=tuple(tuple(x) for x in values["quant"]["layer_bits"]),
-  )
-  return Settings(
-    quant=_build(QuantConfig, "quant", quant_values),
-    lora=_build(lora.LoraConfig, "lora", lora_values),
-    data=_build(DataConfig, "data", values["data"]),
-    eval_data=_build(DataConfig, "eval_data", values["eval_data"]),
-    optim=_build(OptimConfig, "optim", values["optim"]),
-    mesh=_build(sharding.MeshConfig, "mesh", values["mesh"]),
-  )
+  sections = typing.get_type_hints(Settings)
+  return Settings(**{name: _build(cls, name, values[name]) for name, cls in sections.items()})
 
 
 def make_mesh(s: Settings) -> jax.sharding.Mesh:
@@ -102,14 +145,14 @@ class Prepared:
   init_report: Any
 
 
-def load_model(config, s: Settings) -> tuple[llama.Llama, dict]:
+def load_model(s: Settings) -> tuple[llama.Llama, dict]:
   """The model (with LoRA settings) and its dense params (`preflight.check_model` has checked
   them against the config).
 
-  Also makes `config.model.kernels` the default implementation of `quantized_matmul`."""
-  pallas_kernels.set_default_backend(config.model.kernels)
+  Also makes `s.model.kernels` the default implementation of `quantized_matmul`."""
+  pallas_kernels.set_default_backend(s.model.kernels)
   base, params = llama.load_pretrained(
-    config.model.path, dtype=DTYPES[config.model.dtype], remat=config.model.remat
+    s.model.path, dtype=DTYPES[s.model.dtype], remat=s.model.remat
   )
   model = llama.Llama(base.config, dtype=base.dtype, lora=s.lora, remat=base.remat)
   return model, params
@@ -130,7 +173,7 @@ def prepare(config, s: Settings, tokenizer: Tokenizer, base_dir: Path | None = N
   """Load the model; quantize it and initialise adapters (deterministic in config.train.seed),
   or, when `base_dir` holds them (saved by `save_base` for this config, which `preflight` checks),
   load both from there."""
-  model, params = load_model(config, s)
+  model, params = load_model(s)
   if base_dir is not None and base_dir.exists():
     saved, _ = load_quantized(base_dir)
     qparams, adapters, report = saved["qparams"], saved["adapters"], None

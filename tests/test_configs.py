@@ -1,14 +1,20 @@
-"""Every config file builds valid settings that point at existing material."""
+"""Every config file builds valid settings that point at existing material, and sets every field of
+every section's dataclass."""
 
+import dataclasses
 import importlib.util
+import typing
 from pathlib import Path
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from lowra_jax import experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
+SECTIONS = typing.get_type_hints(experiment.Settings)  # {section: its dataclass}
 
 
 def load(path: Path):
@@ -42,6 +48,36 @@ def test_config_builds_valid_settings(path):
     assert (ROOT / config.model.path).exists() and (ROOT / config.data.path).exists()
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_sections_hold_exactly_their_dataclass_fields(path):
+  config = load(path)
+  assert set(config) == {"workdir", *SECTIONS}
+  for section, cls in SECTIONS.items():
+    assert set(config[section]) == {f.name for f in dataclasses.fields(cls)}, section
+
+
+def test_command_line_overrides_reach_the_dataclasses():
+  """Fields the configs once left out, a None default (a typed placeholder) and tuples."""
+  argv = [
+    "train.py",
+    f"--config={ROOT / 'configs' / 'llama_1p5bit.py'}",
+    "--config.quant.dq_block=128",
+    "--config.quant.skip_patterns=('embed', 'norm')",
+    "--config.optim.b2=0.99",
+    "--config.data.max_documents=7",
+    "--config.lora.targets=('q_proj',)",
+    "--config.model.remat=True",
+    "--config.train.keep=1",
+  ]
+  parsed = flags.FlagValues()
+  config = config_flags.DEFINE_config_file("config", flag_values=parsed, sys_argv=argv)
+  parsed(argv)
+  s = experiment.settings(config.value)
+  assert (s.quant.dq_block, s.quant.skip_patterns) == (128, ("embed", "norm"))
+  assert (s.optim.b2, s.data.max_documents, s.lora.targets) == (0.99, 7, ("q_proj",))
+  assert s.model.remat and s.train.keep == 1
+
+
 def test_typos_and_bad_values_are_one_line_errors():
   config = load(ROOT / "configs" / "llama_1p5bit.py")
   with pytest.raises(AttributeError):
@@ -53,4 +89,12 @@ def test_typos_and_bad_values_are_one_line_errors():
   bad = load(ROOT / "configs" / "llama_1p5bit.py")
   bad.optim.warmup_steps = 10**6
   with pytest.raises(ValueError, match=r"^config\.optim: .*warmup_steps"):
+    experiment.settings(bad)
+  bad = load(ROOT / "configs" / "llama_1p5bit.py")
+  bad.model.dtype = "float16"
+  with pytest.raises(ValueError, match=r"^config\.model: dtype='float16' — use one of"):
+    experiment.settings(bad)
+  bad = load(ROOT / "configs" / "llama_1p5bit.py")
+  bad.train.log_every = 0
+  with pytest.raises(ValueError, match=r"^config\.train: log_every=0 — "):
     experiment.settings(bad)

@@ -36,7 +36,7 @@ class QuantConfig:
   """`nf` / `lloyd`: (regex, bits) pairs; a kernel whose '/'-joined path matches a pattern (the
   first that does) gets that precision instead of `bits` -- LoftQ's mixed precision, e.g.
   ((r"layers/[0-3]/", 4),) keeps the first four decoder layers at 4 bits."""
-  budget: float = 2.0
+  budget: float = 1.5
   """`lowra`: average code bits per parameter over all quantized layers, in [1, 4]."""
   precisions: tuple[int, ...] = (1, 2, 4)
   """`lowra`: precisions a channel may take."""
