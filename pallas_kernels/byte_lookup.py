@@ -10,10 +10,9 @@ A 4-bit code looks its two low bits up in four word pairs of 4 levels each with 
 picks the pair by its two high bits (3 selects).
 
 Per weight that is 3 instructions (2 bits) or 10 (4 bits) instead of a select tree of 3 or 15
-selects and 2 or 4 bit tests: on the H200 (4096 x 11008, docs/results.md) the M = 1 forward went
-from 25.4 to 20.7 µs at 2 bits and from 72.5 to 48.2 µs at 4 bits, the transient-weight kernel from
-106.9 to 48.3 µs at 4 bits. The backward (levels looked up in float32 for its transposed dot) was
-slower with it, so only the kernels looking levels up in the activation dtype use it.
+selects and 2 or 4 bit tests, which makes the forward and transient-weight kernels faster
+(docs/results.md). The backward (levels looked up in float32 for its transposed dot) is slower
+with it, so only the kernels looking levels up in the activation dtype use it.
 
 Compiled kernels run the instruction as inline PTX; in Pallas' interpreter (CPU tests) the same
 selectors go through `prmt_reference`, the instruction in jnp.

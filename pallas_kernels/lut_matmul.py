@@ -26,8 +26,8 @@ Small M gets more programs by splitting the reduction (K for the forward, N for 
 into partial sums that XLA adds up afterwards -- deterministic, unlike atomics; with one split the
 kernel writes the result in its final dtype. Ragged M and Nb are masked in the kernel (no padding
 copies); masks are only emitted where a dimension is ragged, so full tiles get vector loads. A
-ragged bucket masks all its channel blocks: masking only its last one (a branch per program)
-made a real 7B layer's mixed decode forward 7 % slower on the H200 (docs/results.md).
+ragged bucket masks all its channel blocks: masking only its last one (a branch per program,
+doubling the kernel's code) is slower.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ class BucketView:
   """One bucket's refs as seen by a program owning channels [n0, n0 + bn).
 
   Per-channel values are read as [1, bn] tiles in the layout of the weight tiles (gathers by
-  [1, bn] index arrays where they are not contiguous): 1-D loads broadcast into the tiles were
-  measured 2-4x slower on the H200 (layout conversions in the inner loop)."""
+  [1, bn] index arrays where they are not contiguous): 1-D loads broadcast into the tiles are
+  slower (layout conversions in the inner loop)."""
 
   refs: tuple
   layout: Layout
@@ -192,11 +192,11 @@ class BucketView:
     codes = masked_load(codes_ref, pl.ds(g, 1), cols, self.n_ok).astype(jnp.float32)
     at = g * pl.cdiv(self.layout.nb, dq)
     if dq % self.bn == 0:  # one block holds the program's channels (n0 is a multiple of bn)
-      # A [1, 1] tile, not a scalar load (not pipelined: 2x slower) nor a [1, bn] gather.
+      # A [1, 1] tile, not a scalar load (Triton does not pipeline it) nor a [1, bn] gather.
       absmax = plgpu.load(absmax_ref.at[at + self.n0 // dq + jnp.zeros((1, 1), jnp.int32)])
     else:
       absmax = self._gather(absmax_ref, at + self._channels() // dq)
-    return offset + codes * (absmax * (1 / 127))  # a division per slab cost ~15% at 2 bits
+    return offset + codes * (absmax * (1 / 127))  # a division per slab would be slower
 
   def slab(self, packed, i, r0, invariants, dtype):
     """Weights [bk, bn] in `dtype` of code rows r0 + i * kp + [0, bk) (one group)."""
@@ -444,7 +444,7 @@ def lut_matmul_t(
   """g [M, Nb] @ W^T -> partial sums [tiles.splits, M, K_pad] in `dtype`; args: lut_matmul.
 
   Reads prepared tables and scales (`operands(prepared=True)`): read as stored, the gathers and
-  scale dequantization repeated for every channel block of its loop made it 1.1-1.6x slower."""
+  scale dequantization repeated for every channel block of its loop make it slower."""
   layout, arrays = checked_operands(bucket, tiles.block_k, group, prepared=True)
   kernel = functools.partial(
     _bwd_kernel, layout=layout, group=group, tiles=tiles, interpret=interpret

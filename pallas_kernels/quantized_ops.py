@@ -49,7 +49,7 @@ DENSE_FROM_M = 256
 # their backward (a launch per bucket, in bucket order) only below 32 (H200, docs/results.md).
 CHANNEL_ORDER_DENSE_FROM_M = {"forward": 65, "backward": 32}
 # M from which a mixed-precision tensor's dense path permutes the transient weight (a fixed cost)
-# rather than the output and dY (costs growing with M); measured on the H200 (docs/results.md).
+# rather than the output and dY (costs growing with M); measured on the H200 (docs/architecture.md).
 PERMUTE_WEIGHT_FROM_M = 2048
 # Forward LUT programs resident per streaming multiprocessor (4 warps at ~170 registers a thread:
 # Nsight Compute on the H200), for the split model of `_forward_splits`.
@@ -70,7 +70,7 @@ def _base_tiles(m: int, kp: int, group: int, backward: bool) -> lm.Tiles | None:
   """Block sizes and launch settings of a shape class (decode M <= 16, mid M <= 64, larger),
   from tile sweeps on the H200 (`benchmarks/kernels.py --sweep M`, docs/results.md). Levels are
   looked up in the activation dtype (`narrow`, byte permutations) only in the forward up to
-  M = 64: beyond, and in the backward, the float32 select tree fed the tensor cores faster."""
+  M = 64: beyond, and in the backward, the float32 select tree feeds the tensor cores faster."""
   bk = lm.max_block_k(kp, group)
   if not bk:
     return None
@@ -105,7 +105,7 @@ def tiles_for(m: int, kp: int, nb: int, group: int, backward: bool) -> lm.Tiles 
 def _target_splits(programs: int, steps: int, backward: bool) -> int:
   """Reduction splits giving `programs` unsplit programs about _WAVES[backward] programs per SM.
   Used by the backward and by the one-launch mixed forward, whose programs differ in length (its
-  1-bit programs have half the steps): the wave model below was 1-3 µs slower there."""
+  1-bit programs have half the steps), which the wave model below does not weigh."""
   return max(1, min(steps, -(-_WAVES[backward] * _num_sms() // programs)))
 
 
@@ -115,8 +115,8 @@ def _forward_splits(tiles: int, steps: int) -> int:
   Models the launch as waves of _RESIDENT programs per SM, each wave as long as a program (its
   steps per split plus one for its fixed work), and picks the split count with the fewest modelled
   steps among those filling at least 90 % of one wave (fewer programs leave SMs half-used, slower
-  than the model); ties go to fewer splits. Measured against `_target_splits` on the H200: 2-9 %
-  faster on LLaMA-7B/70B shapes at M = 1 and 16 (docs/results.md).
+  than the model); ties go to fewer splits. On the H200 it beats `_target_splits` on the
+  LLaMA-7B/70B shapes at M = 1 and 16.
   """
   slots = _RESIDENT * _num_sms()
   best = (math.inf, 1)
@@ -145,8 +145,8 @@ def _kernel_tiles(bucket, m: int, group: int, impl: str, backward: bool) -> lm.T
   """Tiles of the LUT matmul kernel for this bucket at M rows; None: dense weight + XLA dot.
 
   4-bit buckets take the kernels only in the forward for M <= 16: their backward kernel (a
-  16-level select tree in float32) was 2-4x slower than the dense path at every M, and their
-  forward loses to it from M = 64 (H200, docs/results.md).
+  16-level select tree in float32) is slower than the dense path at every M, and their
+  forward loses to it from M = 64 (H200).
   """
   four = bucket.bits == 4 and (backward or m > 16)
   if not _kernels_apply(bucket, impl) or m >= DENSE_FROM_M or four:
@@ -187,7 +187,7 @@ def _dequantize_kernel(qt: QuantizedTensor, impl: str, dtype) -> bool:
   """Whether `lut_dequantize_t` writes the tensor's transient weight in `dtype`: wherever it covers
   the tensor (a mixed one then comes out in channel order at no extra cost: the dense path never
   permutes activations), except a single 2- or 4-bit bucket in a dtype it cannot look up by bytes
-  (`byte_lookup`), where XLA's fused dequantization is faster (docs/results.md)."""
+  (`byte_lookup`), where XLA's fused dequantization is faster (H200)."""
   if impl not in ("triton", "interpret") or ld.block_ks(qt) is None:
     return False
   bits = qt.buckets[0].bits
@@ -313,9 +313,9 @@ def _zero_cotangent(a):
 
 def _after(g, qt):
   """(g, qt), on GPUs through an optimization barrier: the backward's dequantization then waits
-  for g and is not merged with the forward's (common subexpressions), which kept every layer's
-  transient weight alive from forward to backward (7B NF4 step: 24.5 GB peak without, 11.7 GB
-  with; docs/results.md). On CPU the barrier raised XLA's temporaries instead, so not there."""
+  for g and is not merged with the forward's (common subexpressions), which would keep every
+  layer's transient weight alive from forward to backward (docs/architecture.md). On CPU the
+  barrier raises XLA's temporaries instead, so not there."""
   barrier = lambda g, qt: jax.lax.optimization_barrier((g, qt))  # noqa: E731
   return jax.lax.platform_dependent(g, qt, cuda=barrier, rocm=barrier, default=lambda *a: a)
 
