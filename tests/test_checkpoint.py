@@ -40,8 +40,8 @@ def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path):
   state, position = again.restore(train_lib.TrainState.create(adapters, tx))
   assert int(state.step) == 4 and position == 104
   resumed = run(step, state, frozen, batch, 2)
-  chex.assert_trees_all_close(resumed.adapters, straight.adapters, rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_close(resumed.opt_state, straight.opt_state, rtol=1e-6, atol=1e-7)
+  # Bit for bit: the restored state is the saved one and the step the same program.
+  chex.assert_trees_all_equal(jax.device_get(resumed), jax.device_get(straight))
 
 
 def test_unfinished_checkpoint_is_ignored(setup, tmp_path):

@@ -92,7 +92,7 @@ def test_zero_b_is_the_quantized_base(stories):
   tokens = _tokens()
   with_lora = model.apply({"params": frozen, "quant": quant, "lora": lora}, tokens)
   without = model.apply({"params": frozen, "quant": quant}, tokens)
-  np.testing.assert_array_equal(with_lora, without)
+  np.testing.assert_array_equal(with_lora, without)  # eagerly, the same base ops plus exact 0s
   dense = model.apply({"params": _dense_variables(qparams)}, tokens)
   assert_close_at_scale(with_lora, dense, f32_sum(llama_terms(config, tokens.shape[1], 4)))
 

@@ -66,7 +66,9 @@ def test_zero_weight_samples_are_ignored():
   w[:, 100:] = 0.0
   t_masked, _ = mapping.fit_channels(x, w, w, bits=(2,), iters=15)
   t_cut, _ = mapping.fit_channels(x[:, :100], w[:, :100], w[:, :100], bits=(2,), iters=15)
-  np.testing.assert_array_equal(np.asarray(t_masked[0]), np.asarray(t_cut[0]))
+  # Sums over 192 and 100 samples associate differently: a float32 centroid on a float16 rounding
+  # boundary may round either way, one float16 ulp below 1 (2^-11).
+  np.testing.assert_allclose(np.asarray(t_masked[0]), np.asarray(t_cut[0]), rtol=0, atol=2**-11)
 
 
 def test_pooled_refit_matches_float64_lloyd_on_concatenated_channels():
