@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from lowra_jax import cli, experiment, preflight, sharding, train_lib
+from lowra_jax import base, cli, preflight, reporting, run_config, sharding, train_lib
 from lowra_jax.checkpoint import latest_adapters
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
@@ -38,13 +38,13 @@ def perplexity(eval_step, variables, adapters, blocks, batch_size, mesh) -> tupl
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  s = experiment.settings(config)
-  mesh = experiment.make_mesh(s)
+  s = run_config.settings(config)
+  mesh = run_config.make_mesh(s)
   inputs = preflight.check_model(config, s)
   preflight.check_data(("eval_data", s.eval_data))
   base_dir = preflight.check_saved_run(config, "eval.py")
   blocks = preflight.load_blocks("eval_data", s.eval_data, inputs.tokenizer)
-  prep = experiment.prepare(config, s, inputs.tokenizer, base_dir)
+  prep = base.prepare(config, s, inputs.tokenizer, base_dir)
   if config.train.eval_blocks:
     blocks = blocks[: config.train.eval_blocks]
   eval_step = train_lib.make_eval_step(prep.model, mesh=mesh)
@@ -57,8 +57,8 @@ def main(argv) -> None:
   ppl, tokens = perplexity(eval_step, place({"params": prep.params}), None, blocks, batch, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(prep.params))
   rows.append(("bf16 base", "16", "16", ppl))
-  bits = experiment.base_bits(prep)
-  code, total = experiment.bits_columns(bits, config.model.dtype)
+  bits = reporting.base_bits(prep)
+  code, total = reporting.bits_columns(bits, config.model.dtype)
   frozen = place(prep.frozen)
   if bits is not None:
     ppl, _ = perplexity(eval_step, frozen, None, blocks, batch, mesh)
@@ -79,7 +79,7 @@ def main(argv) -> None:
   print(
     f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({n_quant / 1e6:.1f}M "
     f"quantized), adapters {n_adapter / 1e6:.2f}M; {tokens} tokens of {s.eval_data.path} "
-    f"({s.eval_data.split}); peak device memory {experiment.peak_memory()}"
+    f"({s.eval_data.split}); peak device memory {reporting.peak_memory()}"
   )
   print("| model | code bits | total bits | perplexity |")
   print("|---|---|---|---|")

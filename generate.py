@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from lowra_jax import cli, experiment, lora, preflight, train_lib
+from lowra_jax import base, cli, lora, preflight, run_config, train_lib
 from lowra_jax import generate as gen
 from lowra_jax.checkpoint import latest_adapters
 from lowra_jax.quantize import bits_per_param
@@ -106,7 +106,7 @@ def streamer(tokenizer, prompt: list[int]):
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  s = experiment.settings(config)
+  s = run_config.settings(config)
   with cli.user_errors():
     sampling = gen.Sampling(_TEMPERATURE.value, _TOP_P.value)
   if _MERGE.value and not _ADAPTERS.value:
@@ -118,7 +118,7 @@ def main(argv) -> None:
   if _MERGE.value:
     preflight.check_data(("eval_data", s.eval_data))
   base_dir = preflight.check_saved_run(config, "generate.py")
-  prep = experiment.prepare(config, s, inputs.tokenizer, base_dir)
+  prep = base.prepare(config, s, inputs.tokenizer, base_dir)
   model = prep.model.clone(remat=False)
   tok = prep.tokenizer
   adapters = None

@@ -32,7 +32,18 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from lowra_jax import cli, data, experiment, export, lora, preflight, sharding, train_lib
+from lowra_jax import (
+  base,
+  cli,
+  data,
+  export,
+  lora,
+  preflight,
+  reporting,
+  run_config,
+  sharding,
+  train_lib,
+)
 from lowra_jax.checkpoint import TrainCheckpoints
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
@@ -63,8 +74,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  s = experiment.settings(config)
-  mesh = experiment.make_mesh(s)
+  s = run_config.settings(config)
+  mesh = run_config.make_mesh(s)
   with cli.user_errors():
     sharding.check_batch_size(s.data.batch_size, mesh, "config.data.batch_size")
   inputs = preflight.check_model(config, s)
@@ -77,8 +88,8 @@ def main(argv) -> None:
   lead = jax.process_index() == 0  # writes the files; every process computes
   workdir = Path(config.workdir)
   base_dir = workdir / "base"
-  prep = experiment.prepare(config, s, inputs.tokenizer, base_dir)
-  code, total_bits = experiment.bits_columns(experiment.base_bits(prep), config.model.dtype)
+  prep = base.prepare(config, s, inputs.tokenizer, base_dir)
+  code, total_bits = reporting.bits_columns(reporting.base_bits(prep), config.model.dtype)
   if lead:
     tqdm.write(f"base: {code} code bits, {total_bits} total bits per quantized weight")
 
@@ -90,7 +101,7 @@ def main(argv) -> None:
   if lead:
     workdir.mkdir(parents=True, exist_ok=True)
     if not base_dir.exists():
-      experiment.save_base(config, prep, base_dir)
+      base.save(config, prep, base_dir)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   ckpt = TrainCheckpoints(
     workdir / "checkpoints", every=config.train.checkpoint_every, keep=config.train.keep
@@ -188,12 +199,12 @@ def main(argv) -> None:
     "final_eval_loss": final,
     "eval_tokens": int(eval_blocks.shape[0] * s.eval_data.seq_len),
     "tokens_per_s": float(np.median(rates)) if rates else None,
-    "peak_memory_bytes": experiment.peak_memory_bytes(),
+    "peak_memory_bytes": reporting.peak_memory_bytes(),
   }
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   print(
     f"eval loss {first:.4f} -> {final:.4f} (ppl {np.exp(first):.2f} -> {np.exp(final):.2f}); "
-    f"peak device memory {experiment.peak_memory()}; outputs in {workdir}"
+    f"peak device memory {reporting.peak_memory()}; outputs in {workdir}"
   )
 
 

@@ -1,10 +1,10 @@
 """Shared defaults of the training configs: every config file starts from `base_config()`.
 
 Each section holds every field of its dataclass (`from_dataclass`), so each is settable with
-``--config.<section>.<field>``: ``model`` -> `experiment.ModelConfig`, ``quant`` -> `QuantConfig`,
+``--config.<section>.<field>``: ``model`` -> `run_config.ModelConfig`, ``quant`` -> `QuantConfig`,
 ``lora`` -> `LoraConfig`, ``data`` / ``eval_data`` -> `DataConfig`, ``optim`` -> `OptimConfig`,
 ``mesh`` -> `sharding.MeshConfig` (default: data parallel over every device, no FSDP), ``train``
--> `experiment.TrainConfig`; `experiment.settings` builds the dataclasses back. The defaults are
+-> `run_config.TrainConfig`; `run_config.settings` builds the dataclasses back. The defaults are
 the dataclasses' but where `base_config` says otherwise; ``workdir`` is read by train.py / eval.py.
 They point at the bundled pycode-llama-17m and its networkx fine-tuning task (paper setting:
 batch 1 x 512 tokens).
@@ -17,7 +17,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from lowra_jax.data import DataConfig
-from lowra_jax.experiment import ModelConfig, TrainConfig
+from lowra_jax.run_config import ModelConfig, TrainConfig
 from lowra_jax.lora import LoraConfig
 from lowra_jax.quantize import QuantConfig
 from lowra_jax.sharding import MeshConfig

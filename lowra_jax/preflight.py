@@ -18,7 +18,8 @@ import numpy as np
 
 from lowra_jax import data, lora
 from lowra_jax.cli import UserError, user_errors
-from lowra_jax.experiment import Settings, base_identity
+from lowra_jax.base import identity as base_identity
+from lowra_jax.run_config import Settings
 from lowra_jax.models import llama, weights
 from lowra_jax.models.tokenizer import Tokenizer, load_tokenizer
 from lowra_jax.quantize.serialize import load_extra

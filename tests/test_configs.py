@@ -10,11 +10,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lowra_jax import experiment
+from lowra_jax import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
-SECTIONS = typing.get_type_hints(experiment.Settings)  # {section: its dataclass}
+SECTIONS = typing.get_type_hints(run_config.Settings)  # {section: its dataclass}
 
 
 def load(path: Path):
@@ -41,7 +41,7 @@ def test_the_issue_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds_valid_settings(path):
   config = load(path)
-  s = experiment.settings(config)
+  s = run_config.settings(config)
   assert s.quant.method in ("nf", "lloyd", "lowra", "none")
   assert config.workdir.endswith(path.stem)
   if (ROOT / ".." / "shared").exists():
@@ -72,7 +72,7 @@ def test_command_line_overrides_reach_the_dataclasses():
   parsed = flags.FlagValues()
   config = config_flags.DEFINE_config_file("config", flag_values=parsed, sys_argv=argv)
   parsed(argv)
-  s = experiment.settings(config.value)
+  s = run_config.settings(config.value)
   assert (s.quant.dq_block, s.quant.skip_patterns) == (128, ("embed", "norm"))
   assert (s.optim.b2, s.data.max_documents, s.lora.targets) == (0.99, 7, ("q_proj",))
   assert s.model.remat and s.train.keep == 1
@@ -85,16 +85,16 @@ def test_typos_and_bad_values_are_one_line_errors():
   bad = load(ROOT / "configs" / "llama_1p5bit.py")
   bad.quant.budget = 0.5  # an existing key: allowed by the lock, refused by QuantConfig
   with pytest.raises(ValueError, match=r"^config\.quant: .*budget"):
-    experiment.settings(bad)
+    run_config.settings(bad)
   bad = load(ROOT / "configs" / "llama_1p5bit.py")
   bad.optim.warmup_steps = 10**6
   with pytest.raises(ValueError, match=r"^config\.optim: .*warmup_steps"):
-    experiment.settings(bad)
+    run_config.settings(bad)
   bad = load(ROOT / "configs" / "llama_1p5bit.py")
   bad.model.dtype = "float16"
   with pytest.raises(ValueError, match=r"^config\.model: dtype='float16' — use one of"):
-    experiment.settings(bad)
+    run_config.settings(bad)
   bad = load(ROOT / "configs" / "llama_1p5bit.py")
   bad.train.log_every = 0
   with pytest.raises(ValueError, match=r"^config\.train: log_every=0 — "):
-    experiment.settings(bad)
+    run_config.settings(bad)

@@ -20,7 +20,7 @@ import pytest
 from tiny_model import tiny_model
 from tolerances import assert_close_at_scale, f32_sum, llama_terms
 
-from lowra_jax import data, experiment, lora, preflight, train_lib
+from lowra_jax import base, data, lora, preflight, run_config, train_lib
 from lowra_jax import generate as gen
 from lowra_jax.checkpoint import TrainCheckpoints
 from lowra_jax.models import llama
@@ -295,9 +295,9 @@ def workdir(tmp_path_factory):
   for key, value in CLI.items():
     section, field = key.split(".")
     config[section][field] = str(value) if isinstance(value, Path) else value
-  s = experiment.settings(config)
-  prep = experiment.prepare(config, s, preflight.check_model(config, s).tokenizer)
-  experiment.save_base(config, prep, Path(config.workdir) / "base")
+  s = run_config.settings(config)
+  prep = base.prepare(config, s, preflight.check_model(config, s).tokenizer)
+  base.save(config, prep, Path(config.workdir) / "base")
   tx = train_lib.make_optimizer(s.optim)
   state = train_lib.TrainState.create(prep.adapters, tx)
   trained = jax.tree.map(lambda x: x + 0.01, state.adapters)

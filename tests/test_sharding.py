@@ -24,7 +24,7 @@ from tolerances import (
   llama_grad_terms,
 )
 
-from lowra_jax import experiment, sharding, train_lib
+from lowra_jax import run_config, sharding, train_lib
 from lowra_jax.checkpoint import TrainCheckpoints
 from lowra_jax.quantize import QuantConfig, quantize_params
 from pallas_kernels import quantized_matmul
@@ -68,7 +68,7 @@ def test_mesh_axes_and_errors():
   with pytest.raises(
     ValueError, match=r"^config\.mesh: mesh data=3 x fsdp=1 does not divide the 8"
   ):
-    experiment.make_mesh(experiment.settings(config))
+    run_config.make_mesh(run_config.settings(config))
   _, mesh = mesh_of(2, 4)
   with pytest.raises(ValueError, match="batch_size=6 does not split over data x fsdp = 8"):
     sharding.put_batch({"inputs": np.zeros((6, 4), np.int32)}, mesh)

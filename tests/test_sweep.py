@@ -47,10 +47,10 @@ PARSE = """
 import json, sys
 from absl import flags
 from ml_collections import config_flags
-from lowra_jax import experiment
+from lowra_jax import run_config
 holder = config_flags.DEFINE_config_file("config")
 flags.FLAGS(sys.argv)
-s = experiment.settings(holder.value)
+s = run_config.settings(holder.value)
 print(json.dumps({"quant": s.quant.__dict__, "init": s.lora.init, "data": s.data.name,
                   "model": holder.value.model.path, "train": holder.value.train.to_dict()}))
 """

@@ -1,31 +1,23 @@
-"""From a train/eval config to the objects a run needs (shared by train.py and eval.py).
+"""A run's config sections as validated dataclasses, and the device mesh they ask for.
 
 `settings(config)` turns the ml_collections sections into their dataclasses (`Settings`: the
 library's, plus `ModelConfig` and `TrainConfig` for the entry points), with one-line errors for bad
-values; `make_mesh(s)` joins the other hosts and builds the device mesh;
-`prepare(config, s, tokenizer)` loads the model (whose inputs `preflight` has checked), quantizes
-the base and initialises the adapters, or loads both from a saved base.
+values; `make_mesh(s)` joins the other hosts and builds the device mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-import pallas_kernels
 from lowra_jax import lora, sharding
 from lowra_jax.cli import UserError
 from lowra_jax.data import DataConfig
-from lowra_jax.models import llama
-from lowra_jax.models.tokenizer import Tokenizer
-from lowra_jax.quantize import BitsPerParam, QuantConfig, bits_per_param
-from lowra_jax.quantize.serialize import load_quantized, save_quantized
+from lowra_jax.quantize import QuantConfig
 from lowra_jax.train_lib import OptimConfig
 from pallas_kernels.backend import BACKENDS as KERNEL_BACKENDS
 
@@ -129,87 +121,3 @@ def make_mesh(s: Settings) -> jax.sharding.Mesh:
   except ValueError as e:
     raise UserError(f"config.mesh: {e}") from None
   return mesh
-
-
-@dataclasses.dataclass
-class Prepared:
-  """model: a `llama.Llama` with LoRA settings; params: dense numpy params (bf16 base);
-  frozen: {"params", "quant"}; adapters: the initial LoRA tree; init_report: quantizer/LoftQ
-  report."""
-
-  model: llama.Llama
-  tokenizer: Tokenizer
-  params: dict
-  frozen: dict
-  adapters: dict
-  init_report: Any
-
-
-def load_model(s: Settings) -> tuple[llama.Llama, dict]:
-  """The model (with LoRA settings) and its dense params (`preflight.check_model` has checked
-  them against the config).
-
-  Also makes `s.model.kernels` the default implementation of `quantized_matmul`."""
-  pallas_kernels.set_default_backend(s.model.kernels)
-  base, params = llama.load_pretrained(
-    s.model.path, dtype=DTYPES[s.model.dtype], remat=s.model.remat
-  )
-  model = llama.Llama(base.config, dtype=base.dtype, lora=s.lora, remat=base.remat)
-  return model, params
-
-
-def base_identity(config) -> dict:
-  """What determines the quantized base and initial adapters (JSON-normalised)."""
-  identity = {
-    "model": str(config.model.path),
-    "quant": config.quant.to_dict(),
-    "lora": config.lora.to_dict(),
-    "seed": config.train.seed,
-  }
-  return json.loads(json.dumps(identity))
-
-
-def prepare(config, s: Settings, tokenizer: Tokenizer, base_dir: Path | None = None) -> Prepared:
-  """Load the model; quantize it and initialise adapters (deterministic in config.train.seed),
-  or, when `base_dir` holds them (saved by `save_base` for this config, which `preflight` checks),
-  load both from there."""
-  model, params = load_model(s)
-  if base_dir is not None and base_dir.exists():
-    saved, _ = load_quantized(base_dir)
-    qparams, adapters, report = saved["qparams"], saved["adapters"], None
-  else:
-    key = jax.random.key(config.train.seed)
-    qparams, adapters, report = lora.init_lora(params, s.quant, s.lora, key)
-  frozen, quant = lora.split_quantized(qparams)
-  return Prepared(model, tokenizer, params, {"params": frozen, "quant": quant}, adapters, report)
-
-
-def save_base(config, prep: Prepared, base_dir: Path) -> None:
-  """Saves the packed base and the initial adapters once, so resume and eval need no quantizer."""
-  qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
-  save_quantized(base_dir, {"qparams": qparams, "adapters": prep.adapters}, base_identity(config))
-
-
-def base_bits(prep: Prepared) -> BitsPerParam | None:
-  """Code and total bits per quantized weight; None when the base is dense (method 'none')."""
-  return bits_per_param(prep.frozen["quant"]) if prep.frozen["quant"] else None
-
-
-def bits_columns(bits: BitsPerParam | None, dtype: str) -> tuple[str, str]:
-  """(code bits, total bits) as table text; the dtype's width for a dense base."""
-  if bits is None:
-    width = str(jnp.dtype(DTYPES[dtype]).itemsize * 8)
-    return width, width
-  return f"{bits.code:.3f}", f"{bits.total:.3f}"
-
-
-def peak_memory_bytes() -> int | None:
-  """Peak bytes in use on this process's first device so far (None where the backend does not
-  say)."""
-  return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-
-
-def peak_memory() -> str:
-  """`peak_memory_bytes` as text ('n/a' where the backend does not say)."""
-  peak = peak_memory_bytes()
-  return f"{peak / 1e9:.2f} GB" if peak else "n/a on this backend"
