@@ -6,7 +6,6 @@ Perfetto JSON jax writes) give each kernel's duration. Printed per case: the ker
 in launch order with their mean µs, their sum, and the op's time per call in the timed loop.
 
     python benchmarks/op_breakdown.py --shape=4096x11008 --precisions=2,mix1.5 --ms=1,512
-    python benchmarks/op_breakdown.py --ms=1,16 --passes=fwd --before=3321f5c   # also that commit
 
 The op is the custom-VJP `quantized_matmul` itself (the backward through its VJP), on the Triton
 kernels (a GPU: the trace's device kernels are what is broken down).
@@ -15,18 +14,14 @@ kernels (a GPU: the trace's device kernels are what is broken down).
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
-from pathlib import Path
+import functools
 
 import jax
 import jax.numpy as jnp
 import kernels as kb  # benchmarks/kernels.py: the same timing loop and weights
-from dense_path import load_before, op
 from trace_kernels import check_gpu, kernels_of
 
 from lowra_jax import cli, quantize
-from pallas_kernels import quantized_ops as current
 
 
 def breakdown(label: str, fn, a, qt, calls: int) -> tuple[float, float, float]:
@@ -41,15 +36,6 @@ def breakdown(label: str, fn, a, qt, calls: int) -> tuple[float, float, float]:
   return sec * 1e6, count, total
 
 
-def check_revision(rev: str) -> None:
-  """--before names a commit that has pallas_kernels/quantized_ops.py."""
-  path = f"{rev}:pallas_kernels/quantized_ops.py"
-  git = ["git", "cat-file", "-e", path]
-  found = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, check=False)
-  if found.returncode:
-    raise cli.UserError(f"--before: git has no {path} — give a commit of this repository")
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="4096x11008")
@@ -57,7 +43,6 @@ def main():
   parser.add_argument("--ms", default="1,512")
   parser.add_argument("--passes", default="fwd,bwd")
   parser.add_argument("--calls", type=int, default=5)
-  parser.add_argument("--before", default="", help="also break down the op at this git revision")
   args = parser.parse_args()
   k, n = kb.dims(args.shape, "--shape")
   precisions = cli.parse_list(args.precisions, "--precisions", kb.PRECISIONS)
@@ -65,33 +50,23 @@ def main():
   cli.positive("--ms", *ms)
   passes = cli.parse_list(args.passes, "--passes", ("fwd", "bwd"))
   cli.positive("--calls", args.calls)
-  if args.before:
-    check_revision(args.before)
   check_gpu("op_breakdown.py")
   key = jax.random.key(k * 7 + n)
   w = (0.02 * jax.random.t(key, 5.0, (k, n))).astype(jnp.bfloat16)
   summary = []
-  with tempfile.TemporaryDirectory() as tmp:
-    versions = {"now": current}
-    if args.before:
-      versions = {args.before: load_before(args.before, Path(tmp)), **versions}
-    for prec in precisions:
-      qt = quantize.quantize_tensor(w, quantize.QuantConfig(**kb.PRECISIONS[prec]))
-      for m in ms:
-        for d in passes:
-          a = jax.random.normal(key, (m, k if d == "fwd" else n), jnp.bfloat16)
-          for name, module in versions.items():
-            label = f"{args.shape} {prec} M={m} {d} ({name})"
-            summary.append(
-              (prec, m, d, name, *breakdown(label, op(module, "triton", d), a, qt, args.calls))
-            )
+  for prec in precisions:
+    qt = quantize.quantize_tensor(w, quantize.QuantConfig(**kb.PRECISIONS[prec]))
+    for m in ms:
+      for d in passes:
+        a = jax.random.normal(key, (m, k if d == "fwd" else n), jnp.bfloat16)
+        fn = functools.partial(kb.forward if d == "fwd" else kb.backward, backend="triton")
+        label = f"{args.shape} {prec} M={m} {d}"
+        summary.append((prec, m, d, *breakdown(label, fn, a, qt, args.calls)))
   print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.shape}")
-  print(
-    "| precision | M | pass | version | op µs (timed loop) | kernels | sum of kernel µs (trace) |"
-  )
-  print("|---|---|---|---|---|---|---|")
-  for prec, m, d, name, op_us, count, total in summary:
-    print(f"| {prec} | {m} | {d} | {name} | {op_us:.1f} | {count:g} | {total:.1f} |")
+  print("| precision | M | pass | op µs (timed loop) | kernels | sum of kernel µs (trace) |")
+  print("|---|---|---|---|---|---|")
+  for prec, m, d, op_us, count, total in summary:
+    print(f"| {prec} | {m} | {d} | {op_us:.1f} | {count:g} | {total:.1f} |")
 
 
 if __name__ == "__main__":

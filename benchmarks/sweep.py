@@ -22,8 +22,8 @@ Methods, all with the default config's hyper-parameters (rank 16, AdamW 2e-4, 10
   lowra_loftq   LowRA at a code-bit budget + LoftQ adapters (configs/llama_1p5bit.py).
   lowra_qlora   LowRA at a code-bit budget + B = 0 adapters.
 Results: OUT/results.jsonl (one line per finished row), OUT/logs/<row>.log, train.py workdirs
-under --workdirs (default OUT/runs). On the GPU machine (benchmarks/gpu_env.sh, material under
-.carry/data): `--data=.carry/data --workdirs=/tmp/sweep --workers=8`.
+under --workdirs (default OUT/runs). On a GPU machine without network (benchmarks/gpu_setup.sh,
+material under .carry/data): `--data=.carry/data --workdirs=/tmp/sweep --workers=8`.
 """
 
 from __future__ import annotations
