@@ -16,12 +16,12 @@ method runs in its own subprocess, so each peak memory is its own.
 on stderr, all of them in the JSON row): what a step spends in the quantized matmuls' kernels and
 in everything around them.
 
-Weights: `7b` (LLaMA-2-7B shapes) and `tiny` use random weights (std 0.02). Quantizing all of 7B's
-layers with LowRA takes long and gives every layer its own bucket sizes (one Triton compilation
-per distinct shape, minutes in all), so ONE decoder layer's random weights are quantized per method
-and every layer gets its own *copy* of that layer's packed tensors: distinct device buffers,
-identical shapes (quality is irrelevant here; LowRA's budget is solved within that one layer).
-Embeddings and head stay bf16. `pycode` / `stories`: the real bundled model, quantized whole.
+Weights: `7b` (LLaMA-2-7B shapes) and `tiny` are random (`synthetic.py`): every layer drawn and
+quantized on its own, LowRA's budget solved over the whole model, so each layer's tensors have their
+own bucket sizes and kernels, as a real checkpoint's do; `--tiled` quantizes one layer and copies it
+into every layer instead (identical shapes: much shorter quantization and compilation, not what a
+real checkpoint costs). Embeddings and head stay bf16. `pycode` / `stories`: the real bundled
+model, quantized whole.
 
 Timed: the decode of `--new` tokens after a `--prompt`-token context (the cache is filled as after
 a prefill; its contents do not change the cost), median of `--repeat` runs after one warm-up
@@ -44,6 +44,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import synthetic
 from trace_kernels import check_gpu, kernels_of
 
 from lowra_jax import cli, lora
@@ -73,47 +74,9 @@ def log(start: float, message: str) -> None:
   print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def _normal(key, shape, std=0.02):
-  return (std * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16)
-
-
-def random_layer(config: llama.LlamaConfig, key) -> dict:
-  """One decoder layer's params (bf16 kernels [in, out], std 0.02; unit norms)."""
-  d, f = config.hidden_size, config.intermediate_size
-  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-  shapes = {
-    "self_attn": {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)},
-    "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)},
-  }
-  keys = iter(jax.random.split(key, 7))
-  layer = {
-    block: {name: {"kernel": _normal(next(keys), shape)} for name, shape in projs.items()}
-    for block, projs in shapes.items()
-  }
-  ones = {"scale": jnp.ones((d,), jnp.float32)}
-  return {**layer, "input_layernorm": ones, "post_attention_layernorm": dict(ones)}
-
-
-def synthetic_params(config: llama.LlamaConfig, quant: QuantConfig | None) -> dict:
-  """Random embeddings/head and `num_layers` copies of one (quantized) random layer."""
-  k_embed, k_head, k_layer = jax.random.split(jax.random.key(0), 3)
-  layer = random_layer(config, k_layer)
-  if quant is not None:
-    layer, _ = quantize_params(layer, quant, progress=False)
-  layers = {str(i): jax.tree.map(jnp.copy, layer) for i in range(config.num_layers)}
-  d, v = config.hidden_size, config.vocab_size
-  return {
-    "model": {
-      "embed_tokens": {"embedding": _normal(k_embed, (v, d))},
-      "layers": layers,
-      "norm": {"scale": jnp.ones((d,), jnp.float32)},
-    },
-    "lm_head": {"kernel": _normal(k_head, (d, v))},
-  }
-
-
-def build(shape: str, method: str, layers: int) -> tuple[llama.Llama, dict]:
-  """(bf16 model, variables) of `method` at `shape` (`layers`: override num_layers, synthetic)."""
+def build(shape: str, method: str, layers: int, tiled: bool) -> tuple[llama.Llama, dict]:
+  """(bf16 model, variables) of `method` at `shape` (synthetic shapes: `layers` overrides
+  num_layers, `tiled` copies one quantized layer)."""
   quant = METHODS[method]
   lcfg = lora.LoraConfig(rank=RANK) if method.endswith("+lora") else None
   if shape in BUNDLED:
@@ -126,7 +89,7 @@ def build(shape: str, method: str, layers: int) -> tuple[llama.Llama, dict]:
     config = SHAPES[shape]
     if layers:
       config = dataclasses.replace(config, num_layers=layers)
-    params = synthetic_params(config, quant)
+    params = synthetic.model_params(config, quant, tiled=tiled)
   model = llama.Llama(config, dtype=jnp.bfloat16, lora=lcfg)
   frozen, packed = lora.split_quantized(params)
   variables = {"params": frozen} | ({"quant": packed} if packed else {})
@@ -188,7 +151,7 @@ def print_kernels(label: str, rows: list[dict], top: int = 20) -> None:
 def worker(args) -> None:
   """Measures one method at every batch size; prints one JSON row per batch on stdout."""
   start = time.perf_counter()
-  model, variables = build(args.shape, args.worker, args.layers)
+  model, variables = build(args.shape, args.worker, args.layers, args.tiled)
   jax.block_until_ready(variables)
   weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
   bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0
@@ -218,6 +181,8 @@ def worker(args) -> None:
       "compile_s": compile_s,
       "code_bits": bits,
       "weights_gb": weights_gb,
+      "tiled": args.tiled,
+      "packed_shapes": synthetic.distinct_packed_shapes(variables),
     }
     if args.prefill:
       prompts = jax.random.randint(key, (batch, args.prompt), 0, config.vocab_size)
@@ -241,14 +206,15 @@ def worker(args) -> None:
 def table(rows: list[dict], prefill: bool) -> str:
   bf16 = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "bf16"}
   head = "| method | code bits | batch | tokens/s | ratio vs bf16 | ms/step | peak GB |"
-  head += " weights GB | compile s |" + (" prefill ms |" if prefill else "")
+  head += " weights GB | packed shapes | compile s |" + (" prefill ms |" if prefill else "")
   lines = [head, "|" + "---|" * head.count(" |")]
   for r in rows:
     ratio = f"{r['tokens_per_s'] / bf16[r['batch']]:.2f}x" if r["batch"] in bf16 else "-"
     peak = "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
     line = (
       f"| {r['method']} | {r['code_bits']:.2f} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} "
-      f"| {r['ms_per_step']:.2f} | {peak} | {r['weights_gb']:.2f} | {r['compile_s']:.1f} |"
+      f"| {r['ms_per_step']:.2f} | {peak} | {r['weights_gb']:.2f} | {r['packed_shapes']} "
+      f"| {r['compile_s']:.1f} |"
     )
     lines.append(line + (f" {r['prefill_ms']:.1f} |" if prefill else ""))
   return "\n".join(lines)
@@ -260,6 +226,9 @@ def main() -> None:
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
   parser.add_argument("--batches", default="1,8,32", help="comma-separated")
   parser.add_argument("--layers", type=int, default=0, help="override num_layers (synthetic)")
+  parser.add_argument(
+    "--tiled", action="store_true", help="copies of one quantized layer (synthetic shapes)"
+  )
   parser.add_argument("--prompt", type=int, default=128, help="context tokens before decoding")
   parser.add_argument("--new", type=int, default=64, help="decode steps timed")
   parser.add_argument("--repeat", type=int, default=3)
@@ -294,9 +263,8 @@ def main() -> None:
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)
-  layers = (
-    f"{args.layers or SHAPES[args.shape].num_layers} layers, " if args.shape in SHAPES else ""
-  )
+  layers = args.layers or (SHAPES[args.shape].num_layers if args.shape in SHAPES else 0)
+  layers = f"{layers} layers{' (tiled)' if args.tiled else ''}, " if layers else ""
   print(
     f"\n{args.shape} ({layers}context {args.prompt}, {args.new} decode steps timed, median of "
     f"{args.repeat}); jax {jax.__version__}, {jax.devices()[0].device_kind}; "

@@ -4,12 +4,11 @@
         --methods=bf16,nf4,lowra2,lowra1.5 --memory_grid --out=results.json
 
 For every method, in its own subprocess (so each peak is its own): random bf16 weights at the
-shape (std 0.02), the base quantized as the method says, rank-`--rank` adapters on all seven
+shape (`synthetic.py`: every layer drawn and quantized on its own, the budget solved over the whole
+model, as for a real checkpoint; `--tiled`: copies of one quantized layer, identical shapes, much
+shorter compilation), the base quantized as the method says, rank-`--rank` adapters on all seven
 projections, and `train_lib.make_train_step` -- loss, gradient w.r.t. the adapters and the AdamW
-update, the path train.py runs. Quality needs no real weights here. To keep quantization and
-compilation short, one decoder layer is drawn and quantized and every layer gets its own copy of
-it (separate buffers, identical shapes): with per-layer mixed-precision bucket sizes every layer
-would compile its own kernels (see docs/results.md).
+update, the path train.py runs. Quality needs no real weights here.
 
 Prints one table: compile s, median step ms, peak device memory, bytes of the frozen base; with
 `--memory_grid` also the frozen-base bytes of the whole model at every method of the quality sweep
@@ -28,10 +27,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import synthetic
 
 from lowra_jax import cli, lora, train_lib
 from lowra_jax.models import llama
-from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
+from lowra_jax.quantize import QuantConfig, bits_per_param
 
 SHAPES = {
   "7b": llama.LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128),
@@ -47,38 +47,12 @@ METHODS = {
 }
 
 
-def random_layer(config: llama.LlamaConfig, seed: int = 0) -> dict:
-  """bf16 params of a one-layer model at the shape: std 0.02 kernels, unit norms."""
-  model = llama.Llama(dataclasses.replace(config, num_layers=1))
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(seed), tokens)["params"]
-  return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-
-
-def tile_layers(params: dict, num_layers: int) -> dict:
-  """A one-layer params tree -> `num_layers` layers, each its own copy of layer 0's leaves."""
-  layer = params["model"]["layers"]["0"]
-  copy = lambda x: jnp.array(x, copy=True)  # noqa: E731
-  layers = {str(i): jax.tree.map(copy, layer) for i in range(num_layers)}
-  return {**params, "model": {**params["model"], "layers": layers}}
-
-
-def quantized_layer(config: llama.LlamaConfig, qcfg: QuantConfig) -> tuple[dict, float]:
-  """(one-layer params with the method's base, quantize seconds)."""
-  params = random_layer(config)
-  if qcfg.method == "none":
-    return params, 0.0
-  t0 = time.perf_counter()
-  qparams, _ = quantize_params(params, qcfg, progress=False)
-  jax.block_until_ready(qparams)
-  return qparams, time.perf_counter() - t0
-
-
 def measure(args, name: str) -> dict:
   """Compile and run the training step of one method; peak memory of this process."""
   config = SHAPES[args.shape]
-  qparams, quantize_s = quantized_layer(config, METHODS[name])
-  qparams = tile_layers(qparams, config.num_layers)
+  t0 = time.perf_counter()
+  qparams = jax.block_until_ready(synthetic.model_params(config, METHODS[name], tiled=args.tiled))
+  quantize_s = time.perf_counter() - t0
   lcfg = lora.LoraConfig(rank=args.rank, alpha=float(args.rank))
   frozen, quant = lora.split_quantized(qparams)
   del qparams
@@ -113,7 +87,8 @@ def measure(args, name: str) -> dict:
     "method": name,
     "code_bits": bits.code if bits else 16.0,
     "total_bits": bits.total if bits else 16.0,
-    "quantize_layer_s": quantize_s,
+    "build_s": quantize_s,
+    "packed_shapes": synthetic.distinct_packed_shapes(quant),
     "compile_s": compile_s,
     "step_ms": 1e3 * float(np.median(times)),
     "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
@@ -128,7 +103,7 @@ def memory_grid(args) -> list[dict]:
   config = SHAPES[args.shape]
   out = []
   for name, qcfg in METHODS.items():
-    params, _ = quantized_layer(config, qcfg)
+    params = synthetic.model_params(dataclasses.replace(config, num_layers=1), qcfg)
     layer = sum(x.nbytes for x in jax.tree.leaves(params["model"]["layers"]))
     rest = sum(x.nbytes for x in jax.tree.leaves(params)) - layer
     _, quant = lora.split_quantized(params)
@@ -193,6 +168,7 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--rank", type=int, default=64)
   parser.add_argument("--remat", action="store_true", help="rematerialise each decoder layer")
+  parser.add_argument("--tiled", action="store_true", help="copies of one quantized layer")
   parser.add_argument("--methods", default="bf16,nf4,lowra2,lowra1.5")
   parser.add_argument("--repeat", type=int, default=10)
   parser.add_argument("--memory_grid", action="store_true")
@@ -236,6 +212,7 @@ def main() -> None:
     "seq": args.seq,
     "rank": args.rank,
     "remat": args.remat,
+    "tiled": args.tiled,
     "jax": jax.__version__,
     "device": jax.devices()[0].device_kind,
   }
@@ -245,14 +222,15 @@ def main() -> None:
   print(f"\n{header}")
   base = next((r for r in rows if r["method"] == "bf16"), None)
   print(
-    "| base | code bits | total bits | compile s | step ms | vs bf16 | peak GB | XLA temp GB "
-    "| base GB |"
+    "| base | code bits | total bits | packed shapes | compile s | step ms | vs bf16 | peak GB "
+    "| XLA temp GB | base GB |"
   )
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     ratio = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "-"
     print(
-      f"| {r['method']} | {r['code_bits']:.3f} | {r['total_bits']:.3f} | {r['compile_s']:.1f} "
+      f"| {r['method']} | {r['code_bits']:.3f} | {r['total_bits']:.3f} | {r['packed_shapes']} "
+      f"| {r['compile_s']:.1f} "
       f"| {r['step_ms']:.1f} | {ratio} | {r['peak_gb']:.2f} | {r.get('temp_gb', 0):.2f} "
       f"| {r['base_gb']:.2f} |"
     )
