@@ -38,7 +38,7 @@ def select_levels(codes: jax.Array, levels: list, shift: int = 0) -> jax.Array:
   if len(levels) == 1:
     return levels[0]
   half = len(levels) // 2
-  top = (codes & np.array(half << shift, codes.dtype)) != 0  # typed: bit 31 of uint32 words
+  top = (codes & (half << shift)) != 0
   return jnp.where(
     top, select_levels(codes, levels[half:], shift), select_levels(codes, levels[:half], shift)
   )
