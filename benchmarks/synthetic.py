@@ -73,7 +73,10 @@ def model_params(
     if quantize:
       layers, _ = quantize_params(layers, quant, progress=False)
   d, v = config.hidden_size, config.vocab_size
-  normal = lambda key, shape: (0.02 * jax.random.normal(key, shape)).astype(jnp.bfloat16)  # noqa: E731
+
+  def normal(key, shape):
+    return (0.02 * jax.random.normal(key, shape)).astype(jnp.bfloat16)
+
   params = {
     "model": {
       "embed_tokens": {"embedding": normal(k_embed, (v, d))},

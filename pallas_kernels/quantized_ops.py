@@ -14,7 +14,8 @@ float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed tenso
 restored by gathering whole rows (`row_gather`) of the output (below PERMUTE_WEIGHT_FROM_M rows;
 dY's columns in the backward) or of the weight. The custom VJP returns only dX = dY @ W_hat^T the
 same ways (`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed
-tensor itself is kept for the backward pass.
+tensor itself is kept for the backward pass. `plan(qt, m, dtype, impl, backward)` returns all these
+choices for one pass as an inspectable `Plan`, which `_forward` / `_backward` execute.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
 split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
@@ -165,21 +166,21 @@ def _row_kernel(rows: int, cols: int, impl: str) -> bool:
   return impl in ("triton", "interpret") and rg.block_shape(rows, cols) is not None
 
 
-def _gather_rows(a, idx, impl: str):
-  """a[idx] (whole rows): the Pallas row-gather kernel where it tiles `a`, else XLA's gather."""
-  if _row_kernel(idx.shape[0], a.shape[1], impl):
+def _gather_rows(a, idx, gather: str, impl: str):
+  """a[idx] (whole rows): by the Pallas row-gather kernel (`gather` "row_gather") or XLA's."""
+  if gather == "row_gather":
     return rg.row_gather(a, idx, interpret=impl == "interpret")
   return rg.row_gather_reference(a, idx)
 
 
-def _weight_rows(qt: QuantizedTensor, dtype, impl: str):
-  """W_hat^T [N, K] in channel order, a transient buffer: written by one `lut_dequantize_t` launch
-  where `_dequantize_kernel` says so, else dequantized by XLA (a mixed tensor's rows then put in
-  channel order by `row_gather` where it tiles them, by XLA's gather otherwise)."""
-  if _dequantize_kernel(qt, impl, dtype):
+def _weight_rows(qt: QuantizedTensor, dtype, p: Plan, impl: str):
+  """W_hat^T [N, K] in channel order, a transient buffer, as the dense plan `p` says: written by
+  one `lut_dequantize_t` launch, or dequantized by XLA (a mixed tensor's rows then put in channel
+  order by `p.gather`)."""
+  if p.weight == "lut_dequantize":
     return ld.lut_dequantize_t(qt, dtype, interpret=impl == "interpret")
-  if qt.perm is not None and _row_kernel(qt.shape[1], qt.shape[0], impl):
-    return _gather_rows(dequantize_buckets(qt, dtype), qt.inverse_perm(), impl)
+  if p.permute == "weight" and p.gather == "row_gather":
+    return _gather_rows(dequantize_buckets(qt, dtype), qt.inverse_perm(), p.gather, impl)
   return dequantize_channels(qt, dtype)  # XLA's gather, or none without a permutation
 
 
@@ -205,22 +206,79 @@ def _all_dense(qt: QuantizedTensor, m: int, impl: str, dtype, backward: bool) ->
   return all(_kernel_tiles(b, m, qt.group_size, impl, backward) is None for b in qt.buckets)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How one pass of `quantized_matmul` runs at M rows: what `plan` returns, and all that
+  `_forward` / `_backward` decide.
+
+  dense: every bucket is dequantized into one transient weight W_hat^T [N, K] for one XLA dot;
+    weight: who writes it, "lut_dequantize" (one launch, rows in channel order) or "xla";
+    permute: where a mixed tensor's channel order is restored, None (no permutation, or the
+    kernel wrote channel order), "weight" (rows of the weight) or "output" (rows of y^T; in the
+    backward dY's columns); gather: "row_gather" (the Pallas kernel) or "xla" when permuting.
+  Otherwise `buckets` holds per bucket its LUT kernel `Tiles` or None (that bucket dequantized
+  for an XLA dot); one_launch: the forward of every bucket in one `lut_matmul_buckets` launch
+  (the buckets' tiles then share all but block_k).
+  """
+
+  dense: bool
+  weight: str | None = None
+  permute: str | None = None
+  gather: str | None = None
+  buckets: tuple[lm.Tiles | None, ...] = ()
+  one_launch: bool = False
+
+
+def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) -> Plan:
+  """The `Plan` of x [m, K] @ W_hat (forward) or dY [m, N] @ W_hat^T (backward) in `dtype` with
+  the resolved implementation `impl` ("triton", "interpret" or "xla")."""
+  if _all_dense(qt, m, impl, dtype, backward):
+    if _dequantize_kernel(qt, impl, dtype):
+      return Plan(dense=True, weight="lut_dequantize")
+    if qt.perm is None:
+      return Plan(dense=True, weight="xla")
+    if m >= PERMUTE_WEIGHT_FROM_M:
+      gather = "row_gather" if _row_kernel(qt.shape[1], qt.shape[0], impl) else "xla"
+      return Plan(dense=True, weight="xla", permute="weight", gather=gather)
+    # forward: rows of y^T [N, M]; backward: dY's columns, gathered by XLA
+    gather = "row_gather" if not backward and _row_kernel(qt.shape[1], m, impl) else "xla"
+    return Plan(dense=True, weight="xla", permute="output", gather=gather)
+  tiles = tuple(_kernel_tiles(b, m, qt.group_size, impl, backward) for b in qt.buckets)
+  if backward or len(tiles) == 1 or not all(tiles):
+    return Plan(dense=False, buckets=tiles)
+  m_tiles = -(-m // tiles[0].block_m)
+  programs = m_tiles * sum(-(-b.num_channels // tiles[0].block_n) for b in qt.buckets)
+  steps = min(b.planes[0].shape[0] // t.block_k for b, t in zip(qt.buckets, tiles, strict=True))
+  splits = _target_splits(programs, steps, backward=False)
+  shared = tuple(dataclasses.replace(t, splits=splits) for t in tiles)
+  return Plan(dense=False, buckets=shared, one_launch=True)
+
+
 # Jitted so that layers of identical shapes share one traced and lowered function.
 @functools.partial(jax.jit, static_argnums=2)
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
-  if _all_dense(qt, m, impl, x.dtype, False):
-    # One transient weight W_hat^T [N, K], one GEMM computing channels x rows: channel order
-    # is then a gather of whole rows, of the weight or of the output, whichever is smaller.
-    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M or _dequantize_kernel(qt, impl, x.dtype):
-      return jnp.dot(_weight_rows(qt, x.dtype, impl), x.T).T
-    return _gather_rows(jnp.dot(dequantize_buckets(qt, x.dtype), x.T), qt.inverse_perm(), impl).T
+  p = plan(qt, m, x.dtype, impl)
+  if p.dense:  # channels x rows: one GEMM on W_hat^T [N, K]
+    if p.permute == "output":
+      y_t = jnp.dot(dequantize_buckets(qt, x.dtype), x.T)
+      return _gather_rows(y_t, qt.inverse_perm(), p.gather, impl).T
+    return jnp.dot(_weight_rows(qt, x.dtype, p, impl), x.T).T
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
-  tiles = [_kernel_tiles(b, m, qt.group_size, impl, False) for b in qt.buckets]
-  if len(tiles) > 1 and all(tiles):
-    return _forward_buckets(xp, qt, tiles, impl)
+  if p.one_launch:
+    partial = lm.lut_matmul_buckets(
+      xp,
+      qt.buckets,
+      block_ks=tuple(t.block_k for t in p.buckets),
+      group=qt.group_size,
+      tiles=p.buckets[0],
+      dtype=x.dtype if p.buckets[0].splits == 1 else jnp.float32,
+      columns=qt.perm,
+      interpret=impl == "interpret",
+    )
+    return _sum_splits(partial, x.dtype)
   cols = []
-  for b, t in zip(qt.buckets, tiles, strict=True):
+  for b, t in zip(qt.buckets, p.buckets, strict=True):
     if t is None:
       cols.append(jnp.dot(xp, _dense_t(b, qt.group_size, xp.shape[1], x.dtype).T))
       continue
@@ -236,26 +294,6 @@ def _forward(x, qt: QuantizedTensor, impl: str):
   return _unpermute(cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=1), qt)
 
 
-def _forward_buckets(xp, qt: QuantizedTensor, tiles: list[lm.Tiles], impl: str):
-  """xp [M, K_pad] @ every bucket by one `lut_matmul_buckets` launch, which writes the columns in
-  channel order -> [M, N]."""
-  m_tiles = -(-xp.shape[0] // tiles[0].block_m)
-  programs = m_tiles * sum(-(-b.num_channels // tiles[0].block_n) for b in qt.buckets)
-  steps = min(b.planes[0].shape[0] // t.block_k for b, t in zip(qt.buckets, tiles, strict=True))
-  splits = _target_splits(programs, steps, backward=False)
-  partial = lm.lut_matmul_buckets(
-    xp,
-    qt.buckets,
-    block_ks=tuple(t.block_k for t in tiles),
-    group=qt.group_size,
-    tiles=dataclasses.replace(tiles[0], splits=splits),
-    dtype=xp.dtype if splits == 1 else jnp.float32,
-    columns=qt.perm,
-    interpret=impl == "interpret",
-  )
-  return _sum_splits(partial, xp.dtype)
-
-
 def _unpermute(y, qt: QuantizedTensor):
   """Bucket-order columns [M, N] -> channel order; scattered by perm rather than gathered by its
   inverse, which costs three more launches."""
@@ -268,18 +306,18 @@ def _unpermute(y, qt: QuantizedTensor):
 def _backward(g, qt: QuantizedTensor, impl: str):
   m, _ = g.shape
   k = qt.shape[0]
-  if _all_dense(qt, m, impl, g.dtype, True):
-    if qt.perm is None or m >= PERMUTE_WEIGHT_FROM_M or _dequantize_kernel(qt, impl, g.dtype):
-      return jnp.dot(g, _weight_rows(qt, g.dtype, impl))  # channel order: dY needs no gather
-    return jnp.dot(g[:, qt.perm.astype(jnp.int32)], dequantize_buckets(qt, g.dtype))
+  p = plan(qt, m, g.dtype, impl, backward=True)
+  if p.dense:
+    if p.permute == "output":  # dY's columns into bucket order
+      return jnp.dot(g[:, qt.perm.astype(jnp.int32)], dequantize_buckets(qt, g.dtype))
+    return jnp.dot(g, _weight_rows(qt, g.dtype, p, impl))  # channel order: dY needs no gather
   one = len(qt.buckets) == 1
   if qt.perm is not None:
     g = g[:, qt.perm.astype(jnp.int32)]
   parts, start = [], 0
-  for b in qt.buckets:
+  for b, t in zip(qt.buckets, p.buckets, strict=True):
     gb = g if one else g[:, start : start + b.num_channels]
     start += b.num_channels
-    t = _kernel_tiles(b, m, qt.group_size, impl, True)
     if t is None:
       parts.append(jnp.dot(gb, _dense_t(b, qt.group_size, k, g.dtype)))  # fp32 accumulation
       continue
@@ -292,7 +330,7 @@ def _backward(g, qt: QuantizedTensor, impl: str):
       interpret=impl == "interpret",
     )
     parts.append(_sum_splits(partial, g.dtype if one else jnp.float32)[:, :k])
-  dx = parts[0] if one else sum(p.astype(jnp.float32) for p in parts)
+  dx = parts[0] if one else sum(part.astype(jnp.float32) for part in parts)
   return dx.astype(g.dtype)
 
 

@@ -3,6 +3,7 @@
 Kernels run in Pallas' interpreter on CPU (and compiled through Triton when a GPU is present).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -227,14 +228,12 @@ def test_mixed_tensor_forward_up_to_64_rows_takes_one_launch(m):
   """Decode and mid-M tiles of the one-launch forward; from 65 rows (and from 32 in the backward)
   the mixed tensor takes the dense path."""
   qt = quantize.quantize_tensor(weights(7, 256, 96), quantize.QuantConfig(budget=1.5))
-  assert len(qt.buckets) > 1 and all(
-    quantized_ops._kernel_tiles(b, m, qt.group_size, "interpret", False) for b in qt.buckets
-  )
-  dense = functools.partial(quantized_ops._all_dense, qt, impl="interpret", dtype=jnp.float32)
-  assert (
-    not dense(m, backward=False) and not dense(64, backward=False) and dense(65, backward=False)
-  )
-  assert dense(m, backward=True) == (m >= 32) and not dense(31, backward=True)
+  plan = functools.partial(quantized_ops.plan, qt, dtype=jnp.float32, impl="interpret")
+  p = plan(m)
+  assert len(qt.buckets) > 1 and p.one_launch and all(p.buckets)
+  assert len({dataclasses.replace(t, block_k=0) for t in p.buckets}) == 1  # shared but block_k
+  assert not plan(64).dense and plan(65).dense
+  assert plan(m, backward=True).dense == (m >= 32) and not plan(31, backward=True).dense
   x = np.random.default_rng(m).normal(size=(m, 256)).astype(np.float32)
   w = np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
   got = quantized_matmul(jnp.asarray(x), qt, backend="interpret")
@@ -267,7 +266,13 @@ def test_dense_path_of_a_mixed_tensor_matches_float64(budget, m, backend):
   config = quantize.QuantConfig(budget=budget, precisions=precisions)
   qt = quantize.quantize_tensor(weights(7, 256, 96), config)
   assert qt.perm is not None and rg.block_shape(96, m) and rg.block_shape(96, 256)
-  assert quantized_ops._dequantize_kernel(qt, backend, jnp.float32) == (budget == 1.5)
+  fwd, bwd = (quantized_ops.plan(qt, m, jnp.float32, backend, d) for d in (False, True))
+  if budget == 1.5:
+    assert fwd == bwd == quantized_ops.Plan(dense=True, weight="lut_dequantize")
+  else:
+    at = "weight" if m >= quantized_ops.PERMUTE_WEIGHT_FROM_M else "output"
+    assert fwd == quantized_ops.Plan(dense=True, weight="xla", permute=at, gather="row_gather")
+    assert bwd.permute == at and bwd.gather == ("row_gather" if at == "weight" else "xla")
   rng = np.random.default_rng(m)
   x = rng.normal(size=(m, 256)).astype(np.float32)
   c = rng.normal(size=(m, 96)).astype(np.float32)
@@ -320,3 +325,18 @@ def test_forward_split_model_picks_the_measured_best_on_an_h200(monkeypatch):
     assert quantized_ops._forward_splits(n // 64, k * 2 // 8 // 64) == best
   for tiles, steps in [(1, 4), (2, 40), (448, 32), (5000, 7)]:
     assert 1 <= quantized_ops._forward_splits(tiles, steps) <= steps
+
+
+def test_plan_is_data_for_every_path():
+  """`plan` names the path of each pass without running it: LUT kernels per bucket at decode
+  sizes (a 1-bucket tensor has no one-launch forward), the dense path from DENSE_FROM_M rows, and
+  only dense dots on the xla backend."""
+  qt = quantize.quantize_tensor(weights(9, 256, 64), quantize.QuantConfig(method="lloyd", bits=2))
+  p = quantized_ops.plan(qt, 1, jnp.bfloat16, "interpret")
+  assert not p.dense and not p.one_launch and len(p.buckets) == 1 and p.buckets[0].narrow
+  assert p.buckets[0] == quantized_ops.tiles_for(1, 64, 64, 64, backward=False)
+  assert not quantized_ops.plan(qt, 1, jnp.bfloat16, "interpret", backward=True).buckets[0].narrow
+  big = quantized_ops.plan(qt, quantized_ops.DENSE_FROM_M, jnp.bfloat16, "interpret")
+  assert big == quantized_ops.Plan(dense=True, weight="lut_dequantize")
+  xla = quantized_ops.plan(qt, 1, jnp.float32, "xla")
+  assert xla == quantized_ops.Plan(dense=True, weight="xla")
