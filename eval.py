@@ -1,4 +1,4 @@
-"""Perplexity of the bf16 base, the quantized base and base + trained adapters.
+"""Perplexity of the dense base (bf16 or fp32, `model.dtype`), the quantized base and base + adapters.
 
     python eval.py --config=configs/llama_1p5bit.py            # adapters from config.workdir
     python eval.py --config=configs/demo.py --config.eval_data.split=train
@@ -56,7 +56,8 @@ def main(argv) -> None:
   rows = []
   ppl, tokens = perplexity(eval_step, place({"params": prep.params}), None, blocks, batch, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(prep.params))
-  rows.append(("bf16 base", "16", "16", ppl))
+  width = reporting.bits_columns(None, config.model.dtype)
+  rows.append((f"{reporting.DTYPE_NAMES[config.model.dtype]} base", *width, ppl))
   bits = reporting.base_bits(prep)
   code, total = reporting.bits_columns(bits, config.model.dtype)
   frozen = place(prep.frozen)

@@ -204,14 +204,13 @@ class Row:
 def load_rows(paths) -> list[Row]:
   """Rows of one or more JSONL files (later files win for a repeated shape/precision/M/pass)."""
   rows = {}
+  fix = "pass files that --rows wrote"
   for path in paths:
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for i, line in enumerate(cli.read_json_lines("--report", path, fix), 1):
       try:
-        r = Row(**json.loads(line))
-      except (TypeError, ValueError) as e:
-        raise cli.UserError(
-          f"{path} line {i} is not a row of kernels.py ({e}) — pass files that --rows wrote"
-        ) from None
+        r = Row(**line)
+      except TypeError as e:
+        raise cli.UserError(f"--report: {path} row {i} is not a row of kernels.py ({e}) — {fix}")
       rows[(r.shape, r.precision, r.m, r.direction)] = r
   return list(rows.values())
 

@@ -180,9 +180,16 @@ def main() -> None:
   if args.plot:
     cli.output_file("--plot", args.plot)
     results = []
+    fix = "pass the --out files of earlier runs"
     for name in cli.parse_list(args.plot_from, "--plot_from"):
-      with cli.existing("--plot_from", name, "pass the --out files of earlier runs").open() as f:
-        results.append(json.load(f))
+      path = cli.input_file("--plot_from", name, fix)
+      try:
+        result = json.loads(path.read_text())
+      except ValueError:
+        raise cli.UserError(f"--plot_from: {name} is not JSON — {fix}") from None
+      if not isinstance(result, dict) or not {"steps", "memory_grid"} & set(result):
+        raise cli.UserError(f"--plot_from: {name} holds no model_step.py results — {fix}")
+      results.append(result)
     plot_memory(results, args.plot)
     return
   methods = cli.parse_list(args.methods, "--methods", METHODS) if args.methods else []

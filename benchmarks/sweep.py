@@ -215,9 +215,9 @@ def load_results(out: Path) -> dict[str, dict]:
   path = out / "results.jsonl"
   results = {}
   if path.exists():
-    for line in path.read_text().splitlines():
-      r = json.loads(line)
-      if "error" not in r:
+    fix = "remove or repair that line (each finished row is one JSON object)"
+    for r in cli.read_json_lines("--out", path, fix):
+      if isinstance(r, dict) and "key" in r and "error" not in r:
         results[r["key"]] = r
   return results
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -66,8 +67,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   config file that does not load)."""
   from absl import flags
 
-  for arg in argv:  # ml_collections reports a missing file only when the config is first read
-    file = arg.split("=", 1)[1].split(":")[0] if arg.startswith("--config=") else None
+  for arg, after in zip(argv, [*argv[1:], None]):  # ml_collections reports a missing file only
+    # when the config is first read; --config=FILE or --config FILE
+    value = arg.split("=", 1)[1] if arg.startswith("--config=") else None
+    value = after if arg == "--config" and after is not None else value
+    file = None if value is None else value.split(":")[0]
     if file is not None and not Path(file).is_file():
       raise UserError(
         f"config file {file} does not exist — pass one of configs/*.py, "
@@ -115,6 +119,28 @@ def existing(flag: str, path, fix: str = "check the path") -> Path:
   if not path.exists():
     raise UserError(f"{flag}: {path} does not exist — {fix}")
   return path
+
+
+def input_file(flag: str, path, fix: str = "check the path") -> Path:
+  """`flag`'s input file `path`: it must exist and not be a directory."""
+  path = existing(flag, path, fix)
+  if path.is_dir():
+    raise UserError(f"{flag}: {path} is a directory — name a file; {fix}")
+  return path
+
+
+def read_json_lines(flag: str, path, fix: str) -> list:
+  """The JSON value of each line of `flag`'s file `path` (blank lines skipped); a `UserError`
+  naming the first line that is not JSON."""
+  out = []
+  for i, line in enumerate(input_file(flag, path, fix).read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      out.append(json.loads(line))
+    except ValueError:
+      raise UserError(f"{flag}: {path} line {i} is not JSON — {fix}") from None
+  return out
 
 
 def output_file(flag: str, path) -> Path:

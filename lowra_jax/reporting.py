@@ -9,6 +9,8 @@ from lowra_jax.base import Prepared
 from lowra_jax.quantize import BitsPerParam, bits_per_param
 from lowra_jax.run_config import DTYPES
 
+DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}  # short names of `DTYPES` for tables
+
 def base_bits(prep: Prepared) -> BitsPerParam | None:
   """Code and total bits per quantized weight; None when the base is dense (method 'none')."""
   return bits_per_param(prep.frozen["quant"]) if prep.frozen["quant"] else None

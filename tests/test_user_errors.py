@@ -63,6 +63,10 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
   return {
     "config key typo": (train + ["--config.optim.learnin_rate=1"], 'did you mean "learning_rate"'),
     "config file missing": (["train.py", "--config=configs/nope.py"], "configs/nope.py"),
+    "config file missing, flag and value apart": (
+      ["eval.py", "--config", "configs/nope.py"],
+      "configs/nope.py",
+    ),
     "value of wrong type": (train + ["--config.lora.rank=big"], "big"),
     "budget out of range": (train + ["--config.quant.budget=0.5"], "budget=0.5"),
     "rank 0": (train + ["--config.lora.rank=0"], "rank=0"),
