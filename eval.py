@@ -1,4 +1,4 @@
-"""Perplexity of the dense base (bf16 or fp32, `model.dtype`), the quantized base and base + adapters.
+"""Perplexity of the dense base (`model.dtype`), the quantized base and base + trained adapters.
 
     python eval.py --config=configs/llama_1p5bit.py            # adapters from config.workdir
     python eval.py --config=configs/demo.py --config.eval_data.split=train
