@@ -3,7 +3,7 @@
 For each weight shape [K, N], precision and M: forward y = x @ W and backward dX = dY @ W^T,
 timed side by side in one process: bf16 `jnp.dot` on the dequantized weight, the `xla` backend
 (unpack + table lookup + dot, all XLA) and the Pallas kernels (`auto`: the Triton kernels below
-DENSE_FROM_M rows, dequantize + dot above). Weights rotate over enough copies to exceed the L2
+`Tuning.dense_from_m` rows, dequantize + dot above). Weights rotate over enough copies to exceed the L2
 cache. Also: packed bytes / time against the measured device copy bandwidth.
 
     python benchmarks/kernels.py --rows runs/kernels/a.jsonl                  # the full grid

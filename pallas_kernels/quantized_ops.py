@@ -3,15 +3,15 @@
 Forward: every precision bucket's columns come from `lut_matmul`, reading the bucket as stored; when
 all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them all
 and stores them in channel order, otherwise the concatenated columns are put back in channel order.
-Where a bucket does not take the kernels (M >= DENSE_FROM_M, or M >= CHANNEL_ORDER_DENSE_FROM_M for
-mixed and 1-bit tensors: 65 forward, 32 backward; 4-bit buckets above M = 16, the `xla` backend,
-layouts the kernels do not cover) XLA dequantizes it (a fused select tree) into a transient
+Where a bucket does not take the kernels (M >= `Tuning.dense_from_m`, or from
+`channel_order_dense_from_m` for mixed and 1-bit tensors; 4-bit buckets above M = 16, the `xla`
+backend, layouts the kernels do not cover) XLA dequantizes it (a fused select tree) into a transient
 transposed weight [Nb, K] for its dot. When every bucket is dense the whole weight becomes one
 transient W_hat^T [N, K] in channel order and one GEMM computes the output or dX. That weight is
 written by one `lut_dequantize_t` launch, rows already in channel order, wherever the kernel covers
 the tensor (a single 2- or 4-bit bucket only in 16-bit dtypes, which it looks up by bytes: in
 float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed tensor's channel order is
-restored by gathering whole rows (`row_gather`) of the output (below PERMUTE_WEIGHT_FROM_M rows;
+restored by gathering whole rows (`row_gather`) of the output (below `permute_weight_from_m` rows;
 dY's columns in the backward) or of the weight. The custom VJP returns only dX = dY @ W_hat^T the
 same ways (`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed
 tensor itself is kept for the backward pass. `plan(qt, m, dtype, impl, backward)` returns all these
@@ -42,21 +42,57 @@ from pallas_kernels import lut_dequantize as ld
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import row_gather as rg
 
-# M from which a bucket is dequantized once into a transient bf16 buffer for XLA's dot
-# (training-size batches are compute-bound; see docs/results.md).
-DENSE_FROM_M = 256
-# The same for mixed and 1-bit tensors whose transient weight `lut_dequantize_t` writes (one launch,
-# in channel order), by pass: their one-launch LUT forward is faster up to M = 64 (the mid tiles),
-# their backward (a launch per bucket, in bucket order) only below 32 (H200, docs/results.md).
-CHANNEL_ORDER_DENSE_FROM_M = {"forward": 65, "backward": 32}
-# M from which a mixed-precision tensor's dense path permutes the transient weight (a fixed cost)
-# rather than the output and dY (costs growing with M); measured on the H200 (docs/architecture.md).
-PERMUTE_WEIGHT_FROM_M = 2048
-# Forward LUT programs resident per streaming multiprocessor (4 warps at ~170 registers a thread:
-# Nsight Compute on the H200), for the split model of `_forward_splits`.
-_RESIDENT = 2
-# Programs per SM aimed at by `_target_splits` (backward; mixed forward), measured on the H200.
-_WAVES = {False: 2, True: 4}
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """The numbers `plan` dispatches by, for one GPU model (from sweeps on it:
+  `benchmarks/kernels.py --sweep M`, docs/results.md).
+
+  dense_from_m: M from which a bucket is dequantized once into a transient weight for XLA's dot
+    (training-size batches are compute-bound).
+  channel_order_dense_from_m: the same, per pass, for mixed and 1-bit tensors whose transient
+    weight `lut_dequantize_t` writes (one launch, in channel order): their one-launch LUT forward
+    is faster up to M = 64, their backward (a launch per bucket) only below 32.
+  permute_weight_from_m: M from which a mixed tensor's dense path permutes the transient weight (a
+    fixed cost) rather than the output and dY (costs growing with M).
+  resident: forward LUT programs resident per SM (4 warps at ~170 registers a thread), for the
+    split model of `_forward_splits`.
+  waves: programs per SM aimed at by `_target_splits`, (one-launch mixed forward, backward).
+  decode, mid, large: forward `Tiles` of M <= 16, M <= 64 and above (block_k: the most a tensor
+    gets; splits set per tensor); backward_above_16: (block_n, num_stages) of the backward above
+    M = 16. Levels are looked up in the activation dtype (`narrow`, byte permutations) only in the
+    forward up to M = 64: beyond, and in the backward, the float32 select tree feeds the tensor
+    cores faster.
+  """
+
+  dense_from_m: int
+  channel_order_dense_from_m: dict[str, int]
+  permute_weight_from_m: int
+  resident: int
+  waves: tuple[int, int]
+  decode: lm.Tiles
+  mid: lm.Tiles
+  large: lm.Tiles
+  backward_above_16: tuple[int, int]
+
+
+H200 = Tuning(
+  dense_from_m=256,
+  channel_order_dense_from_m={"forward": 65, "backward": 32},
+  permute_weight_from_m=2048,
+  resident=2,
+  waves=(2, 4),
+  decode=lm.Tiles(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
+  mid=lm.Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=2),
+  large=lm.Tiles(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=2),
+  backward_above_16=(32, 3),
+)
+# Per `jax.Device.device_kind`; other GPUs (and the CPU's interpreted kernels) use the H200's.
+TUNINGS = {"NVIDIA H200": H200}
+
+
+def tuning() -> Tuning:
+  """The `Tuning` of this process's first device."""
+  return TUNINGS.get(jax.devices()[0].device_kind, H200)
 
 
 def _num_sms() -> int:
@@ -68,21 +104,16 @@ def _round_up(n: int, k: int) -> int:
 
 
 def _base_tiles(m: int, kp: int, group: int, backward: bool) -> lm.Tiles | None:
-  """Block sizes and launch settings of a shape class (decode M <= 16, mid M <= 64, larger),
-  from tile sweeps on the H200 (`benchmarks/kernels.py --sweep M`, docs/results.md). Levels are
-  looked up in the activation dtype (`narrow`, byte permutations) only in the forward up to
-  M = 64: beyond, and in the backward, the float32 select tree feeds the tensor cores faster."""
+  """The `Tuning`'s tiles of M's shape class, block_k fitted to the tensor (None: no kernel)."""
   bk = lm.max_block_k(kp, group)
   if not bk:
     return None
-  if m <= 16:
-    t = lm.Tiles(block_m=16, block_n=64, block_k=bk, num_warps=4, num_stages=3)
-  elif m <= 64:
-    t = lm.Tiles(block_m=64, block_n=128, block_k=bk, num_warps=4, num_stages=2)
-  else:
-    t = lm.Tiles(block_m=128, block_n=64, block_k=min(bk, 32), num_warps=8, num_stages=2)
+  tune = tuning()
+  t = tune.decode if m <= 16 else tune.mid if m <= 64 else tune.large
+  t = dataclasses.replace(t, block_k=min(bk, t.block_k))
   if backward and m > 16:
-    t = dataclasses.replace(t, block_n=32, num_stages=3)
+    block_n, stages = tune.backward_above_16
+    t = dataclasses.replace(t, block_n=block_n, num_stages=stages)
   return dataclasses.replace(t, narrow=not backward and m <= 64)
 
 
@@ -104,22 +135,22 @@ def tiles_for(m: int, kp: int, nb: int, group: int, backward: bool) -> lm.Tiles 
 
 
 def _target_splits(programs: int, steps: int, backward: bool) -> int:
-  """Reduction splits giving `programs` unsplit programs about _WAVES[backward] programs per SM.
+  """Reduction splits giving `programs` unsplit programs about `Tuning.waves` programs per SM.
   Used by the backward and by the one-launch mixed forward, whose programs differ in length (its
   1-bit programs have half the steps), which the wave model below does not weigh."""
-  return max(1, min(steps, -(-_WAVES[backward] * _num_sms() // programs)))
+  return max(1, min(steps, -(-tuning().waves[backward] * _num_sms() // programs)))
 
 
 def _forward_splits(tiles: int, steps: int) -> int:
   """K splits of a one-bucket forward launch of `tiles` output tiles of `steps` K steps each.
 
-  Models the launch as waves of _RESIDENT programs per SM, each wave as long as a program (its
-  steps per split plus one for its fixed work), and picks the split count with the fewest modelled
-  steps among those filling at least 90 % of one wave (fewer programs leave SMs half-used, slower
-  than the model); ties go to fewer splits. On the H200 it beats `_target_splits` on the
-  LLaMA-7B/70B shapes at M = 1 and 16.
+  Models the launch as waves of `Tuning.resident` programs per SM, each wave as long as a program
+  (its steps per split plus one for its fixed work), and picks the split count with the fewest
+  modelled steps among those filling at least 90 % of one wave (fewer programs leave SMs
+  half-used, slower than the model); ties go to fewer splits. On the H200 it beats
+  `_target_splits` on the LLaMA-7B/70B shapes at M = 1 and 16.
   """
-  slots = _RESIDENT * _num_sms()
+  slots = tuning().resident * _num_sms()
   best = (math.inf, 1)
   for s in range(1, steps + 1):
     per = -(-steps // s)  # steps per split; trailing splits may get none
@@ -150,7 +181,7 @@ def _kernel_tiles(bucket, m: int, group: int, impl: str, backward: bool) -> lm.T
   forward loses to it from M = 64 (H200).
   """
   four = bucket.bits == 4 and (backward or m > 16)
-  if not _kernels_apply(bucket, impl) or m >= DENSE_FROM_M or four:
+  if not _kernels_apply(bucket, impl) or m >= tuning().dense_from_m or four:
     return None
   kp, nb = bucket.planes[0].shape
   return tiles_for(m, kp, nb, group, backward)
@@ -197,10 +228,10 @@ def _dequantize_kernel(qt: QuantizedTensor, impl: str, dtype) -> bool:
 
 def _all_dense(qt: QuantizedTensor, m: int, impl: str, dtype, backward: bool) -> bool:
   """Whether no bucket takes the kernels at M rows (then XLA dots on transient weights): from
-  DENSE_FROM_M rows, or from CHANNEL_ORDER_DENSE_FROM_M (per pass) for mixed and 1-bit tensors
-  whose weight `lut_dequantize_t` writes."""
+  `Tuning.dense_from_m` rows, or from `channel_order_dense_from_m` (per pass) for mixed and 1-bit
+  tensors whose weight `lut_dequantize_t` writes."""
   mixed_or_1bit = len(qt.buckets) > 1 or qt.buckets[0].bits == 1
-  from_m = CHANNEL_ORDER_DENSE_FROM_M["backward" if backward else "forward"]
+  from_m = tuning().channel_order_dense_from_m["backward" if backward else "forward"]
   if m >= from_m and mixed_or_1bit and _dequantize_kernel(qt, impl, dtype):
     return True
   return all(_kernel_tiles(b, m, qt.group_size, impl, backward) is None for b in qt.buckets)
@@ -237,7 +268,7 @@ def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) 
       return Plan(dense=True, weight="lut_dequantize")
     if qt.perm is None:
       return Plan(dense=True, weight="xla")
-    if m >= PERMUTE_WEIGHT_FROM_M:
+    if m >= tuning().permute_weight_from_m:
       gather = "row_gather" if _row_kernel(qt.shape[1], qt.shape[0], impl) else "xla"
       return Plan(dense=True, weight="xla", permute="weight", gather=gather)
     # forward: rows of y^T [N, M]; backward: dY's columns, gathered by XLA

@@ -255,12 +255,12 @@ def test_row_gather_copies_whole_rows(rows, cols, dtype):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
 @pytest.mark.parametrize(
-  "budget,m", [(1.5, 256), (3.0, 256), (3.0, quantized_ops.PERMUTE_WEIGHT_FROM_M)]
+  "budget,m", [(1.5, 256), (3.0, 256), (3.0, quantized_ops.H200.permute_weight_from_m)]
 )
 def test_dense_path_of_a_mixed_tensor_matches_float64(budget, m, backend):
   """Forward and input gradient of the dense path: a 1/2-bit tensor's weight written in channel
   order by `lut_dequantize_t`; one with 3-bit buckets (which that kernel does not cover) restored
-  to channel order by the row-gather kernel, of output rows below PERMUTE_WEIGHT_FROM_M, weight
+  to channel order by the row-gather kernel, of output rows below `permute_weight_from_m`, weight
   rows from it."""
   precisions = (1, 2, 4) if budget == 1.5 else (1, 2, 3, 4)
   config = quantize.QuantConfig(budget=budget, precisions=precisions)
@@ -270,7 +270,7 @@ def test_dense_path_of_a_mixed_tensor_matches_float64(budget, m, backend):
   if budget == 1.5:
     assert fwd == bwd == quantized_ops.Plan(dense=True, weight="lut_dequantize")
   else:
-    at = "weight" if m >= quantized_ops.PERMUTE_WEIGHT_FROM_M else "output"
+    at = "weight" if m >= quantized_ops.H200.permute_weight_from_m else "output"
     assert fwd == quantized_ops.Plan(dense=True, weight="xla", permute=at, gather="row_gather")
     assert bwd.permute == at and bwd.gather == ("row_gather" if at == "weight" else "xla")
   rng = np.random.default_rng(m)
@@ -329,14 +329,14 @@ def test_forward_split_model_picks_the_measured_best_on_an_h200(monkeypatch):
 
 def test_plan_is_data_for_every_path():
   """`plan` names the path of each pass without running it: LUT kernels per bucket at decode
-  sizes (a 1-bucket tensor has no one-launch forward), the dense path from DENSE_FROM_M rows, and
+  sizes (a 1-bucket tensor has no one-launch forward), the dense path from `dense_from_m` rows, and
   only dense dots on the xla backend."""
   qt = quantize.quantize_tensor(weights(9, 256, 64), quantize.QuantConfig(method="lloyd", bits=2))
   p = quantized_ops.plan(qt, 1, jnp.bfloat16, "interpret")
   assert not p.dense and not p.one_launch and len(p.buckets) == 1 and p.buckets[0].narrow
   assert p.buckets[0] == quantized_ops.tiles_for(1, 64, 64, 64, backward=False)
   assert not quantized_ops.plan(qt, 1, jnp.bfloat16, "interpret", backward=True).buckets[0].narrow
-  big = quantized_ops.plan(qt, quantized_ops.DENSE_FROM_M, jnp.bfloat16, "interpret")
+  big = quantized_ops.plan(qt, quantized_ops.H200.dense_from_m, jnp.bfloat16, "interpret")
   assert big == quantized_ops.Plan(dense=True, weight="lut_dequantize")
   xla = quantized_ops.plan(qt, 1, jnp.float32, "xla")
   assert xla == quantized_ops.Plan(dense=True, weight="xla")
