@@ -65,8 +65,9 @@ class CheckpointSource:
 def _draw(key, *, shape: tuple[int, ...], kind: str) -> jax.Array:
   if kind == "scale":
     return jnp.ones(shape, jnp.float32)
-  if kind == "kernel":  # heavy-tailed, as trained weights are
-    return (0.02 * jax.random.t(key, 5.0, shape)).astype(jnp.bfloat16)
+  if kind == "kernel":  # heavy-tailed, as trained weights are (Student-t's gamma draws would
+    # hold tens of bytes per element)
+    return (0.02 / np.sqrt(2.0) * jax.random.laplace(key, shape)).astype(jnp.bfloat16)
   return (0.02 * jax.random.normal(key, shape)).astype(jnp.bfloat16)
 
 
@@ -74,7 +75,7 @@ def _draw(key, *, shape: tuple[int, ...], kind: str) -> jax.Array:
 class SyntheticSource:
   """Deterministic random leaves of any LLaMA shape, drawn on the default device.
 
-  Each leaf is a function of (seed, path) alone: kernels 0.02 x Student-t(5) bf16, embedding and
+  Each leaf is a function of (seed, path) alone: kernels Laplace of std 0.02 bf16, embedding and
   head 0.02 x N(0, 1) bf16, norm scales ones (float32). Leaves come in an HF checkpoint's order
   (embedding, then per layer attention, MLP and norms, final norm, head).
   """

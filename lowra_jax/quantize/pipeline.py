@@ -29,6 +29,9 @@ from lowra_jax.quantize.config import QuantConfig, QuantizationError
 from lowra_jax.quantize.qtensor import Bucket, QuantizedTensor, dequantize, is_quantized
 
 MAX_LEVELS = 16
+FIT_CHUNK = 1 << 26
+"""Most elements (channels x padded rows) fitted in one call: bounds the fit's device memory
+(tens of bytes per element) whatever a kernel's size (LLaMA-2-70B's MLP kernels: 4 chunks)."""
 
 
 @dataclasses.dataclass
@@ -200,14 +203,25 @@ class _Fitted:
 
 
 def _fit(w, cfg: QuantConfig, path: str) -> _Fitted:
+  """Tables (and for lowra errors) of every channel of w [K, N], fitted FIT_CHUNK elements at a
+  time: channels are independent, so chunks of equal width give each channel's own result."""
   if cfg.method == "nf":
     return _Fitted({}, None)
-  x, fit_w, err_w, _ = _normalise(w, group_size=cfg.group_size, weighting=cfg.weighting)
   bits = cfg.candidate_bits if cfg.method == "lowra" else (cfg.bits_for(path),)
-  tables, errors = mapping.fit_channels(x, fit_w, err_w, bits=bits, iters=cfg.lloyd_iters)
+  k_pad = -(-w.shape[0] // cfg.group_size) * cfg.group_size
+  n = w.shape[1]
+  chunks = -(-n // max(1, FIT_CHUNK // k_pad))
+  width = -(-n // chunks)
+  parts = []
+  for lo in range(0, n, width):
+    x, fit_w, err_w, _ = _normalise(
+      w[:, lo : lo + width], group_size=cfg.group_size, weighting=cfg.weighting
+    )
+    tables, errors = mapping.fit_channels(x, fit_w, err_w, bits=bits, iters=cfg.lloyd_iters)
+    parts.append(([np.asarray(t) for t in tables], np.asarray(errors)))
   return _Fitted(
-    {b: np.asarray(t) for b, t in zip(bits, tables)},
-    np.asarray(errors) if cfg.method == "lowra" else None,
+    {b: np.concatenate([p[0][i] for p in parts]) for i, b in enumerate(bits)},
+    np.concatenate([p[1] for p in parts]) if cfg.method == "lowra" else None,
   )
 
 
