@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from lowra_jax import base
-from lowra_jax.models import llama
+from lowra_jax.models import llama, weights
 from lowra_jax.models.shapes import SHAPES
 from lowra_jax.models.weights_source import CheckpointSource, SyntheticSource
 from lowra_jax.quantize import QuantConfig, quantize_params
@@ -67,6 +67,24 @@ def test_streamed_checkpoint_equals_in_memory(path, config):
   _assert_identical(streamed, reference)
   assert [l.path for l in report.layers] == [l.path for l in ref_report.layers]
   assert report.total_bits == ref_report.total_bits
+
+
+def test_prepare_streams_a_qlora_base_equal_to_init_lora():
+  from configs.demo import get_config
+  from lowra_jax import lora, run_config
+
+  config = get_config()
+  config.model.path = str(_need(STORIES))
+  config.lora.init = "qlora"
+  s = run_config.settings(config)
+  prep = base.prepare(config, s, tokenizer=None)
+  qparams, adapters, _ = lora.init_lora(
+    base.load_dense(s), s.quant, s.lora, jax.random.key(config.train.seed), progress=False
+  )
+  frozen, quant = lora.split_quantized(qparams)
+  _assert_identical(prep.frozen, {"params": frozen, "quant": quant})
+  _assert_identical(prep.adapters, adapters)
+  assert prep.model.config == llama.LlamaConfig.from_hf(weights.inspect_checkpoint(STORIES)[0])
 
 
 def test_streamed_into_a_writer_loads_as_the_in_memory_base(tmp_path):
