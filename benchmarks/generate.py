@@ -48,13 +48,10 @@ from trace_kernels import check_gpu, kernels_of
 
 from lowra_jax import cli, lora
 from lowra_jax import generate as gen
-from lowra_jax.models import llama
+from lowra_jax.models import llama, shapes
 from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
 
-SHAPES = {
-  "7b": llama.LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128, max_position_embeddings=4096),
-  "tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32),
-}
+SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32)}  # tiny: CPU
 BUNDLED = {
   "pycode": "../shared/data/models/pycode-llama-17m",
   "stories": "../shared/data/models/stories260K/stories260K.bin",

@@ -30,14 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowra_jax import cli, lora, train_lib
-from lowra_jax.models import llama
+from lowra_jax.models import llama, shapes
 from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
 
-SHAPES = {
-  "7b": llama.LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128),
-  "1b": llama.LlamaConfig(32000, 2048, 5632, 22, 32, 4, 64),  # TinyLlama-1.1B
-  "tiny": llama.LlamaConfig(512, 128, 384, 2, 4, 2, 32),  # CPU smoke test
-}
+SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 128, 384, 2, 4, 2, 32)}  # tiny: CPU
 METHODS = {
   "bf16": QuantConfig(method="none"),
   "nf4": QuantConfig(method="nf", bits=4),
