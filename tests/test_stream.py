@@ -27,6 +27,7 @@ from lowra_jax.models import llama, weights
 from lowra_jax.models.shapes import SHAPES
 from lowra_jax.models.weights_source import CheckpointSource, SyntheticSource
 from lowra_jax.quantize import QuantConfig, quantize_params
+from lowra_jax.quantize import pipeline
 from lowra_jax.quantize.pipeline import nest, quantize_stream
 from lowra_jax.quantize.serialize import Writer, load_quantized
 
@@ -67,6 +68,14 @@ def test_streamed_checkpoint_equals_in_memory(path, config):
   _assert_identical(streamed, reference)
   assert [l.path for l in report.layers] == [l.path for l in ref_report.layers]
   assert report.total_bits == ref_report.total_bits
+
+
+def test_fit_in_chunks_of_channels_equals_the_whole_fit(monkeypatch):
+  _, params = llama.load_pretrained(_need(STORIES))
+  whole, _ = quantize_params(params, QuantConfig(budget=1.5), progress=False)
+  monkeypatch.setattr(pipeline, "FIT_CHUNK", 1 << 11)  # 10 channels of 192 rows, 32 of 64
+  chunked, _ = quantize_params(params, QuantConfig(budget=1.5), progress=False)
+  _assert_identical(chunked, whole)
 
 
 def test_prepare_streams_a_qlora_base_equal_to_init_lora():
