@@ -11,7 +11,9 @@ compilation short, one decoder layer is drawn and quantized and every layer gets
 it (separate buffers, identical shapes): with per-layer mixed-precision bucket sizes every layer
 would compile its own kernels (see docs/results.md).
 
-Prints one table: compile s, median step ms, peak device memory, bytes of the frozen base; with
+Prints one table: compile s, median step ms, peak device memory, bytes of the frozen base; a
+memory breakdown per method (packed base, bf16 embeddings/head/norms, adapters, optimizer state,
+XLA's temporaries -- activations kept for the backward and transients -- and the peak); with
 `--memory_grid` also the frozen-base bytes of the whole model at every method of the quality sweep
 (from one quantized layer, times the number of layers, plus the bf16 embeddings and head).
 """
@@ -90,6 +92,12 @@ def measure(args, name: str) -> dict:
   variables = {"params": frozen, "quant": quant}
   step = train_lib.make_train_step(model, tx)
   key = jax.random.key(0)
+  held = {  # before the step donates the state
+    "packed_gb": _gb(quant),
+    "dense_gb": _gb(frozen),
+    "adapters_gb": _gb(state.adapters),
+    "optimizer_gb": _gb(state.opt_state),
+  }
   t0 = time.perf_counter()
   compiled = step.lower(state, variables, batch, key).compile()
   compile_s = time.perf_counter() - t0
@@ -115,8 +123,13 @@ def measure(args, name: str) -> dict:
     "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
     "temp_gb": getattr(analysis, "temp_size_in_bytes", 0) / 1e9,
     "base_gb": sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9,
+    **held,
     "loss": float(metrics["loss"]),
   }
+
+
+def _gb(tree) -> float:
+  return sum(x.nbytes for x in jax.tree.leaves(tree)) / 1e9
 
 
 def memory_grid(args) -> list[dict]:
@@ -251,6 +264,20 @@ def main() -> None:
       f"| {r['method']} | {r['code_bits']:.3f} | {r['total_bits']:.3f} | {r['compile_s']:.1f} "
       f"| {r['step_ms']:.1f} | {ratio} | {r['peak_gb']:.2f} | {r.get('temp_gb', 0):.2f} "
       f"| {r['base_gb']:.2f} |"
+    )
+  print(
+    "\nmemory (GB): held arrays, and XLA's temporaries (the activations kept for the backward and "
+    "the step's transients, from its compiled memory plan); peak = the device's measured peak"
+  )
+  print(
+    "| base | packed base | dense leaves (embeddings, head, norms; all of bf16) | adapters "
+    "| optimizer state | activations + XLA temporaries | peak |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(
+      f"| {r['method']} | {r['packed_gb']:.3f} | {r['dense_gb']:.3f} | {r['adapters_gb']:.3f} "
+      f"| {r['optimizer_gb']:.3f} | {r['temp_gb']:.3f} | {r['peak_gb']:.3f} |"
     )
 
 
