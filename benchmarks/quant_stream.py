@@ -120,7 +120,9 @@ def main():
   print("\nstages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
   if not args.save:
     print(f"held: packed base {kept['packed'] / 1e9:.2f} GB, dense {kept['dense'] / 1e9:.2f} GB")
-  fit_s, solve_s = (f"{passes[0]:.1f}", f"{report.seconds['solve']:.1f}") if len(passes) > 1 else "--"
+  fit_s, solve_s = ("-", "-")  # NF: one pass, no solve
+  if len(passes) > 1:
+    fit_s, solve_s = f"{passes[0]:.1f}", f"{report.seconds['solve']:.1f}"
   device = "-" if device_gb is None else f"{device_gb:.1f}"
   print(
     "\n| model | method | pass 1 s | solve s | pass 2 s | total s | host peak GB "
