@@ -20,12 +20,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from lowra_jax.quantize.pipeline import nest
 from lowra_jax.quantize.qtensor import Bucket, QuantizedTensor, is_quantized
@@ -175,13 +177,33 @@ def load_extra(directory: str | os.PathLike[str]) -> dict[str, Any]:
   return _spec(Path(directory))["extra"]
 
 
+class _Arrays(Mapping):
+  """The arrays of a saved directory's shards by key, each read from its shard when asked for."""
+
+  def __init__(self, directory: Path):
+    self._where = {}
+    for shard in sorted(directory.glob("arrays*.safetensors")):
+      with safe_open(shard, framework="np") as f:
+        self._where |= dict.fromkeys(f.keys(), shard)
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    with safe_open(self._where[key], framework="np") as f:
+      return f.get_tensor(key)
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+
 def load_quantized(directory: str | os.PathLike[str]) -> tuple[dict, dict[str, Any]]:
-  """(qparams, extra) as given to `save_quantized`."""
+  """(qparams, extra) as given to `save_quantized`. Arrays are read leaf by leaf and each
+  `QuantizedTensor` is put on the default device as it is read, so the host holds dense leaves
+  and one packed tensor at a time."""
   directory = Path(directory)
   spec = _spec(directory)
-  arrays = {}
-  for shard in sorted(directory.glob("arrays*.safetensors")):
-    arrays |= load_file(shard)
+  arrays = _Arrays(directory)
   leaves = (
     (meta["path"], _decode(meta, arrays) if meta["kind"] == "quantized" else arrays[meta["path"]])
     for meta in spec["leaves"]
