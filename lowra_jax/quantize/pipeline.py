@@ -9,6 +9,10 @@
   4. pack (host):  codes into uint8 planes per bucket (`packing.pack`).
 Every jitted step has the kernel's own shape, so a model compiles once per distinct kernel shape;
 data-dependent shapes (bucket sizes) are handled on the host.
+
+`quantize_stream(source, config, sink=)` runs the stages over a source read once per pass, one
+tensor at a time (LowRA: pass 1 = fit, keeping tables and per-channel errors; solve; pass 2 =
+encode and pack; NF / lloyd: one pass); `quantize_params` is the same over a tree's leaves.
 """
 
 from __future__ import annotations
