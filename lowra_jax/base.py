@@ -1,9 +1,10 @@
 """The model and its quantized base for a run (shared by train.py, eval.py and generate.py).
 
 `prepare(config, s, tokenizer)` builds the model from the checkpoint's config, quantizes the base
-as it streams from the checkpoint (`quantize_checkpoint`: one tensor read at a time; LoftQ, whose
-rounds need every kernel, reads the dense params whole) and initialises the adapters, or loads
-both from the base `save` wrote into the workdir; `identity(config)` is what a saved base must
+as it streams from the checkpoint (`quantize_checkpoint`: one tensor read at a time; LoftQ with
+nf / lloyd in one pass, `loftq_checkpoint`; LoftQ with LowRA, whose every round solves a
+model-wide budget, reads the dense params whole) and initialises the adapters, or loads both
+from the base `save` wrote into the workdir; `identity(config)` is what a saved base must
 match to be reused; `load_dense` reads the dense params (eval.py's bf16 reference).
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 
 import pallas_kernels
-from lowra_jax import lora
+from lowra_jax import loftq, lora
 from lowra_jax.models import llama, weights
 from lowra_jax.models.tokenizer import Tokenizer
 from lowra_jax.models.weights_source import CheckpointSource
@@ -81,6 +82,24 @@ def identity(config) -> dict:
   return json.loads(json.dumps(identity))
 
 
+def loftq_checkpoint(
+  path: str | os.PathLike[str], quant: QuantConfig, config: lora.LoraConfig, rng: jax.Array
+) -> tuple[dict, dict, loftq.LoftQReport]:
+  """(qparams, adapters, report) of LoftQ with `nf` / `lloyd` on the checkpoint at `path`, in one
+  pass (`loftq.loftq_stream`); equal to `lora.init_lora` on the dense params."""
+  source = CheckpointSource(path)
+  kernels = {
+    tuple(p.split("/")[:-1]): s for p, s in source.shapes().items() if p.endswith("/kernel")
+  }
+  shapes = lora.check_targets(kernels, config)
+  leaves = []
+  factors, report = loftq.loftq_stream(
+    source, quant, targets=set(shapes), rank=config.rank, scale=config.scale,
+    iters=config.loftq_iters, sink=lambda p, leaf: leaves.append((p, leaf)),
+  )
+  return nest(leaves), lora.loftq_adapters(shapes, factors, config, rng), report
+
+
 def prepare(config, s: Settings, tokenizer: Tokenizer, base_dir: Path | None = None) -> Prepared:
   """Build the model; quantize its base and initialise adapters (deterministic in
   config.train.seed), or, when `base_dir` holds them (saved by `save` for this config, which
@@ -93,6 +112,8 @@ def prepare(config, s: Settings, tokenizer: Tokenizer, base_dir: Path | None = N
   elif s.quant.method != "none" and s.lora.init == "qlora":
     qparams, report = quantize_checkpoint(s.model.path, s.quant)
     adapters = lora.qlora_adapters(qparams, s.lora, key)
+  elif s.quant.method in ("nf", "lloyd"):  # LoftQ, every kernel's rounds as it is read
+    qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key)
   else:
     qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)
   frozen, quant = lora.split_quantized(qparams)

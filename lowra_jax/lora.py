@@ -239,12 +239,19 @@ def init_lora(
     iters=lora_config.loftq_iters,
     progress=progress,
   )
-  # Targets the quantizer skipped keep their dense kernel and get QLoRA's random start.
+  return qparams, loftq_adapters(shapes, factors, lora_config, rng), report
+
+
+def loftq_adapters(
+  shapes: dict[tuple[str, ...], tuple[int, int]], factors: dict, config: LoraConfig, rng
+) -> dict:
+  """The adapter tree of LoftQ's `factors` ({module path: (A, B)}); targets in `shapes` without
+  factors (kernels the quantizer skipped keep their dense kernel) get QLoRA's random start."""
   rest = {p: s for p, s in shapes.items() if p not in factors}
   lora = _nest({p: {"a": a, "b": b} for p, (a, b) in factors.items()})
   if rest:
-    lora = merge_trees(lora, random_adapters(rest, lora_config.rank, rng))
-  return qparams, lora, report
+    lora = merge_trees(lora, random_adapters(rest, config.rank, rng))
+  return lora
 
 
 def merge_trees(a: dict, b: dict) -> dict:

@@ -216,3 +216,19 @@ def test_streamed_quantization_stays_within_a_memory_bound_several_times_below_t
   assert streamed["growth"] <= bound, streamed
   whole = _peak_above_baseline("read_whole", 16, config)  # the measurement sees a whole model
   assert whole["growth"] >= 0.9 * whole["bf16_bytes"], whole
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(method="nf", bits=2), QuantConfig(method="lloyd")])
+def test_loftq_in_one_pass_equals_loftq_in_memory(quant):
+  from lowra_jax import lora
+
+  config = lora.LoraConfig(rank=4, init="loftq", loftq_iters=2)
+  key = jax.random.key(0)
+  _, params = llama.load_pretrained(_need(STORIES))
+  qparams, adapters, report = lora.init_lora(params, quant, config, key, progress=False)
+  streamed, streamed_adapters, streamed_report = base.loftq_checkpoint(STORIES, quant, config, key)
+  _assert_identical(streamed, qparams)
+  _assert_identical(streamed_adapters, adapters)
+  np.testing.assert_allclose(streamed_report.errors, report.errors, rtol=1e-5)
+  assert streamed_report.quant_error == pytest.approx(report.quant_error, rel=1e-5)
+  assert streamed_report.errors[-1] < streamed_report.quant_error

@@ -53,6 +53,15 @@ class CheckpointSource:
       )
     self._names = list(shapes)
 
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of every leaf, in iteration order (kernels [in, out]); nothing is read."""
+    out = {}
+    for name in self._names:
+      shape = self._checkpoint.shapes[name]
+      path = weights.flax_path(name, len(shape))
+      out[path] = shape[::-1] if path.endswith("/kernel") else shape
+    return out
+
   def __len__(self) -> int:
     return len(self._names)
 
