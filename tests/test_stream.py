@@ -1,8 +1,9 @@
-"""Quantizing as the weights are read (`quantize_stream`, `base.quantize_checkpoint`).
+"""Quantizing as the weights are read (`quantize_stream`, `base.quantize_checkpoint`,
+`base.loftq_checkpoint`).
 
 The reference is the in-memory path: the whole checkpoint read by `llama.load_pretrained` and
-quantized by `quantize_params`; the streamed result must equal it bit for bit, on both bundled
-models. Memory is measured as the child process's peak RSS (VmHWM) above its own baseline,
+quantized by `quantize_params` (LoftQ: `lora.init_lora`); the streamed result must equal it bit
+for bit, on both bundled models. Memory is measured as the child process's peak RSS (VmHWM) above its own baseline,
 against a synthetic model several times larger than the bound; the same measurement of the model
 read whole shows that it would see one.
 """
@@ -26,8 +27,7 @@ from lowra_jax import base
 from lowra_jax.models import llama, weights
 from lowra_jax.models.shapes import SHAPES
 from lowra_jax.models.weights_source import CheckpointSource, SyntheticSource
-from lowra_jax.quantize import QuantConfig, quantize_params
-from lowra_jax.quantize import pipeline
+from lowra_jax.quantize import QuantConfig, pipeline, quantize_params
 from lowra_jax.quantize.pipeline import nest, quantize_stream
 from lowra_jax.quantize.serialize import Writer, load_quantized
 
