@@ -78,13 +78,14 @@ def test_fit_in_chunks_of_channels_equals_the_whole_fit(monkeypatch):
   _assert_identical(chunked, whole)
 
 
-def test_prepare_streams_a_qlora_base_equal_to_init_lora():
+@pytest.mark.parametrize("init,method", [("qlora", "lowra"), ("loftq", "nf")])
+def test_prepare_streams_a_base_equal_to_init_lora(init, method):
   from configs.demo import get_config
   from lowra_jax import lora, run_config
 
   config = get_config()
   config.model.path = str(_need(STORIES))
-  config.lora.init = "qlora"
+  config.lora.init, config.quant.method = init, method
   s = run_config.settings(config)
   prep = base.prepare(config, s, tokenizer=None)
   qparams, adapters, _ = lora.init_lora(
