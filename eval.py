@@ -54,8 +54,10 @@ def main(argv) -> None:
     return jax.device_put(tree, sharding.tree_shardings(tree, mesh, s.mesh))
 
   rows = []
-  ppl, tokens = perplexity(eval_step, place({"params": prep.params}), None, blocks, batch, mesh)
-  n_params = sum(x.size for x in jax.tree.leaves(prep.params))
+  dense = base.load_dense(s)
+  ppl, tokens = perplexity(eval_step, place({"params": dense}), None, blocks, batch, mesh)
+  n_params = sum(x.size for x in jax.tree.leaves(dense))
+  del dense
   width = reporting.bits_columns(None, config.model.dtype)
   rows.append((f"{reporting.DTYPE_NAMES[config.model.dtype]} base", *width, ppl))
   bits = reporting.base_bits(prep)

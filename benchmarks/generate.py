@@ -49,13 +49,10 @@ from trace_kernels import check_gpu, kernels_of
 
 from lowra_jax import cli, lora
 from lowra_jax import generate as gen
-from lowra_jax.models import llama
+from lowra_jax.models import llama, shapes
 from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
 
-SHAPES = {
-  "7b": llama.LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128, max_position_embeddings=4096),
-  "tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32),
-}
+SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32)}  # tiny: CPU
 BUNDLED = {
   "pycode": "../shared/data/models/pycode-llama-17m",
   "stories": "../shared/data/models/stories260K/stories260K.bin",
@@ -94,8 +91,8 @@ def build(shape: str, method: str, layers: int, tiled: bool) -> tuple[llama.Llam
   frozen, packed = lora.split_quantized(params)
   variables = {"params": frozen} | ({"quant": packed} if packed else {})
   if lcfg is not None:
-    shapes = lora.target_paths(lora.merge_trees(frozen, packed), lcfg)
-    adapters = lora.random_adapters(shapes, RANK, jax.random.key(1))
+    targets = lora.target_paths(lora.merge_trees(frozen, packed), lcfg)
+    adapters = lora.random_adapters(targets, RANK, jax.random.key(1))
     variables["lora"] = jax.tree.map(lambda x: x + 1e-3, adapters)  # B != 0: real work
   return model, variables
 

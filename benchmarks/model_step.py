@@ -10,7 +10,9 @@ shorter compilation), the base quantized as the method says, rank-`--rank` adapt
 projections, and `train_lib.make_train_step` -- loss, gradient w.r.t. the adapters and the AdamW
 update, the path train.py runs. Quality needs no real weights here.
 
-Prints one table: compile s, median step ms, peak device memory, bytes of the frozen base; with
+Prints one table: compile s, median step ms, peak device memory, bytes of the frozen base; a
+memory breakdown per method (packed base, bf16 embeddings/head/norms, adapters, optimizer state,
+XLA's temporaries -- activations kept for the backward and transients -- and the peak); with
 `--memory_grid` also the frozen-base bytes of the whole model at every method of the quality sweep
 (from one quantized layer, times the number of layers, plus the bf16 embeddings and head).
 """
@@ -30,14 +32,10 @@ import numpy as np
 import synthetic
 
 from lowra_jax import cli, lora, train_lib
-from lowra_jax.models import llama
+from lowra_jax.models import llama, shapes
 from lowra_jax.quantize import QuantConfig, bits_per_param
 
-SHAPES = {
-  "7b": llama.LlamaConfig(32000, 4096, 11008, 32, 32, 32, 128),
-  "1b": llama.LlamaConfig(32000, 2048, 5632, 22, 32, 4, 64),  # TinyLlama-1.1B
-  "tiny": llama.LlamaConfig(512, 128, 384, 2, 4, 2, 32),  # CPU smoke test
-}
+SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 128, 384, 2, 4, 2, 32)}  # tiny: CPU
 METHODS = {
   "bf16": QuantConfig(method="none"),
   "nf4": QuantConfig(method="nf", bits=4),
@@ -68,6 +66,12 @@ def measure(args, name: str) -> dict:
   variables = {"params": frozen, "quant": quant}
   step = train_lib.make_train_step(model, tx)
   key = jax.random.key(0)
+  held = {  # before the step donates the state
+    "packed_gb": _gb(quant),
+    "dense_gb": _gb(frozen),
+    "adapters_gb": _gb(state.adapters),
+    "optimizer_gb": _gb(state.opt_state),
+  }
   t0 = time.perf_counter()
   compiled = step.lower(state, variables, batch, key).compile()
   compile_s = time.perf_counter() - t0
@@ -94,8 +98,13 @@ def measure(args, name: str) -> dict:
     "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
     "temp_gb": getattr(analysis, "temp_size_in_bytes", 0) / 1e9,
     "base_gb": sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9,
+    **held,
     "loss": float(metrics["loss"]),
   }
+
+
+def _gb(tree) -> float:
+  return sum(x.nbytes for x in jax.tree.leaves(tree)) / 1e9
 
 
 def memory_grid(args) -> list[dict]:
@@ -240,6 +249,20 @@ def main() -> None:
       f"| {r['compile_s']:.1f} "
       f"| {r['step_ms']:.1f} | {ratio} | {r['peak_gb']:.2f} | {r.get('temp_gb', 0):.2f} "
       f"| {r['base_gb']:.2f} |"
+    )
+  print(
+    "\nmemory (GB): held arrays, and XLA's temporaries (the activations kept for the backward and "
+    "the step's transients, from its compiled memory plan); peak = the device's measured peak"
+  )
+  print(
+    "| base | packed base | dense leaves (embeddings, head, norms; all of bf16) | adapters "
+    "| optimizer state | activations + XLA temporaries | peak |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(
+      f"| {r['method']} | {r['packed_gb']:.3f} | {r['dense_gb']:.3f} | {r['adapters_gb']:.3f} "
+      f"| {r['optimizer_gb']:.3f} | {r['temp_gb']:.3f} | {r['peak_gb']:.3f} |"
     )
 
 

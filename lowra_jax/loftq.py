@@ -8,6 +8,11 @@ For every adapted kernel W [in, out] (float32), starting from A B = 0, repeat T 
 
 so that base + adapters, Q_T + s A_T B_T, start close to W instead of to the quantized W.
 Kernels that are quantized but not adapted are quantized once per round like the rest.
+
+`loftq` runs the rounds on an in-memory tree; `loftq_stream` on a weights source, in one pass,
+for methods whose precision is fixed per kernel (nf, lloyd): each kernel's rounds depend on that
+kernel alone, so they run back to back as it is read. LowRA solves its budget over all kernels in
+every round, so streaming it would take two passes per round (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lowra_jax.quantize import QuantConfig, QuantReport, is_quantized, quantize_and_dequantize
+from lowra_jax.quantize import (
+  QuantConfig,
+  QuantReport,
+  default_filter,
+  is_quantized,
+  quantize_and_dequantize,
+  quantize_stream,
+)
 
 Path = tuple[str, ...]
 
@@ -108,3 +120,67 @@ def loftq(
     err = sum(float(_sq_err(w32[p], base[p] + scale * (a @ b))) for p, (a, b) in factors.items())
     errors.append(np.sqrt(err / norm))
   return qparams, factors, LoftQReport(float(quant_error), tuple(map(float, errors)), report)
+
+
+def loftq_stream(
+  source,
+  quant_config: QuantConfig,
+  *,
+  targets: set[Path],
+  rank: int,
+  scale: float,
+  iters: int,
+  sink,
+  progress: bool = True,
+) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
+  """`loftq` over a weights source (`quantize_stream`'s), one tensor at a time, in one pass.
+
+  Every leaf goes to ``sink(path, leaf)``: the final `QuantizedTensor` of each quantized kernel,
+  other leaves as they are. Same tensors and factors as `loftq` on the tree of the same leaves.
+
+  Returns:
+    (factors, report) as `loftq`'s, for the ``kernel`` leaves of the modules in `targets`.
+  """
+  if quant_config.method not in ("nf", "lloyd"):
+    raise ValueError(
+      f"loftq_stream needs a precision fixed per kernel (nf, lloyd), not {quant_config.method!r}"
+      " — use loftq on the params tree"
+    )
+  selected = default_filter(quant_config)
+  factors: dict[Path, tuple[jax.Array, jax.Array]] = {}
+  layers, seconds = [], {}
+  norm, quant_sq, round_sq = 0.0, 0.0, [0.0] * iters
+
+  def quantize(path, w) -> tuple[Any, Any, QuantReport]:
+    out = {}
+    report = quantize_stream(
+      [(path, w)], quant_config, sink=lambda _, q, d: out.update(q=q, d=d), dense=True,
+      progress=False,
+    )
+    return out["q"], out["d"], report
+
+  for path, leaf in tqdm(source, "loftq (one pass)", len(source), disable=not progress):
+    module = tuple(path.split("/")[:-1])
+    if not selected(path, leaf):
+      sink(path, leaf)
+      continue
+    if not (path.endswith("/kernel") and module in targets):
+      qt, _, report = quantize(path, leaf)
+    else:
+      w32 = jnp.asarray(leaf, jnp.float32)
+      norm += float(jnp.sum(jnp.square(w32)))
+      shifted = leaf
+      for t in range(iters):
+        qt, base, report = quantize(path, shifted)
+        if t == 0:
+          quant_sq += float(_sq_err(w32, base))
+        a, b = low_rank((w32 - base) / scale, rank)
+        round_sq[t] += float(_sq_err(w32, base + scale * (a @ b)))
+        shifted = np.asarray(w32 - scale * (a @ b)).astype(leaf.dtype)
+      factors[module] = (a, b)
+    layers += report.layers
+    seconds = {k: seconds.get(k, 0.0) + v for k, v in report.seconds.items()}
+    sink(path, qt)
+  quant = QuantReport(sorted(layers, key=lambda l: l.path.split("/")), seconds)
+  errors = tuple(float(np.sqrt(e / norm)) for e in round_sq)
+  return factors, LoftQReport(float(np.sqrt(quant_sq / norm)), errors, quant)

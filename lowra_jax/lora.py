@@ -195,6 +195,11 @@ def random_adapters(shapes: dict[tuple[str, ...], tuple[int, int]], rank: int, r
   return _nest(flat)
 
 
+def qlora_adapters(params: dict, config: LoraConfig, rng: jax.Array) -> dict:
+  """`random_adapters` for `config.targets` of a (dense or quantized) nested params dict."""
+  return random_adapters(target_paths(params, config), config.rank, rng)
+
+
 def init_lora(
   params: dict,
   quant_config: QuantConfig,
@@ -221,10 +226,10 @@ def init_lora(
       raise ValueError(
         "LoRA init 'loftq' needs a quantized base — with quant method 'none' use init='qlora'."
       )
-    return params, random_adapters(shapes, lora_config.rank, rng), None
+    return params, qlora_adapters(params, lora_config, rng), None
   if lora_config.init == "qlora":
     qparams, report = quantize_params(params, quant_config, progress=progress)
-    return qparams, random_adapters(shapes, lora_config.rank, rng), report
+    return qparams, qlora_adapters(params, lora_config, rng), report
   qparams, factors, report = loftq.loftq(
     params,
     quant_config,
@@ -234,12 +239,19 @@ def init_lora(
     iters=lora_config.loftq_iters,
     progress=progress,
   )
-  # Targets the quantizer skipped keep their dense kernel and get QLoRA's random start.
+  return qparams, loftq_adapters(shapes, factors, lora_config, rng), report
+
+
+def loftq_adapters(
+  shapes: dict[tuple[str, ...], tuple[int, int]], factors: dict, config: LoraConfig, rng
+) -> dict:
+  """The adapter tree of LoftQ's `factors` ({module path: (A, B)}); targets in `shapes` without
+  factors (kernels the quantizer skipped keep their dense kernel) get QLoRA's random start."""
   rest = {p: s for p, s in shapes.items() if p not in factors}
   lora = _nest({p: {"a": a, "b": b} for p, (a, b) in factors.items()})
   if rest:
-    lora = merge_trees(lora, random_adapters(rest, lora_config.rank, rng))
-  return qparams, lora, report
+    lora = merge_trees(lora, random_adapters(rest, config.rank, rng))
+  return lora
 
 
 def merge_trees(a: dict, b: dict) -> dict:

@@ -20,14 +20,17 @@ Layout conventions
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ml_dtypes  # noqa: F401  (registers the "bfloat16" dtype name with numpy; see read_hf_checkpoint)
 import numpy as np
 from safetensors import SafetensorError, safe_open
+
+from lowra_jax.quantize.pipeline import nest
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -117,20 +120,48 @@ def _tensor_names(f, path: Path, names: list[str] | None) -> list[str]:
   return wanted
 
 
-def inspect_hf_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple]]:
-  """``(config, {HF name: shape})`` of an HF model directory, reading only file headers.
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A checkpoint opened for reading one tensor at a time: headers parsed, no weight read yet.
 
-  Every shard is opened, so a missing, truncated or inconsistent one raises here (the errors of
-  `read_hf_checkpoint`) before any weight is read."""
+  config: the HF ``config.json`` dict. shapes: ``{HF name: stored shape}`` in reading order
+  (projections ``[out_features, in_features]``). read(name): that tensor as a new numpy array in
+  the stored dtype (HF rotary order: llama2.c q/k rows permuted), reading only its own bytes.
+  """
+
+  config: dict[str, Any]
+  shapes: dict[str, tuple]
+  read: Callable[[str], np.ndarray]
+
+
+def open_hf_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+  """An HF model directory opened as a `Checkpoint`.
+
+  Every shard's header is parsed here, so a missing, truncated or inconsistent shard raises (the
+  errors of `read_hf_checkpoint`) before any weight is read. Each `read` opens the tensor's shard
+  (``safe_open``, numpy framework; bf16 through ``ml_dtypes``) and copies out that tensor only."""
   root = Path(path)
   files = _hf_weight_files(root)
   config = _read_json(root / "config.json")
-  shapes = {}
+  shapes, where = {}, {}
   for file, names in files.items():
     with _open_safetensors(file) as f:
       for name in _tensor_names(f, file, names):
         shapes[name] = tuple(f.get_slice(name).get_shape())
-  return config, shapes
+        where[name] = file
+
+  def read(name: str) -> np.ndarray:
+    with _open_safetensors(where[name]) as f:
+      return f.get_tensor(name)
+
+  return Checkpoint(config, shapes, read)
+
+
+def inspect_hf_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple]]:
+  """``(config, {HF name: shape})`` of an HF model directory, reading only file headers
+  (`open_hf_checkpoint`'s errors)."""
+  ckpt = open_hf_checkpoint(path)
+  return ckpt.config, ckpt.shapes
 
 
 def read_hf_checkpoint(
@@ -155,41 +186,36 @@ def read_hf_checkpoint(
       ValueError: pickle-only checkpoint (``*.bin``/``*.pt``), un-indexed shards, a truncated or
           corrupt shard, or an index mapping a tensor to a shard that does not contain it.
   """
-  root = Path(path)
-  files = _hf_weight_files(root)
-  config = _read_json(root / "config.json")
-  state: dict[str, np.ndarray] = {}
-  for file, names in files.items():
-    with _open_safetensors(file) as f:
-      state.update({name: f.get_tensor(name) for name in _tensor_names(f, file, names)})
-  return config, state
+  ckpt = open_hf_checkpoint(path)
+  return ckpt.config, {name: ckpt.read(name) for name in ckpt.shapes}
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+  """`open_hf_checkpoint` of a directory, `open_llama2c_checkpoint` of a ``.bin`` file."""
+  return _reader(Path(path))[0](path)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """`read_hf_checkpoint` of a directory, `read_llama2c_checkpoint` of a ``.bin`` file."""
-  return _reader(Path(path))[0](path)
+  return _reader(Path(path))[1](path)
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple]]:
   """``(config, {HF name: shape})`` of a checkpoint `read_checkpoint` reads, with its errors, from
-  headers only (a llama2.c file, small by design, is read whole)."""
-  return _reader(Path(path))[1](path)
+  headers only."""
+  ckpt = open_checkpoint(path)
+  return ckpt.config, ckpt.shapes
 
 
 def _reader(path: Path):
   if path.is_dir():
-    return read_hf_checkpoint, inspect_hf_checkpoint
+    return open_hf_checkpoint, read_hf_checkpoint
   if path.suffix == ".bin":
-    return read_llama2c_checkpoint, _inspect_llama2c
+    return open_llama2c_checkpoint, read_llama2c_checkpoint
   raise FileNotFoundError(
     f"{path}{'' if path.exists() else ' does not exist'}: expected an HF model directory (config.json + *.safetensors) or a llama2.c .bin — "
     "point at one of them"
   )
-
-
-def _inspect_llama2c(path) -> tuple[dict[str, Any], dict[str, tuple]]:
-  config, state = read_llama2c_checkpoint(path)
-  return config, {name: tuple(a.shape) for name, a in state.items()}
 
 
 def kernel_shapes(shapes: dict[str, tuple]) -> dict[tuple[str, ...], tuple[int, int]]:
@@ -228,10 +254,8 @@ def _permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
   )
 
 
-def read_llama2c_checkpoint(
-  path: str | os.PathLike[str],
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Read a llama2.c legacy (version-0) ``.bin`` checkpoint into an HF-convention state dict.
+def open_llama2c_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+  """A llama2.c legacy (version-0) ``.bin`` checkpoint opened as an HF-convention `Checkpoint`.
 
   File layout: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size -- negative
   when unshared classifier weights follow -- and seq_len), then fp32 arrays in torch
@@ -240,10 +264,9 @@ def read_llama2c_checkpoint(
   w2 [L, dim, hidden], w3 [L, hidden, dim], rms_final [dim], freq_cis_real/imag
   [seq, head_size/2] (skipped), optional wcls [vocab, dim].
 
-  Returns:
-      ``(config, state)``: an HF ``config.json``-style dict and ``{HF name: float32 array}``
-      (w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj; ``lm_head.weight`` is the embedding array
-      itself when shared).  ``q_proj``/``k_proj`` rows are permuted to HF half-split rotary order.
+  Names: w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj; ``lm_head.weight`` reads the embedding
+  when shared. ``q_proj``/``k_proj`` rows are permuted to HF half-split rotary order. The header
+  and the file size are checked here; each `read` reads that tensor's bytes only (float32).
 
   Raises:
       FileNotFoundError: no such file.
@@ -278,7 +301,7 @@ def read_llama2c_checkpoint(
   head_size = dim // n_heads
   kv_dim = n_kv_heads * head_size
   L = n_layers
-  shapes = {
+  blocks = {
     "emb": (vocab, dim),
     "rms_att": (L, dim),
     "wq": (L, dim, dim),
@@ -294,20 +317,48 @@ def read_llama2c_checkpoint(
     "freq_imag": (seq_len, head_size // 2),
   }
   if not shared:
-    shapes["wcls"] = (vocab, dim)
-  expected = 28 + 4 * sum(int(np.prod(s)) for s in shapes.values())
-  if size != expected:
+    blocks["wcls"] = (vocab, dim)
+  offsets, offset = {}, 28
+  for name, shape in blocks.items():
+    offsets[name] = offset
+    offset += 4 * int(np.prod(shape))
+  if size != offset:
     raise ValueError(
-      f"{file} is {size} bytes but its header {header.tolist()} implies {expected} — the file "
+      f"{file} is {size} bytes but its header {header.tolist()} implies {offset} — the file "
       "is truncated or corrupt; re-download it"
     )
 
-  flat = np.fromfile(file, dtype="<f4", offset=28)
-  arrays, offset = {}, 0
-  for name, shape in shapes.items():
-    n = int(np.prod(shape))
-    arrays[name] = flat[offset : offset + n].reshape(shape)
-    offset += n
+  # HF name -> (block, layer or None, rotary heads to permute or None)
+  entries = {
+    "model.embed_tokens.weight": ("emb", None, None),
+    "model.norm.weight": ("rms_final", None, None),
+    "lm_head.weight": ("emb" if shared else "wcls", None, None),
+  }
+  for i in range(n_layers):
+    p = f"model.layers.{i}."
+    entries |= {
+      p + "input_layernorm.weight": ("rms_att", i, None),
+      p + "post_attention_layernorm.weight": ("rms_ffn", i, None),
+      p + "self_attn.q_proj.weight": ("wq", i, n_heads),
+      p + "self_attn.k_proj.weight": ("wk", i, n_kv_heads),
+      p + "self_attn.v_proj.weight": ("wv", i, None),
+      p + "self_attn.o_proj.weight": ("wo", i, None),
+      p + "mlp.gate_proj.weight": ("w1", i, None),
+      p + "mlp.up_proj.weight": ("w3", i, None),
+      p + "mlp.down_proj.weight": ("w2", i, None),
+    }
+
+  def shape_of(name: str) -> tuple:
+    block, layer, _ = entries[name]
+    return blocks[block] if layer is None else blocks[block][1:]
+
+  def read(name: str) -> np.ndarray:
+    block, layer, heads = entries[name]
+    shape = shape_of(name)
+    count = int(np.prod(shape))
+    start = offsets[block] + 4 * count * (layer or 0)
+    w = np.fromfile(file, dtype="<f4", count=count, offset=start).reshape(shape)
+    return _permute_rotary(w, heads) if heads else w
 
   config = {
     "architectures": ["LlamaForCausalLM"],
@@ -327,23 +378,44 @@ def read_llama2c_checkpoint(
     "bos_token_id": 1,
     "eos_token_id": 2,
   }
-  state = {
-    "model.embed_tokens.weight": arrays["emb"],
-    "model.norm.weight": arrays["rms_final"],
-    "lm_head.weight": arrays["emb"] if shared else arrays["wcls"],
-  }
-  for i in range(n_layers):
-    p = f"model.layers.{i}."
-    state[p + "input_layernorm.weight"] = arrays["rms_att"][i]
-    state[p + "post_attention_layernorm.weight"] = arrays["rms_ffn"][i]
-    state[p + "self_attn.q_proj.weight"] = _permute_rotary(arrays["wq"][i], n_heads)
-    state[p + "self_attn.k_proj.weight"] = _permute_rotary(arrays["wk"][i], n_kv_heads)
-    state[p + "self_attn.v_proj.weight"] = arrays["wv"][i]
-    state[p + "self_attn.o_proj.weight"] = arrays["wo"][i]
-    state[p + "mlp.gate_proj.weight"] = arrays["w1"][i]
-    state[p + "mlp.up_proj.weight"] = arrays["w3"][i]
-    state[p + "mlp.down_proj.weight"] = arrays["w2"][i]
-  return config, state
+  return Checkpoint(config, {name: shape_of(name) for name in entries}, read)
+
+
+def read_llama2c_checkpoint(
+  path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Read a llama2.c legacy (version-0) ``.bin`` checkpoint into an HF-convention state dict
+  (layout, names and errors: `open_llama2c_checkpoint`).
+
+  Returns:
+      ``(config, state)``: an HF ``config.json``-style dict and ``{HF name: float32 array}``;
+      ``lm_head.weight`` is the embedding array itself when shared.
+  """
+  ckpt = open_llama2c_checkpoint(path)
+  state = {name: ckpt.read(name) for name in ckpt.shapes if name != "lm_head.weight"}
+  tied = ckpt.config["tie_word_embeddings"]
+  state["lm_head.weight"] = (
+    state["model.embed_tokens.weight"] if tied else ckpt.read("lm_head.weight")
+  )
+  return ckpt.config, state
+
+
+def flax_leaf(name: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
+  """The `to_kernel_tree` leaf of one HF tensor: (``/``-joined Flax path, C-contiguous array in
+  the input dtype), e.g. ``model.layers.0.self_attn.q_proj.weight`` [out, in] ->
+  ``("model/layers/0/self_attn/q_proj/kernel", W.T [in, out])``; None for an unknown name."""
+  path = flax_path(name, value.ndim)
+  if path is None:
+    return None
+  return path, np.ascontiguousarray(value.T if path.endswith("/kernel") else value)
+
+
+def flax_path(name: str, ndim: int) -> str | None:
+  """The ``/``-joined Flax path of the HF tensor `name` of rank `ndim` (see `flax_leaf`)."""
+  parts = name.split(".")
+  parents, (module, leaf) = parts[:-2], (parts[-2:] if len(parts) >= 2 else ("", ""))
+  new_leaf = _leaf_kind(module, leaf, ndim)
+  return None if new_leaf is None else "/".join((*parents, module, new_leaf))
 
 
 def to_kernel_tree(state: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -353,24 +425,13 @@ def to_kernel_tree(state: dict[str, np.ndarray]) -> dict[str, Any]:
   ``*_proj.bias`` [out] -> ``{"bias": b}``; ``*norm.weight`` [d] -> ``{"scale": w}``; ``embed_tokens.weight`` [vocab, d] -> ``{"embedding": w}``.
   Names are nested by splitting on ``"."`` (``model.layers.0.self_attn.q_proj.weight`` ->
   ``tree["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]``).  Leaves are C-contiguous
-  arrays with the input dtype.
+  arrays with the input dtype (`flax_leaf`).
 
   Raises:
       ValueError: listing every key that matches none of the patterns (or has the wrong rank).
   """
-  tree: dict[str, Any] = {}
-  unknown = []
-  for key, value in state.items():
-    parts = key.split(".")
-    parents, (module, leaf) = parts[:-2], (parts[-2:] if len(parts) >= 2 else ("", ""))
-    new_leaf = _leaf_kind(module, leaf, value.ndim)
-    if new_leaf is None:
-      unknown.append(f"{key} {tuple(value.shape)}")
-      continue
-    node = tree
-    for part in (*parents, module):
-      node = node.setdefault(part, {})
-    node[new_leaf] = np.ascontiguousarray(value.T if new_leaf == "kernel" else value)
+  leaves = {key: flax_leaf(key, value) for key, value in state.items()}
+  unknown = [f"{key} {tuple(state[key].shape)}" for key, leaf in leaves.items() if leaf is None]
   if unknown:
     raise ValueError(f"to_kernel_tree: {len(unknown)} unrecognised key(s): {', '.join(unknown)}")
-  return tree
+  return nest(leaves.values())

@@ -5,6 +5,8 @@ qparams, report = quantize.quantize_params(params, quantize.QuantConfig(method="
                                                                          budget=1.5))
 print(report.summary(), quantize.bits_per_param(qparams))
 dense = quantize.dequantize_params(qparams)
+
+report = quantize.quantize_stream(source, config, sink=lambda path, leaf, dense: ...)  # streamed
 """
 
 from lowra_jax.quantize.codebooks import nf_levels
@@ -16,6 +18,7 @@ from lowra_jax.quantize.pipeline import (
   dequantize_params,
   quantize_and_dequantize,
   quantize_params,
+  quantize_stream,
   quantize_tensor,
 )
 from lowra_jax.quantize.precision import solve_budget
@@ -50,6 +53,7 @@ __all__ = [
   "nf_levels",
   "quantize_and_dequantize",
   "quantize_params",
+  "quantize_stream",
   "quantize_tensor",
   "solve_budget",
 ]

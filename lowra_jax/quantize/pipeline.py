@@ -9,6 +9,10 @@
   4. pack (host):  codes into uint8 planes per bucket (`packing.pack`).
 Every jitted step has the kernel's own shape, so a model compiles once per distinct kernel shape;
 data-dependent shapes (bucket sizes) are handled on the host.
+
+`quantize_stream(source, config, sink=)` runs the stages over a source read once per pass, one
+tensor at a time (LowRA: pass 1 = fit, keeping tables and per-channel errors; solve; pass 2 =
+encode and pack; NF / lloyd: one pass); `quantize_params` is the same over a tree's leaves.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from lowra_jax.quantize.config import QuantConfig, QuantizationError
 from lowra_jax.quantize.qtensor import Bucket, QuantizedTensor, dequantize, is_quantized
 
 MAX_LEVELS = 16
+FIT_CHUNK = 1 << 26
+"""Most elements (channels x padded rows) fitted in one call: bounds the fit's device memory
+(tens of bytes per element) whatever a kernel's size (LLaMA-2-70B's MLP kernels: 4 chunks)."""
 
 
 @dataclasses.dataclass
@@ -90,6 +97,18 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def nest(pairs) -> dict:
+  """A nested dict from ``(path, leaf)`` pairs whose paths are ``/``-joined (`path_str`'s)."""
+  tree: dict = {}
+  for path, leaf in pairs:
+    *parents, name = path.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[name] = leaf
+  return tree
+
+
 def default_filter(config: QuantConfig) -> Callable[[str, jax.Array], bool]:
   """Every 2-D leaf whose path matches none of `config.skip_patterns` (embeddings, head, norms)."""
   skip = [re.compile(p) for p in config.skip_patterns]
@@ -139,7 +158,13 @@ def _normalise(w, *, group_size: int, weighting: str):
 
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
-def _encode(w, perm, scale, tables, *, group_size: int):
+def _absmax(w, *, group_size: int):
+  """w [K, N] -> float32 [G, N]: absmax per group of rows (`_normalise`'s, bit for bit)."""
+  return scaling.group_absmax(scaling.pad_rows(w.astype(jnp.float32), group_size), group_size)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "dense"))
+def _encode(w, perm, scale, tables, *, group_size: int, dense: bool):
   """Codes and exact errors of the stored format.
 
   Args:
@@ -147,10 +172,12 @@ def _encode(w, perm, scale, tables, *, group_size: int):
     perm: int32 [N], stored column j is channel perm[j].
     scale: float32 [G, N] dequantized group scales, permuted.
     tables: float32 [N, 16] each channel's levels (padded with +inf), permuted.
+    dense: also return the dequantized kernel.
 
   Returns:
-    codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted), and the
-    dequantized kernel float32 [K, N] in the original channel order (what `dequantize` gives).
+    codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted), and (`dense`) the
+    dequantized kernel float32 [K, N] in the original channel order (what `dequantize` gives),
+    else None.
   """
   wp = scaling.pad_rows(w.astype(jnp.float32), group_size)[:, perm]
   se = scaling.expand_groups(scale, group_size)
@@ -159,6 +186,8 @@ def _encode(w, perm, scale, tables, *, group_size: int):
   w_hat = mapping.lookup(tables, codes).T * se
   real = (jnp.arange(wp.shape[0]) < w.shape[0])[:, None]
   err = jnp.where(real, jnp.square(wp - w_hat), 0.0).sum(axis=0)
+  if not dense:
+    return codes.T, err, None
   unpermuted = jnp.zeros_like(w_hat).at[:, perm].set(w_hat)
   return codes.T, err, unpermuted[: w.shape[0]]
 
@@ -170,23 +199,33 @@ def _pad_tables(t: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class _Fitted:
-  """Host results of the fit stage for one kernel."""
+  """Host results of the fit stage for one kernel: all that is kept between the two passes (the
+  group scales are recomputed from the kernel when it is encoded)."""
 
-  absmax: np.ndarray  # float32 [G, N]
   tables: dict[int, np.ndarray]  # bits -> float16 [N, 2**bits]; empty for nf
   errors: np.ndarray | None  # float32 [N, P] for the solver; None for nf/lloyd
 
 
 def _fit(w, cfg: QuantConfig, path: str) -> _Fitted:
-  x, fit_w, err_w, absmax = _normalise(w, group_size=cfg.group_size, weighting=cfg.weighting)
+  """Tables (and for lowra errors) of every channel of w [K, N], fitted FIT_CHUNK elements at a
+  time: channels are independent, so chunks of equal width give each channel's own result."""
   if cfg.method == "nf":
-    return _Fitted(np.asarray(absmax), {}, None)
+    return _Fitted({}, None)
   bits = cfg.candidate_bits if cfg.method == "lowra" else (cfg.bits_for(path),)
-  tables, errors = mapping.fit_channels(x, fit_w, err_w, bits=bits, iters=cfg.lloyd_iters)
+  k_pad = -(-w.shape[0] // cfg.group_size) * cfg.group_size
+  n = w.shape[1]
+  chunks = -(-n // max(1, FIT_CHUNK // k_pad))
+  width = -(-n // chunks)
+  parts = []
+  for lo in range(0, n, width):
+    x, fit_w, err_w, _ = _normalise(
+      w[:, lo : lo + width], group_size=cfg.group_size, weighting=cfg.weighting
+    )
+    tables, errors = mapping.fit_channels(x, fit_w, err_w, bits=bits, iters=cfg.lloyd_iters)
+    parts.append(([np.asarray(t) for t in tables], np.asarray(errors)))
   return _Fitted(
-    np.asarray(absmax),
-    {b: np.asarray(t) for b, t in zip(bits, tables)},
-    np.asarray(errors) if cfg.method == "lowra" else None,
+    {b: np.concatenate([p[0][i] for p in parts]) for i, b in enumerate(bits)},
+    np.concatenate([p[1] for p in parts]) if cfg.method == "lowra" else None,
   )
 
 
@@ -208,19 +247,20 @@ def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarra
 
 
 def _encode_and_pack(
-  w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray, seconds: dict
-) -> tuple[QuantizedTensor, np.ndarray, jax.Array]:
+  w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray, seconds: dict, dense: bool
+) -> tuple[QuantizedTensor, np.ndarray, jax.Array | None]:
   """Builds the QuantizedTensor of one kernel; also returns its squared error per channel and
-  its dequantization (float32 [K, N])."""
+  (`dense`) its dequantization (float32 [K, N])."""
   t0 = time.perf_counter()
   k, n = w.shape
+  absmax = np.asarray(_absmax(w, group_size=cfg.group_size))
   present = sorted(set(channel_bits.tolist()))
   order = np.argsort(channel_bits, kind="stable") if len(present) > 1 else np.arange(n)
   bounds = np.cumsum([0] + [int((channel_bits == b).sum()) for b in present])
   parts = []
   for b, lo, hi in zip(present, bounds[:-1], bounds[1:]):
     cols = order[lo:hi]
-    scales = scaling.make_scales(fitted.absmax[:, cols], cfg.double_quant, cfg.dq_block)
+    scales = scaling.make_scales(absmax[:, cols], cfg.double_quant, cfg.dq_block)
     tables, index = _bucket_tables(w, cfg, fitted, b, cols)
     per_channel = tables[index] if index is not None else np.broadcast_to(tables, (hi - lo, 2**b))
     parts.append((b, scales, tables, index, scales.dequantize(np), _pad_tables(per_channel)))
@@ -230,6 +270,7 @@ def _encode_and_pack(
     jnp.asarray(np.concatenate([p[4] for p in parts], axis=1)),
     jnp.asarray(np.concatenate([p[5] for p in parts], axis=0)),
     group_size=cfg.group_size,
+    dense=dense,
   )
   codes, err = np.asarray(codes), np.asarray(err)
   t1 = time.perf_counter()
@@ -273,6 +314,122 @@ def _align_buckets(choices, errors, ks, config: QuantConfig, slack: float):
   return out
 
 
+def _solve(fits: dict[str, _Fitted], ks: dict[str, int], config: QuantConfig):
+  """{path: precision [N] per channel} of LowRA's model-wide budget over the fitted kernels
+  (`ks`: their in_features), tensors taken in the order of their path components (a params
+  tree's flattening order), so that the result does not depend on the order they were read."""
+  paths = sorted(fits, key=lambda p: p.split("/"))
+  cand = np.asarray(config.candidate_bits)
+  errors = np.concatenate([fits[p].errors for p in paths]).astype(np.float64)
+  costs = np.concatenate([np.full(len(fits[p].errors), ks[p]) for p in paths])
+  choice = precision.solve_budget(
+    errors, costs, cand, config.budget, config.solver, config.milp_max_channels
+  )
+  splits = np.cumsum([len(fits[p].errors) for p in paths])[:-1]
+  choices = _align_buckets(
+    dict(zip(paths, np.split(choice, splits))),
+    dict(zip(paths, np.split(errors, splits))),
+    ks,
+    config,
+    slack=config.budget * float(costs.sum()) - float((costs * cand[choice]).sum()),
+  )
+  return {p: cand[c] for p, c in choices.items()}
+
+
+def _fit_pass(source, config, filter_fn, progress) -> tuple[dict[str, _Fitted], dict[str, int]]:
+  """Pass 1 of LowRA: the fits (tables, per-channel errors) of every selected kernel."""
+  fits, ks = {}, {}
+  for path, leaf in tqdm(source, "pass 1/2: fit", len(source), disable=not progress):
+    if filter_fn(path, leaf):
+      _check_leaf(path, leaf)
+      fits[path], ks[path] = _fit(leaf, config, path), leaf.shape[0]
+  return fits, ks
+
+
+def _no_selection() -> QuantizationError:
+  return QuantizationError(
+    "no parameter was selected for quantization: pass 2-D kernels, or "
+    "loosen skip_patterns / the filter."
+  )
+
+
+def quantize_stream(
+  source,
+  config: QuantConfig = QuantConfig(),
+  *,
+  sink: Callable,
+  filter_fn: Callable[[str, jax.Array], bool] | None = None,
+  dense: bool = False,
+  progress: bool = True,
+) -> QuantReport:
+  """Quantizes the selected kernels of `source`, holding one kernel (and what is kept) at a time.
+
+  `lowra` reads the source twice: pass 1 fits every selected kernel and keeps only its tables and
+  per-channel errors; the model-wide budget is solved; pass 2 reads each kernel again, encodes
+  and packs it. `nf` and `lloyd` need one pass (fit, encode and pack per kernel). Each pass shows
+  a progress bar with its ETA. Same results, bit for bit, as `quantize_params` on the tree of the
+  same leaves, whatever order the source gives them in.
+
+  Args:
+    source: a re-iterable, sized collection of (path, leaf) pairs, paths ``/``-joined
+      (`models.weights_source`; a list of a tree's leaves), kernels [in, out].
+    config: as for `quantize_params`.
+    sink: called as sink(path, leaf, dense) for every pair of the last pass, in source order:
+      selected leaves as their `QuantizedTensor` (on the default device) and, with `dense`, their
+      float32 [K, N] dequantization (else None); other leaves as they are (dense = the leaf).
+    filter_fn: (path, leaf) -> bool choosing leaves; default `default_filter(config)`.
+    dense: compute each quantized kernel's dequantization for the sink.
+    progress: show progress bars.
+
+  Returns:
+    the `QuantReport`, layers in the order of their path components.
+  """
+  if config.method == "none":
+    raise QuantizationError("method='none' quantizes nothing: keep the params as they are.")
+  filter_fn = filter_fn or default_filter(config)
+  seconds = {"fit": 0.0, "solve": 0.0, "encode": 0.0, "pack": 0.0}
+  lowra = config.method == "lowra"
+  if lowra:
+    t0 = time.perf_counter()
+    fits, ks = _fit_pass(source, config, filter_fn, progress)
+    if not fits:
+      raise _no_selection()
+    seconds["fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    channel_bits = _solve(fits, ks, config)
+    seconds["solve"] = time.perf_counter() - t0
+  desc = "pass 2/2: encode+pack" if lowra else "fit+encode+pack"
+  layers = []
+  for path, w in tqdm(source, desc, len(source), disable=not progress):
+    if not filter_fn(path, w):
+      sink(path, w, w)
+      continue
+    if lowra:
+      fitted, bits = fits.pop(path), channel_bits.pop(path)
+    else:
+      _check_leaf(path, w)
+      t0 = time.perf_counter()
+      fitted, bits = _fit(w, config, path), np.full(w.shape[1], config.bits_for(path))
+      seconds["fit"] += time.perf_counter() - t0
+    qt, err, w_hat = _encode_and_pack(w, config, fitted, bits, seconds, dense)
+    values, counts = np.unique(bits, return_counts=True)
+    layers.append(
+      LayerReport(
+        path=path,
+        shape=tuple(w.shape),
+        code_bits=qt.code_bits / qt.num_params,
+        total_bits=qt.stored_bits / qt.num_params,
+        sq_error=float(err.astype(np.float64).sum()),
+        sq_norm=float(_sq_norm(w)),
+        channels_per_bits=dict(zip(values.tolist(), counts.tolist())),
+      )
+    )
+    sink(path, qt, w_hat)
+  if not layers:
+    raise _no_selection()
+  return QuantReport(sorted(layers, key=lambda l: l.path.split("/")), seconds)
+
+
 def quantize_params(
   params,
   config: QuantConfig = QuantConfig(),
@@ -292,9 +449,7 @@ def quantize_params(
     (qparams, report): params with each selected leaf replaced by a `QuantizedTensor`, and a
     `QuantReport` of errors and bits.
   """
-  qparams, _, report = quantize_and_dequantize(
-    params, config, filter_fn=filter_fn, progress=progress
-  )
+  qparams, _, report = _quantize_tree(params, config, filter_fn, progress, dense=False)
   return qparams, report
 
 
@@ -316,73 +471,24 @@ def quantize_and_dequantize(
     replaced by float32 [K, N] equal to `dequantize(qparams leaf, float32)` up to float32
     rounding (host and device compute the double-quantized scales apart).
   """
-  if config.method == "none":
-    raise QuantizationError("method='none' quantizes nothing: keep the params as they are.")
-  filter_fn = filter_fn or default_filter(config)
+  return _quantize_tree(params, config, filter_fn, progress, dense=True)
+
+
+def _quantize_tree(params, config, filter_fn, progress, dense: bool):
+  """(qparams, dequantized or None, report): `quantize_stream` over the leaves of a pytree."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  selected = [i for i, (p, leaf) in enumerate(flat) if filter_fn(path_str(p), leaf)]
-  if not selected:
-    raise QuantizationError(
-      "no parameter was selected for quantization: pass 2-D kernels, or "
-      "loosen skip_patterns / the filter."
-    )
-  paths = {i: path_str(flat[i][0]) for i in selected}
-  seconds = {"fit": 0.0, "solve": 0.0, "encode": 0.0, "pack": 0.0}
-  for i in selected:
-    _check_leaf(paths[i], flat[i][1])
+  source = [(path_str(p), leaf) for p, leaf in flat]
+  index = {path: i for i, (path, _) in enumerate(source)}
+  leaves, dequantized = [None] * len(source), [None] * len(source)
 
-  t0 = time.perf_counter()
-  fitted = {
-    i: _fit(flat[i][1], config, paths[i])
-    for i in tqdm(selected, desc="fit", disable=not progress, leave=False)
-  }
-  seconds["fit"] = time.perf_counter() - t0
+  def sink(path, leaf, w_hat):
+    leaves[index[path]], dequantized[index[path]] = leaf, w_hat
 
-  t0 = time.perf_counter()
-  if config.method == "lowra":
-    cand = np.asarray(config.candidate_bits)
-    errors = np.concatenate([fitted[i].errors for i in selected]).astype(np.float64)
-    costs = np.concatenate([np.full(flat[i][1].shape[1], flat[i][1].shape[0]) for i in selected])
-    choice = precision.solve_budget(
-      errors, costs, cand, config.budget, config.solver, config.milp_max_channels
-    )
-    splits = np.cumsum([flat[i][1].shape[1] for i in selected])[:-1]
-    choices = _align_buckets(
-      dict(zip(selected, np.split(choice, splits))),
-      dict(zip(selected, np.split(errors, splits))),
-      {i: flat[i][1].shape[0] for i in selected},
-      config,
-      slack=config.budget * float(costs.sum()) - float((costs * cand[choice]).sum()),
-    )
-    channel_bits = {i: cand[c] for i, c in choices.items()}
-  else:
-    channel_bits = {i: np.full(flat[i][1].shape[1], config.bits_for(paths[i])) for i in selected}
-  seconds["solve"] = time.perf_counter() - t0
-
-  leaves = [leaf for _, leaf in flat]
-  dense = list(leaves)
-  layers = []
-  for i in tqdm(selected, desc="encode+pack", disable=not progress, leave=False):
-    w = flat[i][1]
-    qt, err, dense[i] = _encode_and_pack(w, config, fitted.pop(i), channel_bits[i], seconds)
-    leaves[i] = qt
-    bits, counts = np.unique(channel_bits[i], return_counts=True)
-    layers.append(
-      LayerReport(
-        path=paths[i],
-        shape=tuple(w.shape),
-        code_bits=qt.code_bits / qt.num_params,
-        total_bits=qt.stored_bits / qt.num_params,
-        sq_error=float(err.astype(np.float64).sum()),
-        sq_norm=float(_sq_norm(w)),
-        channels_per_bits=dict(zip(bits.tolist(), counts.tolist())),
-      )
-    )
-  return (
-    jax.tree_util.tree_unflatten(treedef, leaves),
-    jax.tree_util.tree_unflatten(treedef, dense),
-    QuantReport(layers, seconds),
+  report = quantize_stream(
+    source, config, sink=sink, filter_fn=filter_fn, dense=dense, progress=progress
   )
+  qparams = jax.tree_util.tree_unflatten(treedef, leaves)
+  return qparams, jax.tree_util.tree_unflatten(treedef, dequantized) if dense else None, report
 
 
 def quantize_tensor(w, config: QuantConfig = QuantConfig()) -> QuantizedTensor:

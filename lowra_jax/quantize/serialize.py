@@ -3,11 +3,15 @@
     save_quantized("runs/x/base", qparams, extra={"quant": {...}})
     qparams, extra = load_quantized("runs/x/base")
 
-A directory holds ``arrays.safetensors`` (every array, keyed ``<path>`` for dense leaves and
-``<path>#<field>`` for the parts of a quantized one) and ``tree.json`` (for each leaf of the nested
+    with Writer("runs/x/base", extra) as out:      # leaf by leaf, e.g. as a quantizer makes them
+      out.add("qparams/model/layers/0/mlp/up_proj/kernel", qt)
+
+A directory holds ``arrays-NNNNN.safetensors`` shards (every array, keyed ``<path>`` for dense
+leaves and ``<path>#<field>`` for the parts of a quantized one; a shard is written once it holds
+`SHARD_BYTES`, so writing holds about one shard) and ``tree.json`` (for each leaf of the nested
 dict: its path, and for a `QuantizedTensor` its static metadata -- shape, group size, dtype,
 buckets' bits, which optional arrays exist, the scales' dq_block -- plus the caller's ``extra``).
-Nothing is unpickled; writing goes to a temporary directory renamed into place.
+Nothing is unpickled; writing goes to a temporary directory renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -16,17 +20,21 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from lowra_jax.quantize.pipeline import nest
 from lowra_jax.quantize.qtensor import Bucket, QuantizedTensor, is_quantized
 from lowra_jax.quantize.scaling import GroupScales
 
 _SCALE_FIELDS = ("values", "codes", "block_absmax", "offset")
+SHARD_BYTES = 1 << 30
 
 
 def _leaves(tree: dict, prefix: str = ""):
@@ -97,29 +105,65 @@ def _decode(meta: dict, arrays: dict) -> QuantizedTensor:
   return jax.device_put(qt)
 
 
+class Writer:
+  """Writes a nested dict to a new `directory` leaf by leaf (`add`), holding at most one shard.
+
+  Used as a context manager: on a clean exit the directory is completed (tree.json) and renamed
+  into place; on an exception nothing is left behind."""
+
+  def __init__(
+    self,
+    directory: str | os.PathLike[str],
+    extra: dict[str, Any] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+  ):
+    self.directory = Path(directory)
+    if self.directory.exists():
+      raise FileExistsError(f"{self.directory} exists; remove it or save elsewhere.")
+    self.extra, self.shard_bytes = extra or {}, shard_bytes
+    self.directory.parent.mkdir(parents=True, exist_ok=True)
+    self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
+    self._arrays: dict[str, np.ndarray] = {}
+    self._leaves: list[dict] = []
+    self._shards = 0
+
+  def add(self, path: str, leaf) -> None:
+    """Adds one leaf (an array or a `QuantizedTensor`) at the ``/``-joined `path`."""
+    if is_quantized(leaf):
+      self._leaves.append({"kind": "quantized", **_encode(path, leaf, self._arrays)})
+    else:
+      self._arrays[path] = np.asarray(leaf)
+      self._leaves.append({"kind": "array", "path": path})
+    if sum(a.nbytes for a in self._arrays.values()) >= self.shard_bytes:
+      self._flush()
+
+  def _flush(self) -> None:
+    if self._arrays or not self._shards:
+      save_file(self._arrays, self._tmp / f"arrays-{self._shards:05d}.safetensors")
+      self._arrays, self._shards = {}, self._shards + 1
+
+  def __enter__(self) -> Writer:
+    return self
+
+  def __exit__(self, error, *_) -> None:
+    try:
+      if error is None:
+        self._flush()
+        spec = {"leaves": self._leaves, "extra": self.extra}
+        (self._tmp / "tree.json").write_text(json.dumps(spec, indent=1))
+        os.replace(self._tmp, self.directory)
+    finally:
+      shutil.rmtree(self._tmp, ignore_errors=True)
+
+
 def save_quantized(
   directory: str | os.PathLike[str], qparams: dict, extra: dict[str, Any] | None = None
 ) -> Path:
   """Writes the nested dict `qparams` (arrays and QuantizedTensors) to a new `directory`."""
-  directory = Path(directory)
-  if directory.exists():
-    raise FileExistsError(f"{directory} exists; remove it or save elsewhere.")
-  arrays, leaves = {}, []
-  for path, leaf in _leaves(qparams):
-    if is_quantized(leaf):
-      leaves.append({"kind": "quantized", **_encode(path, leaf, arrays)})
-    else:
-      arrays[path] = np.asarray(leaf)
-      leaves.append({"kind": "array", "path": path})
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-  try:
-    save_file(arrays, tmp / "arrays.safetensors")
-    (tmp / "tree.json").write_text(json.dumps({"leaves": leaves, "extra": extra or {}}, indent=1))
-    os.replace(tmp, directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return directory
+  with Writer(directory, extra) as out:
+    for path, leaf in _leaves(qparams):
+      out.add(path, leaf)
+  return Path(directory)
 
 
 def _spec(directory: Path) -> dict[str, Any]:
@@ -133,16 +177,35 @@ def load_extra(directory: str | os.PathLike[str]) -> dict[str, Any]:
   return _spec(Path(directory))["extra"]
 
 
+class _Arrays(Mapping):
+  """The arrays of a saved directory's shards by key, each read from its shard when asked for."""
+
+  def __init__(self, directory: Path):
+    self._where = {}
+    for shard in sorted(directory.glob("arrays*.safetensors")):
+      with safe_open(shard, framework="np") as f:
+        self._where |= dict.fromkeys(f.keys(), shard)
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    with safe_open(self._where[key], framework="np") as f:
+      return f.get_tensor(key)
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+
 def load_quantized(directory: str | os.PathLike[str]) -> tuple[dict, dict[str, Any]]:
-  """(qparams, extra) as given to `save_quantized`."""
+  """(qparams, extra) as given to `save_quantized`. Arrays are read leaf by leaf and each
+  `QuantizedTensor` is put on the default device as it is read, so the host holds dense leaves
+  and one packed tensor at a time."""
   directory = Path(directory)
   spec = _spec(directory)
-  arrays = load_file(directory / "arrays.safetensors")
-  tree: dict = {}
-  for meta in spec["leaves"]:
-    *parents, name = meta["path"].split("/")
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[name] = _decode(meta, arrays) if meta["kind"] == "quantized" else arrays[meta["path"]]
-  return tree, spec["extra"]
+  arrays = _Arrays(directory)
+  leaves = (
+    (meta["path"], _decode(meta, arrays) if meta["kind"] == "quantized" else arrays[meta["path"]])
+    for meta in spec["leaves"]
+  )
+  return nest(leaves), spec["extra"]

@@ -1,0 +1,138 @@
+"""Quantize a whole LLaMA-shaped model as it is read, on one device: time per pass and peak memory.
+
+    python benchmarks/quant_stream.py --shape=70b                  # LowRA 1.5, synthetic weights
+    python benchmarks/quant_stream.py --shape=70b --method=nf --bits=4
+    python benchmarks/quant_stream.py --shape=7b --save=/tmp/base  # packed base written to disk
+    python benchmarks/quant_stream.py --checkpoint=../shared/data/models/pycode-llama-17m
+    python benchmarks/quant_stream.py --shape=tiny                 # seconds on CPU (smoke test)
+
+Weights come from `weights_source.SyntheticSource` (deterministic random bf16 of the named shape,
+drawn on the device one tensor at a time; nothing to download) or a checkpoint. They go through
+`quantize_stream`, the path train.py takes: LowRA reads the source twice (pass 1: fit every
+kernel, keep tables and per-channel errors; solve the model-wide budget; pass 2: draw or read
+each kernel again, encode and pack it), NF once. The packed base is kept on the device, as
+training keeps it, or with `--save` written tensor by tensor and dropped. Compilation is
+included (one fresh process). Prints last a table: passes' seconds, host peak RSS
+(ru_maxrss, the whole process), device peak (`memory_stats`, none on CPU), bits per parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import time
+from pathlib import Path
+
+import jax
+
+from lowra_jax import cli
+from lowra_jax.models import llama
+from lowra_jax.models.shapes import SHAPES
+from lowra_jax.models.weights_source import CheckpointSource, SyntheticSource
+from lowra_jax.quantize import QuantConfig, is_quantized
+from lowra_jax.quantize.pipeline import quantize_stream
+from lowra_jax.quantize.serialize import Writer
+
+CPU_SHAPES = {"tiny": llama.LlamaConfig(512, 128, 344, 2, 4, 2, 32)}
+
+
+class TimedSource:
+  """A source whose iterations (the quantizer's passes) are timed: `passes` [(start, end)]."""
+
+  def __init__(self, source):
+    self.source, self.passes = source, []
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __iter__(self):
+    start = time.perf_counter()
+    yield from self.source
+    self.passes.append((start, time.perf_counter()))
+
+
+def device_peak_gb() -> float | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 1e9
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", default="70b", choices=sorted(SHAPES | CPU_SHAPES))
+  parser.add_argument("--layers", type=int, default=0, help="override the shape's layer count")
+  parser.add_argument("--checkpoint", help="quantize this HF dir / llama2.c .bin instead")
+  parser.add_argument("--method", default="lowra", choices=("lowra", "nf"))
+  parser.add_argument("--budget", type=float, default=1.5, help="lowra: code bits per parameter")
+  parser.add_argument("--bits", type=int, default=4, help="nf: bits per parameter")
+  parser.add_argument("--save", help="write the packed base to this new directory")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+  args = parser.parse_args()
+  if args.layers:
+    cli.positive("--layers", args.layers)
+  if args.save and Path(args.save).exists():
+    raise cli.UserError(f"--save: {args.save} exists — remove it or save elsewhere")
+  return args
+
+
+def main():
+  args = parse_args()
+  with cli.user_errors(f"--{'budget' if args.method == 'lowra' else 'bits'}: "):
+    quant = QuantConfig(method=args.method, budget=args.budget, bits=args.bits)
+  if args.checkpoint:
+    cli.existing("--checkpoint", args.checkpoint)
+    with cli.user_errors("--checkpoint: "):
+      source, name = CheckpointSource(args.checkpoint), args.checkpoint
+  else:
+    config = (SHAPES | CPU_SHAPES)[args.shape]
+    if args.layers:
+      config = dataclasses.replace(config, num_layers=args.layers)
+    source, name = SyntheticSource(config, args.seed), f"{args.shape} ({config.num_layers} layers)"
+  timed = TimedSource(source)
+  label = f"lowra {args.budget:g}" if args.method == "lowra" else f"nf{args.bits}"
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {name}, {label}", flush=True)
+
+  held, kept = [], {"packed": 0, "dense": 0}
+
+  def keep(path, leaf, _):
+    """Holds every leaf, as training holds the base; counts its bytes."""
+    kind = "packed" if is_quantized(leaf) else "dense"
+    kept[kind] += sum(x.nbytes for x in jax.tree.leaves(leaf))
+    held.append(leaf)
+
+  progress = not args.no_progress
+  start = time.perf_counter()
+  if args.save:
+    with Writer(args.save, {"source": name, "quant": dataclasses.asdict(quant)}) as out:
+      report = quantize_stream(
+        timed, quant, sink=lambda path, leaf, _: out.add(path, leaf), progress=progress
+      )
+  else:
+    report = quantize_stream(timed, quant, sink=keep, progress=progress)
+    jax.block_until_ready(held)
+  total = time.perf_counter() - start
+
+  passes = [end - begin for begin, end in timed.passes]
+  host_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+  device_gb = device_peak_gb()
+  print("\nstages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+  if not args.save:
+    print(f"held: packed base {kept['packed'] / 1e9:.2f} GB, dense {kept['dense'] / 1e9:.2f} GB")
+  fit_s, solve_s = ("-", "-")  # NF: one pass, no solve
+  if len(passes) > 1:
+    fit_s, solve_s = f"{passes[0]:.1f}", f"{report.seconds['solve']:.1f}"
+  device = "-" if device_gb is None else f"{device_gb:.1f}"
+  print(
+    "\n| model | method | pass 1 s | solve s | pass 2 s | total s | host peak GB "
+    "| device peak GB | code bits | total bits |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  print(
+    f"| {name} | {label} | {fit_s} | {solve_s} | {passes[-1]:.1f} | {total:.1f} | {host_gb:.1f} "
+    f"| {device} | {report.code_bits:.3f} | {report.total_bits:.3f} |"
+  )
+
+if __name__ == "__main__":
+  cli.guard(main)
