@@ -70,13 +70,17 @@ class CheckpointSource:
       yield weights.flax_leaf(name, self._checkpoint.read(name))
 
 
-@partial(jax.jit, static_argnames=("shape", "kind"))
-def _draw(key, *, shape: tuple[int, ...], kind: str) -> jax.Array:
+@partial(jax.jit, static_argnames=("shape", "kind", "spread"))
+def _draw(key, *, shape: tuple[int, ...], kind: str, spread: float) -> jax.Array:
   if kind == "scale":
     return jnp.ones(shape, jnp.float32)
   if kind == "kernel":  # heavy-tailed, as trained weights are (Student-t's gamma draws would
-    # hold tens of bytes per element)
-    return (0.02 / np.sqrt(2.0) * jax.random.laplace(key, shape)).astype(jnp.bfloat16)
+    # hold tens of bytes per element); output channels scaled log-normally (mean square 1)
+    w = 0.02 / np.sqrt(2.0) * jax.random.laplace(key, shape)
+    if spread:
+      z = jax.random.normal(jax.random.fold_in(key, 1), (1, shape[1]))
+      w = w * jnp.exp(spread * z - spread**2)
+    return w.astype(jnp.bfloat16)
   return (0.02 * jax.random.normal(key, shape)).astype(jnp.bfloat16)
 
 
@@ -84,13 +88,16 @@ def _draw(key, *, shape: tuple[int, ...], kind: str) -> jax.Array:
 class SyntheticSource:
   """Deterministic random leaves of any LLaMA shape, drawn on the default device.
 
-  Each leaf is a function of (seed, path) alone: kernels Laplace of std 0.02 bf16, embedding and
-  head 0.02 x N(0, 1) bf16, norm scales ones (float32). Leaves come in an HF checkpoint's order
+  Each leaf is a function of (seed, path) alone: kernels Laplace of std 0.02 bf16 (each output
+  channel times exp(channel_spread * N(0, 1) - channel_spread^2): channels of unequal scale, as
+  in trained models, so that a LowRA budget mixes precisions), embedding and head 0.02 x N(0, 1)
+  bf16, norm scales ones (float32). Leaves come in an HF checkpoint's order
   (embedding, then per layer attention, MLP and norms, final norm, head).
   """
 
   config: LlamaConfig
   seed: int = 0
+  channel_spread: float = 0.0
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
     """{path: shape} of every leaf, in iteration order."""
@@ -128,5 +135,5 @@ class SyntheticSource:
     for path, shape in self.shapes().items():
       kind = "head" if path == "lm_head/kernel" else path.rsplit("/", 1)[1]
       key = jax.random.fold_in(root, zlib.crc32(path.encode()))
-      yield path, _draw(key, shape=shape, kind=kind)
+      yield path, _draw(key, shape=shape, kind=kind, spread=self.channel_spread)
 
