@@ -91,7 +91,7 @@ def test_training_lowers_eval_loss_and_eval_reports_it(straight):
   rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
   ppl = {r[1].strip(): float(r[4]) for r in rows}
   assert list(ppl) == [
-    "bf16 base",
+    "fp32 base",
     "quantized base",
     "+ LoftQ adapters (step 0)",
     f"+ adapters (step {STEPS})",
@@ -149,5 +149,5 @@ def test_dense_lora_reference_runs_end_to_end(need_data, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
   ppl = {r[1].strip(): float(r[4]) for r in rows}
-  assert list(ppl) == ["bf16 base", f"+ adapters (step {STEPS})"]
-  assert_perplexity(ppl["bf16 base"], summary["init_eval_loss"])
+  assert list(ppl) == ["fp32 base", f"+ adapters (step {STEPS})"]
+  assert_perplexity(ppl["fp32 base"], summary["init_eval_loss"])

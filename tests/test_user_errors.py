@@ -145,6 +145,7 @@ def results(tmp_path_factory):
 CASE_NAMES = [
   "config key typo",
   "config file missing",
+  "config file missing, flag and value apart",
   "value of wrong type",
   "budget out of range",
   "rank 0",
