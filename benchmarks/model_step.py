@@ -97,7 +97,7 @@ def measure(args, name: str) -> dict:
     "step_ms": 1e3 * float(np.median(times)),
     "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
     "temp_gb": getattr(analysis, "temp_size_in_bytes", 0) / 1e9,
-    "base_gb": sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9,
+    "base_gb": _gb(variables),
     **held,
     "loss": float(metrics["loss"]),
   }
