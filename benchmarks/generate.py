@@ -71,10 +71,15 @@ def log(start: float, message: str) -> None:
   print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def build(shape: str, method: str, layers: int, tiled: bool) -> tuple[llama.Llama, dict]:
+def build(
+  shape: str, method: str, layers: int, tiled: bool, bucket_multiple: int = 0
+) -> tuple[llama.Llama, dict]:
   """(bf16 model, variables) of `method` at `shape` (synthetic shapes: `layers` overrides
-  num_layers, `tiled` copies one quantized layer)."""
+  num_layers, `tiled` copies one quantized layer; `bucket_multiple` > 0 replaces LowRA's
+  `QuantConfig.bucket_multiple`)."""
   quant = METHODS[method]
+  if quant is not None and quant.method == "lowra" and bucket_multiple:
+    quant = dataclasses.replace(quant, bucket_multiple=bucket_multiple)
   lcfg = lora.LoraConfig(rank=RANK) if method.endswith("+lora") else None
   if shape in BUNDLED:
     base, params = llama.load_pretrained(BUNDLED[shape])
@@ -148,7 +153,7 @@ def print_kernels(label: str, rows: list[dict], top: int = 20) -> None:
 def worker(args) -> None:
   """Measures one method at every batch size; prints one JSON row per batch on stdout."""
   start = time.perf_counter()
-  model, variables = build(args.shape, args.worker, args.layers, args.tiled)
+  model, variables = build(args.shape, args.worker, args.layers, args.tiled, args.bucket_multiple)
   jax.block_until_ready(variables)
   weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
   bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0
@@ -226,6 +231,9 @@ def main() -> None:
   parser.add_argument(
     "--tiled", action="store_true", help="copies of one quantized layer (synthetic shapes)"
   )
+  parser.add_argument(
+    "--bucket_multiple", type=int, default=0, help="LowRA's bucket_multiple (0: its default)"
+  )
   parser.add_argument("--prompt", type=int, default=128, help="context tokens before decoding")
   parser.add_argument("--new", type=int, default=64, help="decode steps timed")
   parser.add_argument("--repeat", type=int, default=3)
@@ -241,6 +249,8 @@ def main() -> None:
     cli.positive(f"--{flag}", getattr(args, flag))
   if args.layers:
     cli.positive("--layers", args.layers)
+  if args.bucket_multiple:
+    cli.positive("--bucket_multiple", args.bucket_multiple)
   if args.shape in BUNDLED:
     cli.existing("--shape", BUNDLED[args.shape], "run it from the project root")
   if args.out:

@@ -34,6 +34,7 @@ import synthetic
 from lowra_jax import cli, lora, train_lib
 from lowra_jax.models import llama, shapes
 from lowra_jax.quantize import QuantConfig, bits_per_param
+from lowra_jax.run_config import ModelConfig
 
 SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 128, 384, 2, 4, 2, 32)}  # tiny: CPU
 METHODS = {
@@ -43,6 +44,14 @@ METHODS = {
   "nf2": QuantConfig(method="nf", bits=2),
   **{f"lowra{b:g}": QuantConfig(budget=b) for b in (4, 3, 2.5, 2.25, 2, 1.75, 1.5, 1.25, 1.15)},
 }
+
+
+REMAT = {"auto": None, "on": True, "off": False}
+
+
+def remat_of(args) -> bool:
+  """--remat as the model's setting (auto: `ModelConfig.remat_for`, train.py's default)."""
+  return ModelConfig(path=args.shape, remat=REMAT[args.remat]).remat_for(SHAPES[args.shape])
 
 
 def measure(args, name: str) -> dict:
@@ -57,7 +66,7 @@ def measure(args, name: str) -> dict:
   adapters = lora.random_adapters(
     lora.target_paths(frozen | quant, lcfg), lcfg.rank, jax.random.key(1)
   )
-  model = llama.Llama(config, lora=lcfg, remat=args.remat)
+  model = llama.Llama(config, lora=lcfg, remat=remat_of(args))
   tx = train_lib.make_optimizer(train_lib.OptimConfig(warmup_steps=0, total_steps=10**6))
   state = train_lib.TrainState.create(adapters, tx)
   rng = np.random.default_rng(0)
@@ -176,7 +185,12 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--rank", type=int, default=64)
-  parser.add_argument("--remat", action="store_true", help="rematerialise each decoder layer")
+  parser.add_argument(
+    "--remat",
+    default="auto",
+    choices=sorted(REMAT),
+    help="rematerialise each decoder layer (auto: as train.py's default, by model size)",
+  )
   parser.add_argument("--tiled", action="store_true", help="copies of one quantized layer")
   parser.add_argument("--methods", default="bf16,nf4,lowra2,lowra1.5")
   parser.add_argument("--repeat", type=int, default=10)
@@ -227,7 +241,7 @@ def main() -> None:
     "batch": args.batch,
     "seq": args.seq,
     "rank": args.rank,
-    "remat": args.remat,
+    "remat": remat_of(args),
     "tiled": args.tiled,
     "jax": jax.__version__,
     "device": jax.devices()[0].device_kind,

@@ -49,7 +49,9 @@ def load_model(s: Settings) -> llama.Llama:
   pallas_kernels.set_default_backend(s.model.kernels)
   hf_config, _ = weights.inspect_checkpoint(s.model.path)
   config = llama.LlamaConfig.from_hf(hf_config)
-  return llama.Llama(config, dtype=DTYPES[s.model.dtype], lora=s.lora, remat=s.model.remat)
+  return llama.Llama(
+    config, dtype=DTYPES[s.model.dtype], lora=s.lora, remat=s.model.remat_for(config)
+  )
 
 
 def load_dense(s: Settings) -> dict:

@@ -74,6 +74,31 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
+@jax.custom_vjp
+def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., K] @ w [K, N] -> [..., N] in x.dtype, accumulated in float32 (forward and backward).
+
+  The VJP takes the cotangent in x.dtype: autodiff of a float32-accumulating dot would take it in
+  float32 against w, which XLA does by a float32 copy of w (for a LLaMA-7B head a 0.5 GB
+  temporary of every training step, `benchmarks/model_step.py`)."""
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dense_matmul_fwd(x, w):
+  return dense_matmul(x, w), (x, w)
+
+
+def _dense_matmul_bwd(residuals, g):
+  x, w = residuals
+  dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+  rows = (-1, x.shape[-1]), (-1, g.shape[-1])
+  dw = jnp.dot(x.reshape(rows[0]).T, g.reshape(rows[1]), preferred_element_type=jnp.float32)
+  return dx, dw.astype(w.dtype)  # XLA drops dw where w is not differentiated (a frozen base)
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
 class QLoRALinear(nn.Module):
   """x [..., in] -> [..., features] in `dtype`; see the module docstring.
 
@@ -95,8 +120,7 @@ class QLoRALinear(nn.Module):
     else:
       init = nn.initializers.lecun_normal()
       kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
-      y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
-      y = y.astype(self.dtype)
+      y = dense_matmul(x, kernel.astype(self.dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
     if self.lora is not None and self.has_variable("lora", "a"):

@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from lowra_jax import run_config
+from lowra_jax.models import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
@@ -98,3 +99,15 @@ def test_typos_and_bad_values_are_one_line_errors():
   bad.train.log_every = 0
   with pytest.raises(ValueError, match=r"^config\.train: log_every=0 — "):
     run_config.settings(bad)
+
+
+def test_remat_by_model_size_unless_set():
+  small, large = shapes.SHAPES["1b"], shapes.SHAPES["7b"]
+  small = dataclasses.replace(small, num_layers=1)  # ~0.2B parameters
+  auto = run_config.ModelConfig(path="m")
+  assert small.num_params < run_config.REMAT_FROM_PARAMS <= large.num_params
+  assert not auto.remat_for(small) and auto.remat_for(large)
+  for remat in (True, False):
+    forced = run_config.ModelConfig(path="m", remat=remat)
+    assert forced.remat_for(small) is remat and forced.remat_for(large) is remat
+  assert run_config.settings(load(ROOT / "configs" / "llama_1p5bit.py")).model.remat is None

@@ -106,6 +106,12 @@ def test_config_rejects_unsupported(change, message):
     llama.LlamaConfig.from_hf(config)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_num_params_counts_the_checkpoint(name):
+  model, params = llama.load_pretrained(_need(MODELS[name]))
+  assert model.config.num_params == sum(np.size(x) for x in jax.tree.leaves(params))
+
+
 def test_load_rejects_unknown_path(tmp_path):
   with pytest.raises(FileNotFoundError, match="expected an HF model directory"):
     llama.load_pretrained(tmp_path / "model.pt")

@@ -82,6 +82,33 @@ def test_layer_matches_float64():
     assert_close_at_scale(out, ref, f32_sum(k + r + 3))
 
 
+def test_dense_matmul_gradients_match_float64():
+  rng = np.random.default_rng(3)
+  k, n = 48, 24
+  x, w, g = rng.standard_normal((2, 5, k)), rng.standard_normal((k, n)), rng.standard_normal((2, 5, n))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  y, vjp = jax.vjp(lora_lib.dense_matmul, f32(x), f32(w))
+  dx, dw = vjp(f32(g))
+  assert_close_at_scale(y, x @ w, f32_sum(k))
+  assert_close_at_scale(dx, g @ w.T, f32_sum(n))
+  assert_close_at_scale(dw, np.einsum("btk,btn->kn", x, g), f32_sum(10))
+
+
+def test_frozen_bf16_kernel_gets_no_float32_copy_in_the_backward():
+  """The input gradient through a frozen bf16 kernel (e.g. the head) is taken with the kernel as
+  stored: no float32 [K, N] copy of it appears in the lowered step."""
+  k, n = 64, 384
+  layer = lora_lib.QLoRALinear(n, dtype=jnp.bfloat16)
+  kernel = jnp.ones((k, n), jnp.bfloat16)
+  x = jnp.ones((4, k), jnp.bfloat16)
+
+  def loss(x):
+    return layer.apply({"params": {"kernel": kernel}}, x).astype(jnp.float32).sum()
+
+  text = jax.jit(jax.grad(loss)).lower(x).as_text()
+  assert f"tensor<{k}x{n}xf32>" not in text and f"tensor<{n}x{k}xf32>" not in text
+
+
 def test_zero_b_is_the_quantized_base(stories):
   config, params = stories
   qparams, lora, _ = lora_lib.init_lora(

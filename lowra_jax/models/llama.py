@@ -114,6 +114,17 @@ class LlamaConfig:
       eos_token_id=eos[0] if isinstance(eos, list) else eos,
     )
 
+  @property
+  def num_params(self) -> int:
+    """Parameters of the model: embeddings, decoder layers, final norm and head (biases
+    included; a tied head counted once)."""
+    h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    attn = h * (q + 2 * kv) + q * h + (q + 2 * kv + h if self.attention_bias else 0)
+    mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
+    layer = attn + mlp + 2 * h
+    embed = self.vocab_size * h
+    return embed * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + h
+
 
 @flax.struct.dataclass
 class KVCache:
