@@ -118,21 +118,36 @@ def test_mixed_precision_layout_and_permutation():
     start += b.num_channels
 
 
+@pytest.mark.parametrize(
+  ("channels", "multiple", "expected"),
+  [(4096, 64, 64), (11008, 64, 64), (2048, 64, 32), (1024, 64, 16), (1023, 64, 1), (512, 16, 1),
+   (1024, 16, 16), (256, 4, 4), (255, 4, 1), (8192, 128, 128), (100, 1, 1)],
+)
+def test_count_multiple_keeps_64_multiples_per_tensor(channels, multiple, expected):
+  assert quantize.precision.count_multiple(channels, multiple) == expected
+
+
 def test_bucket_sizes_are_multiples_of_bucket_multiple_within_budget():
-  # 1024 output channels: at least 64 x 16, so the counts are rounded; 64 channels: left alone.
-  params = {"wide": {"kernel": heavy(11, (64, 1024))}, "narrow": {"kernel": heavy(12, (64, 64))}}
+  # 4096 output channels hold 64 x 64: multiples of 64; 1024 hold 64 x 16: multiples of 16;
+  # 64 channels: left alone.
+  params = {
+    "wider": {"kernel": heavy(13, (64, 4096))},
+    "wide": {"kernel": heavy(11, (64, 1024))},
+    "narrow": {"kernel": heavy(12, (64, 64))},
+  }
   cfg = quantize.QuantConfig(budget=1.5)
   q, report = quantize.quantize_params(params, cfg, progress=False)
   assert report.code_bits <= 1.5 + 1e-9
-  sizes = [b.num_channels for b in q["wide"]["kernel"].buckets]
-  assert len(sizes) > 1 and all(n % 16 == 0 for n in sizes), sizes
   free, _ = quantize.quantize_params(
     params, dataclasses.replace(cfg, bucket_multiple=1), progress=False
   )
-  solved = [b.num_channels for b in free["wide"]["kernel"].buckets]
-  assert any(n % 16 for n in solved), "the test needs a tensor the solver leaves ragged"
-  moved = np.abs(np.array(sizes) - np.array(solved))
-  assert moved.max() < 2 * 16, (sizes, solved)  # at most multiple - 1 per precision, cascaded
+  for name, m in (("wider", 64), ("wide", 16)):
+    sizes = [b.num_channels for b in q[name]["kernel"].buckets]
+    assert len(sizes) > 1 and all(n % m == 0 for n in sizes), (name, sizes)
+    solved = [b.num_channels for b in free[name]["kernel"].buckets]
+    assert any(n % m for n in solved), "the test needs tensors the solver leaves ragged"
+    moved = np.abs(np.array(sizes) - np.array(solved))
+    assert moved.max() < 2 * m, (sizes, solved)  # at most multiple - 1 per precision, cascaded
   for name in ("narrow",):  # below 64 x 16 channels: as solved
     a, b = q[name]["kernel"], free[name]["kernel"]
     assert [x.num_channels for x in a.buckets] == [x.num_channels for x in b.buckets]

@@ -3,7 +3,7 @@
   1. fit (device, per kernel):  absmax per group; Lloyd-Max tables and per-channel errors at every
      candidate precision (`mapping.fit_channels`); skipped for `nf`, whose table is fixed.
   2. solve (host, model-wide):  precision per channel under the budget (`precision.solve_budget`),
-     then each tensor's channel count per precision rounded to a multiple of `bucket_multiple`.
+     then each tensor's channel count per precision rounded to a multiple (`bucket_multiple`).
   3. encode (device, per kernel): channels permuted into precision buckets; scales double-quantized
      per bucket; codes = nearest level of w / scale; the exact squared error of the stored result.
   4. pack (host):  codes into uint8 planes per bucket (`packing.pack`).
@@ -301,12 +301,13 @@ def _encode_and_pack(
 
 
 def _align_buckets(choices, errors, ks, config: QuantConfig, slack: float):
-  """Each tensor's bucket sizes rounded to multiples of config.bucket_multiple
+  """Each tensor's bucket sizes rounded to multiples of its `precision.count_multiple`
   (`precision.align_counts`), the upgrades paid from the budget's `slack` (code bits), tensors in
-  order. Tensors with fewer than 64 x bucket_multiple channels keep their solved precisions."""
-  m, out = config.bucket_multiple, dict(choices)
+  order."""
+  out = dict(choices)
   for i, choice in choices.items():
-    if m > 1 and len(choice) >= 64 * m:
+    m = precision.count_multiple(len(choice), config.bucket_multiple)
+    if m > 1:
       out[i], added = precision.align_counts(
         errors[i], choice, config.candidate_bits, ks[i], m, slack
       )

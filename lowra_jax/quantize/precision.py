@@ -11,8 +11,9 @@ sum_c n[c] * bits[p_c] <= budget * sum_c n[c].
   relaxation's solution rounded down, so it is optimal up to one channel's upgrade; it solves
   LLaMA-7B's ~1.3M channels in about a second.
 
-`align_counts` then rounds one tensor's channel count per precision to a multiple (the GPU
-kernels want 16-byte aligned bucket rows), moving a few channels one step within the budget.
+`align_counts` then rounds one tensor's channel count per precision to a multiple
+(`count_multiple`: the GPU kernels want bucket rows in whole channel blocks), moving a few channels
+one step within the budget.
 """
 
 from __future__ import annotations
@@ -213,6 +214,15 @@ def solve_budget(
   return fn(errors, costs, bits, budget)
 
 
+def count_multiple(channels: int, multiple: int) -> int:
+  """The multiple a tensor of `channels` output channels rounds its counts per precision to:
+  `multiple`, halved while above 16 until the tensor holds 64 of it (so at most ~1.5 % of its
+  channels move per precision); 1 (left as solved) when it holds fewer than 64 even then."""
+  while multiple > 16 and channels < 64 * multiple:
+    multiple //= 2
+  return multiple if channels >= 64 * multiple else 1
+
+
 def align_counts(
   errors: np.ndarray, choice: np.ndarray, bits, cost: float, multiple: int, slack: float
 ) -> tuple[np.ndarray, float]:
@@ -222,8 +232,8 @@ def align_counts(
   channels move one step: when r >= multiple / 2, the channels one step below are enough and the
   upgrade's bits fit `slack`, the multiple - r channels below gaining the most error go up to p;
   otherwise the r channels at p losing the least go down one step. The lowest precision keeps the
-  rest (a multiple too when the tensor's channel count is). Used so that every precision bucket's
-  rows are 16-byte aligned for the GPU kernels (`QuantConfig.bucket_multiple`).
+  rest (a multiple too when the tensor's channel count is). Used so that every precision bucket
+  fills whole channel blocks of the GPU kernels (`QuantConfig.bucket_multiple`).
 
   Args:
     errors: float [N, P], squared error of each channel of the tensor at each precision.
