@@ -87,8 +87,9 @@ def identity(config) -> dict:
 def loftq_checkpoint(
   path: str | os.PathLike[str], quant: QuantConfig, config: lora.LoraConfig, rng: jax.Array
 ) -> tuple[dict, dict, loftq.LoftQReport]:
-  """(qparams, adapters, report) of LoftQ with `nf` / `lloyd` on the checkpoint at `path`, in one
-  pass (`loftq.loftq_stream`); equal to `lora.init_lora` on the dense params."""
+  """(qparams, adapters, report) of LoftQ on the checkpoint at `path`, read one tensor at a time
+  (`loftq.loftq_stream`: one pass for nf / lloyd, two per round for lowra); equal to
+  `lora.init_lora` on the dense params."""
   source = CheckpointSource(path)
   kernels = {
     tuple(p.split("/")[:-1]): s for p, s in source.shapes().items() if p.endswith("/kernel")
@@ -114,7 +115,7 @@ def prepare(config, s: Settings, tokenizer: Tokenizer, base_dir: Path | None = N
   elif s.quant.method != "none" and s.lora.init == "qlora":
     qparams, report = quantize_checkpoint(s.model.path, s.quant)
     adapters = lora.qlora_adapters(qparams, s.lora, key)
-  elif s.quant.method in ("nf", "lloyd"):  # LoftQ, every kernel's rounds as it is read
+  elif s.quant.method != "none":  # LoftQ, the checkpoint read one tensor at a time
     qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key)
   else:
     qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)

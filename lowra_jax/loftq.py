@@ -9,10 +9,11 @@ For every adapted kernel W [in, out] (float32), starting from A B = 0, repeat T 
 so that base + adapters, Q_T + s A_T B_T, start close to W instead of to the quantized W.
 Kernels that are quantized but not adapted are quantized once per round like the rest.
 
-`loftq` runs the rounds on an in-memory tree; `loftq_stream` on a weights source, in one pass,
-for methods whose precision is fixed per kernel (nf, lloyd): each kernel's rounds depend on that
-kernel alone, so they run back to back as it is read. LowRA solves its budget over all kernels in
-every round, so streaming it would take two passes per round (docs/architecture.md).
+`loftq` runs the rounds on an in-memory tree; `loftq_stream` on a weights source, holding one
+kernel and the factors: for methods whose precision is fixed per kernel (nf, lloyd) in one pass,
+each kernel's rounds back to back as it is read; for LowRA, whose budget is solved over all
+kernels in every round, each round is one `quantize_stream` (two passes) of the shifted kernels
+W - s A B, so T rounds read the source 2T times.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def loftq_stream(
   sink,
   progress: bool = True,
 ) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
-  """`loftq` over a weights source (`quantize_stream`'s), one tensor at a time, in one pass.
+  """`loftq` over a weights source (`quantize_stream`'s), one tensor at a time: one pass for nf and
+  lloyd, two per round for lowra (module docstring).
 
   Every leaf goes to ``sink(path, leaf)``: the final `QuantizedTensor` of each quantized kernel,
   other leaves as they are. Same tensors and factors as `loftq` on the tree of the same leaves.
@@ -141,11 +143,8 @@ def loftq_stream(
   Returns:
     (factors, report) as `loftq`'s, for the ``kernel`` leaves of the modules in `targets`.
   """
-  if quant_config.method not in ("nf", "lloyd"):
-    raise ValueError(
-      f"loftq_stream needs a precision fixed per kernel (nf, lloyd), not {quant_config.method!r}"
-      " — use loftq on the params tree"
-    )
+  if quant_config.method == "lowra":
+    return _rounds_stream(source, quant_config, targets, rank, scale, iters, sink, progress)
   selected = default_filter(quant_config)
   factors: dict[Path, tuple[jax.Array, jax.Array]] = {}
   layers, seconds = [], {}
@@ -184,3 +183,53 @@ def loftq_stream(
   quant = QuantReport(sorted(layers, key=lambda l: l.path.split("/")), seconds)
   errors = tuple(float(np.sqrt(e / norm)) for e in round_sq)
   return factors, LoftQReport(float(np.sqrt(quant_sq / norm)), errors, quant)
+
+
+class _Shifted:
+  """`source` with each target kernel W replaced by W - scale A B (its `factors`), computed as
+  `loftq` computes it; `last` is the latest leaf read, as stored (the sink's W)."""
+
+  def __init__(self, source, factors: dict[Path, tuple[jax.Array, jax.Array]], scale: float):
+    self.source, self.factors, self.scale, self.last = source, factors, scale, None
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __iter__(self):
+    for path, leaf in self.source:
+      self.last = leaf
+      module = tuple(path.split("/")[:-1])
+      if path.endswith("/kernel") and module in self.factors:
+        a, b = self.factors[module]
+        w32 = jnp.asarray(leaf, jnp.float32)
+        leaf = np.asarray(w32 - self.scale * (a @ b)).astype(leaf.dtype)
+      yield path, leaf
+
+
+def _rounds_stream(source, quant_config, targets, rank, scale, iters, sink, progress):
+  """`loftq_stream` for a model-wide budget: round t quantizes the source shifted by round t-1's
+  factors (`quantize_stream`, dense reconstructions on) and takes each target's new factors from
+  its sink; the last round's leaves go to `sink`."""
+  factors: dict[Path, tuple[jax.Array, jax.Array]] = {}
+  norm, quant_sq, round_sq = 0.0, 0.0, [0.0] * iters
+  for t in tqdm(range(iters), desc="loftq rounds", disable=not progress):
+    shifted, new = _Shifted(source, factors, scale), {}
+
+    def round_sink(path, leaf, dense, t=t, shifted=shifted, new=new):
+      nonlocal norm, quant_sq
+      module = tuple(path.split("/")[:-1])
+      if is_quantized(leaf) and path.endswith("/kernel") and module in targets:
+        w32 = jnp.asarray(shifted.last, jnp.float32)
+        if t == 0:
+          norm += float(jnp.sum(jnp.square(w32)))
+          quant_sq += float(_sq_err(w32, dense))
+        a, b = low_rank((w32 - dense) / scale, rank)
+        round_sq[t] += float(_sq_err(w32, dense + scale * (a @ b)))
+        new[module] = (a, b)
+      if t == iters - 1:
+        sink(path, leaf)
+
+    report = quantize_stream(shifted, quant_config, sink=round_sink, dense=True, progress=progress)
+    factors = new
+  errors = tuple(float(np.sqrt(e / norm)) for e in round_sq)
+  return factors, LoftQReport(float(np.sqrt(quant_sq / norm)), errors, report)

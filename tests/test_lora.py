@@ -85,7 +85,8 @@ def test_layer_matches_float64():
 def test_dense_matmul_gradients_match_float64():
   rng = np.random.default_rng(3)
   k, n = 48, 24
-  x, w, g = rng.standard_normal((2, 5, k)), rng.standard_normal((k, n)), rng.standard_normal((2, 5, n))
+  x, w = rng.standard_normal((2, 5, k)), rng.standard_normal((k, n))
+  g = rng.standard_normal((2, 5, n))
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   y, vjp = jax.vjp(lora_lib.dense_matmul, f32(x), f32(w))
   dx, dw = vjp(f32(g))

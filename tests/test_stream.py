@@ -78,7 +78,9 @@ def test_fit_in_chunks_of_channels_equals_the_whole_fit(monkeypatch):
   _assert_identical(chunked, whole)
 
 
-@pytest.mark.parametrize("init,method", [("qlora", "lowra"), ("loftq", "nf")])
+@pytest.mark.parametrize(
+  "init,method", [("qlora", "lowra"), ("loftq", "nf"), ("loftq", "lowra")]
+)
 def test_prepare_streams_a_base_equal_to_init_lora(init, method):
   from configs.demo import get_config
   from lowra_jax import lora, run_config
@@ -219,8 +221,10 @@ def test_streamed_quantization_stays_within_a_memory_bound_several_times_below_t
   assert whole["growth"] >= 0.9 * whole["bf16_bytes"], whole
 
 
-@pytest.mark.parametrize("quant", [QuantConfig(method="nf", bits=2), QuantConfig(method="lloyd")])
-def test_loftq_in_one_pass_equals_loftq_in_memory(quant):
+@pytest.mark.parametrize(
+  "quant", [QuantConfig(method="nf", bits=2), QuantConfig(method="lloyd"), QuantConfig(budget=1.5)]
+)
+def test_loftq_streamed_equals_loftq_in_memory(quant):
   from lowra_jax import lora
 
   config = lora.LoraConfig(rank=4, init="loftq", loftq_iters=2)
