@@ -9,8 +9,9 @@ first token is predicted by nobody, every other token once); `config.train.eval_
 number of windows (0: all). `config.workdir` must hold a train.py run of this config: the quantized
 base comes from its `base/`, the adapters from the newest checkpoint in its `checkpoints/` (the
 row is left out if there is none yet), onto this run's devices (`config.mesh`) whatever devices
-saved them. Prints one table: the dense base, the quantized base, the quantized base + LoftQ's
-initial adapters (LoftQ runs) and + the trained adapters.
+saved them. Prints one table: the dense base (unless `config.train.eval_dense` is False: it is
+read one tensor at a time onto the devices, where it must fit), the quantized base, the quantized
+base + LoftQ's initial adapters (LoftQ runs) and + the trained adapters.
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ def main(argv) -> None:
   def place(tree):
     return jax.device_put(tree, sharding.tree_shardings(tree, mesh, s.mesh))
 
-  rows = []
-  dense = base.load_dense(s)
-  ppl, tokens = perplexity(eval_step, place({"params": dense}), None, blocks, batch, mesh)
-  n_params = sum(x.size for x in jax.tree.leaves(dense))
-  del dense
-  width = reporting.bits_columns(None, config.model.dtype)
-  rows.append((f"{reporting.DTYPE_NAMES[config.model.dtype]} base", *width, ppl))
+  rows, tokens = [], blocks[:, 1:].size
+  if s.train.eval_dense:  # read one tensor at a time, each put on the devices
+    preflight.check_dense_fits(s, prep.model.config, mesh.shape[sharding.FSDP])
+    dense = {"params": base.load_dense(s, place=place)}
+    ppl, tokens = perplexity(eval_step, dense, None, blocks, batch, mesh)
+    del dense
+    width = reporting.bits_columns(None, config.model.dtype)
+    rows.append((f"{reporting.DTYPE_NAMES[config.model.dtype]} base", *width, ppl))
   bits = reporting.base_bits(prep)
   code, total = reporting.bits_columns(bits, config.model.dtype)
   frozen = place(prep.frozen)
@@ -80,7 +82,7 @@ def main(argv) -> None:
   if jax.process_index():
     return
   print(
-    f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({n_quant / 1e6:.1f}M "
+    f"\n{config.model.path}: {prep.model.config.num_params / 1e6:.1f}M parameters ({n_quant / 1e6:.1f}M "
     f"quantized), adapters {n_adapter / 1e6:.2f}M; {tokens} tokens of {s.eval_data.path} "
     f"({s.eval_data.split}); peak device memory {reporting.peak_memory()}"
   )

@@ -5,7 +5,7 @@ as it streams from the checkpoint (`quantize_checkpoint`: one tensor read at a t
 nf / lloyd in one pass, `loftq_checkpoint`; LoftQ with LowRA, whose every round solves a
 model-wide budget, reads the dense params whole) and initialises the adapters, or loads both
 from the base `save` wrote into the workdir; `identity(config)` is what a saved base must
-match to be reused; `load_dense` reads the dense params (eval.py's bf16 reference).
+match to be reused; `load_dense` reads the dense params (eval.py's dense reference).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 import pallas_kernels
 from lowra_jax import loftq, lora
@@ -54,9 +56,12 @@ def load_model(s: Settings) -> llama.Llama:
   )
 
 
-def load_dense(s: Settings) -> dict:
-  """The checkpoint's dense params tree (numpy, stored dtypes), read whole."""
-  return llama.load_pretrained(s.model.path)[1]
+def load_dense(s: Settings, place: Callable[[np.ndarray], Any] | None = None) -> dict:
+  """The checkpoint's dense params tree, read one tensor at a time: each leaf (numpy, stored
+  dtype) as it is, or as `place` returns it (e.g. put on the devices, so that the host holds one
+  tensor). The same leaves as `llama.load_pretrained`'s."""
+  place = place or (lambda leaf: leaf)
+  return nest((path, place(leaf)) for path, leaf in CheckpointSource(s.model.path))
 
 
 def quantize_checkpoint(

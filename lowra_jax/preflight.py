@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from lowra_jax import data, lora
@@ -103,6 +104,19 @@ def check_train_workdir(config) -> None:
     )
   if (workdir / "base" / "tree.json").is_file():
     _check_identity(config, workdir / "base")
+
+
+def check_dense_fits(s: Settings, config: llama.LlamaConfig, fsdp: int) -> None:
+  """eval.py's dense row: one line when even 2 bytes a parameter (its share over `fsdp` devices)
+  exceed a device's memory; devices that report no limit (the CPU) are not checked."""
+  limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  need = 2 * config.num_params / fsdp
+  if limit and need > limit:
+    raise UserError(
+      f"the dense base of {s.model.path} needs at least {need / 1e9:.1f} GB per device, more than "
+      f"its {limit / 1e9:.1f} GB — pass --config.train.eval_dense=False to skip its row, or shard "
+      "it over more devices with --config.mesh.fsdp"
+    )
 
 
 def check_saved_run(config, tool: str) -> Path:

@@ -67,7 +67,8 @@ class TrainConfig:
   evaluations (0: only before and after training). eval_blocks: blocks of eval_data per evaluation
   (0: all). checkpoint_every, keep: steps between checkpoints, checkpoints kept. resume: continue
   the run in the workdir. export_peft, export_merged: write the PEFT adapters / the merged HF
-  checkpoint at the end.
+  checkpoint at the end. eval_dense: eval.py also scores the dense base (read one tensor at a
+  time onto the devices, where it must fit).
   """
 
   seed: int = 0
@@ -79,6 +80,7 @@ class TrainConfig:
   resume: bool = False
   export_peft: bool = True
   export_merged: bool = False
+  eval_dense: bool = True
 
   def __post_init__(self):
     minimum = {"log_every": 1, "eval_every": 0, "eval_blocks": 0, "checkpoint_every": 1, "keep": 1}

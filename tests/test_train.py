@@ -111,6 +111,13 @@ def test_training_lowers_eval_loss_and_eval_reports_it(straight):
     [*cmd, "--config.quant.bits=4"], check=False, cwd=ROOT, capture_output=True, text=True
   )
   assert out.returncode != 0 and "other model/quant/lora/seed settings" in out.stderr
+  out = subprocess.run(
+    [*cmd, "--config.train.eval_dense=False"], check=False, cwd=ROOT, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
+  without_dense = {k: v for k, v in ppl.items() if k != "fp32 base"}
+  assert {r[1].strip(): float(r[4]) for r in rows} == without_dense
 
 
 def test_kill_and_resume_equals_uninterrupted_run(straight, tmp_path):
