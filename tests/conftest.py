@@ -1,8 +1,19 @@
 """The CPU test process gets 8 host devices (as XLA_FLAGS=--xla_force_host_platform_device_count=8
 would), so the multi-device tests run in the same `pytest` as the rest; unsharded code still runs
-on device 0. Set before any test touches a device; an explicit XLA_FLAGS device count wins."""
+on device 0. Set before any test touches a device; an explicit XLA_FLAGS device count wins.
 
+Compilation dominates the suite on CPU, and many tests compile the same programs again: the
+entry points run as subprocesses (train.py, then eval.py or a resumed train.py on the same model),
+and tests build fresh jitted closures of equal computations. So the session shares one persistent
+compilation cache, in a new temporary directory (every session starts cold and leaves nothing
+behind), with the subprocesses too (through the environment they inherit). A cache hit returns the
+executable XLA would compile again; an explicit JAX_COMPILATION_CACHE_DIR wins.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax
 
@@ -10,3 +21,15 @@ DEVICES = 8
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   jax.config.update("jax_num_cpu_devices", DEVICES)
+
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  _cache = tempfile.mkdtemp(prefix="lowra-jax-test-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ |= {
+    "JAX_COMPILATION_CACHE_DIR": _cache,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+  jax.config.update("jax_compilation_cache_dir", _cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
