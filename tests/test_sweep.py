@@ -68,6 +68,8 @@ def _settings(row) -> dict:
   return json.loads(json.dumps(out))  # as the values would come out of a child process
 
 
+# ml_collections loads the config file with importlib's deprecated load_module (as in train.py).
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 @pytest.mark.parametrize(
   "key", ["pycode-loftq-2.5-s0", "stories-lowra_qlora-1.15-s0", "pycode-lora_bf16-16-s0"]
 )
