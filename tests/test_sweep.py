@@ -1,14 +1,17 @@
 """benchmarks/sweep.py: the grid is the issue's, and every row's command builds valid settings."""
 
+import contextlib
 import importlib.util
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
+from lowra_jax import run_config
 from lowra_jax.quantize import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,29 +46,30 @@ def test_loftq_mixed_precision_rounds_to_whole_layers(bits, layers, expected):
   assert sweep.loftq_layer_bits(bits, layers) == expected
 
 
-PARSE = """
-import json, sys
-from absl import flags
-from ml_collections import config_flags
-from lowra_jax import run_config
-holder = config_flags.DEFINE_config_file("config")
-flags.FLAGS(sys.argv)
-s = run_config.settings(holder.value)
-print(json.dumps({"quant": s.quant.__dict__, "init": s.lora.init, "data": s.data.name,
-                  "model": holder.value.model.path, "train": holder.value.train.to_dict()}))
-"""
-
-
 def _settings(row) -> dict:
-  """The row's train.py flags parsed by absl + ml_collections, as train.py parses them."""
+  """The row's train.py flags parsed by absl + ml_collections as train.py parses them (its
+  DEFINE_config_file, here on a FlagValues of its own and this argv instead of the process's)."""
   cmd = sweep.train_command(row, "../shared/data", Path("runs/x"))
-  out = subprocess.run(
-    [sys.executable, "-c", PARSE, *cmd[2:]], cwd=ROOT, capture_output=True, text=True, check=False
-  )
-  assert out.returncode == 0, out.stderr[-2000:]
-  return json.loads(out.stdout.splitlines()[-1])
+  assert cmd[:2] == ["python", "train.py"], cmd
+  argv = ["train.py", *cmd[2:]]
+  flag_values = flags.FlagValues()
+  with contextlib.chdir(ROOT):
+    # Like the global DEFINE in train.py, which reads sys.argv for the config's override flags.
+    holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    s = run_config.settings(holder.value)
+    out = {
+      "quant": s.quant.__dict__,
+      "init": s.lora.init,
+      "data": s.data.name,
+      "model": holder.value.model.path,
+      "train": holder.value.train.to_dict(),
+    }
+  return json.loads(json.dumps(out))  # as the values would come out of a child process
 
 
+# ml_collections loads the config file with importlib's deprecated load_module (as in train.py).
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 @pytest.mark.parametrize(
   "key", ["pycode-loftq-2.5-s0", "stories-lowra_qlora-1.15-s0", "pycode-lora_bf16-16-s0"]
 )

@@ -1,11 +1,14 @@
 """train.py end to end (subprocesses, CPU): SIGKILL + resume equals an uninterrupted run and the
 eval loss falls (bad input: test_user_errors.py)."""
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +24,20 @@ DATA = ROOT / ".." / "shared" / "data"
 STORIES = DATA / "models" / "stories260K" / "stories260K.bin"
 TINYSTORIES = DATA / "tinystories" / "tinystories_val.txt"
 STEPS = 12
+
+# This module's train.py / eval.py children share a persistent XLA compilation cache, in a fresh
+# temporary directory (each session starts cold, nothing is left behind): the killed, resumed and
+# eval.py runs compile the straight run's programs again, and a hit returns the executable XLA
+# would compile. Only here: where each program is compiled once (make demo), keying every program
+# costs more than it saves.
+_CACHE = tempfile.mkdtemp(prefix="lowra-jax-test-train-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+ENV = {
+  **os.environ,
+  "JAX_COMPILATION_CACHE_DIR": _CACHE,
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 
 
 def args(workdir: Path, *extra: str) -> list[str]:
@@ -47,7 +64,8 @@ def args(workdir: Path, *extra: str) -> list[str]:
 
 def run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
   return subprocess.run(
-    args(workdir, *extra), cwd=ROOT, check=False, capture_output=True, text=True, timeout=600
+    args(workdir, *extra), cwd=ROOT, env=ENV, check=False, capture_output=True, text=True,
+    timeout=600,
   )
 
 
@@ -86,7 +104,9 @@ def test_training_lowers_eval_loss_and_eval_reports_it(straight):
   assert (straight / "loss.png").stat().st_size > 1000
   cmd = args(straight)
   cmd[1] = str(ROOT / "eval.py")
-  out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    cmd, check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
   ppl = {r[1].strip(): float(r[4]) for r in rows}
@@ -108,7 +128,8 @@ def test_training_lowers_eval_loss_and_eval_reports_it(straight):
   assert_perplexity(ppl["+ LoftQ adapters (step 0)"], summary["init_eval_loss"])
   assert (straight / "base" / "tree.json").exists()  # eval.py loaded this base, not a new one
   out = subprocess.run(
-    [*cmd, "--config.quant.bits=4"], check=False, cwd=ROOT, capture_output=True, text=True
+    [*cmd, "--config.quant.bits=4"], check=False, cwd=ROOT, env=ENV, capture_output=True,
+    text=True,
   )
   assert out.returncode != 0 and "other model/quant/lora/seed settings" in out.stderr
   out = subprocess.run(
@@ -123,7 +144,7 @@ def test_training_lowers_eval_loss_and_eval_reports_it(straight):
 def test_kill_and_resume_equals_uninterrupted_run(straight, tmp_path):
   workdir = tmp_path / "killed"
   proc = subprocess.Popen(
-    args(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    args(workdir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
   )
   deadline = time.time() + 300
   while not (workdir / "checkpoints" / "6").exists() and time.time() < deadline:
@@ -152,7 +173,9 @@ def test_dense_lora_reference_runs_end_to_end(need_data, tmp_path):
   assert summary["final_eval_loss"] != summary["init_eval_loss"]
   cmd = args(workdir, "--config.quant.method=none", "--config.lora.init=qlora")
   cmd[1] = str(ROOT / "eval.py")
-  out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    cmd, check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
   ppl = {r[1].strip(): float(r[4]) for r in rows}

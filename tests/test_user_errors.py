@@ -3,7 +3,9 @@
 written. One line also means no work started first: quantization, LoftQ and training print
 progress bars on stderr.
 
-The cases run concurrently in one module fixture; each test reads its case's result."""
+The cases run in one module fixture, each in a process forked from one of two servers that imported
+the scripts' libraries once (tests/forked.py); one case also runs in a fresh interpreter, which
+must report the same. Each test reads its case's result."""
 
 import json
 import shutil
@@ -13,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from forked import ForkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data"
@@ -131,15 +134,41 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
   )
 
 
+SERVERS = 2  # one per core
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   if not PYCODE.exists():
     pytest.skip("../shared/data is not beside the project")
   tmp = tmp_path_factory.mktemp("user_errors")
   table = cases(tmp)
-  with ThreadPoolExecutor(max_workers=3) as pool:
-    done = dict(zip(table, pool.map(run, (argv for argv, _ in table.values()))))
-  return tmp, table, done
+  names = list(table)
+  servers = [ForkServer() for _ in range(SERVERS)]
+
+  def share(i: int) -> dict[str, subprocess.CompletedProcess]:
+    return {name: servers[i].run(table[name][0], ROOT) for name in names[i::SERVERS]}
+
+  try:
+    with ThreadPoolExecutor(max_workers=SERVERS) as pool:
+      parts = list(pool.map(share, range(SERVERS)))
+  finally:
+    for server in servers:
+      server.close()
+  return tmp, table, {name: out for part in parts for name, out in part.items()}
+
+
+def test_a_fresh_interpreter_reports_the_same(results):
+  """The case that reads most before failing (model, tokenizer, data) as `python train.py ...`:
+  the forked run's status, stdout and stderr are this process's."""
+  _, table, done = results
+  case = "batch larger than the data"
+  fresh, forked = run(table[case][0]), done[case]
+  assert (fresh.returncode, fresh.stdout, fresh.stderr) == (
+    forked.returncode,
+    forked.stdout,
+    forked.stderr,
+  )
 
 
 CASE_NAMES = [
