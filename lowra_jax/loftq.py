@@ -92,8 +92,10 @@ def loftq(
   scale: float,
   iters: int,
   progress: bool = True,
+  importance=None,
 ) -> tuple[dict, dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
-  """Run LoftQ on the ``kernel`` leaves at the module paths `targets`.
+  """Run LoftQ on the ``kernel`` leaves at the module paths `targets` (`importance`: input second
+  moments for `quant_config.calibration="inputs"`, as `quantize_params` takes them).
 
   Returns:
     (qparams, factors, report): the final quantized params, {path: (A [in, rank] f32,
@@ -111,7 +113,7 @@ def loftq(
       for p in factors
     }
     qparams, dense_q, report = quantize_and_dequantize(
-      with_kernels(params, shifted), quant_config, progress=False
+      with_kernels(params, shifted), quant_config, progress=False, importance=importance
     )
     base = {p: get_kernel(dense_q, p) for p in targets if is_quantized(get_kernel(qparams, p))}
     if quant_error is None:
@@ -132,6 +134,7 @@ def loftq_stream(
   iters: int,
   sink,
   progress: bool = True,
+  importance=None,
 ) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """`loftq` over a weights source (`quantize_stream`'s), one tensor at a time, in one pass.
 
@@ -155,7 +158,7 @@ def loftq_stream(
     out = {}
     report = quantize_stream(
       [(path, w)], quant_config, sink=lambda _, q, d: out.update(q=q, d=d), dense=True,
-      progress=False,
+      progress=False, importance=importance,
     )
     return out["q"], out["d"], report
 

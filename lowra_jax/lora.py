@@ -207,6 +207,7 @@ def init_lora(
   rng: jax.Array,
   *,
   progress: bool = True,
+  importance: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict, QuantReport | loftq.LoftQReport]:
   """Quantize `params` and create adapters for `lora_config.targets`.
 
@@ -215,6 +216,8 @@ def init_lora(
     quant_config: how the base is quantized (nf, lloyd, lowra; 'none' keeps it dense).
     lora_config: adapter settings; ``init`` picks QLoRA or LoftQ initialisation.
     rng: a jax PRNG key (QLoRA's random A).
+    importance: {kernel path: float32 [in]} input second moments, for
+      `quant_config.calibration="inputs"` (`calibration.input_moments`).
 
   Returns:
     (qparams, lora, report): params with quantized kernels, the adapter tree, and the quantizer's
@@ -228,7 +231,9 @@ def init_lora(
       )
     return params, qlora_adapters(params, lora_config, rng), None
   if lora_config.init == "qlora":
-    qparams, report = quantize_params(params, quant_config, progress=progress)
+    qparams, report = quantize_params(
+      params, quant_config, progress=progress, importance=importance
+    )
     return qparams, qlora_adapters(params, lora_config, rng), report
   qparams, factors, report = loftq.loftq(
     params,
@@ -238,6 +243,7 @@ def init_lora(
     scale=lora_config.scale,
     iters=lora_config.loftq_iters,
     progress=progress,
+    importance=importance,
   )
   return qparams, loftq_adapters(shapes, factors, lora_config, rng), report
 

@@ -10,6 +10,8 @@ METHODS = ("nf", "lloyd", "lowra", "none")
 PACKABLE_BITS = (1, 2, 3, 4)
 Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
+Calibration = Literal["none", "inputs"]
+CALIBRATIONS = ("none", "inputs")
 Solver = Literal["auto", "greedy", "milp"]
 
 
@@ -49,6 +51,12 @@ class QuantConfig:
   """Lloyd-Max iterations (fixed, so results are deterministic and jit-friendly)."""
   weighting: Weighting = "absmax2"
   """Lloyd-Max sample weights: `absmax2` minimises the error in weight space (absmax(group)^2)."""
+  calibration: Calibration = "none"
+  """`lowra` / `lloyd`: `none` minimises the error of the weights; `inputs` weights the error of
+  input row k of a kernel by h_k = E[x_k^2], its input's second moment on calibration data
+  (`calibration.input_moments`, handed to the quantizer per kernel path), so that the Lloyd-Max
+  fit and the per-channel errors the budget solver compares are the expected squared error of
+  the layer's *output*: omega_kn = scale^2 * h_k (with `weighting="absmax2"`)."""
   lut_clusters: int = 0
   """0: one lookup table per output channel. C > 0: each precision bucket of a tensor shares C
   tables (k-means over the channels' tables, then a pooled Lloyd-Max refit) plus a uint8 index per
@@ -128,6 +136,15 @@ def validate(cfg: QuantConfig) -> None:
   if cfg.weighting not in ("absmax2", "absmax", "none"):
     raise QuantizationError(
       f"unknown weighting {cfg.weighting!r} — use 'absmax2', 'absmax' or 'none'."
+    )
+  if cfg.calibration not in CALIBRATIONS:
+    raise QuantizationError(
+      f"unknown calibration {cfg.calibration!r} — use one of {CALIBRATIONS}."
+    )
+  if cfg.calibration != "none" and cfg.method not in ("lowra", "lloyd"):
+    raise QuantizationError(
+      f"calibration={cfg.calibration!r} weights a Lloyd-Max fit, which method {cfg.method!r} "
+      "does not have — use method 'lowra' or 'lloyd', or calibration='none'."
     )
   if cfg.solver not in ("auto", "greedy", "milp"):
     raise QuantizationError(f"unknown solver {cfg.solver!r} — use 'auto', 'greedy' or 'milp'.")
