@@ -2,7 +2,8 @@
 
 Each section holds every field of its dataclass (`from_dataclass`), so each is settable with
 ``--config.<section>.<field>``: ``model`` -> `run_config.ModelConfig`, ``quant`` -> `QuantConfig`,
-``calib`` -> `calibration.CalibConfig` (read with ``quant.calibration="inputs"``), ``lora`` -> `LoraConfig`, ``data`` / ``eval_data`` -> `DataConfig`, ``optim`` -> `OptimConfig`,
+``calib`` -> `calibration.CalibConfig` (read unless ``quant.calibration="none"``), ``lora`` ->
+`LoraConfig`, ``data`` / ``eval_data`` -> `DataConfig`, ``optim`` -> `OptimConfig`,
 ``mesh`` -> `sharding.MeshConfig` (default: data parallel over every device, no FSDP), ``train``
 -> `run_config.TrainConfig`; `run_config.settings` builds the dataclasses back. The defaults are
 the dataclasses' but where `base_config` says otherwise; ``workdir`` is read by train.py / eval.py.

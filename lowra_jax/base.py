@@ -7,7 +7,7 @@ model-wide budget, reads the dense params whole) and initialises the adapters, o
 from the base `save` wrote into the workdir; `identity(config)` is what a saved base must
 match to be reused; `load_dense` reads the dense params (eval.py's bf16 reference).
 
-With `quant.calibration="inputs"` the quantizer weighs errors by each projection's input second
+With `quant.calibration` "kernel" or "model" the quantizer weighs errors by each projection's input second
 moments (`calibration.input_moments` of `config.calib` blocks through the dense model), computed
 once and cached beside the saved base (`workdir/calibration.safetensors`, reused while its
 identity matches); the calibration's identity is part of the saved base's.
@@ -77,7 +77,7 @@ def quantize_checkpoint(
   """(qparams, report) of the checkpoint at `path`, quantized as it is read: host memory holds
   one tensor and the fits (`quantize_stream`); equal, bit for bit, to `quantize_params` of
   `llama.load_pretrained(path)`'s params. Missing or truncated shards fail before any work.
-  `importance`: input second moments for `config.calibration="inputs"`."""
+  `importance`: input second moments, for `config.calibration` other than "none"."""
   leaves = []
   report = quantize_stream(
     CheckpointSource(path), config, sink=lambda p, leaf, _: leaves.append((p, leaf)),
@@ -123,6 +123,21 @@ def identity(config) -> dict:
 def calibration_path(workdir: Path) -> Path:
   """Where a run caches its calibration moments (beside `workdir/base`)."""
   return Path(workdir) / "calibration.safetensors"
+
+
+def saved_moments(config) -> dict[str, np.ndarray] | None:
+  """The calibration moments a train.py run of this config cached beside its base (None with
+  `quant.calibration="none"`)."""
+  if config.quant.calibration == "none":
+    return None
+  wanted = json.loads(json.dumps(calibration_identity(config)))
+  h = calibration.load(calibration_path(config.workdir), wanted)
+  if h is None:
+    raise FileNotFoundError(
+      f"{calibration_path(config.workdir)} is missing or of other settings — run train.py with "
+      "this config to calibrate"
+    )
+  return h
 
 
 def moments(config, s: Settings, model: llama.Llama, blocks, dense=None) -> dict[str, np.ndarray]:
@@ -181,7 +196,7 @@ def prepare(
   """Build the model; quantize its base and initialise adapters (deterministic in
   config.train.seed), or, when `base_dir` holds them (saved by `save` for this config, which
   `preflight` checks), load both from there. `calib_blocks` [n, T + 1]: the calibration data
-  (`preflight.load_calibration`) when the base is quantized with `quant.calibration="inputs"`."""
+  (`preflight.load_calibration`) when the base is quantized with `quant.calibration`."""
   model = load_model(s)
   key = jax.random.key(config.train.seed)
   h = None

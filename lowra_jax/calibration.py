@@ -1,7 +1,7 @@
 """Calibration for LowRA's output-weighted objective: each projection's input second moments.
 
     h = input_moments(model, params, blocks, batch_size=8)   # {".../q_proj/kernel": float32 [in]}
-    quantize_params(params, QuantConfig(calibration="inputs"), importance=h)
+    quantize_params(params, QuantConfig(calibration="kernel"), importance=h)
 
 A few hundred blocks of text go once through the dense model; for every `QLoRALinear` the input it
 multiplies (after its cast to the compute dtype) is captured with `nn.intercept_methods`, and
@@ -32,7 +32,7 @@ from lowra_jax.lora import QLoRALinear
 
 @dataclasses.dataclass(frozen=True)
 class CalibConfig:
-  """Calibration data for `QuantConfig(calibration="inputs")` (config section ``calib``).
+  """Calibration data for `QuantConfig.calibration` "kernel" / "model" (config section ``calib``).
 
   sequences: blocks of seq_len tokens run through the dense model, evenly spaced over the data
   (all of them when it has fewer). batch_size: blocks per forward pass. split: the split of
@@ -52,7 +52,7 @@ class CalibConfig:
 
 
 def spread(blocks: np.ndarray, count: int) -> np.ndarray:
-  """`count` of `blocks` [n, T + 1], evenly spaced from the first to the last (all if n <= count)."""
+  """`count` of `blocks` [n, T + 1], evenly spaced from the first to the last (all if fewer)."""
   if len(blocks) <= count:
     return blocks
   return blocks[np.linspace(0, len(blocks) - 1, count).round().astype(np.int64)]
@@ -66,7 +66,8 @@ def _recorder(sums: dict):
     module = context.module
     if isinstance(module, QLoRALinear) and context.method_name == "__call__":
       x = args[0].astype(module.dtype).astype(jnp.float32)
-      sums["/".join(module.path) + "/kernel"] = jnp.sum(jnp.square(x), axis=tuple(range(x.ndim - 1)))
+      rows = tuple(range(x.ndim - 1))
+      sums["/".join(module.path) + "/kernel"] = jnp.sum(jnp.square(x), axis=rows)
     return next_fun(*args, **kwargs)
 
   return interceptor

@@ -217,7 +217,7 @@ def init_lora(
     lora_config: adapter settings; ``init`` picks QLoRA or LoftQ initialisation.
     rng: a jax PRNG key (QLoRA's random A).
     importance: {kernel path: float32 [in]} input second moments, for
-      `quant_config.calibration="inputs"` (`calibration.input_moments`).
+      `quant_config.calibration` other than "none" (`calibration.input_moments`).
 
   Returns:
     (qparams, lora, report): params with quantized kernels, the adapter tree, and the quantizer's
@@ -290,11 +290,16 @@ def merge_adapters(qparams: dict, adapters: dict, config: LoraConfig) -> dict:
 
 
 def requantize_merged(
-  qparams: dict, adapters: dict, lora_config: LoraConfig, quant_config: QuantConfig
+  qparams: dict,
+  adapters: dict,
+  lora_config: LoraConfig,
+  quant_config: QuantConfig,
+  importance: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, QuantReport]:
   """Folds the adapters away: quantizes W_hat + (alpha / rank) A @ B again with `quant_config`
-  (for LowRA the same model-wide budget), so inference needs no adapter matmuls. Lossy: compare
-  its perplexity with the unmerged model's."""
+  (for LowRA the same model-wide budget; `importance`: the base's calibration moments), so
+  inference needs no adapter matmuls. Lossy: compare its perplexity with the unmerged model's."""
   return quantize_params(
-    merge_adapters(qparams, adapters, lora_config), quant_config, progress=False
+    merge_adapters(qparams, adapters, lora_config), quant_config, progress=False,
+    importance=importance,
   )

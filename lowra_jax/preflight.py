@@ -112,7 +112,7 @@ def load_blocks(
 def _check_identity(config, base_dir: Path) -> None:
   if load_extra(base_dir) != base_identity(config):
     raise UserError(
-      f"{base_dir} was quantized with other model/quant/lora/seed settings than this config — "
+      f"{base_dir} was quantized with other model/quant/calib/lora/seed settings than this config — "
       "use the run's own config or another --config.workdir"
     )
 

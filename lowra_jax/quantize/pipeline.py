@@ -359,8 +359,9 @@ def _fit_pass(
 
 
 def _moments(importance, config: QuantConfig, path: str, k: int) -> jax.Array | None:
-  """The kernel at `path`'s input second moments, float32 [k] on the device, for
-  `calibration="inputs"` (checked: present, shape [k], finite, >= 0); None for "none"."""
+  """The row weights of the kernel at `path`, float32 [k] on the device: its input second
+  moments (checked: present, shape [k], finite, >= 0), divided by their mean for
+  `calibration="kernel"` (all ones if they are all 0); None for "none"."""
   if config.calibration == "none":
     return None
   if importance is None or path not in importance:
@@ -374,6 +375,9 @@ def _moments(importance, config: QuantConfig, path: str, k: int) -> jax.Array | 
       f"input second moments of {path!r}: expected {k} finite values >= 0, got shape "
       f"{h.shape} — recompute them for this model (`calibration.input_moments`)."
     )
+  if config.calibration == "kernel":
+    mean = h.astype(np.float64).mean()
+    h = (h / mean).astype(np.float32) if mean > 0 else np.ones_like(h)
   return jax.device_put(h)
 
 
@@ -412,8 +416,8 @@ def quantize_stream(
     filter_fn: (path, leaf) -> bool choosing leaves; default `default_filter(config)`.
     dense: compute each quantized kernel's dequantization for the sink.
     progress: show progress bars.
-    importance: with `config.calibration="inputs"`, {path: float32 [in]} input second moments of
-      every selected kernel (`calibration.input_moments`); not read otherwise.
+    importance: unless `config.calibration` is "none", {path: float32 [in]} input second moments
+      of every selected kernel (`calibration.input_moments`); not read otherwise.
 
   Returns:
     the `QuantReport`, layers in the order of their path components.
@@ -481,8 +485,8 @@ def quantize_params(
     config: the method and its settings; `lowra`'s budget applies to all selected kernels together.
     filter_fn: (path, leaf) -> bool choosing leaves; default `default_filter(config)`.
     progress: show progress bars.
-    importance: {'/'-joined path: float32 [in]} input second moments, read when
-      `config.calibration="inputs"` (`quantize_stream`).
+    importance: {'/'-joined path: float32 [in]} input second moments, read unless
+      `config.calibration` is "none" (`quantize_stream`).
 
   Returns:
     (qparams, report): params with each selected leaf replaced by a `QuantizedTensor`, and a
