@@ -1,7 +1,8 @@
 """Quantizing a params pytree: select kernels, fit tables, solve the budget, encode and pack.
 
   1. fit (device, per kernel):  absmax per group; Lloyd-Max tables and per-channel errors at every
-     candidate precision (`mapping.fit_channels`); skipped for `nf`, whose table is fixed.
+     candidate precision (`mapping.fit_channels`), errors weighted by absmax^2 (and with
+     `calibration`, by the kernel's input second moments per row); skipped for `nf`.
   2. solve (host, model-wide):  precision per channel under the budget (`precision.solve_budget`),
      then each tensor's channel count per precision rounded to a multiple of `bucket_multiple`.
   3. encode (device, per kernel): channels permuted into precision buckets; scales double-quantized
@@ -144,9 +145,9 @@ def _sq_norm(w):
 def _normalise(w, h=None, *, group_size: int, weighting: str):
   """w [K, N] -> (x, fit_w, err_w) float32 [N, K_pad] with one channel per row, absmax [G, N].
 
-  h: None, or float32 [K] input second moments E[x_k^2]: every weight of input row k is multiplied
-  by h_k (err_w = scale^2 * h_k: the expected squared error of the layer's output). Padding rows
-  weigh 0; h = 1 gives the same bits as None."""
+  h: None, or float32 [K] row weights (input second moments E[x_k^2], `_moments`): both weights
+  of input row k are multiplied by h_k (err_w = scale^2 * h_k). Padding rows weigh 0; h = 1
+  gives the same bits as None."""
   wp = scaling.pad_rows(w.astype(jnp.float32), group_size)
   s = scaling.group_absmax(wp, group_size)
   se = scaling.expand_groups(s, group_size)
