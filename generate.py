@@ -65,7 +65,8 @@ def merged_model(model, config, s, prep, adapters) -> dict:
   """Variables of the re-quantized W + AB; prints its perplexity next to the unmerged model's."""
   qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
   t0 = time.perf_counter()
-  merged, _ = lora.requantize_merged(qparams, adapters, s.lora, s.quant)
+  h = base.saved_moments(config)
+  merged, _ = lora.requantize_merged(qparams, adapters, s.lora, s.quant, importance=h)
   log(f"re-quantized W + AB in {time.perf_counter() - t0:.1f} s")
   frozen, quant = lora.split_quantized(merged)
   variables = {"params": frozen, "quant": quant}

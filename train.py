@@ -79,16 +79,19 @@ def main(argv) -> None:
   with cli.user_errors():
     sharding.check_batch_size(s.data.batch_size, mesh, "config.data.batch_size")
   inputs = preflight.check_model(config, s)
-  preflight.check_data(("data", s.data), ("eval_data", s.eval_data))
+  preflight.check_data(
+    ("data", s.data), ("eval_data", s.eval_data), *preflight.calibration_data(s)
+  )
   preflight.check_train_workdir(config)
   train_blocks = preflight.load_blocks("data", s.data, inputs.tokenizer, full_batch=True)
+  calib_blocks = preflight.load_calibration(s, inputs.tokenizer, train_blocks)
   eval_blocks = preflight.load_blocks("eval_data", s.eval_data, inputs.tokenizer)
   if config.train.eval_blocks:
     eval_blocks = eval_blocks[: config.train.eval_blocks]
   lead = jax.process_index() == 0  # writes the files; every process computes
   workdir = Path(config.workdir)
   base_dir = workdir / "base"
-  prep = base.prepare(config, s, inputs.tokenizer, base_dir)
+  prep = base.prepare(config, s, inputs.tokenizer, base_dir, calib_blocks)
   code, total_bits = reporting.bits_columns(reporting.base_bits(prep), config.model.dtype)
   if lead:
     tqdm.write(f"base: {code} code bits, {total_bits} total bits per quantized weight")

@@ -2,7 +2,8 @@
 
 Each section holds every field of its dataclass (`from_dataclass`), so each is settable with
 ``--config.<section>.<field>``: ``model`` -> `run_config.ModelConfig`, ``quant`` -> `QuantConfig`,
-``lora`` -> `LoraConfig`, ``data`` / ``eval_data`` -> `DataConfig`, ``optim`` -> `OptimConfig`,
+``calib`` -> `calibration.CalibConfig` (read unless ``quant.calibration="none"``), ``lora`` ->
+`LoraConfig`, ``data`` / ``eval_data`` -> `DataConfig`, ``optim`` -> `OptimConfig`,
 ``mesh`` -> `sharding.MeshConfig` (default: data parallel over every device, no FSDP), ``train``
 -> `run_config.TrainConfig`; `run_config.settings` builds the dataclasses back. The defaults are
 the dataclasses' but where `base_config` says otherwise; ``workdir`` is read by train.py / eval.py.
@@ -16,6 +17,7 @@ import typing
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from lowra_jax.calibration import CalibConfig
 from lowra_jax.data import DataConfig
 from lowra_jax.run_config import ModelConfig, TrainConfig
 from lowra_jax.lora import LoraConfig
@@ -53,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/default"
   c.model = from_dataclass(ModelConfig, path=PYCODE)
   c.quant = from_dataclass(QuantConfig)
+  c.calib = from_dataclass(CalibConfig)
   # The paper's recipe: LoftQ-initialised adapters with QLoRA's dropout. The library's defaults
   # (QLoRA init, no dropout) are plain LoRA layers: no quantizer pass at init, no dropout RNG.
   c.lora = from_dataclass(LoraConfig, init="loftq", dropout=0.05)

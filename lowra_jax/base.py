@@ -1,11 +1,16 @@
 """The model and its quantized base for a run (shared by train.py, eval.py and generate.py).
 
 `prepare(config, s, tokenizer)` builds the model from the checkpoint's config, quantizes the base
-as it streams from the checkpoint (`quantize_checkpoint`: one tensor read at a time; LoftQ with
-nf / lloyd in one pass, `loftq_checkpoint`; LoftQ with LowRA, whose every round solves a
-model-wide budget, reads the dense params whole) and initialises the adapters, or loads both
+as it streams from the checkpoint (`quantize_checkpoint`: one tensor read at a time; LoftQ,
+`loftq_checkpoint`: one pass with nf / lloyd, two per round with LowRA, whose every round solves a
+model-wide budget) and initialises the adapters, or loads both
 from the base `save` wrote into the workdir; `identity(config)` is what a saved base must
 match to be reused; `load_dense` reads the dense params (eval.py's dense reference).
+
+With `quant.calibration` "kernel" or "model" the quantizer weighs errors by each projection's input second
+moments (`calibration.input_moments` of `config.calib` blocks through the dense model), computed
+once and cached beside the saved base (`workdir/calibration.safetensors`, reused while its
+identity matches); the calibration's identity is part of the saved base's.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 import pallas_kernels
-from lowra_jax import loftq, lora
+from lowra_jax import calibration, loftq, lora
 from lowra_jax.models import llama, weights
 from lowra_jax.models.tokenizer import Tokenizer
 from lowra_jax.models.weights_source import CheckpointSource
@@ -41,6 +48,8 @@ class Prepared:
   frozen: dict
   adapters: dict
   init_report: Any
+  moments: dict | None = None
+  """{kernel path: float32 [in]} input second moments the base was quantized with, or None."""
 
 
 def load_model(s: Settings) -> llama.Llama:
@@ -65,32 +74,107 @@ def load_dense(s: Settings, place: Callable[[np.ndarray], Any] | None = None) ->
 
 
 def quantize_checkpoint(
-  path: str | os.PathLike[str], config: QuantConfig, *, progress: bool = True
+  path: str | os.PathLike[str],
+  config: QuantConfig,
+  *,
+  progress: bool = True,
+  importance: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, QuantReport]:
   """(qparams, report) of the checkpoint at `path`, quantized as it is read: host memory holds
   one tensor and the fits (`quantize_stream`); equal, bit for bit, to `quantize_params` of
-  `llama.load_pretrained(path)`'s params. Missing or truncated shards fail before any work."""
+  `llama.load_pretrained(path)`'s params. Missing or truncated shards fail before any work.
+  `importance`: input second moments, for `config.calibration` other than "none"."""
   leaves = []
   report = quantize_stream(
     CheckpointSource(path), config, sink=lambda p, leaf, _: leaves.append((p, leaf)),
-    progress=progress,
+    progress=progress, importance=importance,
   )
   return nest(leaves), report
 
 
+def calibration_identity(config) -> dict:
+  """What determines the calibration moments: the model and dtype, the data blocks and their
+  count, the batch size (float32 sums per batch)."""
+  calib, data = config.calib, config.data
+  return {
+    "model": str(config.model.path),
+    "dtype": config.model.dtype,
+    "data": {
+      "name": data.name,
+      "path": str(data.path),
+      "split": calib.split if calib.split is not None else data.split,
+      "subset": data.subset,
+      "separator": data.separator,
+      "seq_len": data.seq_len,
+    },
+    "sequences": calib.sequences,
+    "batch_size": calib.batch_size,
+  }
+
+
 def identity(config) -> dict:
-  """What determines the quantized base and initial adapters (JSON-normalised)."""
+  """What determines the quantized base and initial adapters (JSON-normalised); with
+  `quant.calibration` other than "none", the calibration's identity too."""
   identity = {
     "model": str(config.model.path),
     "quant": config.quant.to_dict(),
     "lora": config.lora.to_dict(),
     "seed": config.train.seed,
   }
+  if config.quant.calibration != "none":
+    identity["calibration"] = calibration_identity(config)
   return json.loads(json.dumps(identity))
 
 
+def calibration_path(workdir: Path) -> Path:
+  """Where a run caches its calibration moments (beside `workdir/base`)."""
+  return Path(workdir) / "calibration.safetensors"
+
+
+def saved_moments(config) -> dict[str, np.ndarray] | None:
+  """The calibration moments a train.py run of this config cached beside its base (None with
+  `quant.calibration="none"`)."""
+  if config.quant.calibration == "none":
+    return None
+  wanted = json.loads(json.dumps(calibration_identity(config)))
+  h = calibration.load(calibration_path(config.workdir), wanted)
+  if h is None:
+    raise FileNotFoundError(
+      f"{calibration_path(config.workdir)} is missing or of other settings — run train.py with "
+      "this config to calibrate"
+    )
+  return h
+
+
+def moments(config, s: Settings, model: llama.Llama, blocks, dense=None) -> dict[str, np.ndarray]:
+  """The calibration moments of this config: the workdir's cached ones when their identity
+  matches, else `calibration.input_moments` of `calibration.spread(blocks, calib.sequences)`
+  through the dense model (`dense`: its params if already read), with the cost printed."""
+  wanted = json.loads(json.dumps(calibration_identity(config)))
+  cached = calibration.load(calibration_path(config.workdir), wanted)
+  if cached is not None:
+    tqdm.write(f"calibration: reused {calibration_path(config.workdir)}")
+    return cached
+  if blocks is None:
+    raise ValueError("quant.calibration needs calibration blocks: pass calib_blocks to prepare")
+  blocks = calibration.spread(blocks, s.calib.sequences)
+  t0 = time.perf_counter()
+  dense = load_dense(s) if dense is None else dense
+  t1 = time.perf_counter()
+  h = calibration.input_moments(model, dense, blocks, s.calib.batch_size)
+  tqdm.write(
+    f"calibration: {len(blocks)} sequences x {blocks.shape[1] - 1} tokens through the "
+    f"{s.model.dtype} model in {time.perf_counter() - t1:.1f} s (weights read in {t1 - t0:.1f} s)"
+  )
+  return h
+
+
 def loftq_checkpoint(
-  path: str | os.PathLike[str], quant: QuantConfig, config: lora.LoraConfig, rng: jax.Array
+  path: str | os.PathLike[str],
+  quant: QuantConfig,
+  config: lora.LoraConfig,
+  rng: jax.Array,
+  importance: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict, loftq.LoftQReport]:
   """(qparams, adapters, report) of LoftQ on the checkpoint at `path`, read one tensor at a time
   (`loftq.loftq_stream`: one pass for nf / lloyd, two per round for lowra); equal to
@@ -104,31 +188,51 @@ def loftq_checkpoint(
   factors, report = loftq.loftq_stream(
     source, quant, targets=set(shapes), rank=config.rank, scale=config.scale,
     iters=config.loftq_iters, sink=lambda p, leaf: leaves.append((p, leaf)),
+    importance=importance,
   )
   return nest(leaves), lora.loftq_adapters(shapes, factors, config, rng), report
 
 
-def prepare(config, s: Settings, tokenizer: Tokenizer, base_dir: Path | None = None) -> Prepared:
+def prepare(
+  config,
+  s: Settings,
+  tokenizer: Tokenizer,
+  base_dir: Path | None = None,
+  calib_blocks: np.ndarray | None = None,
+) -> Prepared:
   """Build the model; quantize its base and initialise adapters (deterministic in
   config.train.seed), or, when `base_dir` holds them (saved by `save` for this config, which
-  `preflight` checks), load both from there."""
+  `preflight` checks), load both from there. `calib_blocks` [n, T + 1]: the calibration data
+  (`preflight.load_calibration`) when the base is quantized with `quant.calibration`."""
   model = load_model(s)
   key = jax.random.key(config.train.seed)
+  h = None
   if base_dir is not None and base_dir.exists():
     saved, _ = load_quantized(base_dir)
     qparams, adapters, report = saved["qparams"], saved["adapters"], None
   elif s.quant.method != "none" and s.lora.init == "qlora":
-    qparams, report = quantize_checkpoint(s.model.path, s.quant)
+    if s.quant.calibration != "none":
+      h = moments(config, s, model, calib_blocks)
+    qparams, report = quantize_checkpoint(s.model.path, s.quant, importance=h)
     adapters = lora.qlora_adapters(qparams, s.lora, key)
   elif s.quant.method != "none":  # LoftQ, the checkpoint read one tensor at a time
-    qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key)
+    if s.quant.calibration != "none":
+      h = moments(config, s, model, calib_blocks)
+    qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key, h)
   else:
-    qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)
+    dense = load_dense(s)
+    if s.quant.calibration != "none":
+      h = moments(config, s, model, calib_blocks, dense)
+    qparams, adapters, report = lora.init_lora(dense, s.quant, s.lora, key, importance=h)
   frozen, quant = lora.split_quantized(qparams)
-  return Prepared(model, tokenizer, {"params": frozen, "quant": quant}, adapters, report)
+  return Prepared(model, tokenizer, {"params": frozen, "quant": quant}, adapters, report, h)
 
 
 def save(config, prep: Prepared, base_dir: Path) -> None:
-  """Saves the packed base and the initial adapters once, so resume and eval need no quantizer."""
+  """Saves the packed base and the initial adapters once, so resume and eval need no quantizer;
+  the calibration moments (if any) beside it."""
+  if prep.moments is not None:
+    wanted = json.loads(json.dumps(calibration_identity(config)))
+    calibration.save(calibration_path(config.workdir), prep.moments, wanted)
   qparams = lora.merge_trees(prep.frozen["params"], prep.frozen["quant"])
   save_quantized(base_dir, {"qparams": qparams, "adapters": prep.adapters}, identity(config))

@@ -93,8 +93,10 @@ def loftq(
   scale: float,
   iters: int,
   progress: bool = True,
+  importance=None,
 ) -> tuple[dict, dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
-  """Run LoftQ on the ``kernel`` leaves at the module paths `targets`.
+  """Run LoftQ on the ``kernel`` leaves at the module paths `targets` (`importance`: input second
+  moments for `quant_config.calibration="inputs"`, as `quantize_params` takes them).
 
   Returns:
     (qparams, factors, report): the final quantized params, {path: (A [in, rank] f32,
@@ -112,7 +114,7 @@ def loftq(
       for p in factors
     }
     qparams, dense_q, report = quantize_and_dequantize(
-      with_kernels(params, shifted), quant_config, progress=False
+      with_kernels(params, shifted), quant_config, progress=False, importance=importance
     )
     base = {p: get_kernel(dense_q, p) for p in targets if is_quantized(get_kernel(qparams, p))}
     if quant_error is None:
@@ -133,6 +135,7 @@ def loftq_stream(
   iters: int,
   sink,
   progress: bool = True,
+  importance=None,
 ) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """`loftq` over a weights source (`quantize_stream`'s), one tensor at a time: one pass for nf and
   lloyd, two per round for lowra (module docstring).
@@ -144,7 +147,9 @@ def loftq_stream(
     (factors, report) as `loftq`'s, for the ``kernel`` leaves of the modules in `targets`.
   """
   if quant_config.method == "lowra":
-    return _rounds_stream(source, quant_config, targets, rank, scale, iters, sink, progress)
+    return _rounds_stream(
+      source, quant_config, targets, rank, scale, iters, sink, progress, importance
+    )
   selected = default_filter(quant_config)
   factors: dict[Path, tuple[jax.Array, jax.Array]] = {}
   layers, seconds = [], {}
@@ -154,7 +159,7 @@ def loftq_stream(
     out = {}
     report = quantize_stream(
       [(path, w)], quant_config, sink=lambda _, q, d: out.update(q=q, d=d), dense=True,
-      progress=False,
+      progress=False, importance=importance,
     )
     return out["q"], out["d"], report
 
@@ -206,7 +211,7 @@ class _Shifted:
       yield path, leaf
 
 
-def _rounds_stream(source, quant_config, targets, rank, scale, iters, sink, progress):
+def _rounds_stream(source, quant_config, targets, rank, scale, iters, sink, progress, importance):
   """`loftq_stream` for a model-wide budget: round t quantizes the source shifted by round t-1's
   factors (`quantize_stream`, dense reconstructions on) and takes each target's new factors from
   its sink; the last round's leaves go to `sink`."""
@@ -229,7 +234,9 @@ def _rounds_stream(source, quant_config, targets, rank, scale, iters, sink, prog
       if t == iters - 1:
         sink(path, leaf)
 
-    report = quantize_stream(shifted, quant_config, sink=round_sink, dense=True, progress=progress)
+    report = quantize_stream(
+      shifted, quant_config, sink=round_sink, dense=True, progress=progress, importance=importance
+    )
     factors = new
   errors = tuple(float(np.sqrt(e / norm)) for e in round_sq)
   return factors, LoftQReport(float(np.sqrt(quant_sq / norm)), errors, report)

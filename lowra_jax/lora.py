@@ -231,6 +231,7 @@ def init_lora(
   rng: jax.Array,
   *,
   progress: bool = True,
+  importance: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict, QuantReport | loftq.LoftQReport]:
   """Quantize `params` and create adapters for `lora_config.targets`.
 
@@ -239,6 +240,8 @@ def init_lora(
     quant_config: how the base is quantized (nf, lloyd, lowra; 'none' keeps it dense).
     lora_config: adapter settings; ``init`` picks QLoRA or LoftQ initialisation.
     rng: a jax PRNG key (QLoRA's random A).
+    importance: {kernel path: float32 [in]} input second moments, for
+      `quant_config.calibration` other than "none" (`calibration.input_moments`).
 
   Returns:
     (qparams, lora, report): params with quantized kernels, the adapter tree, and the quantizer's
@@ -252,7 +255,9 @@ def init_lora(
       )
     return params, qlora_adapters(params, lora_config, rng), None
   if lora_config.init == "qlora":
-    qparams, report = quantize_params(params, quant_config, progress=progress)
+    qparams, report = quantize_params(
+      params, quant_config, progress=progress, importance=importance
+    )
     return qparams, qlora_adapters(params, lora_config, rng), report
   qparams, factors, report = loftq.loftq(
     params,
@@ -262,6 +267,7 @@ def init_lora(
     scale=lora_config.scale,
     iters=lora_config.loftq_iters,
     progress=progress,
+    importance=importance,
   )
   return qparams, loftq_adapters(shapes, factors, lora_config, rng), report
 
@@ -308,11 +314,16 @@ def merge_adapters(qparams: dict, adapters: dict, config: LoraConfig) -> dict:
 
 
 def requantize_merged(
-  qparams: dict, adapters: dict, lora_config: LoraConfig, quant_config: QuantConfig
+  qparams: dict,
+  adapters: dict,
+  lora_config: LoraConfig,
+  quant_config: QuantConfig,
+  importance: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, QuantReport]:
   """Folds the adapters away: quantizes W_hat + (alpha / rank) A @ B again with `quant_config`
-  (for LowRA the same model-wide budget), so inference needs no adapter matmuls. Lossy: compare
-  its perplexity with the unmerged model's."""
+  (for LowRA the same model-wide budget; `importance`: the base's calibration moments), so
+  inference needs no adapter matmuls. Lossy: compare its perplexity with the unmerged model's."""
   return quantize_params(
-    merge_adapters(qparams, adapters, lora_config), quant_config, progress=False
+    merge_adapters(qparams, adapters, lora_config), quant_config, progress=False,
+    importance=importance,
   )

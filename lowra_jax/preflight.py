@@ -5,6 +5,7 @@ is loaded, quantized, compiled or written.
     preflight.check_data(s.data, s.eval_data)              # data paths and splits
     preflight.check_train_workdir(config)                  # or check_saved_run(config)
     blocks = preflight.load_blocks("data", s.data, inputs.tokenizer)
+    calib = preflight.load_calibration(s, inputs.tokenizer, blocks)   # quant.calibration's data
 
 Every failure is a `cli.UserError` naming the config field and the fix.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -68,6 +70,31 @@ def check_data(*configs: tuple[str, data.DataConfig]) -> None:
       data.check_source(cfg)
 
 
+def calibration_data(s: Settings) -> Sequence[tuple[str, data.DataConfig]]:
+  """[("calib", DataConfig)] of the calibration data (``config.data`` with ``calib.split``) for
+  `check_data`, or [] when ``quant.calibration`` is "none"."""
+  if s.quant.calibration == "none":
+    return []
+  split = s.data.split if s.calib.split is None else s.calib.split
+  return [("calib", dataclasses.replace(s.data, split=split))]
+
+
+def load_calibration(
+  s: Settings, tokenizer: Tokenizer, train_blocks: np.ndarray
+) -> np.ndarray | None:
+  """The calibration blocks [n, seq_len + 1] (the training blocks unless ``calib.split`` names
+  another split), or None when ``quant.calibration`` is "none"."""
+  for name, cfg in calibration_data(s):
+    blocks = train_blocks if cfg == s.data else load_blocks(name, cfg, tokenizer)
+    if not len(blocks):
+      raise UserError(
+        f"config.{name}: {cfg.path} ({cfg.split}) gives no block of seq_len + 1 = "
+        f"{cfg.seq_len + 1} tokens — point calib.split at more data or lower seq_len"
+      )
+    return blocks
+  return None
+
+
 def load_blocks(
   name: str, cfg: data.DataConfig, tokenizer: Tokenizer, *, full_batch: bool = False
 ) -> np.ndarray:
@@ -86,7 +113,7 @@ def load_blocks(
 def _check_identity(config, base_dir: Path) -> None:
   if load_extra(base_dir) != base_identity(config):
     raise UserError(
-      f"{base_dir} was quantized with other model/quant/lora/seed settings than this config — "
+      f"{base_dir} was quantized with other model/quant/calib/lora/seed settings than this config — "
       "use the run's own config or another --config.workdir"
     )
 

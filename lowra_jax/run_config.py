@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lowra_jax import lora, sharding
+from lowra_jax.calibration import CalibConfig
 from lowra_jax.cli import UserError
 from lowra_jax.data import DataConfig
 from lowra_jax.models.llama import LlamaConfig
@@ -95,6 +96,7 @@ class Settings:
 
   model: ModelConfig
   quant: QuantConfig
+  calib: CalibConfig
   lora: lora.LoraConfig
   data: DataConfig
   eval_data: DataConfig

@@ -131,9 +131,10 @@ def test_training_lowers_eval_loss_and_eval_reports_it(straight):
     [*cmd, "--config.quant.bits=4"], check=False, cwd=ROOT, env=ENV, capture_output=True,
     text=True,
   )
-  assert out.returncode != 0 and "other model/quant/lora/seed settings" in out.stderr
+  assert out.returncode != 0 and "other model/quant/calib/lora/seed settings" in out.stderr
   out = subprocess.run(
-    [*cmd, "--config.train.eval_dense=False"], check=False, cwd=ROOT, capture_output=True, text=True
+    [*cmd, "--config.train.eval_dense=False"], check=False, cwd=ROOT, env=ENV,
+    capture_output=True, text=True,
   )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")][1:]
@@ -181,3 +182,37 @@ def test_dense_lora_reference_runs_end_to_end(need_data, tmp_path):
   ppl = {r[1].strip(): float(r[4]) for r in rows}
   assert list(ppl) == ["fp32 base", f"+ adapters (step {STEPS})"]
   assert_perplexity(ppl["fp32 base"], summary["init_eval_loss"])
+
+
+def test_calibrated_run_caches_its_moments_and_refuses_a_base_of_other_calibration(
+  need_data, tmp_path
+):
+  """quant.calibration: the moments of calib.sequences training blocks (the default data) are
+  cached beside the base, and the saved base's identity holds the calibration."""
+  from lowra_jax import calibration, data
+  from lowra_jax.models.tokenizer import load_tokenizer
+
+  workdir = tmp_path / "calibrated"
+  calibrated = (
+    "--config.quant.method=lowra",
+    "--config.quant.calibration=kernel",
+    "--config.lora.init=qlora",
+    "--config.calib.sequences=8",
+    "--config.calib.batch_size=3",
+    "--config.optim.total_steps=4",
+  )
+  out = run(workdir, *calibrated)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "calibration: 8 sequences x 64 tokens" in out.stdout
+  cached = load_file(workdir / "calibration.safetensors")
+  text = data.DataConfig(name="text", path=str(TINYSTORIES), max_documents=300, seq_len=64)
+  blocks = data.load(text, load_tokenizer(STORIES.parent)).blocks
+  model, params = llama.load_pretrained(STORIES, dtype=np.float32)
+  expected = calibration.input_moments(model, params, calibration.spread(blocks, 8), 3)
+  assert cached.keys() == expected.keys()
+  for path in expected:
+    np.testing.assert_array_equal(cached[path], expected[path], err_msg=path)
+  extra = json.loads((workdir / "base" / "tree.json").read_text())["extra"]
+  assert extra["calibration"]["sequences"] == 8 and extra["quant"]["calibration"] == "kernel"
+  out = run(workdir, *calibrated, "--config.calib.sequences=16", "--config.train.resume=True")
+  assert out.returncode != 0 and "other model/quant/calib/lora/seed settings" in out.stderr

@@ -107,7 +107,7 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     ),
     "base of other settings": (
       ["train.py", "--config=configs/demo.py", f"--config.workdir={workdirs['other_base']}"],
-      "other model/quant/lora/seed settings",
+      "other model/quant/calib/lora/seed settings",
     ),
     "eval without a run": (
       ["eval.py", "--config=configs/demo.py", f"--config.workdir={fresh}"],
@@ -120,6 +120,18 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     "generate bad sampling": (
       ["generate.py", "--config=configs/demo.py", "--temperature=-1"],
       "temperature=-1",
+    ),
+    "missing calibration split": (
+      train + ["--config.quant.calibration=kernel", "--config.calib.split=validation"],
+      "config.calib: ",
+    ),
+    "calibration without a fit": (
+      train + ["--config.quant.method=nf", "--config.quant.calibration=kernel"],
+      "method 'nf' does not have",
+    ),
+    "no calibration sequences": (
+      train + ["--config.quant.calibration=model", "--config.calib.sequences=0"],
+      "sequences=0",
     ),
     "llama2.c model, bad targets": (
       train + [f"--config.model.path={STORIES}", "--config.lora.targets=('wq',)"],
@@ -193,6 +205,9 @@ CASE_NAMES = [
   "eval without a run",
   "generate without a run",
   "generate bad sampling",
+  "missing calibration split",
+  "calibration without a fit",
+  "no calibration sequences",
   "llama2.c model, bad targets",
 ]
 

@@ -10,6 +10,8 @@ METHODS = ("nf", "lloyd", "lowra", "none")
 PACKABLE_BITS = (1, 2, 3, 4)
 Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
+Calibration = Literal["none", "kernel", "model"]
+CALIBRATIONS = ("none", "kernel", "model")
 Solver = Literal["auto", "greedy", "milp"]
 
 
@@ -49,6 +51,16 @@ class QuantConfig:
   """Lloyd-Max iterations (fixed, so results are deterministic and jit-friendly)."""
   weighting: Weighting = "absmax2"
   """Lloyd-Max sample weights: `absmax2` minimises the error in weight space (absmax(group)^2)."""
+  calibration: Calibration = "none"
+  """`lowra` / `lloyd`: `none` minimises the error of the weights. The others weigh the error of
+  input row k of a kernel by its input's second moment h_k = E[x_k^2] on calibration data
+  (`calibration.input_moments`, handed to the quantizer per kernel path) in the Lloyd-Max fit and
+  in the per-channel errors the budget solver compares: omega_kn = scale^2 * h_k with
+  `weighting="absmax2"` (other weightings are multiplied by h_k too).
+  `kernel`: h divided by its mean over the kernel's rows, so rows are weighted by their relative
+  input energy while kernels are compared in weight-space units, as with `none`.
+  `model`: h as measured, so the solver compares the layers' expected squared *output* errors
+  (for uncorrelated inputs) across the model."""
   lut_clusters: int = 0
   """0: one lookup table per output channel. C > 0: each precision bucket of a tensor shares C
   tables (k-means over the channels' tables, then a pooled Lloyd-Max refit) plus a uint8 index per
@@ -131,6 +143,15 @@ def validate(cfg: QuantConfig) -> None:
   if cfg.weighting not in ("absmax2", "absmax", "none"):
     raise QuantizationError(
       f"unknown weighting {cfg.weighting!r} — use 'absmax2', 'absmax' or 'none'."
+    )
+  if cfg.calibration not in CALIBRATIONS:
+    raise QuantizationError(
+      f"unknown calibration {cfg.calibration!r} — use one of {CALIBRATIONS}."
+    )
+  if cfg.calibration != "none" and cfg.method not in ("lowra", "lloyd"):  # nf: no fit
+    raise QuantizationError(
+      f"calibration={cfg.calibration!r} weights a Lloyd-Max fit, which method {cfg.method!r} "
+      "does not have — use method 'lowra' or 'lloyd', or calibration='none'."
     )
   if cfg.solver not in ("auto", "greedy", "milp"):
     raise QuantizationError(f"unknown solver {cfg.solver!r} — use 'auto', 'greedy' or 'milp'.")

@@ -1,7 +1,8 @@
 """Quantizing a params pytree: select kernels, fit tables, solve the budget, encode and pack.
 
   1. fit (device, per kernel):  absmax per group; Lloyd-Max tables and per-channel errors at every
-     candidate precision (`mapping.fit_channels`); skipped for `nf`, whose table is fixed.
+     candidate precision (`mapping.fit_channels`), errors weighted by absmax^2 (and with
+     `calibration`, by the kernel's input second moments per row); skipped for `nf`.
   2. solve (host, model-wide):  precision per channel under the budget (`precision.solve_budget`),
      then each tensor's channel count per precision rounded to a multiple (`bucket_multiple`).
   3. encode (device, per kernel): channels permuted into precision buckets; scales double-quantized
@@ -21,7 +22,7 @@ import dataclasses
 import functools
 import re
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -141,18 +142,26 @@ def _sq_norm(w):
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "weighting"))
-def _normalise(w, *, group_size: int, weighting: str):
-  """w [K, N] -> (x, fit_w, err_w) float32 [N, K_pad] with one channel per row, absmax [G, N]."""
+def _normalise(w, h=None, *, group_size: int, weighting: str):
+  """w [K, N] -> (x, fit_w, err_w) float32 [N, K_pad] with one channel per row, absmax [G, N].
+
+  h: None, or float32 [K] row weights (input second moments E[x_k^2], `_moments`): both weights
+  of input row k are multiplied by h_k (err_w = scale^2 * h_k). Padding rows weigh 0; h = 1
+  gives the same bits as None."""
   wp = scaling.pad_rows(w.astype(jnp.float32), group_size)
   s = scaling.group_absmax(wp, group_size)
   se = scaling.expand_groups(s, group_size)
   x = jnp.where(se > 0, wp / jnp.where(se > 0, se, 1.0), 0.0)
-  real = (jnp.arange(wp.shape[0]) < w.shape[0])[:, None]
-  err_w = jnp.where(real, jnp.square(se), 0.0)
+  if h is None:
+    row_w = (jnp.arange(wp.shape[0]) < w.shape[0]).astype(jnp.float32)
+  else:
+    row_w = jnp.pad(h.astype(jnp.float32), (0, wp.shape[0] - w.shape[0]))
+  row_w = row_w[:, None]
+  err_w = row_w * jnp.square(se)
   fit_w = {
     "absmax2": err_w,
-    "absmax": jnp.where(real, se, 0.0),
-    "none": jnp.where(real, jnp.ones_like(se), 0.0),
+    "absmax": row_w * se,
+    "none": jnp.broadcast_to(row_w, se.shape),
   }[weighting]
   return x.T, fit_w.T, err_w.T, s
 
@@ -206,9 +215,10 @@ class _Fitted:
   errors: np.ndarray | None  # float32 [N, P] for the solver; None for nf/lloyd
 
 
-def _fit(w, cfg: QuantConfig, path: str) -> _Fitted:
+def _fit(w, cfg: QuantConfig, path: str, h=None) -> _Fitted:
   """Tables (and for lowra errors) of every channel of w [K, N], fitted FIT_CHUNK elements at a
-  time: channels are independent, so chunks of equal width give each channel's own result."""
+  time: channels are independent, so chunks of equal width give each channel's own result.
+  h: None or float32 [K], the kernel's input second moments (`_normalise`)."""
   if cfg.method == "nf":
     return _Fitted({}, None)
   bits = cfg.candidate_bits if cfg.method == "lowra" else (cfg.bits_for(path),)
@@ -219,7 +229,7 @@ def _fit(w, cfg: QuantConfig, path: str) -> _Fitted:
   parts = []
   for lo in range(0, n, width):
     x, fit_w, err_w, _ = _normalise(
-      w[:, lo : lo + width], group_size=cfg.group_size, weighting=cfg.weighting
+      w[:, lo : lo + width], h, group_size=cfg.group_size, weighting=cfg.weighting
     )
     tables, errors = mapping.fit_channels(x, fit_w, err_w, bits=bits, iters=cfg.lloyd_iters)
     parts.append(([np.asarray(t) for t in tables], np.asarray(errors)))
@@ -229,7 +239,7 @@ def _fit(w, cfg: QuantConfig, path: str) -> _Fitted:
   )
 
 
-def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarray):
+def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarray, h):
   """(tables [T, 2**b], table_index [Nb] or None) for the channels `cols` of precision b."""
   if cfg.method == "nf":
     return codebooks.nf_levels(b)[None], None  # one float32 table, exactly bitsandbytes' values
@@ -239,7 +249,7 @@ def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarra
   centroids, labels = mapping.kmeans_tables(own, cfg.lut_clusters)
   segments = np.full(w.shape[1], len(centroids), np.int32)
   segments[cols] = labels
-  x, fit_w, _, _ = _normalise(w, group_size=cfg.group_size, weighting=cfg.weighting)
+  x, fit_w, _, _ = _normalise(w, h, group_size=cfg.group_size, weighting=cfg.weighting)
   shared = mapping.refit_shared(
     x, fit_w, jnp.asarray(centroids), jnp.asarray(segments), iters=cfg.lloyd_iters
   )
@@ -247,10 +257,10 @@ def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarra
 
 
 def _encode_and_pack(
-  w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray, seconds: dict, dense: bool
+  w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray, seconds: dict, dense: bool, h
 ) -> tuple[QuantizedTensor, np.ndarray, jax.Array | None]:
-  """Builds the QuantizedTensor of one kernel; also returns its squared error per channel and
-  (`dense`) its dequantization (float32 [K, N])."""
+  """Builds the QuantizedTensor of one kernel; also returns its squared error per channel (in
+  weight space, whatever `h`) and (`dense`) its dequantization (float32 [K, N])."""
   t0 = time.perf_counter()
   k, n = w.shape
   absmax = np.asarray(_absmax(w, group_size=cfg.group_size))
@@ -261,7 +271,7 @@ def _encode_and_pack(
   for b, lo, hi in zip(present, bounds[:-1], bounds[1:]):
     cols = order[lo:hi]
     scales = scaling.make_scales(absmax[:, cols], cfg.double_quant, cfg.dq_block)
-    tables, index = _bucket_tables(w, cfg, fitted, b, cols)
+    tables, index = _bucket_tables(w, cfg, fitted, b, cols, h)
     per_channel = tables[index] if index is not None else np.broadcast_to(tables, (hi - lo, 2**b))
     parts.append((b, scales, tables, index, scales.dequantize(np), _pad_tables(per_channel)))
   codes, err, w_hat = _encode(
@@ -337,14 +347,40 @@ def _solve(fits: dict[str, _Fitted], ks: dict[str, int], config: QuantConfig):
   return {p: cand[c] for p, c in choices.items()}
 
 
-def _fit_pass(source, config, filter_fn, progress) -> tuple[dict[str, _Fitted], dict[str, int]]:
+def _fit_pass(
+  source, config, filter_fn, progress, importance
+) -> tuple[dict[str, _Fitted], dict[str, int]]:
   """Pass 1 of LowRA: the fits (tables, per-channel errors) of every selected kernel."""
   fits, ks = {}, {}
   for path, leaf in tqdm(source, "pass 1/2: fit", len(source), disable=not progress):
     if filter_fn(path, leaf):
       _check_leaf(path, leaf)
-      fits[path], ks[path] = _fit(leaf, config, path), leaf.shape[0]
+      h = _moments(importance, config, path, leaf.shape[0])
+      fits[path], ks[path] = _fit(leaf, config, path, h), leaf.shape[0]
   return fits, ks
+
+
+def _moments(importance, config: QuantConfig, path: str, k: int) -> jax.Array | None:
+  """The row weights of the kernel at `path`, float32 [k] on the device: its input second
+  moments (checked: present, shape [k], finite, >= 0), divided by their mean for
+  `calibration="kernel"` (all ones if they are all 0); None for "none"."""
+  if config.calibration == "none":
+    return None
+  if importance is None or path not in importance:
+    raise QuantizationError(
+      f"calibration={config.calibration!r} needs the input second moments of {path!r} — pass "
+      "importance={path: h} (`calibration.input_moments`) or use calibration='none'."
+    )
+  h = np.asarray(importance[path], np.float32)
+  if h.shape != (k,) or not np.isfinite(h).all() or (h < 0).any():
+    raise QuantizationError(
+      f"input second moments of {path!r}: expected {k} finite values >= 0, got shape "
+      f"{h.shape} — recompute them for this model (`calibration.input_moments`)."
+    )
+  if config.calibration == "kernel":
+    mean = h.astype(np.float64).mean()
+    h = (h / mean).astype(np.float32) if mean > 0 else np.ones_like(h)
+  return jax.device_put(h)
 
 
 def _no_selection() -> QuantizationError:
@@ -362,6 +398,7 @@ def quantize_stream(
   filter_fn: Callable[[str, jax.Array], bool] | None = None,
   dense: bool = False,
   progress: bool = True,
+  importance: Mapping[str, np.ndarray] | None = None,
 ) -> QuantReport:
   """Quantizes the selected kernels of `source`, holding one kernel (and what is kept) at a time.
 
@@ -381,6 +418,8 @@ def quantize_stream(
     filter_fn: (path, leaf) -> bool choosing leaves; default `default_filter(config)`.
     dense: compute each quantized kernel's dequantization for the sink.
     progress: show progress bars.
+    importance: unless `config.calibration` is "none", {path: float32 [in]} input second moments
+      of every selected kernel (`calibration.input_moments`); not read otherwise.
 
   Returns:
     the `QuantReport`, layers in the order of their path components.
@@ -392,7 +431,7 @@ def quantize_stream(
   lowra = config.method == "lowra"
   if lowra:
     t0 = time.perf_counter()
-    fits, ks = _fit_pass(source, config, filter_fn, progress)
+    fits, ks = _fit_pass(source, config, filter_fn, progress, importance)
     if not fits:
       raise _no_selection()
     seconds["fit"] = time.perf_counter() - t0
@@ -407,12 +446,14 @@ def quantize_stream(
       continue
     if lowra:
       fitted, bits = fits.pop(path), channel_bits.pop(path)
+      h = _moments(importance, config, path, w.shape[0]) if config.lut_clusters else None
     else:
       _check_leaf(path, w)
       t0 = time.perf_counter()
-      fitted, bits = _fit(w, config, path), np.full(w.shape[1], config.bits_for(path))
+      h = _moments(importance, config, path, w.shape[0])
+      fitted, bits = _fit(w, config, path, h), np.full(w.shape[1], config.bits_for(path))
       seconds["fit"] += time.perf_counter() - t0
-    qt, err, w_hat = _encode_and_pack(w, config, fitted, bits, seconds, dense)
+    qt, err, w_hat = _encode_and_pack(w, config, fitted, bits, seconds, dense, h)
     values, counts = np.unique(bits, return_counts=True)
     layers.append(
       LayerReport(
@@ -437,6 +478,7 @@ def quantize_params(
   *,
   filter_fn: Callable[[str, jax.Array], bool] | None = None,
   progress: bool = True,
+  importance: Mapping[str, np.ndarray] | None = None,
 ):
   """Quantizes the selected 2-D kernels [in, out] of a params pytree.
 
@@ -445,12 +487,14 @@ def quantize_params(
     config: the method and its settings; `lowra`'s budget applies to all selected kernels together.
     filter_fn: (path, leaf) -> bool choosing leaves; default `default_filter(config)`.
     progress: show progress bars.
+    importance: {'/'-joined path: float32 [in]} input second moments, read unless
+      `config.calibration` is "none" (`quantize_stream`).
 
   Returns:
     (qparams, report): params with each selected leaf replaced by a `QuantizedTensor`, and a
     `QuantReport` of errors and bits.
   """
-  qparams, _, report = _quantize_tree(params, config, filter_fn, progress, dense=False)
+  qparams, _, report = _quantize_tree(params, config, filter_fn, progress, importance, dense=False)
   return qparams, report
 
 
@@ -460,6 +504,7 @@ def quantize_and_dequantize(
   *,
   filter_fn: Callable[[str, jax.Array], bool] | None = None,
   progress: bool = True,
+  importance: Mapping[str, np.ndarray] | None = None,
 ):
   """`quantize_params`, plus each quantized kernel's dequantization at no extra cost.
 
@@ -472,10 +517,10 @@ def quantize_and_dequantize(
     replaced by float32 [K, N] equal to `dequantize(qparams leaf, float32)` up to float32
     rounding (host and device compute the double-quantized scales apart).
   """
-  return _quantize_tree(params, config, filter_fn, progress, dense=True)
+  return _quantize_tree(params, config, filter_fn, progress, importance, dense=True)
 
 
-def _quantize_tree(params, config, filter_fn, progress, dense: bool):
+def _quantize_tree(params, config, filter_fn, progress, importance, dense: bool):
   """(qparams, dequantized or None, report): `quantize_stream` over the leaves of a pytree."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   source = [(path_str(p), leaf) for p, leaf in flat]
@@ -486,7 +531,8 @@ def _quantize_tree(params, config, filter_fn, progress, dense: bool):
     leaves[index[path]], dequantized[index[path]] = leaf, w_hat
 
   report = quantize_stream(
-    source, config, sink=sink, filter_fn=filter_fn, dense=dense, progress=progress
+    source, config, sink=sink, filter_fn=filter_fn, dense=dense, progress=progress,
+    importance=importance,
   )
   qparams = jax.tree_util.tree_unflatten(treedef, leaves)
   return qparams, jax.tree_util.tree_unflatten(treedef, dequantized) if dense else None, report
