@@ -63,6 +63,11 @@ class OptimConfig:
         f"warmup_steps={self.warmup_steps} is outside [0, total_steps={self.total_steps}] — "
         "lower warmup_steps or raise total_steps."
       )
+    if self.schedule == "cosine" and self.warmup_steps == self.total_steps:
+      raise ValueError(
+        f"warmup_steps={self.warmup_steps} = total_steps leaves the cosine schedule no steps to "
+        "decay over — lower warmup_steps, raise total_steps or use schedule='constant'."
+      )
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -76,11 +76,17 @@ def test_schedule_closed_form():
     ({"learning_rate": 0.0}, "learning_rate > 0"),
     ({"warmup_steps": 5000}, r"warmup_steps=5000 is outside \[0, total_steps=1000\]"),
     ({"accumulation": 0}, "accumulation >= 1"),
+    ({"warmup_steps": 5, "total_steps": 5}, "leaves the cosine schedule no steps to decay"),
   ],
 )
 def test_optim_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     train_lib.OptimConfig(**kwargs)
+
+
+def test_all_warmup_is_valid_with_a_constant_schedule():
+  cfg = train_lib.OptimConfig(warmup_steps=5, total_steps=5, schedule="constant")
+  assert float(train_lib.learning_rate_schedule(cfg)(5)) == pytest.approx(cfg.learning_rate)
 
 
 def test_training_lowers_the_loss_and_touches_only_adapters(setup):
