@@ -81,8 +81,9 @@ def main(argv) -> None:
   n_adapter = sum(x.size for x in jax.tree.leaves(prep.adapters))
   if jax.process_index():
     return
+  n_params = prep.model.config.num_params
   print(
-    f"\n{config.model.path}: {prep.model.config.num_params / 1e6:.1f}M parameters ({n_quant / 1e6:.1f}M "
+    f"\n{config.model.path}: {n_params / 1e6:.1f}M parameters ({n_quant / 1e6:.1f}M "
     f"quantized), adapters {n_adapter / 1e6:.2f}M; {tokens} tokens of {s.eval_data.path} "
     f"({s.eval_data.split}); peak device memory {reporting.peak_memory()}"
   )
