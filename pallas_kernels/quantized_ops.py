@@ -290,6 +290,7 @@ def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) 
 def _forward(x, qt: QuantizedTensor, impl: str):
   m, k = x.shape
   p = plan(qt, m, x.dtype, impl)
+  x, qt = _after(x, qt)
   if p.dense:  # channels x rows: one GEMM on W_hat^T [N, K]
     if p.permute == "output":
       y_t = jnp.dot(dequantize_buckets(qt, x.dtype), x.T)
@@ -380,13 +381,15 @@ def _zero_cotangent(a):
   return np.zeros(a.shape, jax.dtypes.float0)
 
 
-def _after(g, qt):
-  """(g, qt), on GPUs through an optimization barrier: the backward's dequantization then waits
-  for g and is not merged with the forward's (common subexpressions), which would keep every
-  layer's transient weight alive from forward to backward (docs/architecture.md). On CPU the
-  barrier raises XLA's temporaries instead, so not there."""
-  barrier = lambda g, qt: jax.lax.optimization_barrier((g, qt))  # noqa: E731
-  return jax.lax.platform_dependent(g, qt, cuda=barrier, rocm=barrier, default=lambda *a: a)
+def _after(a, qt):
+  """(a, qt), on GPUs through an optimization barrier: what is computed from qt then waits for
+  the activation a. In the backward (a = dY) the dequantization is not merged with the forward's
+  (common subexpressions), which would keep every layer's transient weight alive from forward to
+  backward; in the forward (a = x) a layer's weight is not dequantized before its input exists,
+  so the (re)computed forward holds one layer's transient weight at a time
+  (docs/architecture.md). On CPU the barrier raises XLA's temporaries instead, so not there."""
+  barrier = lambda a, qt: jax.lax.optimization_barrier((a, qt))  # noqa: E731
+  return jax.lax.platform_dependent(a, qt, cuda=barrier, rocm=barrier, default=lambda *a: a)
 
 
 def _qmm_bwd(impl, qt, g):
