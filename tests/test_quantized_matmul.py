@@ -103,6 +103,21 @@ def test_no_gradient_flows_into_the_frozen_base(qtensor):
       assert not np.any(np.asarray(leaf))
 
 
+def test_both_passes_tie_the_base_to_their_activation_on_gpus(qtensor):
+  """On GPUs the forward passes (x, qt) and the backward (dY, qt) through an optimization barrier,
+  so no layer's weight is dequantized before its activation exists (docs/architecture.md); on
+  CPUs neither does. Checked in the step lowered for each platform (no GPU needed to lower)."""
+  x = jnp.ones((4, qtensor.shape[0]), jnp.bfloat16)
+
+  def loss(x, q):
+    return jnp.sum(quantized_matmul(x, q, backend="xla").astype(jnp.float32) ** 2)
+
+  step = jax.jit(jax.value_and_grad(loss))
+  for platform, barriers in (("cuda", 2), ("cpu", 0)):
+    text = step.trace(x, qtensor).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count("stablehlo.optimization_barrier") == barriers, platform
+
+
 def stored_bucket(rng, bits, k, n, tables, dq_block):
   """A random `Bucket` as the quantizer stores it, and its weights in float64 [k, n] (computed
   here from the stored fields). tables: 'channel' (float16 [n, 2^b]), 'indexed' (3 float16 tables
