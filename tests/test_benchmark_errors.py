@@ -33,6 +33,7 @@ CASES = {
   ),
   "budget_out_of_range": (["quant_speed.py", "--layers=1", "--width=64", "--budget=0.5"], "0.5"),
   "missing_input_file": (["lora_init.py", "--text={out}/none.txt"], "none.txt"),
+  "malformed_shape": (["low_rank.py", "--shapes=4096x4096,4096y"], "'4096y'"),
   "missing_dependency_or_run": (["interop.py", "--workdir={out}/run"], interop_missing()),
   "report_of_a_directory": (["kernels.py", "--report", "{out}"], "is a directory"),
   "plot_from_a_directory": (

@@ -59,6 +59,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     (["--shape=tiny", "--budget=0.5"], "0.5"),
     ([f"--checkpoint={tmp_path / 'none'}"], "none"),
     (["--shape=tiny", f"--save={tmp_path / 'base'}"], "base"),
+    (["--shape=tiny", "--loftq=-1"], "-1"),
+    (["--shape=tiny", "--loftq=1", f"--save={tmp_path / 'new'}"], "--save"),
   ]
   procs = [(_start(*args), named) for args, named in cases]  # concurrently
   for proc, named in procs:
@@ -67,3 +69,21 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, stderr[-3000:]
     assert lines[0].startswith("error: ") and named in lines[0], lines[0]
   assert [p.name for p in tmp_path.iterdir()] == ["base"]
+
+
+def test_loftq_rounds_report_the_in_memory_errors():
+  """`--loftq=2 --method=nf`: the streamed rounds' errors equal `loftq.loftq` on the same
+  synthetic weights held in memory (printed to 4 decimals)."""
+  from lowra_jax import loftq, lora
+
+  proc = _start("--shape=tiny", "--seed=1", "--method=nf", "--loftq=2", "--no_progress")
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-3000:]
+  line = next(l for l in stdout.splitlines() if l.startswith("loftq: "))
+  params = nest(SyntheticSource(CPU_SHAPES["tiny"], seed=1))
+  config = lora.LoraConfig(init="loftq", loftq_iters=2)
+  _, _, report = loftq.loftq(
+    params, QuantConfig(method="nf", bits=4), targets=list(lora.target_paths(params, config)),
+    rank=config.rank, scale=config.scale, iters=2, progress=False,
+  )
+  assert f"{report.quant_error:.4f} (quantized) -> {[round(e, 4) for e in report.errors]}" in line
