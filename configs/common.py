@@ -66,3 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = from_dataclass(MeshConfig)
   c.train = from_dataclass(TrainConfig)
   return c
+
+
+def lowra_config(budget: float) -> ml_collections.ConfigDict:
+  """`base_config` with a LowRA base at `budget` code bits per weight, calibrated: errors weighed
+  per kernel by the inputs' second moments on the training data (``quant.calibration="kernel"``;
+  fine-tuned perplexity as good or better than without at every budget measured, docs/results.md
+  "Calibration")."""
+  c = base_config()
+  c.quant.budget = budget
+  c.quant.calibration = "kernel"
+  return c

@@ -3,14 +3,14 @@
 python train.py --config=configs/demo.py [--config.optim.total_steps=200 ...]
 """
 
-from configs.common import base_config
+from configs.common import lowra_config
 
 
 def get_config():
-  c = base_config()
+  c = lowra_config(1.5)
   c.workdir = "runs/demo"
-  c.quant.budget = 1.5
   c.lora.loftq_iters = 2
+  c.calib.sequences = 64
   c.data.seq_len = 256
   c.eval_data.seq_len = 256
   c.eval_data.batch_size = 8

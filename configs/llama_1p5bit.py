@@ -3,12 +3,11 @@
 python train.py --config=configs/llama_1p5bit.py [--config.optim.total_steps=200 ...]
 """
 
-from configs.common import base_config
+from configs.common import lowra_config
 
 
 def get_config():
-  c = base_config()
+  c = lowra_config(1.5)
   c.workdir = "runs/llama_1p5bit"
-  c.quant.budget = 1.5
   c.lock()
   return c

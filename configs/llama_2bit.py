@@ -3,12 +3,11 @@
 python train.py --config=configs/llama_2bit.py [--config.optim.total_steps=200 ...]
 """
 
-from configs.common import base_config
+from configs.common import lowra_config
 
 
 def get_config():
-  c = base_config()
+  c = lowra_config(2.0)
   c.workdir = "runs/llama_2bit"
-  c.quant.budget = 2.0
   c.lock()
   return c

@@ -3,13 +3,12 @@
 python train.py --config=configs/llama_2p5bit.py [--config.optim.total_steps=200 ...]
 """
 
-from configs.common import base_config
+from configs.common import lowra_config
 
 
 def get_config():
-  c = base_config()
+  c = lowra_config(2.5)
   c.workdir = "runs/llama_2p5bit"
-  c.quant.budget = 2.5
   c.quant.precisions = (1, 2, 3, 4)
   c.lock()
   return c

@@ -273,6 +273,7 @@ CLI = {
   "model.path": STORIES / "stories260K.bin",
   "model.dtype": "float32",
   "quant.method": "nf",
+  "quant.calibration": "none",  # NF has no fit to calibrate
   "quant.bits": 4,
   "lora.rank": 4,
   "lora.loftq_iters": 1,

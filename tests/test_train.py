@@ -47,6 +47,7 @@ def args(workdir: Path, *extra: str) -> list[str]:
     f"--config.model.path={STORIES}",
     "--config.model.dtype=float32",
     "--config.quant.method=nf",
+    "--config.quant.calibration=none",  # NF has no fit to calibrate
     "--config.quant.bits=2",
     "--config.lora.rank=4",
     "--config.lora.loftq_iters=1",
