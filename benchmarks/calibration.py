@@ -23,6 +23,7 @@ import numpy as np
 from lowra_jax import base, calibration, cli, data, lora, train_lib
 from lowra_jax.models import llama
 from lowra_jax.models.tokenizer import load_tokenizer
+from lowra_jax.models.weights_source import CheckpointSource
 from lowra_jax.quantize import QuantConfig, bits_per_param
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def main() -> None:
   model, params = llama.load_pretrained(args.model)  # bf16 compute, as train.py's default
   t0 = time.perf_counter()
   calib = calibration.spread(train, args.sequences)
-  moments = calibration.input_moments(model, params, calib, batch_size=8)
+  moments = calibration.input_moments(model, CheckpointSource(args.model), calib, batch_size=8)
   calib_s = time.perf_counter() - t0
   print(f"calibration: {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
   eval_step = train_lib.make_eval_step(model)

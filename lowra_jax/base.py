@@ -7,10 +7,12 @@ model-wide budget) and initialises the adapters, or loads both
 from the base `save` wrote into the workdir; `identity(config)` is what a saved base must
 match to be reused; `load_dense` reads the dense params (eval.py's dense reference).
 
-With `quant.calibration` "kernel" or "model" the quantizer weighs errors by each projection's input second
-moments (`calibration.input_moments` of `config.calib` blocks through the dense model), computed
-once and cached beside the saved base (`workdir/calibration.safetensors`, reused while its
-identity matches); the calibration's identity is part of the saved base's.
+With `quant.calibration` "kernel" or "model" the quantizer weighs errors by each projection's
+input second moments (`calibration.input_moments` of `config.calib` blocks through the dense
+model, read from the checkpoint one decoder layer at a time, so that a model larger than the
+device calibrates as it quantizes), computed once and cached beside the saved base
+(`workdir/calibration.safetensors`, reused while its identity matches); the calibration's identity
+is part of the saved base's.
 """
 
 from __future__ import annotations
@@ -146,10 +148,11 @@ def saved_moments(config) -> dict[str, np.ndarray] | None:
   return h
 
 
-def moments(config, s: Settings, model: llama.Llama, blocks, dense=None) -> dict[str, np.ndarray]:
+def moments(config, s: Settings, model: llama.Llama, blocks) -> dict[str, np.ndarray]:
   """The calibration moments of this config: the workdir's cached ones when their identity
   matches, else `calibration.input_moments` of `calibration.spread(blocks, calib.sequences)`
-  through the dense model (`dense`: its params if already read), with the cost printed."""
+  through the dense model read from the checkpoint one decoder layer at a time, with the cost
+  printed."""
   wanted = json.loads(json.dumps(calibration_identity(config)))
   cached = calibration.load(calibration_path(config.workdir), wanted)
   if cached is not None:
@@ -159,12 +162,12 @@ def moments(config, s: Settings, model: llama.Llama, blocks, dense=None) -> dict
     raise ValueError("quant.calibration needs calibration blocks: pass calib_blocks to prepare")
   blocks = calibration.spread(blocks, s.calib.sequences)
   t0 = time.perf_counter()
-  dense = load_dense(s) if dense is None else dense
-  t1 = time.perf_counter()
-  h = calibration.input_moments(model, dense, blocks, s.calib.batch_size)
+  source = CheckpointSource(s.model.path)
+  h = calibration.input_moments(model, source, blocks, s.calib.batch_size, progress=True)
   tqdm.write(
     f"calibration: {len(blocks)} sequences x {blocks.shape[1] - 1} tokens through the "
-    f"{s.model.dtype} model in {time.perf_counter() - t1:.1f} s (weights read in {t1 - t0:.1f} s)"
+    f"{s.model.dtype} model, layer by layer from the checkpoint, in "
+    f"{time.perf_counter() - t0:.1f} s"
   )
   return h
 
@@ -219,11 +222,8 @@ def prepare(
     if s.quant.calibration != "none":
       h = moments(config, s, model, calib_blocks)
     qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key, h)
-  else:
-    dense = load_dense(s)
-    if s.quant.calibration != "none":
-      h = moments(config, s, model, calib_blocks, dense)
-    qparams, adapters, report = lora.init_lora(dense, s.quant, s.lora, key, importance=h)
+  else:  # quant.method "none" (which takes no calibration): the dense base
+    qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)
   frozen, quant = lora.split_quantized(qparams)
   return Prepared(model, tokenizer, {"params": frozen, "quant": quant}, adapters, report, h)
 

@@ -1,15 +1,19 @@
-"""Calibration: input second moments against float64 numpy, the weighted objective, 'none' as
-before, streamed == in memory with moments, bad input in one line."""
+"""Calibration: input second moments against float64 numpy (the tiny model's intermediates and an
+independent forward pass of both bundled checkpoints) and against the whole model run at once,
+what the layer-by-layer pass reads and holds, the weighted objective, 'none' as before, streamed
+== in memory with moments, bad input in one line."""
 
 import dataclasses
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_stream import _assert_identical, _need
 from tiny_model import CONFIG, tiny_model
+from tolerances import assert_close_at_scale, f32_sum_random, llama_terms
 
 from lowra_jax import calibration
 from lowra_jax.models import llama
@@ -18,7 +22,46 @@ from lowra_jax.quantize import QuantConfig, QuantizationError, quantize_params, 
 from lowra_jax.quantize import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-STORIES = ROOT / ".." / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"
+MODELS = ROOT / ".." / "shared" / "data" / "models"
+PYCODE = MODELS / "pycode-llama-17m"
+STORIES = MODELS / "stories260K" / "stories260K.bin"
+
+
+class _TreeSource:
+  """A params tree as a weights source (`shapes`, `read`)."""
+
+  def __init__(self, params):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    self.leaves = {pipeline.path_str(p): x for p, x in flat}
+
+  def shapes(self):
+    return {p: x.shape for p, x in self.leaves.items()}
+
+  def read(self, path):
+    return np.array(self.leaves[path])  # a new array each read, as a checkpoint's
+
+
+class _Recording:
+  """`source` read through, recording each read: its path, the leaf's bytes, and the device
+  bytes alive just before it (`jax.live_arrays`) above those alive when this was made."""
+
+  def __init__(self, source):
+    self.source, self.reads, self.live, self.nbytes = source, [], [], {}
+    self._baseline = self._live_bytes()
+
+  @staticmethod
+  def _live_bytes() -> int:
+    return sum(x.nbytes for x in jax.live_arrays())
+
+  def shapes(self):
+    return self.source.shapes()
+
+  def read(self, path):
+    self.live.append(self._live_bytes() - self._baseline)
+    self.reads.append(path)
+    leaf = self.source.read(path)
+    self.nbytes[path] = leaf.nbytes
+    return leaf
 
 
 def _moments_reference(model, params, blocks) -> dict[str, np.ndarray]:
@@ -62,12 +105,166 @@ def test_input_moments_equal_float64_numpy_of_the_projection_inputs():
     attn = params["model"]["layers"][str(i)]["self_attn"]
     attn["o_proj"]["kernel"] = np.eye(64, dtype=np.float32)
   blocks = np.random.default_rng(1).integers(0, CONFIG.vocab_size, size=(10, 17))
-  h = calibration.input_moments(model, params, blocks, batch_size=4)  # batches of 4, 4, 2
+  h = calibration.input_moments(model, _TreeSource(params), blocks, batch_size=4)  # 4, 4, 2
   ref = _moments_reference(model, params, blocks)
   assert set(h) == set(ref)
   for path, expected in ref.items():
     assert h[path].dtype == np.float32 and h[path].shape == expected.shape
     np.testing.assert_allclose(h[path], expected, rtol=2e-5, err_msg=path)
+
+
+def _numpy_forward_moments(config: llama.LlamaConfig, params, tokens) -> dict[str, np.ndarray]:
+  """float64 numpy E[x^2] of every projection's input along a LLaMA forward pass of `tokens`
+  [B, T] (HF's half-split rotary of the default type, grouped-query causal attention, SwiGLU;
+  no biases), written independently of `llama`'s modules."""
+  assert config.rope.rope_type == "default" and not config.attention_bias and not config.mlp_bias
+  heads, groups, dim = config.num_heads, config.num_heads // config.num_kv_heads, config.head_dim
+  model = jax.tree.map(lambda x: np.asarray(x, np.float64), params)["model"]
+  b, t = tokens.shape
+  half = dim // 2
+  angles = np.arange(t)[:, None] / config.rope.theta ** (np.arange(half) / half)
+  angles = np.concatenate([angles, angles], axis=-1)[:, None, :]  # [T, 1, D]
+
+  def rotate(x):  # [B, T, H, D]
+    return x * np.cos(angles) + np.concatenate([-x[..., half:], x[..., :half]], -1) * np.sin(angles)
+
+  def norm(x, scale):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + config.rms_norm_eps) * scale
+
+  def ms(x):
+    return (x * x).reshape(-1, x.shape[-1]).mean(axis=0)
+
+  ref = {}
+  x = model["embed_tokens"]["embedding"][tokens]
+  for i in range(config.num_layers):
+    layer, p = model["layers"][str(i)], f"model/layers/{i}/"
+    attn, mlp = layer["self_attn"], layer["mlp"]
+    h = norm(x, layer["input_layernorm"]["scale"])
+    q, k, v = (h @ attn[f"{n}_proj"]["kernel"] for n in "qkv")
+    q = rotate(q.reshape(b, t, heads, dim))
+    k = np.repeat(rotate(k.reshape(b, t, -1, dim)), groups, axis=2)  # query head j: kv j // groups
+    v = np.repeat(v.reshape(b, t, -1, dim), groups, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dim)
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, heads * dim)
+    x = x + out @ attn["o_proj"]["kernel"]
+    m = norm(x, layer["post_attention_layernorm"]["scale"])
+    gate, up = m @ mlp["gate_proj"]["kernel"], m @ mlp["up_proj"]["kernel"]
+    act = gate / (1.0 + np.exp(-gate)) * up
+    x = x + act @ mlp["down_proj"]["kernel"]
+    for name in ("q_proj", "k_proj", "v_proj"):
+      ref[f"{p}self_attn/{name}/kernel"] = ms(h)
+    ref[f"{p}self_attn/o_proj/kernel"] = ms(out)
+    ref[f"{p}mlp/gate_proj/kernel"] = ref[f"{p}mlp/up_proj/kernel"] = ms(m)
+    ref[f"{p}mlp/down_proj/kernel"] = ms(act)
+  if not config.tie_word_embeddings:
+    ref["lm_head/kernel"] = ms(norm(x, model["norm"]["scale"]))
+  return ref
+
+
+_BLOCKS = np.random.default_rng(0).integers(3, 512, size=(7, 33))
+
+
+@pytest.mark.parametrize("path", [PYCODE, STORIES], ids=["pycode", "stories"])
+def test_layer_by_layer_moments_equal_a_float64_numpy_forward(path):
+  """float32 compute, from the checkpoint, against float64 numpy of the same weights (read whole
+  by `llama.load_pretrained`). A float32 forward pass differs from the exact one by its
+  accumulation error, relative to the activations' scale; along the chain of L layers' sums (the
+  tokens-to-head length `llama_terms`) with independent roundings that is `f32_sum_random` of
+  it (the worst case, k * eps32 = 3e-3 for pycode, would let a wrong rotary or mask through on
+  small features); squaring doubles a relative error."""
+  model, params = llama.load_pretrained(_need(path), dtype=jnp.float32)
+  h = calibration.input_moments(model, CheckpointSource(path), _BLOCKS, batch_size=3)  # 3, 3, 1
+  ref = _numpy_forward_moments(model.config, params, _BLOCKS[:, :-1])
+  assert set(h) == set(ref)
+  bound = 2 * f32_sum_random(llama_terms(model.config, _BLOCKS.shape[1] - 1))
+  for key, expected in ref.items():
+    assert h[key].dtype == np.float32 and h[key].shape == expected.shape
+    assert_close_at_scale(h[key], expected, bound, err_msg=key)
+
+
+def _whole_model_moments(model, params, blocks, batch_size) -> dict[str, np.ndarray]:
+  """The moments with the whole model in one program: every batch through `model.apply` with
+  calibration's recorder intercepting every QLoRALinear (float32 sums per batch, float64 over
+  batches)."""
+
+  @jax.jit
+  def batch_sums(params, tokens):
+    sums: dict = {}
+    with nn.intercept_methods(calibration._recorder(sums)):
+      model.apply({"params": params}, tokens)
+    return sums
+
+  tokens = blocks[:, :-1].astype(np.int32)
+  total: dict = {}
+  for lo in range(0, len(tokens), batch_size):
+    for key, s in batch_sums(params, tokens[lo : lo + batch_size]).items():
+      total[key] = total.get(key, 0.0) + np.asarray(s, np.float64)
+  return {key: (s / tokens.size).astype(np.float32) for key, s in total.items()}
+
+
+@pytest.mark.parametrize("path", [PYCODE, STORIES], ids=["pycode", "stories"])
+def test_layer_by_layer_moments_equal_the_whole_models_in_bf16(path):
+  """bf16 compute: layer by layer == the whole model in one program, up to bf16 roundings that
+  one program makes and the other does not. XLA (CPU) drops a float32 -> bf16 -> float32 round
+  trip inside a program (excess precision), so the whole model may carry the residual stream
+  in float32 from one layer into the next, where the layer-by-layer pass stores it in bf16
+  between two programs; inside a layer either program may do so with the attention output or
+  the MLP product. Each such rounding moves an element by at most 2^-9 relatively, its square
+  by 2^-8; the inputs of layer i have passed i layer boundaries and their own layer's roundings,
+  so they may differ by (i + 1) 2^-8 relative to their scale (to first order, the norms keeping
+  the stream's scale), the head's input by (L + 1) 2^-8. Float32 reassociation (2^-23 per term)
+  is far below that."""
+  model, params = llama.load_pretrained(_need(path), dtype=jnp.bfloat16)
+  h = calibration.input_moments(model, CheckpointSource(path), _BLOCKS, batch_size=7)
+  ref = _whole_model_moments(model, params, _BLOCKS, batch_size=7)
+  assert set(h) == set(ref)
+  for key, expected in ref.items():
+    assert h[key].dtype == np.float32 and h[key].shape == expected.shape
+    i = int(key.split("/")[2]) if key.startswith("model/layers/") else model.config.num_layers
+    assert_close_at_scale(h[key], expected, (i + 1) * 2.0**-8, err_msg=key)
+
+
+@pytest.mark.parametrize("path", [PYCODE, STORIES], ids=["pycode", "stories"])
+def test_layer_by_layer_reads_each_tensor_once_and_holds_one_layer(path):
+  """What `input_moments` reads from its source: the embedding, then each decoder layer's
+  tensors, layer after layer, then the final norm (untied head only); each once, the head's
+  kernel never. At every read the device holds no more than the blocks' hidden states and the
+  tensors of the layer being read: an earlier layer's weights (or the embedding) still alive
+  would add more than the slack, half the smallest of them."""
+  model = llama.Llama(CheckpointSource(_need(path)).config, dtype=jnp.bfloat16)
+  config = model.config
+  source = _Recording(CheckpointSource(path))
+  h = calibration.input_moments(model, source, _BLOCKS, batch_size=7)  # the test above's compile
+  shapes = source.shapes()
+  assert set(h) == {p for p in shapes if p.endswith("/kernel")}
+
+  def layer(p):
+    return int(p.split("/")[2]) if p.startswith("model/layers/") else None
+
+  groups = [["model/embed_tokens/embedding"]]
+  groups += [[p for p in shapes if layer(p) == i] for i in range(config.num_layers)]
+  if not config.tie_word_embeddings:
+    groups.append(["model/norm/scale"])
+  assert len(source.reads) == len(set(source.reads))  # each once
+  read_groups = [p for group in groups for p in group if p in source.reads]
+  assert sorted(source.reads) == sorted(read_groups)  # exactly these
+  assert len(read_groups) == sum(map(len, groups))
+  order = [next(j for j, group in enumerate(groups) if p in group) for p in source.reads]
+  assert order == sorted(order)  # group after group
+
+  hidden = _BLOCKS.shape[0] * (_BLOCKS.shape[1] - 1) * config.hidden_size * 2  # bf16
+  weights = groups[: config.num_layers + 1]  # the embedding and each layer
+  slack = min(sum(source.nbytes[p] for p in group) for group in weights) // 2
+  held, current = 0, None
+  for p, live in zip(source.reads, source.live):
+    held, current = (held, current) if layer(p) == current else (0, layer(p))
+    before_embedding = p == "model/embed_tokens/embedding"
+    allowed = (0 if before_embedding else hidden) + held  # held: this layer's tensors so far
+    assert live <= allowed + slack, (p, live, allowed)
+    held += source.nbytes[p]
 
 
 def test_spread_picks_evenly_spaced_blocks_including_both_ends():
@@ -174,7 +371,7 @@ def test_streamed_equals_in_memory_with_moments(mode):
   _need(STORIES)
   model, params = llama.load_pretrained(STORIES, dtype=jnp.float32)
   blocks = np.random.default_rng(0).integers(3, 512, size=(6, 33))
-  h = calibration.input_moments(model, params, blocks, batch_size=4)
+  h = calibration.input_moments(model, CheckpointSource(STORIES), blocks, batch_size=4)
   cfg = QuantConfig(budget=1.5, calibration=mode)
   reference, ref_report = quantize_params(params, cfg, progress=False, importance=h)
   leaves = []

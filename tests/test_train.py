@@ -192,6 +192,7 @@ def test_calibrated_run_caches_its_moments_and_refuses_a_base_of_other_calibrati
   cached beside the base, and the saved base's identity holds the calibration."""
   from lowra_jax import calibration, data
   from lowra_jax.models.tokenizer import load_tokenizer
+  from lowra_jax.models.weights_source import CheckpointSource
 
   workdir = tmp_path / "calibrated"
   calibrated = (
@@ -208,8 +209,10 @@ def test_calibrated_run_caches_its_moments_and_refuses_a_base_of_other_calibrati
   cached = load_file(workdir / "calibration.safetensors")
   text = data.DataConfig(name="text", path=str(TINYSTORIES), max_documents=300, seq_len=64)
   blocks = data.load(text, load_tokenizer(STORIES.parent)).blocks
-  model, params = llama.load_pretrained(STORIES, dtype=np.float32)
-  expected = calibration.input_moments(model, params, calibration.spread(blocks, 8), 3)
+  model = llama.Llama(CheckpointSource(STORIES).config, dtype=np.float32)
+  expected = calibration.input_moments(
+    model, CheckpointSource(STORIES), calibration.spread(blocks, 8), 3
+  )
   assert cached.keys() == expected.keys()
   for path in expected:
     np.testing.assert_array_equal(cached[path], expected[path], err_msg=path)

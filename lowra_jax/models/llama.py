@@ -337,6 +337,24 @@ class Layers(nn.Module):
     return x, (None if cache is None else updated)
 
 
+def attention_mask_of(
+  attention_mask: jax.Array, cache: KVCache | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """The decoder layers' mask of a call on T tokens: (bool [B, 1, 1, T, S] causal and real-key
+  mask, bool [B, S] the real keys). `attention_mask` [B, T] (1 = real token); without a cache
+  S = T, with one the tokens sit in slots [cache.index, cache.index + T) of its S."""
+  t = attention_mask.shape[1]
+  attention_mask = attention_mask.astype(bool)
+  if cache is None:
+    keys = attention_mask  # [B, S = T]
+    query_slots = jnp.arange(t)
+  else:
+    keys = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+    query_slots = cache.index + jnp.arange(t)
+  causal = jnp.arange(keys.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
+  return (causal[None] & keys[:, None, :])[:, None, None], keys
+
+
 class LlamaModel(nn.Module):
   """Embeddings, decoder stack and final norm: tokens [B, T] -> hidden [B, T, d] in `dtype`."""
 
@@ -353,16 +371,8 @@ class LlamaModel(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embed_tokens")
     x = embed(tokens)
     cos, sin = rotary_tables(cfg, positions)
+    mask, keys = attention_mask_of(attention_mask, cache)
     t = tokens.shape[1]
-    attention_mask = attention_mask.astype(bool)
-    if cache is None:
-      keys = attention_mask  # [B, S = T]
-      query_slots = jnp.arange(t)
-    else:
-      keys = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
-      query_slots = cache.index + jnp.arange(t)
-    causal = jnp.arange(keys.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
-    mask = (causal[None] & keys[:, None, :])[:, None, None]
     x, kv = Layers(cfg, self.dtype, self.lora, self.deterministic, self.remat, name="layers")(
       x, cos, sin, mask, cache
     )

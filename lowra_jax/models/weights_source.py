@@ -5,10 +5,13 @@ A weights source is a re-iterable, sized collection of ``(path, leaf)`` pairs: `
 `weights.to_kernel_tree` (and `llama.load_pretrained`) would put there -- kernels [in, out] --,
 so nesting every pair gives the params tree and nothing is converted twice. Each iteration reads
 the tensors again, one at a time, and holds none of them (what the streamed quantizer needs).
+``shapes()`` lists the paths without reading anything and ``read(path)`` reads one leaf (what the
+layer-by-layer calibration, `calibration.input_moments`, needs).
 
     source = CheckpointSource("../shared/data/models/pycode-llama-17m")   # HF dir or llama2.c .bin
     source = SyntheticSource(SHAPES["70b"], seed=0)                      # no file at all
     for path, leaf in source: ...
+    q = source.read("model/layers/0/self_attn/q_proj/kernel")
 """
 
 from __future__ import annotations
@@ -51,22 +54,26 @@ class CheckpointSource:
         f"{path}: {len(unknown)} unrecognised tensor(s) {', '.join(unknown[:3])} — not a LLaMA "
         "checkpoint this reader knows"
       )
-    self._names = list(shapes)
+    self._names = {weights.flax_path(n, len(s)): n for n, s in shapes.items()}  # path: HF name
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
     """{path: shape} of every leaf, in iteration order (kernels [in, out]); nothing is read."""
     out = {}
-    for name in self._names:
+    for path, name in self._names.items():
       shape = self._checkpoint.shapes[name]
-      path = weights.flax_path(name, len(shape))
       out[path] = shape[::-1] if path.endswith("/kernel") else shape
     return out
+
+  def read(self, path: str) -> np.ndarray:
+    """The leaf at `path` (the array iteration yields there), reading that tensor only."""
+    name = self._names[path]
+    return weights.flax_leaf(name, self._checkpoint.read(name))[1]
 
   def __len__(self) -> int:
     return len(self._names)
 
   def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-    for name in self._names:
+    for name in self._names.values():
       yield weights.flax_leaf(name, self._checkpoint.read(name))
 
 
@@ -130,10 +137,14 @@ class SyntheticSource:
   def __len__(self) -> int:
     return len(self.shapes())
 
+  def read(self, path: str) -> jax.Array:
+    """The leaf at `path`, drawn on the default device."""
+    shape = self.shapes()[path]
+    kind = "head" if path == "lm_head/kernel" else path.rsplit("/", 1)[1]
+    key = jax.random.fold_in(jax.random.key(self.seed), zlib.crc32(path.encode()))
+    return _draw(key, shape=shape, kind=kind, spread=self.channel_spread)
+
   def __iter__(self) -> Iterator[tuple[str, jax.Array]]:
-    root = jax.random.key(self.seed)
-    for path, shape in self.shapes().items():
-      kind = "head" if path == "lm_head/kernel" else path.rsplit("/", 1)[1]
-      key = jax.random.fold_in(root, zlib.crc32(path.encode()))
-      yield path, _draw(key, shape=shape, kind=kind, spread=self.channel_spread)
+    for path in self.shapes():
+      yield path, self.read(path)
 
