@@ -15,6 +15,9 @@ each kernel again, encode and pack it), NF once. The packed base is kept on the 
 training keeps it, or with `--save` written tensor by tensor and dropped. Compilation is
 included (one fresh process). Prints last a table: passes' seconds, host peak RSS
 (ru_maxrss, the whole process), device peak (`memory_stats`, none on CPU), bits per parameter.
+`--calibrate=N`: first the input second moments of N blocks of 512 random tokens
+(`calibration.input_moments`, layer by layer from the same source; its seconds printed), then
+LowRA with `calibration="kernel"`.
 `--loftq=T`: LoftQ initialisation as train.py streams it (`loftq.loftq_stream`, rank-16 adapters
 on every projection; LowRA: two passes per round), with each round's seconds and error.
 """
@@ -29,7 +32,9 @@ from pathlib import Path
 
 import jax
 
-from lowra_jax import cli, loftq, lora
+import numpy as np
+
+from lowra_jax import calibration, cli, loftq, lora
 from lowra_jax.models import llama
 from lowra_jax.models.shapes import SHAPES
 from lowra_jax.models.weights_source import CheckpointSource, SyntheticSource
@@ -72,10 +77,15 @@ def parse_args():
   parser.add_argument("--save", help="write the packed base to this new directory")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--loftq", type=int, default=0, help="LoftQ rounds (0: none)")
+  parser.add_argument("--calibrate", type=int, default=0, help="calibration blocks (0: none)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args()
   if args.layers:
     cli.positive("--layers", args.layers)
+  if args.calibrate:
+    cli.positive("--calibrate", args.calibrate)
+    if args.method != "lowra" or args.checkpoint:
+      raise cli.UserError("--calibrate: synthetic shapes with --method=lowra only — drop it")
   if args.loftq:
     cli.positive("--loftq", args.loftq)
     if args.save:
@@ -87,8 +97,11 @@ def parse_args():
 
 def main():
   args = parse_args()
+  calibrated = "kernel" if args.calibrate else "none"
   with cli.user_errors(f"--{'budget' if args.method == 'lowra' else 'bits'}: "):
-    quant = QuantConfig(method=args.method, budget=args.budget, bits=args.bits)
+    quant = QuantConfig(
+      method=args.method, budget=args.budget, bits=args.bits, calibration=calibrated
+    )
   if args.checkpoint:
     cli.existing("--checkpoint", args.checkpoint)
     with cli.user_errors("--checkpoint: "):
@@ -103,6 +116,13 @@ def main():
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {name}, {label}", flush=True)
 
   held, kept = [], {"packed": 0, "dense": 0}
+  moments = None
+  if args.calibrate:
+    model = llama.Llama(config, dtype=jax.numpy.bfloat16)
+    tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.calibrate, 513))
+    begin = time.perf_counter()
+    moments = calibration.input_moments(model, source, tokens, 8, progress=not args.no_progress)
+    calibrate_s = time.perf_counter() - begin
 
   def keep(path, leaf, _):
     """Holds every leaf, as training holds the base; counts its bytes."""
@@ -115,7 +135,8 @@ def main():
   if args.save:
     with Writer(args.save, {"source": name, "quant": dataclasses.asdict(quant)}) as out:
       report = quantize_stream(
-        timed, quant, sink=lambda path, leaf, _: out.add(path, leaf), progress=progress
+        timed, quant, sink=lambda path, leaf, _: out.add(path, leaf), progress=progress,
+        importance=moments,
       )
   elif args.loftq:
     adapters = lora.LoraConfig(init="loftq", loftq_iters=args.loftq)
@@ -123,14 +144,19 @@ def main():
     factors, lreport = loftq.loftq_stream(
       timed, quant, targets=set(lora.check_targets(kernels, adapters)), rank=adapters.rank,
       scale=adapters.scale, iters=args.loftq, sink=lambda path, leaf: keep(path, leaf, None),
-      progress=progress, importance=None,
+      progress=progress, importance=moments,
     )
     report = lreport.quant
     jax.block_until_ready((held, factors))
   else:
-    report = quantize_stream(timed, quant, sink=keep, progress=progress)
+    report = quantize_stream(timed, quant, sink=keep, progress=progress, importance=moments)
     jax.block_until_ready(held)
   total = time.perf_counter() - start
+  if args.calibrate:
+    print(
+      f"calibration: {args.calibrate} x 512 tokens in {calibrate_s:.1f} s "
+      f"({calibrate_s / total:.0%} of the quantization's {total:.1f} s)"
+    )
   if args.loftq:
     # LowRA: two passes per round; nf: every kernel's rounds within one pass
     per = len(timed.passes) // args.loftq

@@ -60,6 +60,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     ([f"--checkpoint={tmp_path / 'none'}"], "none"),
     (["--shape=tiny", f"--save={tmp_path / 'base'}"], "base"),
     (["--shape=tiny", "--loftq=-1"], "-1"),
+    (["--shape=tiny", "--calibrate=2", "--method=nf"], "--calibrate"),
     (["--shape=tiny", "--loftq=1", f"--save={tmp_path / 'new'}"], "--save"),
   ]
   procs = [(_start(*args), named) for args, named in cases]  # concurrently
