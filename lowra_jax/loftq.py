@@ -144,7 +144,7 @@ def loftq(
   quant_error, errors = None, []
   for _ in tqdm(range(iters), desc="loftq", disable=not progress):
     shifted = {
-      p: np.asarray(w32[p] - scale * (factors[p][0] @ factors[p][1])).astype(dense[p].dtype)
+      p: (w32[p] - scale * (factors[p][0] @ factors[p][1])).astype(dense[p].dtype)
       for p in factors
     }
     qparams, dense_q, report = quantize_and_dequantize(
@@ -214,7 +214,7 @@ def loftq_stream(
           quant_sq += float(_sq_err(w32, base))
         a, b = low_rank((w32 - base) / scale, rank)
         round_sq[t] += float(_sq_err(w32, base + scale * (a @ b)))
-        shifted = np.asarray(w32 - scale * (a @ b)).astype(leaf.dtype)
+        shifted = (w32 - scale * (a @ b)).astype(leaf.dtype)
       factors[module] = (a, b)
     layers += report.layers
     seconds = {k: seconds.get(k, 0.0) + v for k, v in report.seconds.items()}
@@ -241,7 +241,7 @@ class _Shifted:
       if path.endswith("/kernel") and module in self.factors:
         a, b = self.factors[module]
         w32 = jnp.asarray(leaf, jnp.float32)
-        leaf = np.asarray(w32 - self.scale * (a @ b)).astype(leaf.dtype)
+        leaf = (w32 - self.scale * (a @ b)).astype(leaf.dtype)
       yield path, leaf
 
 
