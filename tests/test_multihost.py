@@ -5,6 +5,7 @@ device. A batch the mesh cannot split fails with one line before anything is wri
 
 import json
 import os
+import random
 import socket
 import subprocess
 
@@ -27,9 +28,24 @@ def env(devices: int, **extra) -> dict:
 
 
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+  """A port free now; where the kernel's ephemeral range leaves room, one below it, so that between
+  this check and the coordinator's bind no outgoing connection (of the suite's other workers, say)
+  can be handed it."""
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+      ephemeral = int(f.read().split()[0])
+  except OSError:
+    ephemeral = 0
+  rng = random.Random()  # its own seed: not the one a test may have set
+  candidates = [rng.randrange(10_000, ephemeral) for _ in range(100)] if ephemeral > 11_000 else []
+  for port in [*candidates, 0]:
+    with socket.socket() as s:
+      try:
+        s.bind(("localhost", port))
+      except OSError:
+        continue
+      return s.getsockname()[1]
+  raise OSError("no port of localhost could be bound")
 
 
 def records(workdir):
