@@ -2,11 +2,13 @@
 
 For every budget: LowRA with `calibration="none"` (weight-space error), "kernel" and "model" (error
 weighted by the input second moments of `--sequences` blocks of networkx_train, normalised per
-kernel or not: `QuantConfig.calibration`), perplexity of the quantized base over networkx_eval;
-NF-k rows as the reference. Each row is appended to `--out`
+kernel or not: `QuantConfig.calibration`), each with the `--rounding`s asked for ("gptq": codes by
+error feedback through the inputs' covariances, `QuantConfig.rounding`), perplexity of the
+quantized base over networkx_eval; NF-k rows as the reference. Each row is appended to `--out`
 (JSONL) as it is measured and printed as a table at the end.
 
     python benchmarks/calibration.py --out=runs/calibration.jsonl            # 1.5, 2, 2.5, 3
+    python benchmarks/calibration.py --calibrations=kernel --rounding=nearest,gptq --out=FILE
     python benchmarks/calibration.py --budgets=2.5 --nf= --eval_blocks=64 --out=/tmp/c.jsonl
 """
 
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data"
 
 
-def measure(name: str, config: QuantConfig, path: str, moments: dict, eval_fn) -> dict:
+def measure(name: str, config: QuantConfig, path: str, moments: dict | None, eval_fn) -> dict:
   """One row: quantize the checkpoint as train.py does (streamed), then the base's perplexity."""
   t0 = time.perf_counter()
   qparams, _ = base.quantize_checkpoint(path, config, progress=False, importance=moments)
@@ -41,6 +43,7 @@ def measure(name: str, config: QuantConfig, path: str, moments: dict, eval_fn) -
     "method": name,
     "budget": config.budget if config.method == "lowra" else config.bits,
     "calibration": config.calibration,
+    "rounding": config.rounding,
     "code_bits": bits.code,
     "total_bits": bits.total,
     "ppl": float(np.exp(loss)),
@@ -55,6 +58,8 @@ def main() -> None:
   p.add_argument("--data", default=str(DATA / "pycode"), help="train / eval splits (networkx)")
   p.add_argument("--budgets", default="1.5,2,2.5,3")
   p.add_argument("--nf", default="3,4", help="NF-k reference rows ('' for none)")
+  p.add_argument("--calibrations", default="none,kernel,model")
+  p.add_argument("--rounding", default="nearest", help="nearest, gptq or both (comma-separated)")
   p.add_argument("--sequences", type=int, default=256, help="calibration blocks")
   p.add_argument("--seq_len", type=int, default=512)
   p.add_argument("--eval_blocks", type=int, default=0, help="0: every eval block")
@@ -70,9 +75,16 @@ def main() -> None:
   model, params = llama.load_pretrained(args.model)  # bf16 compute, as train.py's default
   t0 = time.perf_counter()
   calib = calibration.spread(train, args.sequences)
-  moments = calibration.input_moments(model, CheckpointSource(args.model), calib, batch_size=8)
+  source = CheckpointSource(args.model)
+  moments = calibration.input_moments(model, source, calib, batch_size=8)
   calib_s = time.perf_counter() - t0
   print(f"calibration: {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
+  roundings = args.rounding.split(",")
+  covariances = None
+  if "gptq" in roundings:
+    t0 = time.perf_counter()
+    covariances = calibration.input_moments(model, source, calib, batch_size=8, full=True)
+    print(f"covariances: {time.perf_counter() - t0:.1f} s", flush=True)
   eval_step = train_lib.make_eval_step(model)
 
   def eval_fn(qparams):
@@ -83,8 +95,9 @@ def main() -> None:
   nf_bits = [int(k) for k in args.nf.split(",") if k]
   rows += [(f"NF{k}", QuantConfig(method="nf", bits=k)) for k in nf_bits]
   for b in map(float, args.budgets.split(",")):
-    for c in ("none", "kernel", "model"):
-      rows.append(("LowRA", QuantConfig(budget=b, calibration=c)))
+    for c in args.calibrations.split(","):
+      for r in roundings if c != "none" else ["nearest"]:
+        rows.append(("LowRA", QuantConfig(budget=b, calibration=c, rounding=r)))
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   results = []
@@ -93,17 +106,19 @@ def main() -> None:
       loss, scored = train_lib.mean_loss(eval_step, {"params": params}, None, blocks, 4)
       row = {"method": name, "ppl": float(np.exp(loss)), "tokens": scored}
     else:
-      row = measure(name, cfg, args.model, moments, eval_fn)
+      h = covariances if cfg.rounding == "gptq" else moments
+      row = measure(name, cfg, args.model, h, eval_fn)
     row.update(calibration_s=calib_s, sequences=len(calib), backend=jax.default_backend())
     results.append(row)
     with out.open("a") as f:
       f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
-  print("\n| method | budget | calibration | code bits | total bits | ppl base | quantize s |")
-  print("|---|---|---|---|---|---|---|")
+  print("\n| method | budget | calibration | rounding | code bits | total bits | ppl base | quantize s |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in results:
     print(
       f"| {r['method']} | {r.get('budget', '')} | {r.get('calibration', '')} | "
+      f"{r.get('rounding', '')} | "
       f"{r.get('code_bits', 16):.3f} | {r.get('total_bits', 16):.3f} | {r['ppl']:.3f} | "
       f"{r.get('quantize_s', 0):.1f} |"
     )

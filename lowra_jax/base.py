@@ -96,9 +96,10 @@ def quantize_checkpoint(
 
 def calibration_identity(config) -> dict:
   """What determines the calibration moments: the model and dtype, the data blocks and their
-  count, the batch size (float32 sums per batch)."""
+  count, the batch size (float32 sums per batch); and whether they are whole covariances
+  (`quant.rounding="gptq"`)."""
   calib, data = config.calib, config.data
-  return {
+  identity = {
     "model": str(config.model.path),
     "dtype": config.model.dtype,
     "data": {
@@ -112,6 +113,14 @@ def calibration_identity(config) -> dict:
     "sequences": calib.sequences,
     "batch_size": calib.batch_size,
   }
+  if _covariances(config):
+    identity["covariances"] = True
+  return identity
+
+
+def _covariances(config) -> bool:
+  """Whether the quantizer needs whole input covariances (GPTQ rounding), not their diagonals."""
+  return config.quant.get("rounding", "nearest") == "gptq"
 
 
 def identity(config) -> dict:
@@ -163,7 +172,9 @@ def moments(config, s: Settings, model: llama.Llama, blocks) -> dict[str, np.nda
   blocks = calibration.spread(blocks, s.calib.sequences)
   t0 = time.perf_counter()
   source = CheckpointSource(s.model.path)
-  h = calibration.input_moments(model, source, blocks, s.calib.batch_size, progress=True)
+  h = calibration.input_moments(
+    model, source, blocks, s.calib.batch_size, progress=True, full=_covariances(config)
+  )
   tqdm.write(
     f"calibration: {len(blocks)} sequences x {blocks.shape[1] - 1} tokens through the "
     f"{s.model.dtype} model, layer by layer from the checkpoint, in "

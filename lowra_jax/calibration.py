@@ -67,20 +67,24 @@ def spread(blocks: np.ndarray, count: int) -> np.ndarray:
   return blocks[np.linspace(0, len(blocks) - 1, count).round().astype(np.int64)]
 
 
-def _sum_squares(x: jax.Array, dtype) -> jax.Array:
-  """float32 [in]: the sum over rows of x^2, x cast to `dtype` as a `QLoRALinear` casts it."""
+def _input_sums(x: jax.Array, dtype, full: bool) -> jax.Array:
+  """float32 sums over rows of x cast to `dtype` as a `QLoRALinear` casts it: of x^2 ([in]), or
+  with `full` of x^T x ([in, in], float32 accumulation)."""
   x = x.astype(dtype).astype(jnp.float32)
+  if full:
+    x = x.reshape(-1, x.shape[-1])
+    return jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
   return jnp.sum(jnp.square(x), axis=tuple(range(x.ndim - 1)))
 
 
-def _recorder(sums: dict):
-  """An `nn.intercept_methods` interceptor adding each QLoRALinear call's `_sum_squares` of its
+def _recorder(sums: dict, full: bool):
+  """An `nn.intercept_methods` interceptor adding each QLoRALinear call's `_input_sums` of its
   input to `sums` under its kernel's path (relative to the module applied)."""
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if isinstance(module, QLoRALinear) and context.method_name == "__call__":
-      sums["/".join(module.path) + "/kernel"] = _sum_squares(args[0], module.dtype)
+      sums["/".join(module.path) + "/kernel"] = _input_sums(args[0], module.dtype, full)
     return next_fun(*args, **kwargs)
 
   return interceptor
@@ -93,12 +97,12 @@ def _embed(embedding, tokens, *, config: llama.LlamaConfig, dtype):
   return embed.apply({"params": {"embedding": embedding}}, tokens)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype"), donate_argnums=1)
-def _layer(params, hidden, *, config: llama.LlamaConfig, dtype):
+@partial(jax.jit, static_argnames=("config", "dtype", "full"), donate_argnums=1)
+def _layer(params, hidden, *, config: llama.LlamaConfig, dtype, full: bool):
   """One plain `llama.DecoderLayer` (its params) on each batch of `hidden` [n, B, T, d] (donated:
   updated in place), with the rotary tables and causal mask `llama.Llama` uses for unpadded tokens
   at positions 0..T-1. Returns (its outputs [n, B, T, d], {path in the layer: float32 [n, in],
-  each batch's `_sum_squares` of that projection's input})."""
+  each batch's `_input_sums` of that projection's input})."""
   n, b, t, _ = hidden.shape
   cos, sin = llama.rotary_tables(config, jnp.broadcast_to(jnp.arange(t), (b, t)))
   mask, _ = llama.attention_mask_of(jnp.ones((b, t), bool))
@@ -106,7 +110,7 @@ def _layer(params, hidden, *, config: llama.LlamaConfig, dtype):
 
   def apply(x):
     sums: dict = {}
-    with nn.intercept_methods(_recorder(sums)):
+    with nn.intercept_methods(_recorder(sums, full)):
       y, _ = layer.apply({"params": params}, x, cos, sin, mask)
     return y, sums
 
@@ -120,18 +124,23 @@ def _layer(params, hidden, *, config: llama.LlamaConfig, dtype):
   return jax.lax.fori_loop(0, n, body, (hidden, sums))
 
 
-@partial(jax.jit, static_argnames=("config", "dtype"))
-def _head_input(scale, hidden, *, config: llama.LlamaConfig, dtype):
-  """float32 [n, in]: each batch's `_sum_squares` of the head's input, the final norm (`scale`)
-  of the last layer's outputs `hidden` [n, B, T, d]."""
+@partial(jax.jit, static_argnames=("config", "dtype", "full"))
+def _head_input(scale, hidden, *, config: llama.LlamaConfig, dtype, full: bool):
+  """float32 [n, in] (`full`: [n, in, in]): each batch's `_input_sums` of the head's input, the
+  final norm (`scale`) of the last layer's outputs `hidden` [n, B, T, d]."""
   norm = llama.RMSNorm(config.rms_norm_eps, dtype)
-  return jax.vmap(lambda x: _sum_squares(norm.apply({"params": {"scale": scale}}, x), dtype))(
-    hidden
-  )
+  apply = lambda x: _input_sums(norm.apply({"params": {"scale": scale}}, x), dtype, full)  # noqa: E731
+  return jax.vmap(apply)(hidden)
 
 
 def input_moments(
-  model: llama.Llama, source, blocks: np.ndarray, batch_size: int, *, progress: bool = False
+  model: llama.Llama,
+  source,
+  blocks: np.ndarray,
+  batch_size: int,
+  *,
+  progress: bool = False,
+  full: bool = False,
 ) -> dict[str, np.ndarray]:
   """{kernel path: float32 [in]} mean of x_k^2 over every token of `blocks` for each projection,
   running the dense model one decoder layer at a time.
@@ -153,19 +162,22 @@ def input_moments(
     batch_size: blocks per forward pass (a last, smaller batch is a second program: one more
       compile).
     progress: a tqdm bar over the decoder layers.
+    full: return the whole covariance E[x x^T] ([in, in]: 4 in^2 bytes per projection, e.g.
+      0.6 GB per LLaMA-7B layer; for `QuantConfig.rounding="gptq"`), not only its diagonal.
 
   Returns:
-    for every `QLoRALinear` (projections and an untied head), h = E[x x^T]'s diagonal, summed in
-    float64 over batches of float32 sums, of the input as the layer casts it (compute dtype).
+    for every `QLoRALinear` (projections and an untied head), h = E[x x^T]'s diagonal (float32
+    [in]; `full`: E[x x^T], [in, in]), summed in float64 over batches of float32 sums, of the
+    input as the layer casts it (compute dtype).
   """
   config, dtype = model.config, model.dtype
   paths = list(source.shapes())
   tokens = np.asarray(blocks)[:, :-1].astype(np.int32)
   static = {"config": config, "dtype": dtype}
-  full = len(tokens) // batch_size * batch_size
+  whole = len(tokens) // batch_size * batch_size
   stacks = [  # [batches, batch_size, T], then the smaller last batch [1, r, T]
     part.reshape(-1, len(part) if len(part) < batch_size else batch_size, tokens.shape[1])
-    for part in (tokens[:full], tokens[full:])
+    for part in (tokens[:whole], tokens[whole:])
     if len(part)
   ]
   embedding = jax.device_put(source.read("model/embed_tokens/embedding"))
@@ -184,7 +196,7 @@ def input_moments(
     """Applies the layer of `params` to every batch's hidden states (replaced); their sums."""
     stacked_sums = []
     for j, x in enumerate(hidden):
-      hidden[j], sums = _layer(params, x, **static)
+      hidden[j], sums = _layer(params, x, **static, full=full)
       stacked_sums.append(sums)
     return stacked_sums
 
@@ -196,7 +208,7 @@ def input_moments(
     del layer  # before the next layer is read
   if not config.tie_word_embeddings:  # a tied head is `embed.attend`, not a QLoRALinear
     scale = jax.device_put(source.read("model/norm/scale"))
-    add("", [{"lm_head/kernel": _head_input(scale, x, **static)} for x in hidden])
+    add("", [{"lm_head/kernel": _head_input(scale, x, **static, full=full)} for x in hidden])
   return {path: (s / tokens.size).astype(np.float32) for path, s in total.items()}
 
 

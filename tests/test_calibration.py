@@ -113,10 +113,12 @@ def test_input_moments_equal_float64_numpy_of_the_projection_inputs():
     np.testing.assert_allclose(h[path], expected, rtol=2e-5, err_msg=path)
 
 
-def _numpy_forward_moments(config: llama.LlamaConfig, params, tokens) -> dict[str, np.ndarray]:
-  """float64 numpy E[x^2] of every projection's input along a LLaMA forward pass of `tokens`
-  [B, T] (HF's half-split rotary of the default type, grouped-query causal attention, SwiGLU;
-  no biases), written independently of `llama`'s modules."""
+def _numpy_forward_moments(
+  config: llama.LlamaConfig, params, tokens, full: bool = False
+) -> dict[str, np.ndarray]:
+  """float64 numpy E[x^2] (`full`: E[x x^T]) of every projection's input along a LLaMA forward
+  pass of `tokens` [B, T] (HF's half-split rotary of the default type, grouped-query causal
+  attention, SwiGLU; no biases), written independently of `llama`'s modules."""
   assert config.rope.rope_type == "default" and not config.attention_bias and not config.mlp_bias
   heads, groups, dim = config.num_heads, config.num_heads // config.num_kv_heads, config.head_dim
   model = jax.tree.map(lambda x: np.asarray(x, np.float64), params)["model"]
@@ -132,7 +134,8 @@ def _numpy_forward_moments(config: llama.LlamaConfig, params, tokens) -> dict[st
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + config.rms_norm_eps) * scale
 
   def ms(x):
-    return (x * x).reshape(-1, x.shape[-1]).mean(axis=0)
+    x = x.reshape(-1, x.shape[-1])
+    return x.T @ x / len(x) if full else (x * x).mean(axis=0)
 
   ref = {}
   x = model["embed_tokens"]["embedding"][tokens]
@@ -183,6 +186,23 @@ def test_layer_by_layer_moments_equal_a_float64_numpy_forward(path):
   for key, expected in ref.items():
     assert h[key].dtype == np.float32 and h[key].shape == expected.shape
     assert_close_at_scale(h[key], expected, bound, err_msg=key)
+
+
+def test_layer_by_layer_covariances_equal_a_float64_numpy_forward():
+  """`full=True` (for GPTQ rounding): E[x x^T] of every projection's input, float32 compute,
+  against float64 numpy, at the scale of each matrix (the diagonal test's bound, plus the
+  rows summed by the float32 x^T x)."""
+  model, params = llama.load_pretrained(_need(PYCODE), dtype=jnp.float32)
+  cov = calibration.input_moments(
+    model, CheckpointSource(PYCODE), _BLOCKS, batch_size=3, full=True
+  )
+  ref = _numpy_forward_moments(model.config, params, _BLOCKS[:, :-1], full=True)
+  assert set(cov) == set(ref)
+  rows = _BLOCKS.shape[0] * (_BLOCKS.shape[1] - 1)
+  bound = 2 * f32_sum_random(llama_terms(model.config, _BLOCKS.shape[1] - 1) + rows)
+  for key, expected in ref.items():
+    assert cov[key].dtype == np.float32 and cov[key].shape == expected.shape
+    assert_close_at_scale(cov[key], expected, bound, err_msg=key)
 
 
 def _whole_model_moments(model, params, blocks, batch_size) -> dict[str, np.ndarray]:

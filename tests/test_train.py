@@ -185,38 +185,61 @@ def test_dense_lora_reference_runs_end_to_end(need_data, tmp_path):
   assert_perplexity(ppl["fp32 base"], summary["init_eval_loss"])
 
 
+def _expected_moments(sequences: int, batch_size: int, full: bool) -> dict:
+  """What train.py's calibration of the default data (stories260K) must cache."""
+  from lowra_jax import calibration, data
+  from lowra_jax.models.tokenizer import load_tokenizer
+  from lowra_jax.models.weights_source import CheckpointSource
+
+  text = data.DataConfig(name="text", path=str(TINYSTORIES), max_documents=300, seq_len=64)
+  blocks = data.load(text, load_tokenizer(STORIES.parent)).blocks
+  model = llama.Llama(CheckpointSource(STORIES).config, dtype=np.float32)
+  return calibration.input_moments(
+    model, CheckpointSource(STORIES), calibration.spread(blocks, sequences), batch_size, full=full
+  )
+
+
+CALIBRATED = (
+  "--config.quant.method=lowra",
+  "--config.quant.calibration=kernel",
+  "--config.lora.init=qlora",
+  "--config.calib.sequences=8",
+  "--config.calib.batch_size=3",
+  "--config.optim.total_steps=4",
+)
+
+
 def test_calibrated_run_caches_its_moments_and_refuses_a_base_of_other_calibration(
   need_data, tmp_path
 ):
   """quant.calibration: the moments of calib.sequences training blocks (the default data) are
   cached beside the base, and the saved base's identity holds the calibration."""
-  from lowra_jax import calibration, data
-  from lowra_jax.models.tokenizer import load_tokenizer
-  from lowra_jax.models.weights_source import CheckpointSource
-
   workdir = tmp_path / "calibrated"
-  calibrated = (
-    "--config.quant.method=lowra",
-    "--config.quant.calibration=kernel",
-    "--config.lora.init=qlora",
-    "--config.calib.sequences=8",
-    "--config.calib.batch_size=3",
-    "--config.optim.total_steps=4",
-  )
-  out = run(workdir, *calibrated)
+  out = run(workdir, *CALIBRATED)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "calibration: 8 sequences x 64 tokens" in out.stdout
   cached = load_file(workdir / "calibration.safetensors")
-  text = data.DataConfig(name="text", path=str(TINYSTORIES), max_documents=300, seq_len=64)
-  blocks = data.load(text, load_tokenizer(STORIES.parent)).blocks
-  model = llama.Llama(CheckpointSource(STORIES).config, dtype=np.float32)
-  expected = calibration.input_moments(
-    model, CheckpointSource(STORIES), calibration.spread(blocks, 8), 3
-  )
+  expected = _expected_moments(8, 3, full=False)
   assert cached.keys() == expected.keys()
   for path in expected:
     np.testing.assert_array_equal(cached[path], expected[path], err_msg=path)
   extra = json.loads((workdir / "base" / "tree.json").read_text())["extra"]
   assert extra["calibration"]["sequences"] == 8 and extra["quant"]["calibration"] == "kernel"
-  out = run(workdir, *calibrated, "--config.calib.sequences=16", "--config.train.resume=True")
+  out = run(workdir, *CALIBRATED, "--config.calib.sequences=16", "--config.train.resume=True")
   assert out.returncode != 0 and "other model/quant/calib/lora/seed settings" in out.stderr
+
+
+def test_gptq_run_caches_whole_covariances(need_data, tmp_path):
+  """quant.rounding='gptq': the cached calibration holds each projection's whole input
+  covariance (`input_moments(full=True)`), and the base's identity says so."""
+  workdir = tmp_path / "gptq"
+  out = run(workdir, *CALIBRATED, "--config.quant.rounding=gptq")
+  assert out.returncode == 0, out.stderr[-2000:]
+  cached = load_file(workdir / "calibration.safetensors")
+  expected = _expected_moments(8, 3, full=True)
+  assert cached.keys() == expected.keys()
+  for path in expected:
+    assert cached[path].ndim == 2 and cached[path].shape[0] == cached[path].shape[1], path
+    np.testing.assert_array_equal(cached[path], expected[path], err_msg=path)
+  extra = json.loads((workdir / "base" / "tree.json").read_text())["extra"]
+  assert extra["calibration"]["covariances"] and extra["quant"]["rounding"] == "gptq"

@@ -12,6 +12,8 @@ Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
 Calibration = Literal["none", "kernel", "model"]
 CALIBRATIONS = ("none", "kernel", "model")
+Rounding = Literal["nearest", "gptq"]
+ROUNDINGS = ("nearest", "gptq")
 Solver = Literal["auto", "greedy", "milp"]
 
 
@@ -61,6 +63,14 @@ class QuantConfig:
   input energy while kernels are compared in weight-space units, as with `none`.
   `model`: h as measured, so the solver compares the layers' expected squared *output* errors
   (for uncorrelated inputs) across the model."""
+  rounding: Rounding = "nearest"
+  """How codes are chosen once the tables, scales and precisions are fixed. `nearest`: each weight's
+  nearest level. `gptq`: row by row (inputs of largest second moment first), each row's rounding
+  error fed back into the rows not yet rounded through the inverse input covariance
+  (H + 1 % mean(diag H) I)^-1 (GPTQ's update, Frantar et al. 2023), which minimises the layer's
+  output error E||x (W - W_hat)||^2 rather than each weight's. Needs `calibration` other than
+  `none` and the full covariances H = E[x x^T] as each kernel's importance ([in, in]:
+  `calibration.input_moments(full=True)`; their diagonals weigh the fit as h)."""
   lut_clusters: int = 0
   """0: one lookup table per output channel. C > 0: each precision bucket of a tensor shares C
   tables (k-means over the channels' tables, then a pooled Lloyd-Max refit) plus a uint8 index per
@@ -152,6 +162,13 @@ def validate(cfg: QuantConfig) -> None:
     raise QuantizationError(
       f"calibration={cfg.calibration!r} weights a Lloyd-Max fit, which method {cfg.method!r} "
       "does not have — use method 'lowra' or 'lloyd', or calibration='none'."
+    )
+  if cfg.rounding not in ROUNDINGS:
+    raise QuantizationError(f"unknown rounding {cfg.rounding!r} — use one of {ROUNDINGS}.")
+  if cfg.rounding == "gptq" and cfg.calibration == "none":
+    raise QuantizationError(
+      "rounding='gptq' feeds errors back through the input covariances of calibration data — set "
+      "calibration='kernel' (or 'model'), or rounding='nearest'."
     )
   if cfg.solver not in ("auto", "greedy", "milp"):
     raise QuantizationError(f"unknown solver {cfg.solver!r} — use 'auto', 'greedy' or 'milp'.")

@@ -173,7 +173,7 @@ def _absmax(w, *, group_size: int):
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "dense"))
-def _encode(w, perm, scale, tables, *, group_size: int, dense: bool):
+def _encode(w, perm, scale, tables, cov=None, *, group_size: int, dense: bool):
   """Codes and exact errors of the stored format.
 
   Args:
@@ -181,6 +181,8 @@ def _encode(w, perm, scale, tables, *, group_size: int, dense: bool):
     perm: int32 [N], stored column j is channel perm[j].
     scale: float32 [G, N] dequantized group scales, permuted.
     tables: float32 [N, 16] each channel's levels (padded with +inf), permuted.
+    cov: None (each weight's nearest level), or float32 [K, K] the input covariance for
+      `QuantConfig.rounding="gptq"` (`_gptq_codes`).
     dense: also return the dequantized kernel.
 
   Returns:
@@ -190,8 +192,10 @@ def _encode(w, perm, scale, tables, *, group_size: int, dense: bool):
   """
   wp = scaling.pad_rows(w.astype(jnp.float32), group_size)[:, perm]
   se = scaling.expand_groups(scale, group_size)
-  x = jnp.where(se != 0, wp / jnp.where(se != 0, se, 1.0), 0.0)
-  codes = mapping.nearest_codes(x.T, tables)
+  if cov is None:
+    codes = mapping.nearest_codes(_normalised(wp, se).T, tables)
+  else:
+    codes = _gptq_codes(wp, se, tables, cov).T
   w_hat = mapping.lookup(tables, codes).T * se
   real = (jnp.arange(wp.shape[0]) < w.shape[0])[:, None]
   err = jnp.where(real, jnp.square(wp - w_hat), 0.0).sum(axis=0)
@@ -199,6 +203,46 @@ def _encode(w, perm, scale, tables, *, group_size: int, dense: bool):
     return codes.T, err, None
   unpermuted = jnp.zeros_like(w_hat).at[:, perm].set(w_hat)
   return codes.T, err, unpermuted[: w.shape[0]]
+
+
+def _normalised(w, se):
+  """w / se where se != 0, else 0 (the value a zero scale's codes are chosen for)."""
+  return jnp.where(se != 0, w / jnp.where(se != 0, se, 1.0), 0.0)
+
+
+GPTQ_DAMP = 0.01  # of the mean diagonal, added to H's diagonal (GPTQ's default)
+
+
+def _gptq_codes(wp, se, tables, cov):
+  """uint8 [K_pad, N] codes chosen by GPTQ's row-by-row error feedback.
+
+  wp: float32 [K_pad, N] weights (padding rows 0), se: float32 [K_pad, N] their scales, tables:
+  float32 [N, 16]; cov: float32 [K, K] input covariance H. Rows are rounded in order of
+  decreasing H_kk; with U the upper Cholesky factor of (H + damp I)^-1 in that order, rounding
+  row i to q_i feeds e = (w_i - q_i) / U_ii into the remaining rows as w_j -= U_ij e. Rows with
+  H_kk = 0 (inputs never seen) and padding rows get H_kk = 1 and no coupling: nearest levels."""
+  k_pad, k = wp.shape[0], cov.shape[0]
+  h = jnp.zeros((k_pad, k_pad), jnp.float32).at[:k, :k].set(cov.astype(jnp.float32))
+  diag = jnp.diagonal(h)
+  live = diag > 0
+  h = jnp.where(live[:, None] & live[None, :], h, 0.0)
+  h = h + jnp.diag(jnp.where(live, GPTQ_DAMP * jnp.sum(diag) / jnp.maximum(live.sum(), 1), 1.0))
+  order = jnp.argsort(-jnp.where(live, diag, -1.0), stable=True)
+  h = h[order][:, order]
+  chol = jnp.linalg.cholesky(h)
+  inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(k_pad, dtype=jnp.float32))
+  u = jnp.linalg.cholesky(inv).T  # upper: U^T U = H^-1
+  w, s = wp[order], se[order]
+
+  def row(i, carry):
+    w, codes = carry
+    c = mapping.nearest_codes(_normalised(w[i], s[i])[:, None], tables)[:, 0]
+    q = mapping.lookup(tables, c[:, None])[:, 0] * s[i]
+    e = (w[i] - q) / u[i, i]
+    return w - u[i][:, None] * e[None, :], codes.at[i].set(c)
+
+  _, codes = jax.lax.fori_loop(0, k_pad, row, (w, jnp.zeros(wp.shape, jnp.uint8)))
+  return codes[jnp.argsort(order)]
 
 
 def _pad_tables(t: np.ndarray) -> np.ndarray:
@@ -257,10 +301,12 @@ def _bucket_tables(w, cfg: QuantConfig, fitted: _Fitted, b: int, cols: np.ndarra
 
 
 def _encode_and_pack(
-  w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray, seconds: dict, dense: bool, h
+  w, cfg: QuantConfig, fitted: _Fitted, channel_bits: np.ndarray, seconds: dict, dense: bool, h,
+  cov=None,
 ) -> tuple[QuantizedTensor, np.ndarray, jax.Array | None]:
   """Builds the QuantizedTensor of one kernel; also returns its squared error per channel (in
-  weight space, whatever `h`) and (`dense`) its dequantization (float32 [K, N])."""
+  weight space, whatever `h`) and (`dense`) its dequantization (float32 [K, N]). cov: the input
+  covariance [K, K] for `rounding="gptq"`, else None."""
   t0 = time.perf_counter()
   k, n = w.shape
   absmax = np.asarray(_absmax(w, group_size=cfg.group_size))
@@ -279,6 +325,7 @@ def _encode_and_pack(
     jnp.asarray(order, jnp.int32),
     jnp.asarray(np.concatenate([p[4] for p in parts], axis=1)),
     jnp.asarray(np.concatenate([p[5] for p in parts], axis=0)),
+    cov,
     group_size=cfg.group_size,
     dense=dense,
   )
@@ -362,25 +409,55 @@ def _fit_pass(
 
 def _moments(importance, config: QuantConfig, path: str, k: int) -> jax.Array | None:
   """The row weights of the kernel at `path`, float32 [k] on the device: its input second
-  moments (checked: present, shape [k], finite, >= 0), divided by their mean for
-  `calibration="kernel"` (all ones if they are all 0); None for "none"."""
+  moments (checked: present, shape [k] or a covariance [k, k] whose diagonal they are, finite,
+  >= 0), divided by their mean for `calibration="kernel"` (all ones if they are all 0); None for
+  "none"."""
   if config.calibration == "none":
     return None
+  h = _importance(importance, config, path, k)
+  if h.ndim == 2:
+    h = np.diagonal(h)
+  if (h < 0).any():
+    raise QuantizationError(
+      f"input second moments of {path!r}: expected {k} finite values >= 0, got negative ones — "
+      "recompute them for this model (`calibration.input_moments`)."
+    )
+  if config.calibration == "kernel":
+    mean = h.astype(np.float64).mean()
+    h = (h / mean).astype(np.float32) if mean > 0 else np.ones_like(h)
+  return jax.device_put(np.ascontiguousarray(h))
+
+
+def _covariance(importance, config: QuantConfig, path: str, k: int) -> jax.Array | None:
+  """The input covariance [k, k] of the kernel at `path` on the device for `rounding="gptq"`
+  (checked), else None."""
+  if config.rounding != "gptq":
+    return None
+  cov = _importance(importance, config, path, k)
+  if cov.ndim != 2:
+    raise QuantizationError(
+      f"rounding='gptq' needs the input covariance [{k}, {k}] of {path!r}, not its diagonal — "
+      "calibrate with `calibration.input_moments(full=True)` (train.py does for "
+      "quant.rounding='gptq')."
+    )
+  return jax.device_put(cov)
+
+
+def _importance(importance, config: QuantConfig, path: str, k: int) -> np.ndarray:
+  """importance[path] as float32, checked: present, [k] or [k, k], finite."""
   if importance is None or path not in importance:
     raise QuantizationError(
       f"calibration={config.calibration!r} needs the input second moments of {path!r} — pass "
       "importance={path: h} (`calibration.input_moments`) or use calibration='none'."
     )
   h = np.asarray(importance[path], np.float32)
-  if h.shape != (k,) or not np.isfinite(h).all() or (h < 0).any():
+  if h.shape not in ((k,), (k, k)) or not np.isfinite(h).all():
     raise QuantizationError(
       f"input second moments of {path!r}: expected {k} finite values >= 0, got shape "
-      f"{h.shape} — recompute them for this model (`calibration.input_moments`)."
+      f"{h.shape} (a covariance is [{k}, {k}]) — recompute them for this model "
+      "(`calibration.input_moments`)."
     )
-  if config.calibration == "kernel":
-    mean = h.astype(np.float64).mean()
-    h = (h / mean).astype(np.float32) if mean > 0 else np.ones_like(h)
-  return jax.device_put(h)
+  return h
 
 
 def _no_selection() -> QuantizationError:
@@ -419,7 +496,8 @@ def quantize_stream(
     dense: compute each quantized kernel's dequantization for the sink.
     progress: show progress bars.
     importance: unless `config.calibration` is "none", {path: float32 [in]} input second moments
-      of every selected kernel (`calibration.input_moments`); not read otherwise.
+      of every selected kernel (`calibration.input_moments`), or their covariances [in, in]
+      (`full=True`; needed by `rounding="gptq"`); not read otherwise.
 
   Returns:
     the `QuantReport`, layers in the order of their path components.
@@ -453,7 +531,8 @@ def quantize_stream(
       h = _moments(importance, config, path, w.shape[0])
       fitted, bits = _fit(w, config, path, h), np.full(w.shape[1], config.bits_for(path))
       seconds["fit"] += time.perf_counter() - t0
-    qt, err, w_hat = _encode_and_pack(w, config, fitted, bits, seconds, dense, h)
+    cov = _covariance(importance, config, path, w.shape[0])
+    qt, err, w_hat = _encode_and_pack(w, config, fitted, bits, seconds, dense, h, cov)
     values, counts = np.unique(bits, return_counts=True)
     layers.append(
       LayerReport(
