@@ -202,7 +202,7 @@ def loftq_checkpoint(
   factors, report = loftq.loftq_stream(
     source, quant, targets=set(shapes), rank=config.rank, scale=config.scale,
     iters=config.loftq_iters, sink=lambda p, leaf: leaves.append((p, leaf)),
-    importance=importance,
+    importance=importance, weighted=config.loftq_weighting == "inputs",
   )
   return nest(leaves), lora.loftq_adapters(shapes, factors, config, rng), report
 

@@ -77,12 +77,49 @@ EXACT_SVD_MAX = 2048
 and LoftQ needs one per kernel per round)."""
 
 
-def low_rank(r: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+def low_rank(r: jax.Array, rank: int, weight=None) -> tuple[jax.Array, jax.Array]:
   """Rank-`rank` factors of r [K, N] float32: A [K, rank], B [rank, N] with A B the SVD truncation
-  (exact up to `EXACT_SVD_MAX` on the smaller side, else `randomized_low_rank`'s)."""
+  (exact up to `EXACT_SVD_MAX` on the smaller side, else `randomized_low_rank`'s).
+
+  weight: None (A B minimises ||r - A B||_F), or the input second moments of the kernel's rows,
+  [K] (h) or a covariance [K, K] (H): then A B minimises E||x (r - A B)||^2 = ||L^T (r - A B)||_F
+  for L L^T = H + 1 % of its mean diagonal (h: L = diag(sqrt(h + 1 % mean h))), i.e.
+  A = L^-T trunc(L^T r)'s left factor (`weighted_low_rank`)."""
+  if weight is not None:
+    return weighted_low_rank(r, rank, jnp.asarray(weight, jnp.float32))
   if min(r.shape) <= EXACT_SVD_MAX:
     return exact_low_rank(r, rank)
   return randomized_low_rank(r, rank)
+
+
+LOW_RANK_DAMP = 0.01
+
+
+def weighted_low_rank(r: jax.Array, rank: int, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`low_rank` of r weighted by its rows' input moments `weight` ([K] or [K, K]; see there)."""
+  diag = weight if weight.ndim == 1 else jnp.diagonal(weight)
+  mean = jnp.mean(diag)
+  damp = jnp.where(mean > 0, LOW_RANK_DAMP * mean, 1.0)
+  if weight.ndim == 1:
+    d = jnp.sqrt(weight + damp)
+    a, b = low_rank(d[:, None] * r, rank)
+    return a / d[:, None], b
+  lower = jnp.linalg.cholesky(weight + damp * jnp.eye(weight.shape[0], dtype=weight.dtype))
+  dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  a, b = low_rank(dot(lower.T, r), rank)
+  return jax.scipy.linalg.solve_triangular(lower.T, a, lower=False), b
+
+
+def _row_weight(importance, path: str, weighted: bool):
+  """The input moments weighting the residual of the kernel at `path` (None unless `weighted`)."""
+  if not weighted:
+    return None
+  if importance is None or path not in importance:
+    raise ValueError(
+      "lora.loftq_weighting='inputs' weighs LoftQ's residual by the calibration's input moments "
+      f"of {path!r} — set quant.calibration='kernel' (or 'model'), or lora.loftq_weighting='none'."
+    )
+  return importance[path]
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -128,9 +165,11 @@ def loftq(
   iters: int,
   progress: bool = True,
   importance=None,
+  weighted: bool = False,
 ) -> tuple[dict, dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """Run LoftQ on the ``kernel`` leaves at the module paths `targets` (`importance`: input second
-  moments for `quant_config.calibration` "kernel" or "model", as `quantize_params` takes them).
+  moments for `quant_config.calibration` "kernel" or "model", as `quantize_params` takes them;
+  `weighted`: the residual's factors weighted by them, `low_rank`'s `weight`).
 
   Returns:
     (qparams, factors, report): the final quantized params, {path: (A [in, rank] f32,
@@ -153,7 +192,12 @@ def loftq(
     base = {p: get_kernel(dense_q, p) for p in targets if is_quantized(get_kernel(qparams, p))}
     if quant_error is None:
       quant_error = np.sqrt(sum(float(_sq_err(w32[p], base[p])) for p in base) / norm)
-    factors = {p: low_rank((w32[p] - base[p]) / scale, rank) for p in base}
+    factors = {
+      p: low_rank(
+        (w32[p] - base[p]) / scale, rank, _row_weight(importance, "/".join(p) + "/kernel", weighted)
+      )
+      for p in base
+    }
     err = sum(float(_sq_err(w32[p], base[p] + scale * (a @ b))) for p, (a, b) in factors.items())
     errors.append(np.sqrt(err / norm))
   return qparams, factors, LoftQReport(float(quant_error), tuple(map(float, errors)), report)
@@ -170,6 +214,7 @@ def loftq_stream(
   sink,
   progress: bool = True,
   importance=None,
+  weighted: bool = False,
 ) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """`loftq` over a weights source (`quantize_stream`'s), one tensor at a time: one pass for nf and
   lloyd, two per round for lowra (module docstring).
@@ -182,7 +227,7 @@ def loftq_stream(
   """
   if quant_config.method == "lowra":
     return _rounds_stream(
-      source, quant_config, targets, rank, scale, iters, sink, progress, importance
+      source, quant_config, targets, rank, scale, iters, sink, progress, importance, weighted
     )
   selected = default_filter(quant_config)
   factors: dict[Path, tuple[jax.Array, jax.Array]] = {}
@@ -212,7 +257,7 @@ def loftq_stream(
         qt, base, report = quantize(path, shifted)
         if t == 0:
           quant_sq += float(_sq_err(w32, base))
-        a, b = low_rank((w32 - base) / scale, rank)
+        a, b = low_rank((w32 - base) / scale, rank, _row_weight(importance, path, weighted))
         round_sq[t] += float(_sq_err(w32, base + scale * (a @ b)))
         shifted = (w32 - scale * (a @ b)).astype(leaf.dtype)
       factors[module] = (a, b)
@@ -245,7 +290,9 @@ class _Shifted:
       yield path, leaf
 
 
-def _rounds_stream(source, quant_config, targets, rank, scale, iters, sink, progress, importance):
+def _rounds_stream(
+  source, quant_config, targets, rank, scale, iters, sink, progress, importance, weighted
+):
   """`loftq_stream` for a model-wide budget: round t quantizes the source shifted by round t-1's
   factors (`quantize_stream`, dense reconstructions on) and takes each target's new factors from
   its sink; the last round's leaves go to `sink`."""
@@ -262,7 +309,7 @@ def _rounds_stream(source, quant_config, targets, rank, scale, iters, sink, prog
         if t == 0:
           norm += float(jnp.sum(jnp.square(w32)))
           quant_sq += float(_sq_err(w32, dense))
-        a, b = low_rank((w32 - dense) / scale, rank)
+        a, b = low_rank((w32 - dense) / scale, rank, _row_weight(importance, path, weighted))
         round_sq[t] += float(_sq_err(w32, dense + scale * (a @ b)))
         new[module] = (a, b)
       if t == iters - 1:

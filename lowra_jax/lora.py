@@ -39,6 +39,7 @@ from pallas_kernels import quantized_matmul
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("qlora", "loftq")
+LOFTQ_WEIGHTINGS = ("none", "inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class LoraConfig:
   init: 'qlora' (A uniform in +-1/sqrt(in), B = 0: the model starts as its quantized base) or
   'loftq' (`loftq_iters` alternations of quantize(W - s A B) and a rank-r SVD of the residual,
   so that base + adapters start close to the full-precision W).
+  loftq_weighting: 'none' (the SVD minimises the residual's weight-space error) or 'inputs' (its
+  error on the calibration's inputs, E||x (W - Q - s A B)||^2: needs quant.calibration, and
+  takes the covariances under quant.rounding='gptq'; `loftq.low_rank`'s `weight`).
   """
 
   rank: int = 16
@@ -58,6 +62,7 @@ class LoraConfig:
   targets: tuple[str, ...] = DEFAULT_TARGETS
   init: str = "qlora"
   loftq_iters: int = 5
+  loftq_weighting: str = "none"
 
   def __post_init__(self):
     if self.rank < 1:
@@ -66,6 +71,10 @@ class LoraConfig:
       raise ValueError(f"dropout={self.dropout} — use a probability in [0, 1).")
     if self.init not in INITS:
       raise ValueError(f"init={self.init!r} — use one of {INITS}.")
+    if self.loftq_weighting not in LOFTQ_WEIGHTINGS:
+      raise ValueError(
+        f"loftq_weighting={self.loftq_weighting!r} — use one of {LOFTQ_WEIGHTINGS}."
+      )
     if self.init == "loftq" and self.loftq_iters < 1:
       raise ValueError(f"loftq_iters={self.loftq_iters} — use >= 1 LoftQ rounds.")
 
@@ -268,6 +277,7 @@ def init_lora(
     iters=lora_config.loftq_iters,
     progress=progress,
     importance=importance,
+    weighted=lora_config.loftq_weighting == "inputs",
   )
   return qparams, loftq_adapters(shapes, factors, lora_config, rng), report
 
