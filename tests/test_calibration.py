@@ -213,7 +213,7 @@ def _whole_model_moments(model, params, blocks, batch_size) -> dict[str, np.ndar
   @jax.jit
   def batch_sums(params, tokens):
     sums: dict = {}
-    with nn.intercept_methods(calibration._recorder(sums)):
+    with nn.intercept_methods(calibration._recorder(sums, full=False)):
       model.apply({"params": params}, tokens)
     return sums
 
