@@ -6,6 +6,7 @@
     python benchmarks/quant_stream.py --checkpoint=../shared/data/models/pycode-llama-17m
     python benchmarks/quant_stream.py --shape=tiny                 # seconds on CPU (smoke test)
     python benchmarks/quant_stream.py --shape=7b --loftq=5         # + LoftQ's rounds (rank 16)
+    python benchmarks/quant_stream.py --shape=7b --calibrate=256 --gptq
 
 Weights come from `weights_source.SyntheticSource` (deterministic random bf16 of the named shape,
 drawn on the device one tensor at a time; nothing to download) or a checkpoint. They go through
@@ -17,7 +18,8 @@ included (one fresh process). Prints last a table: passes' seconds, host peak RS
 (ru_maxrss, the whole process), device peak (`memory_stats`, none on CPU), bits per parameter.
 `--calibrate=N`: first the input second moments of N blocks of 512 random tokens
 (`calibration.input_moments`, layer by layer from the same source; its seconds printed), then
-LowRA with `calibration="kernel"`.
+LowRA with `calibration="kernel"`; with `--gptq`, the whole input covariances
+(`input_moments(full=True)`) and `rounding="gptq"` (GPTQ's error feedback when encoding).
 `--loftq=T`: LoftQ initialisation as train.py streams it (`loftq.loftq_stream`, rank-16 adapters
 on every projection; LowRA: two passes per round), with each round's seconds and error.
 """
@@ -78,6 +80,7 @@ def parse_args():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--loftq", type=int, default=0, help="LoftQ rounds (0: none)")
   parser.add_argument("--calibrate", type=int, default=0, help="calibration blocks (0: none)")
+  parser.add_argument("--gptq", action="store_true", help="with --calibrate: GPTQ rounding")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args()
   if args.layers:
@@ -86,6 +89,8 @@ def parse_args():
     cli.positive("--calibrate", args.calibrate)
     if args.method != "lowra" or args.checkpoint:
       raise cli.UserError("--calibrate: synthetic shapes with --method=lowra only — drop it")
+  if args.gptq and not args.calibrate:
+    raise cli.UserError("--gptq feeds errors back through calibration covariances — add --calibrate=N")
   if args.loftq:
     cli.positive("--loftq", args.loftq)
     if args.save:
@@ -100,7 +105,11 @@ def main():
   calibrated = "kernel" if args.calibrate else "none"
   with cli.user_errors(f"--{'budget' if args.method == 'lowra' else 'bits'}: "):
     quant = QuantConfig(
-      method=args.method, budget=args.budget, bits=args.bits, calibration=calibrated
+      method=args.method,
+      budget=args.budget,
+      bits=args.bits,
+      calibration=calibrated,
+      rounding="gptq" if args.gptq else "nearest",
     )
   if args.checkpoint:
     cli.existing("--checkpoint", args.checkpoint)
@@ -113,6 +122,7 @@ def main():
     source, name = SyntheticSource(config, args.seed), f"{args.shape} ({config.num_layers} layers)"
   timed = TimedSource(source)
   label = f"lowra {args.budget:g}" if args.method == "lowra" else f"nf{args.bits}"
+  label += " gptq" if args.gptq else ""
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {name}, {label}", flush=True)
 
   held, kept = [], {"packed": 0, "dense": 0}
@@ -121,7 +131,9 @@ def main():
     model = llama.Llama(config, dtype=jax.numpy.bfloat16)
     tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.calibrate, 513))
     begin = time.perf_counter()
-    moments = calibration.input_moments(model, source, tokens, 8, progress=not args.no_progress)
+    moments = calibration.input_moments(
+      model, source, tokens, 8, progress=not args.no_progress, full=args.gptq
+    )
     calibrate_s = time.perf_counter() - begin
 
   def keep(path, leaf, _):
