@@ -163,7 +163,7 @@ def input_moments(
       compile).
     progress: a tqdm bar over the decoder layers.
     full: return the whole covariance E[x x^T] ([in, in]: 4 in^2 bytes per projection, e.g.
-      0.6 GB per LLaMA-7B layer; for `QuantConfig.rounding="gptq"`), not only its diagonal.
+      0.87 GB per LLaMA-7B layer; for `QuantConfig.rounding="gptq"`), not only its diagonal.
 
   Returns:
     for every `QLoRALinear` (projections and an untied head), h = E[x x^T]'s diagonal (float32
