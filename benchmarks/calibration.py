@@ -32,10 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data"
 
 
-def measure(name: str, config: QuantConfig, path: str, moments: dict | None, eval_fn) -> dict:
+def measure(
+  name: str, config: QuantConfig, path: str, moments: dict | None, covariances, eval_fn
+) -> dict:
   """One row: quantize the checkpoint as train.py does (streamed), then the base's perplexity."""
   t0 = time.perf_counter()
-  qparams, _ = base.quantize_checkpoint(path, config, progress=False, importance=moments)
+  qparams, _ = base.quantize_checkpoint(
+    path, config, progress=False, importance=moments, covariances=covariances
+  )
   seconds = time.perf_counter() - t0
   bits = bits_per_param(qparams)
   loss, scored = eval_fn(qparams)
@@ -80,11 +84,7 @@ def main() -> None:
   calib_s = time.perf_counter() - t0
   print(f"calibration: {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
   roundings = args.rounding.split(",")
-  covariances = None
-  if "gptq" in roundings:
-    t0 = time.perf_counter()
-    covariances = calibration.input_moments(model, source, calib, batch_size=8, full=True)
-    print(f"covariances: {time.perf_counter() - t0:.1f} s", flush=True)
+  covariances = calibration.LayerCovariances(model, source, calib, batch_size=8)  # gptq rows
   eval_step = train_lib.make_eval_step(model)
 
   def eval_fn(qparams):
@@ -106,8 +106,7 @@ def main() -> None:
       loss, scored = train_lib.mean_loss(eval_step, {"params": params}, None, blocks, 4)
       row = {"method": name, "ppl": float(np.exp(loss)), "tokens": scored}
     else:
-      h = covariances if cfg.rounding == "gptq" else moments
-      row = measure(name, cfg, args.model, h, eval_fn)
+      row = measure(name, cfg, args.model, moments, covariances, eval_fn)
     row.update(calibration_s=calib_s, sequences=len(calib), backend=jax.default_backend())
     results.append(row)
     with out.open("a") as f:

@@ -18,8 +18,9 @@ included (one fresh process). Prints last a table: passes' seconds, host peak RS
 (ru_maxrss, the whole process), device peak (`memory_stats`, none on CPU), bits per parameter.
 `--calibrate=N`: first the input second moments of N blocks of 512 random tokens
 (`calibration.input_moments`, layer by layer from the same source; its seconds printed), then
-LowRA with `calibration="kernel"`; with `--gptq`, the whole input covariances
-(`input_moments(full=True)`) and `rounding="gptq"` (GPTQ's error feedback when encoding).
+LowRA with `calibration="kernel"`; with `--gptq`, `rounding="gptq"` (GPTQ's error feedback when
+encoding) on the whole input covariances, computed one decoder layer at a time during pass 2
+(`calibration.LayerCovariances`; their seconds printed, part of the quantization's).
 `--loftq=T`: LoftQ initialisation as train.py streams it (`loftq.loftq_stream`, rank-16 adapters
 on every projection; LowRA: two passes per round), with each round's seconds and error.
 """
@@ -30,6 +31,7 @@ import argparse
 import dataclasses
 import resource
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -100,6 +102,28 @@ def parse_args():
   return args
 
 
+class TimedCovariances(Mapping):
+  """A covariance mapping (`calibration.LayerCovariances`) timing its lookups (what computes)."""
+
+  def __init__(self, inner: Mapping):
+    self.inner, self.seconds = inner, 0.0
+
+  def __getitem__(self, path):
+    start = time.perf_counter()
+    value = jax.block_until_ready(self.inner[path])
+    self.seconds += time.perf_counter() - start
+    return value
+
+  def __contains__(self, path) -> bool:
+    return path in self.inner
+
+  def __iter__(self):
+    return iter(self.inner)
+
+  def __len__(self) -> int:
+    return len(self.inner)
+
+
 def main():
   args = parse_args()
   calibrated = "kernel" if args.calibrate else "none"
@@ -131,10 +155,11 @@ def main():
     model = llama.Llama(config, dtype=jax.numpy.bfloat16)
     tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.calibrate, 513))
     begin = time.perf_counter()
-    moments = calibration.input_moments(
-      model, source, tokens, 8, progress=not args.no_progress, full=args.gptq
-    )
+    moments = calibration.input_moments(model, source, tokens, 8, progress=not args.no_progress)
     calibrate_s = time.perf_counter() - begin
+  covariances = None
+  if args.gptq:
+    covariances = TimedCovariances(calibration.LayerCovariances(model, source, tokens, 8))
 
   def keep(path, leaf, _):
     """Holds every leaf, as training holds the base; counts its bytes."""
@@ -148,7 +173,7 @@ def main():
     with Writer(args.save, {"source": name, "quant": dataclasses.asdict(quant)}) as out:
       report = quantize_stream(
         timed, quant, sink=lambda path, leaf, _: out.add(path, leaf), progress=progress,
-        importance=moments,
+        importance=moments, covariances=covariances,
       )
   elif args.loftq:
     adapters = lora.LoraConfig(init="loftq", loftq_iters=args.loftq)
@@ -156,18 +181,25 @@ def main():
     factors, lreport = loftq.loftq_stream(
       timed, quant, targets=set(lora.check_targets(kernels, adapters)), rank=adapters.rank,
       scale=adapters.scale, iters=args.loftq, sink=lambda path, leaf: keep(path, leaf, None),
-      progress=progress, importance=moments,
+      progress=progress, importance=moments, covariances=covariances,
     )
     report = lreport.quant
     jax.block_until_ready((held, factors))
   else:
-    report = quantize_stream(timed, quant, sink=keep, progress=progress, importance=moments)
+    report = quantize_stream(
+      timed, quant, sink=keep, progress=progress, importance=moments, covariances=covariances
+    )
     jax.block_until_ready(held)
   total = time.perf_counter() - start
   if args.calibrate:
     print(
       f"calibration: {args.calibrate} x 512 tokens in {calibrate_s:.1f} s "
       f"({calibrate_s / total:.0%} of the quantization's {total:.1f} s)"
+    )
+  if args.gptq:
+    print(
+      f"covariances: {covariances.seconds:.1f} s of the quantization, layer by layer as pass 2 "
+      "asks for them"
     )
   if args.loftq:
     # LowRA: two passes per round; nf: every kernel's rounds within one pass

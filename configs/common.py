@@ -70,10 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 def lowra_config(budget: float) -> ml_collections.ConfigDict:
   """`base_config` with a LowRA base at `budget` code bits per weight, calibrated: errors weighed
-  per kernel by the inputs' second moments on the training data (``quant.calibration="kernel"``;
-  fine-tuned perplexity as good or better than without at every budget measured, docs/results.md
-  "Calibration")."""
+  per kernel by the inputs' second moments on the training data (``quant.calibration="kernel"``)
+  and LoftQ's rank-r fit of the residual weighed by the same inputs
+  (``lora.loftq_weighting="inputs"``). Each lowers the fine-tuned perplexity at every budget of the
+  sweep's A/B (docs/results.md "Calibration: fine-tuned A/B")."""
   c = base_config()
   c.quant.budget = budget
   c.quant.calibration = "kernel"
+  c.lora.loftq_weighting = "inputs"
   return c

@@ -12,7 +12,9 @@ input second moments (`calibration.input_moments` of `config.calib` blocks throu
 model, read from the checkpoint one decoder layer at a time, so that a model larger than the
 device calibrates as it quantizes), computed once and cached beside the saved base
 (`workdir/calibration.safetensors`, reused while its identity matches); the calibration's identity
-is part of the saved base's.
+is part of the saved base's. With `quant.rounding="gptq"` each projection's whole input covariance
+is computed again from the same blocks, one decoder layer at a time, as each quantizer pass reaches
+that layer (`layer_covariances`; held one layer at a time, never cached).
 """
 
 from __future__ import annotations
@@ -81,23 +83,24 @@ def quantize_checkpoint(
   *,
   progress: bool = True,
   importance: dict[str, np.ndarray] | None = None,
+  covariances=None,
 ) -> tuple[dict, QuantReport]:
   """(qparams, report) of the checkpoint at `path`, quantized as it is read: host memory holds
   one tensor and the fits (`quantize_stream`); equal, bit for bit, to `quantize_params` of
   `llama.load_pretrained(path)`'s params. Missing or truncated shards fail before any work.
-  `importance`: input second moments, for `config.calibration` other than "none"."""
+  `importance`: input second moments, for `config.calibration` other than "none";
+  `covariances`: input covariances for `config.rounding="gptq"` (`layer_covariances`)."""
   leaves = []
   report = quantize_stream(
     CheckpointSource(path), config, sink=lambda p, leaf, _: leaves.append((p, leaf)),
-    progress=progress, importance=importance,
+    progress=progress, importance=importance, covariances=covariances,
   )
   return nest(leaves), report
 
 
 def calibration_identity(config) -> dict:
   """What determines the calibration moments: the model and dtype, the data blocks and their
-  count, the batch size (float32 sums per batch); and whether they are whole covariances
-  (`quant.rounding="gptq"`)."""
+  count, the batch size (float32 sums per batch)."""
   calib, data = config.calib, config.data
   identity = {
     "model": str(config.model.path),
@@ -113,14 +116,7 @@ def calibration_identity(config) -> dict:
     "sequences": calib.sequences,
     "batch_size": calib.batch_size,
   }
-  if _covariances(config):
-    identity["covariances"] = True
   return identity
-
-
-def _covariances(config) -> bool:
-  """Whether the quantizer needs whole input covariances (GPTQ rounding), not their diagonals."""
-  return config.quant.get("rounding", "nearest") == "gptq"
 
 
 def identity(config) -> dict:
@@ -167,14 +163,10 @@ def moments(config, s: Settings, model: llama.Llama, blocks) -> dict[str, np.nda
   if cached is not None:
     tqdm.write(f"calibration: reused {calibration_path(config.workdir)}")
     return cached
-  if blocks is None:
-    raise ValueError("quant.calibration needs calibration blocks: pass calib_blocks to prepare")
-  blocks = calibration.spread(blocks, s.calib.sequences)
+  blocks = _calibration_blocks(s, blocks)
   t0 = time.perf_counter()
   source = CheckpointSource(s.model.path)
-  h = calibration.input_moments(
-    model, source, blocks, s.calib.batch_size, progress=True, full=_covariances(config)
-  )
+  h = calibration.input_moments(model, source, blocks, s.calib.batch_size, progress=True)
   tqdm.write(
     f"calibration: {len(blocks)} sequences x {blocks.shape[1] - 1} tokens through the "
     f"{s.model.dtype} model, layer by layer from the checkpoint, in "
@@ -183,12 +175,30 @@ def moments(config, s: Settings, model: llama.Llama, blocks) -> dict[str, np.nda
   return h
 
 
+def layer_covariances(s: Settings, model: llama.Llama, blocks):
+  """For `quant.rounding="gptq"`: the input covariances of the calibration blocks, computed one
+  decoder layer at a time from the checkpoint as the quantizer asks for them
+  (`calibration.LayerCovariances`: nothing cached, one layer's covariances held); else None."""
+  if s.quant.rounding != "gptq":
+    return None
+  return calibration.LayerCovariances(
+    model, CheckpointSource(s.model.path), _calibration_blocks(s, blocks), s.calib.batch_size
+  )
+
+
+def _calibration_blocks(s: Settings, blocks) -> np.ndarray:
+  if blocks is None:
+    raise ValueError("quant.calibration needs calibration blocks: pass calib_blocks to prepare")
+  return calibration.spread(blocks, s.calib.sequences)
+
+
 def loftq_checkpoint(
   path: str | os.PathLike[str],
   quant: QuantConfig,
   config: lora.LoraConfig,
   rng: jax.Array,
   importance: dict[str, np.ndarray] | None = None,
+  covariances=None,
 ) -> tuple[dict, dict, loftq.LoftQReport]:
   """(qparams, adapters, report) of LoftQ on the checkpoint at `path`, read one tensor at a time
   (`loftq.loftq_stream`: one pass for nf / lloyd, two per round for lowra); equal to
@@ -202,7 +212,7 @@ def loftq_checkpoint(
   factors, report = loftq.loftq_stream(
     source, quant, targets=set(shapes), rank=config.rank, scale=config.scale,
     iters=config.loftq_iters, sink=lambda p, leaf: leaves.append((p, leaf)),
-    importance=importance, weighted=config.loftq_weighting == "inputs",
+    importance=importance, covariances=covariances, weighted=config.loftq_weighting == "inputs",
   )
   return nest(leaves), lora.loftq_adapters(shapes, factors, config, rng), report
 
@@ -227,12 +237,14 @@ def prepare(
   elif s.quant.method != "none" and s.lora.init == "qlora":
     if s.quant.calibration != "none":
       h = moments(config, s, model, calib_blocks)
-    qparams, report = quantize_checkpoint(s.model.path, s.quant, importance=h)
+    cov = layer_covariances(s, model, calib_blocks)
+    qparams, report = quantize_checkpoint(s.model.path, s.quant, importance=h, covariances=cov)
     adapters = lora.qlora_adapters(qparams, s.lora, key)
   elif s.quant.method != "none":  # LoftQ, the checkpoint read one tensor at a time
     if s.quant.calibration != "none":
       h = moments(config, s, model, calib_blocks)
-    qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key, h)
+    cov = layer_covariances(s, model, calib_blocks)
+    qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key, h, cov)
   else:  # quant.method "none" (which takes no calibration): the dense base
     qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)
   frozen, quant = lora.split_quantized(qparams)

@@ -16,6 +16,13 @@ kernel by h_k, which makes it the expected squared error of the layer's output w
 uncorrelated. The result is keyed by the kernel's '/'-joined params path (`quantize_stream`'s),
 so it can come from any source that produces one vector per path. `save` / `load` cache it as
 one safetensors file whose metadata is the calibration's identity.
+
+GPTQ rounding (`QuantConfig.rounding="gptq"`) needs each projection's whole input covariance
+E[x x^T] as well: `input_moments(..., full=True)` returns all of them, `LayerCovariances` computes
+them layer by layer while the quantizer's pass 2 reads the kernels (one layer's held at a time):
+
+    cov = LayerCovariances(model, source, blocks, batch_size=8)
+    qparams, _ = base.quantize_checkpoint(path, config, importance=h, covariances=cov)
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import dataclasses
 import json
 from functools import partial
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -69,11 +76,17 @@ def spread(blocks: np.ndarray, count: int) -> np.ndarray:
 
 def _input_sums(x: jax.Array, dtype, full: bool) -> jax.Array:
   """float32 sums over rows of x cast to `dtype` as a `QLoRALinear` casts it: of x^2 ([in]), or
-  with `full` of x^T x ([in, in], float32 accumulation)."""
-  x = x.astype(dtype).astype(jnp.float32)
+  with `full` of x^T x ([in, in], float32 accumulation; in bf16 the products of bf16 values are
+  exact in float32, so the bf16 x float32-accumulating dot, a tensor-core one on GPUs, is as
+  exact as a float32 one)."""
+  x = x.astype(dtype)
   if full:
     x = x.reshape(-1, x.shape[-1])
+    if x.dtype == jnp.bfloat16:
+      return jnp.dot(x.T, x, preferred_element_type=jnp.float32)
+    x = x.astype(jnp.float32)
     return jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
+  x = x.astype(jnp.float32)
   return jnp.sum(jnp.square(x), axis=tuple(range(x.ndim - 1)))
 
 
@@ -101,8 +114,8 @@ def _embed(embedding, tokens, *, config: llama.LlamaConfig, dtype):
 def _layer(params, hidden, *, config: llama.LlamaConfig, dtype, full: bool):
   """One plain `llama.DecoderLayer` (its params) on each batch of `hidden` [n, B, T, d] (donated:
   updated in place), with the rotary tables and causal mask `llama.Llama` uses for unpadded tokens
-  at positions 0..T-1. Returns (its outputs [n, B, T, d], {path in the layer: float32 [n, in],
-  each batch's `_input_sums` of that projection's input})."""
+  at positions 0..T-1. Returns (its outputs [n, B, T, d], {path in the layer: float32 [in] (`full`:
+  [in, in]), the `_input_sums` of that projection's input added over the batches in float32})."""
   n, b, t, _ = hidden.shape
   cos, sin = llama.rotary_tables(config, jnp.broadcast_to(jnp.arange(t), (b, t)))
   mask, _ = llama.attention_mask_of(jnp.ones((b, t), bool))
@@ -117,20 +130,64 @@ def _layer(params, hidden, *, config: llama.LlamaConfig, dtype, full: bool):
   def body(i, carry):  # one batch after the other, as separate calls would run them
     hidden, sums = carry
     y, batch_sums = apply(hidden[i])
-    return hidden.at[i].set(y), {k: v.at[i].set(batch_sums[k]) for k, v in sums.items()}
+    return hidden.at[i].set(y), {k: v + batch_sums[k] for k, v in sums.items()}
 
   shapes = jax.eval_shape(apply, hidden[0])[1]
-  sums = {k: jnp.zeros((n, *v.shape), v.dtype) for k, v in shapes.items()}
+  sums = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
   return jax.lax.fori_loop(0, n, body, (hidden, sums))
 
 
 @partial(jax.jit, static_argnames=("config", "dtype", "full"))
 def _head_input(scale, hidden, *, config: llama.LlamaConfig, dtype, full: bool):
-  """float32 [n, in] (`full`: [n, in, in]): each batch's `_input_sums` of the head's input, the
-  final norm (`scale`) of the last layer's outputs `hidden` [n, B, T, d]."""
+  """float32 [in] (`full`: [in, in]): the `_input_sums` of the head's input, the final norm
+  (`scale`) of the last layer's outputs `hidden` [n, B, T, d], added over the n batches."""
   norm = llama.RMSNorm(config.rms_norm_eps, dtype)
   apply = lambda x: _input_sums(norm.apply({"params": {"scale": scale}}, x), dtype, full)  # noqa: E731
-  return jax.vmap(apply)(hidden)
+  return jnp.sum(jax.vmap(apply)(hidden), axis=0)
+
+
+class _LayerForward:
+  """Calibration blocks' hidden states, advanced through the dense model one step at a time.
+
+  Made with the embedding of the blocks' tokens (read from the source, applied, dropped); each
+  `step()` reads the next decoder layer's tensors (nothing else), puts them on the default
+  device, applies them to every batch's hidden states (kept on the device, [n, B, T, d] in the
+  compute dtype; one program per layer runs the batches one after the other) and drops them;
+  with an untied head, the step after the last layer is the final norm (the head's input).
+  """
+
+  def __init__(self, model: llama.Llama, source, blocks: np.ndarray, batch_size: int, full: bool):
+    self.config, self.dtype, self.source, self.full = model.config, model.dtype, source, full
+    self.paths = list(source.shapes())
+    tokens = np.asarray(blocks)[:, :-1].astype(np.int32)
+    self.tokens = tokens.size
+    whole = len(tokens) // batch_size * batch_size
+    stacks = [  # [batches, batch_size, T], then the smaller last batch [1, r, T]
+      part.reshape(-1, len(part) if len(part) < batch_size else batch_size, tokens.shape[1])
+      for part in (tokens[:whole], tokens[whole:])
+      if len(part)
+    ]
+    embedding = jax.device_put(source.read("model/embed_tokens/embedding"))
+    self.hidden = [_embed(embedding, stack, config=self.config, dtype=self.dtype) for stack in stacks]
+    self.done = 0  # steps taken
+    self.steps = self.config.num_layers + (0 if self.config.tie_word_embeddings else 1)
+
+  def step(self) -> dict[str, jax.Array]:
+    """Takes the next step; {kernel path: float32 [in] (`full`: [in, in])} on the device, the
+    `_input_sums` of each of its projections' inputs over every token of the blocks."""
+    static = {"config": self.config, "dtype": self.dtype, "full": self.full}
+    i, self.done = self.done, self.done + 1
+    if i == self.config.num_layers:  # an untied head (a tied one is `embed.attend`)
+      scale = jax.device_put(self.source.read("model/norm/scale"))
+      return {"lm_head/kernel": sum(_head_input(scale, x, **static) for x in self.hidden)}
+    prefix = f"model/layers/{i}/"
+    leaves = [p for p in self.paths if p.startswith(prefix)]
+    layer = pipeline.nest((p[len(prefix) :], jax.device_put(self.source.read(p))) for p in leaves)
+    total: dict[str, jax.Array] = {}
+    for j, x in enumerate(self.hidden):
+      self.hidden[j], sums = _layer(layer, x, **static)
+      total = {k: total[k] + v if k in total else v for k, v in sums.items()}
+    return {prefix + k: v for k, v in total.items()}
 
 
 def input_moments(
@@ -143,15 +200,9 @@ def input_moments(
   full: bool = False,
 ) -> dict[str, np.ndarray]:
   """{kernel path: float32 [in]} mean of x_k^2 over every token of `blocks` for each projection,
-  running the dense model one decoder layer at a time.
-
-  The embedding is read and applied to every batch, then dropped; each decoder layer's tensors
-  are read (nothing else), put on the default device, applied to every batch's hidden states
-  (kept on the device, [n, T, d] in the compute dtype; one program per layer runs the batches
-  one after the other), recording its projections' inputs, and dropped before the next layer is
-  read; last, with an untied head, the final norm. Each tensor is read at most once and the
-  head's kernel never; the device holds one layer's weights (or the embedding) and the hidden
-  states.
+  running the dense model one decoder layer at a time (`_LayerForward`): each tensor is read at
+  most once and the head's kernel never; the device holds one layer's weights (or the embedding)
+  and the hidden states.
 
   Args:
     model: a `llama.Llama` (its config and compute dtype; run without adapters or remat).
@@ -162,54 +213,70 @@ def input_moments(
     batch_size: blocks per forward pass (a last, smaller batch is a second program: one more
       compile).
     progress: a tqdm bar over the decoder layers.
-    full: return the whole covariance E[x x^T] ([in, in]: 4 in^2 bytes per projection, e.g.
-      0.87 GB per LLaMA-7B layer; for `QuantConfig.rounding="gptq"`), not only its diagonal.
+    full: return the whole covariance E[x x^T] ([in, in]: 4 in^2 bytes per projection held on
+      the host, e.g. 0.87 GB per LLaMA-7B layer; `LayerCovariances` holds one layer's), not only
+      its diagonal.
 
   Returns:
     for every `QLoRALinear` (projections and an untied head), h = E[x x^T]'s diagonal (float32
-    [in]; `full`: E[x x^T], [in, in]), summed in float64 over batches of float32 sums, of the
-    input as the layer casts it (compute dtype).
+    [in]; `full`: E[x x^T], [in, in]) of the input as the layer casts it (compute dtype), from
+    float32 sums over the batches.
   """
-  config, dtype = model.config, model.dtype
-  paths = list(source.shapes())
-  tokens = np.asarray(blocks)[:, :-1].astype(np.int32)
-  static = {"config": config, "dtype": dtype}
-  whole = len(tokens) // batch_size * batch_size
-  stacks = [  # [batches, batch_size, T], then the smaller last batch [1, r, T]
-    part.reshape(-1, len(part) if len(part) < batch_size else batch_size, tokens.shape[1])
-    for part in (tokens[:whole], tokens[whole:])
-    if len(part)
-  ]
-  embedding = jax.device_put(source.read("model/embed_tokens/embedding"))
-  hidden = [_embed(embedding, stack, **static) for stack in stacks]
-  del embedding
+  forward = _LayerForward(model, source, blocks, batch_size, full)
   total: dict[str, np.ndarray] = {}
+  for _ in tqdm(range(forward.steps), "calibration", unit="layer", disable=not progress):
+    for path, s in forward.step().items():
+      total[path] = np.asarray(s / forward.tokens, np.float32)
+  return total
 
-  def add(prefix: str, stacked_sums: list[dict]) -> None:
-    """Adds each batch's float32 sums (in batch order) to `total` in float64."""
-    for sums in stacked_sums:
-      for path, s in sums.items():
-        for row in np.asarray(s, np.float64):
-          total[prefix + path] = total.get(prefix + path, 0.0) + row
 
-  def forward(params: dict) -> list[dict]:
-    """Applies the layer of `params` to every batch's hidden states (replaced); their sums."""
-    stacked_sums = []
-    for j, x in enumerate(hidden):
-      hidden[j], sums = _layer(params, x, **static, full=full)
-      stacked_sums.append(sums)
-    return stacked_sums
+class LayerCovariances(Mapping[str, jax.Array]):
+  """{kernel path: float32 [in, in] E[x x^T] on the device} for every `QLoRALinear` of the model,
+  computed when asked for, one decoder layer at a time: what `QuantConfig.rounding="gptq"` reads
+  in `quantize_stream`'s pass 2 (source order), holding one layer's covariances and the blocks'
+  hidden states instead of every layer's (a 70B model's would need ~390 GB).
 
-  for i in tqdm(range(config.num_layers), "calibration", unit="layer", disable=not progress):
-    prefix = f"model/layers/{i}/"
-    leaves = [p for p in paths if p.startswith(prefix)]
-    layer = pipeline.nest((p[len(prefix) :], jax.device_put(source.read(p))) for p in leaves)
-    add(prefix, forward(layer))
-    del layer  # before the next layer is read
-  if not config.tie_word_embeddings:  # a tied head is `embed.attend`, not a QLoRALinear
-    scale = jax.device_put(source.read("model/norm/scale"))
-    add("", [{"lm_head/kernel": _head_input(scale, x, **static, full=full)} for x in hidden])
-  return {path: (s / tokens.size).astype(np.float32) for path, s in total.items()}
+  Asking for a kernel of layer i runs the blocks (as `input_moments(..., full=True)` does, the same
+  values) up to layer i and keeps that layer's covariances only; asking for an earlier layer's
+  starts again from the embedding (each LoftQ round's pass 2 does: one forward per round).
+  """
+
+  def __init__(self, model: llama.Llama, source, blocks: np.ndarray, batch_size: int):
+    self._start = lambda: _LayerForward(model, source, blocks, batch_size, full=True)
+    self._config = model.config
+    self._keys = [p for p in source.shapes() if self._step_of(p) is not None]
+    self._key_set = set(self._keys)
+    self._forward: _LayerForward | None = None
+    self._held: dict[str, jax.Array] = {}
+
+  def _step_of(self, path: str) -> int | None:
+    parts = path.split("/")
+    if path == "lm_head/kernel" and not self._config.tie_word_embeddings:
+      return self._config.num_layers
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[-1] == "kernel":
+      return int(parts[2])
+    return None
+
+  def __getitem__(self, path: str) -> jax.Array:
+    if path not in self._key_set:
+      raise KeyError(path)
+    step = self._step_of(path)
+    if self._forward is None or self._forward.done > step + 1:
+      self._forward, self._held = None, {}
+      self._forward = self._start()
+    while self._forward.done <= step:
+      self._held = {}  # dropped before the next layer's are computed
+      self._held = {p: c / self._forward.tokens for p, c in self._forward.step().items()}
+    return self._held[path]
+
+  def __contains__(self, path) -> bool:
+    return path in self._key_set
+
+  def __iter__(self):
+    return iter(self._keys)
+
+  def __len__(self) -> int:
+    return len(self._keys)
 
 
 def save(path: Path, moments: Mapping[str, np.ndarray], identity: dict) -> None:

@@ -110,10 +110,13 @@ def weighted_low_rank(r: jax.Array, rank: int, weight: jax.Array) -> tuple[jax.A
   return jax.scipy.linalg.solve_triangular(lower.T, a, lower=False), b
 
 
-def _row_weight(importance, path: str, weighted: bool):
-  """The input moments weighting the residual of the kernel at `path` (None unless `weighted`)."""
+def _row_weight(importance, covariances, path: str, weighted: bool):
+  """The input moments weighting the residual of the kernel at `path` (None unless `weighted`):
+  its covariance [K, K] when `covariances` are given (GPTQ rounding), else its h [K]."""
   if not weighted:
     return None
+  if covariances is not None:
+    return covariances[path]
   if importance is None or path not in importance:
     raise ValueError(
       "lora.loftq_weighting='inputs' weighs LoftQ's residual by the calibration's input moments "
@@ -165,11 +168,13 @@ def loftq(
   iters: int,
   progress: bool = True,
   importance=None,
+  covariances=None,
   weighted: bool = False,
 ) -> tuple[dict, dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """Run LoftQ on the ``kernel`` leaves at the module paths `targets` (`importance`: input second
-  moments for `quant_config.calibration` "kernel" or "model", as `quantize_params` takes them;
-  `weighted`: the residual's factors weighted by them, `low_rank`'s `weight`).
+  moments for `quant_config.calibration` "kernel" or "model", `covariances`: input covariances for
+  `rounding="gptq"`, as `quantize_params` takes them; `weighted`: the residual's factors weighted
+  by them, `low_rank`'s `weight`: by the covariances when given, else by the second moments).
 
   Returns:
     (qparams, factors, report): the final quantized params, {path: (A [in, rank] f32,
@@ -187,14 +192,15 @@ def loftq(
       for p in factors
     }
     qparams, dense_q, report = quantize_and_dequantize(
-      with_kernels(params, shifted), quant_config, progress=False, importance=importance
+      with_kernels(params, shifted), quant_config, progress=False, importance=importance,
+      covariances=covariances,
     )
     base = {p: get_kernel(dense_q, p) for p in targets if is_quantized(get_kernel(qparams, p))}
     if quant_error is None:
       quant_error = np.sqrt(sum(float(_sq_err(w32[p], base[p])) for p in base) / norm)
     factors = {
       p: low_rank(
-        (w32[p] - base[p]) / scale, rank, _row_weight(importance, "/".join(p) + "/kernel", weighted)
+        (w32[p] - base[p]) / scale, rank, _row_weight(importance, covariances, "/".join(p) + "/kernel", weighted)
       )
       for p in base
     }
@@ -214,6 +220,7 @@ def loftq_stream(
   sink,
   progress: bool = True,
   importance=None,
+  covariances=None,
   weighted: bool = False,
 ) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """`loftq` over a weights source (`quantize_stream`'s), one tensor at a time: one pass for nf and
@@ -227,7 +234,8 @@ def loftq_stream(
   """
   if quant_config.method == "lowra":
     return _rounds_stream(
-      source, quant_config, targets, rank, scale, iters, sink, progress, importance, weighted
+      source, quant_config, targets, rank, scale, iters, sink, progress, importance,
+      covariances, weighted,
     )
   selected = default_filter(quant_config)
   factors: dict[Path, tuple[jax.Array, jax.Array]] = {}
@@ -238,7 +246,7 @@ def loftq_stream(
     out = {}
     report = quantize_stream(
       [(path, w)], quant_config, sink=lambda _, q, d: out.update(q=q, d=d), dense=True,
-      progress=False, importance=importance,
+      progress=False, importance=importance, covariances=covariances,
     )
     return out["q"], out["d"], report
 
@@ -257,7 +265,7 @@ def loftq_stream(
         qt, base, report = quantize(path, shifted)
         if t == 0:
           quant_sq += float(_sq_err(w32, base))
-        a, b = low_rank((w32 - base) / scale, rank, _row_weight(importance, path, weighted))
+        a, b = low_rank((w32 - base) / scale, rank, _row_weight(importance, covariances, path, weighted))
         round_sq[t] += float(_sq_err(w32, base + scale * (a @ b)))
         shifted = (w32 - scale * (a @ b)).astype(leaf.dtype)
       factors[module] = (a, b)
@@ -291,7 +299,8 @@ class _Shifted:
 
 
 def _rounds_stream(
-  source, quant_config, targets, rank, scale, iters, sink, progress, importance, weighted
+  source, quant_config, targets, rank, scale, iters, sink, progress, importance, covariances,
+  weighted,
 ):
   """`loftq_stream` for a model-wide budget: round t quantizes the source shifted by round t-1's
   factors (`quantize_stream`, dense reconstructions on) and takes each target's new factors from
@@ -309,14 +318,15 @@ def _rounds_stream(
         if t == 0:
           norm += float(jnp.sum(jnp.square(w32)))
           quant_sq += float(_sq_err(w32, dense))
-        a, b = low_rank((w32 - dense) / scale, rank, _row_weight(importance, path, weighted))
+        a, b = low_rank((w32 - dense) / scale, rank, _row_weight(importance, covariances, path, weighted))
         round_sq[t] += float(_sq_err(w32, dense + scale * (a @ b)))
         new[module] = (a, b)
       if t == iters - 1:
         sink(path, leaf)
 
     report = quantize_stream(
-      shifted, quant_config, sink=round_sink, dense=True, progress=progress, importance=importance
+      shifted, quant_config, sink=round_sink, dense=True, progress=progress,
+      importance=importance, covariances=covariances,
     )
     factors = new
   errors = tuple(float(np.sqrt(e / norm)) for e in round_sq)

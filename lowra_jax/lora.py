@@ -241,6 +241,7 @@ def init_lora(
   *,
   progress: bool = True,
   importance: dict[str, np.ndarray] | None = None,
+  covariances: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict, QuantReport | loftq.LoftQReport]:
   """Quantize `params` and create adapters for `lora_config.targets`.
 
@@ -251,6 +252,8 @@ def init_lora(
     rng: a jax PRNG key (QLoRA's random A).
     importance: {kernel path: float32 [in]} input second moments, for
       `quant_config.calibration` other than "none" (`calibration.input_moments`).
+    covariances: {kernel path: float32 [in, in]} input covariances, for
+      `quant_config.rounding="gptq"` (`calibration.input_moments(full=True)`).
 
   Returns:
     (qparams, lora, report): params with quantized kernels, the adapter tree, and the quantizer's
@@ -265,7 +268,7 @@ def init_lora(
     return params, qlora_adapters(params, lora_config, rng), None
   if lora_config.init == "qlora":
     qparams, report = quantize_params(
-      params, quant_config, progress=progress, importance=importance
+      params, quant_config, progress=progress, importance=importance, covariances=covariances
     )
     return qparams, qlora_adapters(params, lora_config, rng), report
   qparams, factors, report = loftq.loftq(
@@ -277,6 +280,7 @@ def init_lora(
     iters=lora_config.loftq_iters,
     progress=progress,
     importance=importance,
+    covariances=covariances,
     weighted=lora_config.loftq_weighting == "inputs",
   )
   return qparams, loftq_adapters(shapes, factors, lora_config, rng), report
@@ -332,8 +336,11 @@ def requantize_merged(
 ) -> tuple[dict, QuantReport]:
   """Folds the adapters away: quantizes W_hat + (alpha / rank) A @ B again with `quant_config`
   (for LowRA the same model-wide budget; `importance`: the base's calibration moments), so
-  inference needs no adapter matmuls. Lossy: compare its perplexity with the unmerged model's."""
+  inference needs no adapter matmuls; codes by nearest rounding (GPTQ's would need the input
+  covariances again). Lossy: compare its perplexity with the unmerged model's."""
   return quantize_params(
-    merge_adapters(qparams, adapters, lora_config), quant_config, progress=False,
+    merge_adapters(qparams, adapters, lora_config),
+    dataclasses.replace(quant_config, rounding="nearest"),
+    progress=False,
     importance=importance,
   )

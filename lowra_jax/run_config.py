@@ -126,7 +126,14 @@ def settings(config) -> Settings:
   """The config's sections as validated dataclasses (`UserError` naming the section)."""
   values = config.to_dict()
   sections = typing.get_type_hints(Settings)
-  return Settings(**{name: _build(cls, name, values[name]) for name, cls in sections.items()})
+  s = Settings(**{name: _build(cls, name, values[name]) for name, cls in sections.items()})
+  weighted = s.lora.init == "loftq" and s.lora.loftq_weighting == "inputs"
+  if weighted and s.quant.method != "none" and s.quant.calibration == "none":
+    raise UserError(
+      "config.lora: loftq_weighting='inputs' weighs LoftQ's fit by the calibration's input moments, "
+      "and quant.calibration is 'none' — set --config.lora.loftq_weighting=none (or calibrate)."
+    )
+  return s
 
 
 def make_mesh(s: Settings) -> jax.sharding.Mesh:

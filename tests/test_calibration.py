@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_stream import _assert_identical, _need
 from tiny_model import CONFIG, tiny_model
-from tolerances import assert_close_at_scale, f32_sum_random, llama_terms
+from tolerances import assert_close_at_scale, f32_sum, f32_sum_random, llama_terms
 
 from lowra_jax import calibration
 from lowra_jax.models import llama
@@ -203,6 +203,44 @@ def test_layer_by_layer_covariances_equal_a_float64_numpy_forward():
   for key, expected in ref.items():
     assert cov[key].dtype == np.float32 and cov[key].shape == expected.shape
     assert_close_at_scale(cov[key], expected, bound, err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_input_sums_of_the_cast_inputs_equal_float64_numpy(dtype):
+  """`_input_sums` (full): x^T x of x cast to the compute dtype, summed in float32 (bf16: the
+  bf16 dot accumulating in float32), against float64 numpy of the same cast values: within
+  float32 summation of the 2 x 96 rows, at the matrix's scale. The diagonal: the same sums."""
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 96, 40)) * 3.0, jnp.float32)
+  cast = np.asarray(x.astype(dtype).astype(jnp.float32), np.float64).reshape(-1, 40)
+  full = calibration._input_sums(x, dtype, full=True)
+  assert full.dtype == jnp.float32 and full.shape == (40, 40)
+  assert_close_at_scale(np.asarray(full), cast.T @ cast, f32_sum(2 * 96))
+  diag = calibration._input_sums(x, dtype, full=False)
+  assert_close_at_scale(np.asarray(diag), (cast**2).sum(axis=0), f32_sum(2 * 96))
+
+
+def test_layer_covariances_are_computed_when_asked_for_one_layer_at_a_time():
+  """`LayerCovariances` (GPTQ on a model read from its checkpoint): each kernel's E[x x^T] when
+  asked for, as the float64 forward gives it (the test above's bound). Asked in the source's
+  order, it reads each layer once; asking for an earlier layer again runs the blocks from the
+  embedding again (reads again only up to that layer)."""
+  model, params = llama.load_pretrained(_need(PYCODE), dtype=jnp.float32)
+  source = _Recording(CheckpointSource(PYCODE))
+  cov = calibration.LayerCovariances(model, source, _BLOCKS, batch_size=3)
+  ref = _numpy_forward_moments(model.config, params, _BLOCKS[:, :-1], full=True)
+  assert set(cov) == set(ref) and len(cov) == len(ref) and source.reads == []
+  assert "model/layers/0/self_attn/q_proj/kernel" in cov and "model/norm/scale" not in cov
+  rows = _BLOCKS.shape[0] * (_BLOCKS.shape[1] - 1)
+  bound = 2 * f32_sum_random(llama_terms(model.config, _BLOCKS.shape[1] - 1) + rows)
+  for key in cov:  # the source's order
+    assert_close_at_scale(np.asarray(cov[key]), ref[key], bound, err_msg=key)
+  assert len(source.reads) == len(set(source.reads))
+  first = "model/layers/1/mlp/down_proj/kernel"
+  reads = len(source.reads)
+  assert_close_at_scale(np.asarray(cov[first]), ref[first], bound, err_msg=first)
+  again = source.reads[reads:]
+  assert again[0] == "model/embed_tokens/embedding"
+  assert {int(p.split("/")[2]) for p in again[1:]} == {0, 1}
 
 
 def _whole_model_moments(model, params, blocks, batch_size) -> dict[str, np.ndarray]:

@@ -274,6 +274,7 @@ CLI = {
   "model.dtype": "float32",
   "quant.method": "nf",
   "quant.calibration": "none",  # NF has no fit to calibrate
+  "lora.loftq_weighting": "none",  # nor input moments to weigh LoftQ's fit by
   "quant.bits": 4,
   "lora.rank": 4,
   "lora.loftq_iters": 1,

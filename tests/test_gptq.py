@@ -22,7 +22,8 @@ def _problem(seed, k, n):
 def _quantize(w, cov, rounding, **kw):
   cfg = QuantConfig(calibration="kernel", rounding=rounding, **kw)
   qp, report = quantize.quantize_params(
-    {"l": {"kernel": w}}, cfg, progress=False, importance={"l/kernel": cov}
+    {"l": {"kernel": w}}, cfg, progress=False, importance={"l/kernel": np.diagonal(cov).copy()},
+    covariances={"l/kernel": cov},
   )
   return qp["l"]["kernel"], report
 
@@ -61,13 +62,16 @@ def _gptq_reference(w, cov, qt):
 
 
 @pytest.mark.parametrize(
-  "kw,k", [(dict(method="lloyd", bits=2), 128), (dict(budget=1.5), 100)], ids=["lloyd2", "lowra1.5"]
+  "kw,k",
+  [(dict(method="lloyd", bits=2), 128), (dict(budget=1.5), 100), (dict(budget=2.0), 320)],
+  ids=["lloyd2", "lowra1.5", "lowra2-blocks"],
 )
 def test_gptq_codes_match_float64_numpy_and_cut_the_output_error(kw, k):
   """Same tables, scales and buckets as nearest rounding; codes as float64 GPTQ picks them (a
   float32 run may round a near-tie the other way and carry it on: at most 1 % of codes, and its
   output error within 1 % of the reference's); the output error E||x (W - W_hat)||^2 at least
-  10 % below nearest rounding's. k = 100 pads 28 rows (group 64), which must not take part."""
+  10 % below nearest rounding's. k = 100 pads 28 rows (group 64), which must not take part;
+  k = 320 feeds the errors back in 5 blocks of 64 rows (`GPTQ_BLOCK`'s largest divisor of 320)."""
   w, cov = _problem(k, k, 48)
   near, _ = _quantize(w, cov, "nearest", **kw)
   qt, report = _quantize(w, cov, "gptq", **kw)
@@ -101,16 +105,14 @@ def test_gptq_needs_calibration_and_covariances():
   with pytest.raises(QuantizationError, match="unknown rounding"):
     QuantConfig(calibration="kernel", rounding="exact")
   w, cov = _problem(0, 64, 16)
-  with pytest.raises(QuantizationError) as e:
-    _quantize(w, np.diagonal(cov).copy(), "gptq", budget=2.0)
-  assert "needs the input covariance [64, 64]" in str(e.value) and "\n" not in str(e.value)
-
-
-def test_covariances_weigh_the_fit_by_their_diagonals():
-  """Nearest rounding with a covariance gives the tensors its diagonal gives, bit for bit."""
-  w, cov = _problem(1, 128, 32)
-  full, _ = _quantize(w, cov, "nearest", budget=1.5)
-  diag, _ = _quantize(w, np.diagonal(cov).copy(), "nearest", budget=1.5)
-  leaves = jax.tree_util.tree_leaves
-  for a, b in zip(leaves(full), leaves(diag), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  h = np.diagonal(cov).copy()
+  cfg = QuantConfig(calibration="kernel", rounding="gptq", budget=2.0)
+  cases = [
+    (dict(importance={"l/kernel": h}), "needs the input covariance of 'l/kernel'"),
+    (dict(importance={"l/kernel": h}, covariances={"l/kernel": cov[:32]}), "expected [64, 64]"),
+    (dict(importance={"l/kernel": cov}, covariances={"l/kernel": cov}), "goes in `covariances`"),
+  ]
+  for kw, message in cases:
+    with pytest.raises(QuantizationError) as e:
+      quantize.quantize_params({"l": {"kernel": w}}, cfg, progress=False, **kw)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -348,7 +348,10 @@ def test_weighted_loftq_needs_calibration_moments():
   from lowra_jax import loftq
 
   with pytest.raises(ValueError, match="set quant.calibration='kernel'"):
-    loftq._row_weight(None, "l/kernel", weighted=True)
-  assert loftq._row_weight(None, "l/kernel", weighted=False) is None
+    loftq._row_weight(None, None, "l/kernel", weighted=True)
+  assert loftq._row_weight(None, None, "l/kernel", weighted=False) is None
+  h, cov = {"l/kernel": np.ones(4)}, {"l/kernel": np.eye(4)}
+  assert loftq._row_weight(h, None, "l/kernel", weighted=True) is h["l/kernel"]
+  assert loftq._row_weight(h, cov, "l/kernel", weighted=True) is cov["l/kernel"]  # under GPTQ
   with pytest.raises(ValueError, match="loftq_weighting='outputs'"):
     lora_lib.LoraConfig(loftq_weighting="outputs")

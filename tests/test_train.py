@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -48,6 +49,7 @@ def args(workdir: Path, *extra: str) -> list[str]:
     "--config.model.dtype=float32",
     "--config.quant.method=nf",
     "--config.quant.calibration=none",  # NF has no fit to calibrate
+    "--config.lora.loftq_weighting=none",  # nor input moments to weigh LoftQ's fit by
     "--config.quant.bits=2",
     "--config.lora.rank=4",
     "--config.lora.loftq_iters=1",
@@ -229,17 +231,28 @@ def test_calibrated_run_caches_its_moments_and_refuses_a_base_of_other_calibrati
   assert out.returncode != 0 and "other model/quant/calib/lora/seed settings" in out.stderr
 
 
-def test_gptq_run_caches_whole_covariances(need_data, tmp_path):
-  """quant.rounding='gptq': the cached calibration holds each projection's whole input
-  covariance (`input_moments(full=True)`), and the base's identity says so."""
+def test_gptq_run_quantizes_with_layer_by_layer_covariances(need_data, tmp_path):
+  """quant.rounding='gptq': the cache holds the second moments only, and the saved base equals,
+  bit for bit, the in-memory quantizer's given the whole covariances at once
+  (`input_moments(full=True)`), which the run computes one decoder layer at a time instead."""
+  from lowra_jax.quantize import QuantConfig, quantize_params
+  from lowra_jax.quantize.serialize import load_quantized
+
   workdir = tmp_path / "gptq"
   out = run(workdir, *CALIBRATED, "--config.quant.rounding=gptq")
   assert out.returncode == 0, out.stderr[-2000:]
   cached = load_file(workdir / "calibration.safetensors")
-  expected = _expected_moments(8, 3, full=True)
-  assert cached.keys() == expected.keys()
-  for path in expected:
-    assert cached[path].ndim == 2 and cached[path].shape[0] == cached[path].shape[1], path
-    np.testing.assert_array_equal(cached[path], expected[path], err_msg=path)
+  h = _expected_moments(8, 3, full=False)
+  assert cached.keys() == h.keys() and all(cached[p].ndim == 1 for p in cached)
   extra = json.loads((workdir / "base" / "tree.json").read_text())["extra"]
-  assert extra["calibration"]["covariances"] and extra["quant"]["rounding"] == "gptq"
+  assert extra["quant"]["rounding"] == "gptq"
+  quant = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra["quant"].items()})
+  _, params = llama.load_pretrained(STORIES, dtype=np.float32)
+  expected, _ = quantize_params(
+    params, quant, progress=False, importance=h, covariances=_expected_moments(8, 3, full=True)
+  )
+  saved = load_quantized(workdir / "base")[0]["qparams"]
+  got, want = jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(expected)
+  assert len(got) == len(want)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -129,6 +129,10 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
       train + ["--config.quant.method=nf", "--config.quant.calibration=kernel"],
       "method 'nf' does not have",
     ),
+    "weighted LoftQ without a calibration": (
+      train + ["--config.quant.calibration=none"],
+      "set --config.lora.loftq_weighting=none",
+    ),
     "no calibration sequences": (
       train + ["--config.quant.calibration=model", "--config.calib.sequences=0"],
       "sequences=0",
@@ -207,6 +211,7 @@ CASE_NAMES = [
   "generate bad sampling",
   "missing calibration split",
   "calibration without a fit",
+  "weighted LoftQ without a calibration",
   "no calibration sequences",
   "llama2.c model, bad targets",
 ]

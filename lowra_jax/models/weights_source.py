@@ -30,12 +30,23 @@ from lowra_jax.models import weights
 from lowra_jax.models.llama import LlamaConfig
 
 
+def forward_order(path: str) -> tuple:
+  """Sort key of leaf paths in the order a forward pass uses them: the embedding, the decoder
+  layers by number (2 before 10, which a checkpoint's sorted names do not give), the final norm,
+  the head, the rest by name."""
+  parts = path.split("/")
+  if parts[:2] == ["model", "layers"]:
+    return (1, int(parts[2]), path)
+  return ({"model/embed_tokens/embedding": 0, "model/norm/scale": 2}.get(path, 3), 0, path)
+
+
 class CheckpointSource:
   """The leaves of an HF model directory (safetensors shards, index honoured) or a llama2.c file.
 
   Opening parses every header (`weights.open_checkpoint`), so a missing, truncated or corrupt
   shard, an unknown tensor name or an unsupported config raises here, before any weight is read.
-  The tied head (``tie_word_embeddings``) is left out, as `llama.load_pretrained` does.
+  The tied head (``tie_word_embeddings``) is left out, as `llama.load_pretrained` does. Leaves
+  come in `forward_order` (what `calibration.LayerCovariances` needs to run each layer once).
 
   Attributes:
     config: the checkpoint's `LlamaConfig`; hf_config: its ``config.json`` dict.
@@ -54,7 +65,8 @@ class CheckpointSource:
         f"{path}: {len(unknown)} unrecognised tensor(s) {', '.join(unknown[:3])} — not a LLaMA "
         "checkpoint this reader knows"
       )
-    self._names = {weights.flax_path(n, len(s)): n for n, s in shapes.items()}  # path: HF name
+    names = {weights.flax_path(n, len(s)): n for n, s in shapes.items()}  # path: HF name
+    self._names = {p: names[p] for p in sorted(names, key=forward_order)}
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
     """{path: shape} of every leaf, in iteration order (kernels [in, out]); nothing is read."""

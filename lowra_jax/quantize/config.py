@@ -69,8 +69,9 @@ class QuantConfig:
   error fed back into the rows not yet rounded through the inverse input covariance
   (H + 1 % mean(diag H) I)^-1 (GPTQ's update, Frantar et al. 2023), which minimises the layer's
   output error E||x (W - W_hat)||^2 rather than each weight's. Needs `calibration` other than
-  `none` and the full covariances H = E[x x^T] as each kernel's importance ([in, in]:
-  `calibration.input_moments(full=True)`; their diagonals weigh the fit as h)."""
+  `none` (the fit is weighed by h as usual) and each kernel's whole input covariance H = E[x x^T]
+  (the quantizer's `covariances`: `calibration.input_moments(full=True)`, or computed one
+  decoder layer at a time as the kernels are encoded, `calibration.LayerCovariances`)."""
   lut_clusters: int = 0
   """0: one lookup table per output channel. C > 0: each precision bucket of a tensor shares C
   tables (k-means over the channels' tables, then a pooled Lloyd-Max refit) plus a uint8 index per

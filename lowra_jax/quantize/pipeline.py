@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import time
 from typing import Callable, Mapping
@@ -213,6 +214,9 @@ def _normalised(w, se):
 GPTQ_DAMP = 0.01  # of the mean diagonal, added to H's diagonal (GPTQ's default)
 
 
+GPTQ_BLOCK = 128  # rows rounded between two whole-kernel updates (GPTQ's lazy batch updates)
+
+
 def _gptq_codes(wp, se, tables, cov):
   """uint8 [K_pad, N] codes chosen by GPTQ's row-by-row error feedback.
 
@@ -220,7 +224,9 @@ def _gptq_codes(wp, se, tables, cov):
   float32 [N, 16]; cov: float32 [K, K] input covariance H. Rows are rounded in order of
   decreasing H_kk; with U the upper Cholesky factor of (H + damp I)^-1 in that order, rounding
   row i to q_i feeds e = (w_i - q_i) / U_ii into the remaining rows as w_j -= U_ij e. Rows with
-  H_kk = 0 (inputs never seen) and padding rows get H_kk = 1 and no coupling: nearest levels."""
+  H_kk = 0 (inputs never seen) and padding rows get H_kk = 1 and no coupling: nearest levels.
+  The feedback is applied at once within a block of `GPTQ_BLOCK` rows and, for the rows after
+  it, as one [K_pad, B] x [B, N] product per block (the same sums, in another order)."""
   k_pad, k = wp.shape[0], cov.shape[0]
   h = jnp.zeros((k_pad, k_pad), jnp.float32).at[:k, :k].set(cov.astype(jnp.float32))
   diag = jnp.diagonal(h)
@@ -233,15 +239,32 @@ def _gptq_codes(wp, se, tables, cov):
   inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(k_pad, dtype=jnp.float32))
   u = jnp.linalg.cholesky(inv).T  # upper: U^T U = H^-1
   w, s = wp[order], se[order]
+  size = math.gcd(k_pad, GPTQ_BLOCK)
+  rows = jnp.arange(k_pad)
 
-  def row(i, carry):
+  def block(b, carry):
     w, codes = carry
-    c = mapping.nearest_codes(_normalised(w[i], s[i])[:, None], tables)[:, 0]
-    q = mapping.lookup(tables, c[:, None])[:, 0] * s[i]
-    e = (w[i] - q) / u[i, i]
-    return w - u[i][:, None] * e[None, :], codes.at[i].set(c)
+    lo = b * size
+    ub = jax.lax.dynamic_slice_in_dim(u, lo, size, 0)  # [B, K_pad]
+    sb = jax.lax.dynamic_slice_in_dim(s, lo, size, 0)
 
-  _, codes = jax.lax.fori_loop(0, k_pad, row, (w, jnp.zeros(wp.shape, jnp.uint8)))
+    def row(i, carry):
+      wb, cb, eb = carry
+      c = mapping.nearest_codes(_normalised(wb[i], sb[i])[:, None], tables)[:, 0]
+      q = mapping.lookup(tables, c[:, None])[:, 0] * sb[i]
+      e = (wb[i] - q) / ub[i, lo + i]
+      coupling = jax.lax.dynamic_slice_in_dim(ub[i], lo, size)  # U[lo + i, block rows]
+      return wb - coupling[:, None] * e[None, :], cb.at[i].set(c), eb.at[i].set(e)
+
+    start = (jax.lax.dynamic_slice_in_dim(w, lo, size, 0), jnp.zeros((size, w.shape[1]), jnp.uint8))
+    _, cb, eb = jax.lax.fori_loop(0, size, row, (*start, jnp.zeros((size, w.shape[1]))))
+    later = jnp.dot(ub.T, eb, precision=jax.lax.Precision.HIGHEST)  # [K_pad, N]
+    w = w - jnp.where((rows >= lo + size)[:, None], later, 0.0)
+    return w, jax.lax.dynamic_update_slice_in_dim(codes, cb, lo, 0)
+
+  _, codes = jax.lax.fori_loop(
+    0, k_pad // size, block, (w, jnp.zeros(wp.shape, jnp.uint8))
+  )
   return codes[jnp.argsort(order)]
 
 
@@ -409,14 +432,11 @@ def _fit_pass(
 
 def _moments(importance, config: QuantConfig, path: str, k: int) -> jax.Array | None:
   """The row weights of the kernel at `path`, float32 [k] on the device: its input second
-  moments (checked: present, shape [k] or a covariance [k, k] whose diagonal they are, finite,
-  >= 0), divided by their mean for `calibration="kernel"` (all ones if they are all 0); None for
-  "none"."""
+  moments (checked: present, shape [k], finite, >= 0), divided by their mean for
+  `calibration="kernel"` (all ones if they are all 0); None for "none"."""
   if config.calibration == "none":
     return None
   h = _importance(importance, config, path, k)
-  if h.ndim == 2:
-    h = np.diagonal(h)
   if (h < 0).any():
     raise QuantizationError(
       f"input second moments of {path!r}: expected {k} finite values >= 0, got negative ones — "
@@ -428,34 +448,39 @@ def _moments(importance, config: QuantConfig, path: str, k: int) -> jax.Array | 
   return jax.device_put(np.ascontiguousarray(h))
 
 
-def _covariance(importance, config: QuantConfig, path: str, k: int) -> jax.Array | None:
-  """The input covariance [k, k] of the kernel at `path` on the device for `rounding="gptq"`
-  (checked), else None."""
+def _covariance(covariances, config: QuantConfig, path: str, k: int) -> jax.Array | None:
+  """The input covariance float32 [k, k] of the kernel at `path` on the device for
+  `rounding="gptq"` (checked: present, shape, finite), else None."""
   if config.rounding != "gptq":
     return None
-  cov = _importance(importance, config, path, k)
-  if cov.ndim != 2:
+  if covariances is None or path not in covariances:
     raise QuantizationError(
-      f"rounding='gptq' needs the input covariance [{k}, {k}] of {path!r}, not its diagonal — "
-      "calibrate with `calibration.input_moments(full=True)` (train.py does for "
-      "quant.rounding='gptq')."
+      f"rounding='gptq' needs the input covariance of {path!r} — pass covariances={{path: "
+      "E[x x^T]}} (`calibration.input_moments(full=True)`, or `calibration.LayerCovariances` "
+      "for a model read from its checkpoint) or use rounding='nearest'."
     )
-  return jax.device_put(cov)
+  cov = jnp.asarray(covariances[path], jnp.float32)
+  if cov.shape != (k, k) or not bool(jnp.isfinite(cov).all()):
+    raise QuantizationError(
+      f"input covariance of {path!r}: expected [{k}, {k}] finite values, got shape "
+      f"{cov.shape} — recompute it for this model (`calibration.input_moments(full=True)`)."
+    )
+  return cov
 
 
 def _importance(importance, config: QuantConfig, path: str, k: int) -> np.ndarray:
-  """importance[path] as float32, checked: present, [k] or [k, k], finite."""
+  """importance[path] as float32, checked: present, [k], finite."""
   if importance is None or path not in importance:
     raise QuantizationError(
       f"calibration={config.calibration!r} needs the input second moments of {path!r} — pass "
       "importance={path: h} (`calibration.input_moments`) or use calibration='none'."
     )
   h = np.asarray(importance[path], np.float32)
-  if h.shape not in ((k,), (k, k)) or not np.isfinite(h).all():
+  if h.shape != (k,) or not np.isfinite(h).all():
     raise QuantizationError(
       f"input second moments of {path!r}: expected {k} finite values >= 0, got shape "
-      f"{h.shape} (a covariance is [{k}, {k}]) — recompute them for this model "
-      "(`calibration.input_moments`)."
+      f"{h.shape} — recompute them for this model (`calibration.input_moments`; a covariance "
+      "[in, in] goes in `covariances`)."
     )
   return h
 
@@ -476,6 +501,7 @@ def quantize_stream(
   dense: bool = False,
   progress: bool = True,
   importance: Mapping[str, np.ndarray] | None = None,
+  covariances: Mapping[str, np.ndarray | jax.Array] | None = None,
 ) -> QuantReport:
   """Quantizes the selected kernels of `source`, holding one kernel (and what is kept) at a time.
 
@@ -496,8 +522,11 @@ def quantize_stream(
     dense: compute each quantized kernel's dequantization for the sink.
     progress: show progress bars.
     importance: unless `config.calibration` is "none", {path: float32 [in]} input second moments
-      of every selected kernel (`calibration.input_moments`), or their covariances [in, in]
-      (`full=True`; needed by `rounding="gptq"`); not read otherwise.
+      of every selected kernel (`calibration.input_moments`); not read otherwise.
+    covariances: for `rounding="gptq"`, {path: float32 [in, in]} input covariances E[x x^T] of
+      every selected kernel, read in pass 2 in source order, one at a time
+      (`calibration.input_moments(full=True)`, or `calibration.LayerCovariances`, which computes
+      them one decoder layer at a time); not read otherwise.
 
   Returns:
     the `QuantReport`, layers in the order of their path components.
@@ -531,7 +560,7 @@ def quantize_stream(
       h = _moments(importance, config, path, w.shape[0])
       fitted, bits = _fit(w, config, path, h), np.full(w.shape[1], config.bits_for(path))
       seconds["fit"] += time.perf_counter() - t0
-    cov = _covariance(importance, config, path, w.shape[0])
+    cov = _covariance(covariances, config, path, w.shape[0])
     qt, err, w_hat = _encode_and_pack(w, config, fitted, bits, seconds, dense, h, cov)
     values, counts = np.unique(bits, return_counts=True)
     layers.append(
@@ -558,6 +587,7 @@ def quantize_params(
   filter_fn: Callable[[str, jax.Array], bool] | None = None,
   progress: bool = True,
   importance: Mapping[str, np.ndarray] | None = None,
+  covariances: Mapping[str, np.ndarray] | None = None,
 ):
   """Quantizes the selected 2-D kernels [in, out] of a params pytree.
 
@@ -568,12 +598,16 @@ def quantize_params(
     progress: show progress bars.
     importance: {'/'-joined path: float32 [in]} input second moments, read unless
       `config.calibration` is "none" (`quantize_stream`).
+    covariances: {'/'-joined path: float32 [in, in]} input covariances, read with
+      `config.rounding="gptq"` (`quantize_stream`).
 
   Returns:
     (qparams, report): params with each selected leaf replaced by a `QuantizedTensor`, and a
     `QuantReport` of errors and bits.
   """
-  qparams, _, report = _quantize_tree(params, config, filter_fn, progress, importance, dense=False)
+  qparams, _, report = _quantize_tree(
+    params, config, filter_fn, progress, importance, covariances, dense=False
+  )
   return qparams, report
 
 
@@ -584,6 +618,7 @@ def quantize_and_dequantize(
   filter_fn: Callable[[str, jax.Array], bool] | None = None,
   progress: bool = True,
   importance: Mapping[str, np.ndarray] | None = None,
+  covariances: Mapping[str, np.ndarray] | None = None,
 ):
   """`quantize_params`, plus each quantized kernel's dequantization at no extra cost.
 
@@ -596,10 +631,10 @@ def quantize_and_dequantize(
     replaced by float32 [K, N] equal to `dequantize(qparams leaf, float32)` up to float32
     rounding (host and device compute the double-quantized scales apart).
   """
-  return _quantize_tree(params, config, filter_fn, progress, importance, dense=True)
+  return _quantize_tree(params, config, filter_fn, progress, importance, covariances, dense=True)
 
 
-def _quantize_tree(params, config, filter_fn, progress, importance, dense: bool):
+def _quantize_tree(params, config, filter_fn, progress, importance, covariances, dense: bool):
   """(qparams, dequantized or None, report): `quantize_stream` over the leaves of a pytree."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   source = [(path_str(p), leaf) for p, leaf in flat]
@@ -611,7 +646,7 @@ def _quantize_tree(params, config, filter_fn, progress, importance, dense: bool)
 
   report = quantize_stream(
     source, config, sink=sink, filter_fn=filter_fn, dense=dense, progress=progress,
-    importance=importance,
+    importance=importance, covariances=covariances,
   )
   qparams = jax.tree_util.tree_unflatten(treedef, leaves)
   return qparams, jax.tree_util.tree_unflatten(treedef, dequantized) if dense else None, report
