@@ -238,7 +238,9 @@ class LayerCovariances(Mapping[str, jax.Array]):
 
   Asking for a kernel of layer i runs the blocks (as `input_moments(..., full=True)` does, the same
   values) up to layer i and keeps that layer's covariances only; asking for an earlier layer's
-  starts again from the embedding (each LoftQ round's pass 2 does: one forward per round).
+  starts again from the embedding (each LoftQ round's pass 2 does: one forward per round). So
+  ask in forward order, as a `CheckpointSource` iterates (`weights_source.forward_order`; a
+  pytree's flattening puts layer 10 before layer 2, which costs a restart at each such step).
   """
 
   def __init__(self, model: llama.Llama, source, blocks: np.ndarray, batch_size: int):
