@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import resource
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -102,28 +101,6 @@ def parse_args():
   return args
 
 
-class TimedCovariances(Mapping):
-  """A covariance mapping (`calibration.LayerCovariances`) timing its lookups (what computes)."""
-
-  def __init__(self, inner: Mapping):
-    self.inner, self.seconds = inner, 0.0
-
-  def __getitem__(self, path):
-    start = time.perf_counter()
-    value = jax.block_until_ready(self.inner[path])
-    self.seconds += time.perf_counter() - start
-    return value
-
-  def __contains__(self, path) -> bool:
-    return path in self.inner
-
-  def __iter__(self):
-    return iter(self.inner)
-
-  def __len__(self) -> int:
-    return len(self.inner)
-
-
 def main():
   args = parse_args()
   calibrated = "kernel" if args.calibrate else "none"
@@ -159,7 +136,7 @@ def main():
     calibrate_s = time.perf_counter() - begin
   covariances = None
   if args.gptq:
-    covariances = TimedCovariances(calibration.LayerCovariances(model, source, tokens, 8))
+    covariances = calibration.LayerCovariances(model, source, tokens, 8)
 
   def keep(path, leaf, _):
     """Holds every leaf, as training holds the base; counts its bytes."""

@@ -230,7 +230,7 @@ def prepare(
   (`preflight.load_calibration`) when the base is quantized with `quant.calibration`."""
   model = load_model(s)
   key = jax.random.key(config.train.seed)
-  h = None
+  h = cov = None
   if base_dir is not None and base_dir.exists():
     saved, _ = load_quantized(base_dir)
     qparams, adapters, report = saved["qparams"], saved["adapters"], None
@@ -247,6 +247,8 @@ def prepare(
     qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key, h, cov)
   else:  # quant.method "none" (which takes no calibration): the dense base
     qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)
+  if cov is not None:
+    tqdm.write(f"gptq: input covariances, layer by layer as the quantizer asked: {cov.seconds:.1f} s")
   frozen, quant = lora.split_quantized(qparams)
   return Prepared(model, tokenizer, {"params": frozen, "quant": quant}, adapters, report, h)
 

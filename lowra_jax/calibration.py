@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from functools import partial
 from pathlib import Path
 from collections.abc import Mapping
@@ -250,6 +251,7 @@ class LayerCovariances(Mapping[str, jax.Array]):
     self._key_set = set(self._keys)
     self._forward: _LayerForward | None = None
     self._held: dict[str, jax.Array] = {}
+    self.seconds = 0.0  # spent computing (the forwards included), for reports
 
   def _step_of(self, path: str) -> int | None:
     parts = path.split("/")
@@ -263,12 +265,16 @@ class LayerCovariances(Mapping[str, jax.Array]):
     if path not in self._key_set:
       raise KeyError(path)
     step = self._step_of(path)
+    start = time.perf_counter()
     if self._forward is None or self._forward.done > step + 1:
       self._forward, self._held = None, {}
       self._forward = self._start()
-    while self._forward.done <= step:
-      self._held = {}  # dropped before the next layer's are computed
-      self._held = {p: c / self._forward.tokens for p, c in self._forward.step().items()}
+    if self._forward.done <= step:
+      while self._forward.done <= step:
+        self._held = {}  # dropped before the next layer's are computed
+        self._held = {p: c / self._forward.tokens for p, c in self._forward.step().items()}
+      jax.block_until_ready(self._held)
+      self.seconds += time.perf_counter() - start
     return self._held[path]
 
   def __contains__(self, path) -> bool:

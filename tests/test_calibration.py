@@ -228,13 +228,13 @@ def test_layer_covariances_are_computed_when_asked_for_one_layer_at_a_time():
   source = _Recording(CheckpointSource(PYCODE))
   cov = calibration.LayerCovariances(model, source, _BLOCKS, batch_size=3)
   ref = _numpy_forward_moments(model.config, params, _BLOCKS[:, :-1], full=True)
-  assert set(cov) == set(ref) and len(cov) == len(ref) and source.reads == []
+  assert set(cov) == set(ref) and len(cov) == len(ref) and source.reads == [] and cov.seconds == 0
   assert "model/layers/0/self_attn/q_proj/kernel" in cov and "model/norm/scale" not in cov
   rows = _BLOCKS.shape[0] * (_BLOCKS.shape[1] - 1)
   bound = 2 * f32_sum_random(llama_terms(model.config, _BLOCKS.shape[1] - 1) + rows)
   for key in cov:  # the source's order
     assert_close_at_scale(np.asarray(cov[key]), ref[key], bound, err_msg=key)
-  assert len(source.reads) == len(set(source.reads))
+  assert len(source.reads) == len(set(source.reads)) and cov.seconds > 0
   first = "model/layers/1/mlp/down_proj/kernel"
   reads = len(source.reads)
   assert_close_at_scale(np.asarray(cov[first]), ref[first], bound, err_msg=first)

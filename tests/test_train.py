@@ -241,6 +241,7 @@ def test_gptq_run_quantizes_with_layer_by_layer_covariances(need_data, tmp_path)
   workdir = tmp_path / "gptq"
   out = run(workdir, *CALIBRATED, "--config.quant.rounding=gptq")
   assert out.returncode == 0, out.stderr[-2000:]
+  assert "gptq: input covariances, layer by layer" in out.stdout
   cached = load_file(workdir / "calibration.safetensors")
   h = _expected_moments(8, 3, full=False)
   assert cached.keys() == h.keys() and all(cached[p].ndim == 1 for p in cached)
