@@ -48,6 +48,7 @@ def measure(
     "budget": config.budget if config.method == "lowra" else config.bits,
     "calibration": config.calibration,
     "rounding": config.rounding,
+    "precisions": list(config.precisions) if config.method == "lowra" else None,
     "code_bits": bits.code,
     "total_bits": bits.total,
     "ppl": float(np.exp(loss)),
@@ -64,11 +65,27 @@ def main() -> None:
   p.add_argument("--nf", default="3,4", help="NF-k reference rows ('' for none)")
   p.add_argument("--calibrations", default="none,kernel,model")
   p.add_argument("--rounding", default="nearest", help="nearest, gptq or both (comma-separated)")
+  p.add_argument(
+    "--precisions", default="124", help="LowRA's channel precisions, e.g. 124 or 1234 (3-bit too)"
+  )
   p.add_argument("--sequences", type=int, default=256, help="calibration blocks")
   p.add_argument("--seq_len", type=int, default=512)
   p.add_argument("--eval_blocks", type=int, default=0, help="0: every eval block")
   p.add_argument("--out", required=True, help="JSONL, appended")
   args = p.parse_args()
+  roundings = args.rounding.split(",")
+  rows = [("bf16", None)]
+  nf_bits = [int(k) for k in args.nf.split(",") if k]
+  rows += [(f"NF{k}", QuantConfig(method="nf", bits=k)) for k in nf_bits]
+  if not args.precisions.isdigit():
+    raise cli.UserError(f"--precisions={args.precisions}: digits, e.g. 124 or 1234")
+  bits = tuple(int(d) for d in args.precisions)
+  for b in map(float, args.budgets.split(",")):
+    for c in args.calibrations.split(","):
+      for r in roundings if c != "none" else ["nearest"]:
+        with cli.user_errors("--precisions / --budgets: "):
+          cfg = QuantConfig(budget=b, calibration=c, rounding=r, precisions=bits)
+        rows.append(("LowRA", cfg))
 
   tokenizer = load_tokenizer(Path(args.model))
   cut = {"name": "text", "path": args.data, "seq_len": args.seq_len}
@@ -83,7 +100,6 @@ def main() -> None:
   moments = calibration.input_moments(model, source, calib, batch_size=8)
   calib_s = time.perf_counter() - t0
   print(f"calibration: {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
-  roundings = args.rounding.split(",")
   covariances = calibration.LayerCovariances(model, source, calib, batch_size=8)  # gptq rows
   eval_step = train_lib.make_eval_step(model)
 
@@ -91,13 +107,6 @@ def main() -> None:
     frozen, quant = lora.split_quantized(qparams)
     return train_lib.mean_loss(eval_step, {"params": frozen, "quant": quant}, None, blocks, 4)
 
-  rows = [("bf16", None)]
-  nf_bits = [int(k) for k in args.nf.split(",") if k]
-  rows += [(f"NF{k}", QuantConfig(method="nf", bits=k)) for k in nf_bits]
-  for b in map(float, args.budgets.split(",")):
-    for c in args.calibrations.split(","):
-      for r in roundings if c != "none" else ["nearest"]:
-        rows.append(("LowRA", QuantConfig(budget=b, calibration=c, rounding=r)))
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   results = []
@@ -115,8 +124,9 @@ def main() -> None:
   print("\n| method | budget | calibration | rounding | code bits | total bits | ppl base | quantize s |")
   print("|---|---|---|---|---|---|---|---|")
   for r in results:
+    method = r["method"] + (f" {{{','.join(map(str, r['precisions']))}}}" if r.get("precisions") else "")
     print(
-      f"| {r['method']} | {r.get('budget', '')} | {r.get('calibration', '')} | "
+      f"| {method} | {r.get('budget', '')} | {r.get('calibration', '')} | "
       f"{r.get('rounding', '')} | "
       f"{r.get('code_bits', 16):.3f} | {r.get('total_bits', 16):.3f} | {r['ppl']:.3f} | "
       f"{r.get('quantize_s', 0):.1f} |"
