@@ -243,6 +243,30 @@ def test_layer_covariances_are_computed_when_asked_for_one_layer_at_a_time():
   assert {int(p.split("/")[2]) for p in again[1:]} == {0, 1}
 
 
+def test_streamed_loftq_with_layer_covariances_equals_the_in_memory_loftq():
+  """LoftQ (2 rounds, fit weighted by the inputs) with GPTQ rounding over the checkpoint, the
+  covariances computed layer by layer in each round (`base.loftq_checkpoint` with a
+  `LayerCovariances`, train.py's path), gives the base and adapters of `lora.init_lora` on the
+  dense params given every covariance at once, bit for bit."""
+  from lowra_jax import base, lora
+
+  model, params = llama.load_pretrained(_need(STORIES), dtype=jnp.float32)
+  h = calibration.input_moments(model, CheckpointSource(STORIES), _BLOCKS, batch_size=3)
+  full = calibration.input_moments(model, CheckpointSource(STORIES), _BLOCKS, 3, full=True)
+  quant = QuantConfig(budget=2.0, calibration="kernel", rounding="gptq")
+  adapters = lora.LoraConfig(init="loftq", rank=4, loftq_iters=2, loftq_weighting="inputs")
+  key = jax.random.key(0)
+  source = _Recording(CheckpointSource(STORIES))
+  cov = calibration.LayerCovariances(model, source, _BLOCKS, batch_size=3)
+  streamed = base.loftq_checkpoint(STORIES, quant, adapters, key, h, cov)
+  reference = lora.init_lora(
+    params, quant, adapters, key, progress=False, importance=h, covariances=full
+  )
+  _assert_identical(streamed[:2], reference[:2])
+  embeddings = source.reads.count("model/embed_tokens/embedding")
+  assert embeddings == 2  # one forward per round's pass 2
+
+
 def _whole_model_moments(model, params, blocks, batch_size) -> dict[str, np.ndarray]:
   """The moments with the whole model in one program: every batch through `model.apply` with
   calibration's recorder intercepting every QLoRALinear (float32 sums per batch, float64 over
