@@ -235,9 +235,11 @@ def _gptq_codes(wp, se, tables, cov):
   h = h + jnp.diag(jnp.where(live, GPTQ_DAMP * jnp.sum(diag) / jnp.maximum(live.sum(), 1), 1.0))
   order = jnp.argsort(-jnp.where(live, diag, -1.0), stable=True)
   h = h[order][:, order]
-  chol = jnp.linalg.cholesky(h)
-  inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(k_pad, dtype=jnp.float32))
-  u = jnp.linalg.cholesky(inv).T  # upper: U^T U = H^-1
+  # H = V V^T with V upper (the Cholesky factor of H with rows and columns reversed, reversed
+  # back), so H^-1 = V^-T V^-1 and U = V^-1 is the upper factor with U^T U = H^-1: one Cholesky
+  # and one triangular solve instead of an explicit inverse and its Cholesky.
+  v = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+  u = jax.scipy.linalg.solve_triangular(v, jnp.eye(k_pad, dtype=jnp.float32), lower=False)
   w, s = wp[order], se[order]
   size = math.gcd(k_pad, GPTQ_BLOCK)
   rows = jnp.arange(k_pad)
