@@ -124,7 +124,8 @@ def main() -> None:
   print("\n| method | budget | calibration | rounding | code bits | total bits | ppl base | quantize s |")
   print("|---|---|---|---|---|---|---|---|")
   for r in results:
-    method = r["method"] + (f" {{{','.join(map(str, r['precisions']))}}}" if r.get("precisions") else "")
+    bits = ",".join(map(str, r.get("precisions") or []))
+    method = r["method"] + (f" {{{bits}}}" if bits else "")
     print(
       f"| {method} | {r.get('budget', '')} | {r.get('calibration', '')} | "
       f"{r.get('rounding', '')} | "

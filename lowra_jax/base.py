@@ -248,7 +248,8 @@ def prepare(
   else:  # quant.method "none" (which takes no calibration): the dense base
     qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)
   if cov is not None:
-    tqdm.write(f"gptq: input covariances, layer by layer as the quantizer asked: {cov.seconds:.1f} s")
+    seconds = f"{cov.seconds:.1f} s"
+    tqdm.write(f"gptq: input covariances, layer by layer as the quantizer asked: {seconds}")
   frozen, quant = lora.split_quantized(qparams)
   return Prepared(model, tokenizer, {"params": frozen, "quant": quant}, adapters, report, h)
 

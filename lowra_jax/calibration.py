@@ -169,7 +169,8 @@ class _LayerForward:
       if len(part)
     ]
     embedding = jax.device_put(source.read("model/embed_tokens/embedding"))
-    self.hidden = [_embed(embedding, stack, config=self.config, dtype=self.dtype) for stack in stacks]
+    static = {"config": self.config, "dtype": self.dtype}
+    self.hidden = [_embed(embedding, stack, **static) for stack in stacks]
     self.done = 0  # steps taken
     self.steps = self.config.num_layers + (0 if self.config.tie_word_embeddings else 1)
 
@@ -269,12 +270,11 @@ class LayerCovariances(Mapping[str, jax.Array]):
     if self._forward is None or self._forward.done > step + 1:
       self._forward, self._held = None, {}
       self._forward = self._start()
-    if self._forward.done <= step:
-      while self._forward.done <= step:
-        self._held = {}  # dropped before the next layer's are computed
-        self._held = {p: c / self._forward.tokens for p, c in self._forward.step().items()}
+    while self._forward.done <= step:
+      self._held = {}  # dropped before the next layer's are computed
+      self._held = {p: c / self._forward.tokens for p, c in self._forward.step().items()}
       jax.block_until_ready(self._held)
-      self.seconds += time.perf_counter() - start
+    self.seconds += time.perf_counter() - start
     return self._held[path]
 
   def __contains__(self, path) -> bool:

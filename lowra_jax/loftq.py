@@ -200,7 +200,9 @@ def loftq(
       quant_error = np.sqrt(sum(float(_sq_err(w32[p], base[p])) for p in base) / norm)
     factors = {
       p: low_rank(
-        (w32[p] - base[p]) / scale, rank, _row_weight(importance, covariances, "/".join(p) + "/kernel", weighted)
+        (w32[p] - base[p]) / scale,
+        rank,
+        _row_weight(importance, covariances, "/".join(p) + "/kernel", weighted),
       )
       for p in base
     }
@@ -265,7 +267,8 @@ def loftq_stream(
         qt, base, report = quantize(path, shifted)
         if t == 0:
           quant_sq += float(_sq_err(w32, base))
-        a, b = low_rank((w32 - base) / scale, rank, _row_weight(importance, covariances, path, weighted))
+        weight = _row_weight(importance, covariances, path, weighted)
+        a, b = low_rank((w32 - base) / scale, rank, weight)
         round_sq[t] += float(_sq_err(w32, base + scale * (a @ b)))
         shifted = (w32 - scale * (a @ b)).astype(leaf.dtype)
       factors[module] = (a, b)
@@ -318,7 +321,8 @@ def _rounds_stream(
         if t == 0:
           norm += float(jnp.sum(jnp.square(w32)))
           quant_sq += float(_sq_err(w32, dense))
-        a, b = low_rank((w32 - dense) / scale, rank, _row_weight(importance, covariances, path, weighted))
+        weight = _row_weight(importance, covariances, path, weighted)
+        a, b = low_rank((w32 - dense) / scale, rank, weight)
         round_sq[t] += float(_sq_err(w32, dense + scale * (a @ b)))
         new[module] = (a, b)
       if t == iters - 1:

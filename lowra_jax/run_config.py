@@ -130,8 +130,8 @@ def settings(config) -> Settings:
   weighted = s.lora.init == "loftq" and s.lora.loftq_weighting == "inputs"
   if weighted and s.quant.method != "none" and s.quant.calibration == "none":
     raise UserError(
-      "config.lora: loftq_weighting='inputs' weighs LoftQ's fit by the calibration's input moments, "
-      "and quant.calibration is 'none' — set --config.lora.loftq_weighting=none (or calibrate)."
+      "config.lora: loftq_weighting='inputs' weighs LoftQ's fit by the calibration's input "
+      "moments, and quant.calibration is 'none' — set --config.lora.loftq_weighting=none (or calibrate)."
     )
   return s
 

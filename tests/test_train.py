@@ -247,7 +247,8 @@ def test_gptq_run_quantizes_with_layer_by_layer_covariances(need_data, tmp_path)
   assert cached.keys() == h.keys() and all(cached[p].ndim == 1 for p in cached)
   extra = json.loads((workdir / "base" / "tree.json").read_text())["extra"]
   assert extra["quant"]["rounding"] == "gptq"
-  quant = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra["quant"].items()})
+  fields = extra["quant"].items()
+  quant = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields})
   _, params = llama.load_pretrained(STORIES, dtype=np.float32)
   expected, _ = quantize_params(
     params, quant, progress=False, importance=h, covariances=_expected_moments(8, 3, full=True)
