@@ -122,18 +122,40 @@ def _build(cls, section: str, values: dict) -> Any:
     raise UserError(f"config.{section}: {e}") from None
 
 
+def _calibration_users(values: dict) -> str | None:
+  """One line naming every setting that needs a calibration when the quant section has none (or
+  a method with nothing to calibrate), so that switching a LowRA config to NF or to no
+  calibration takes one corrected command, not one error per setting; None when consistent."""
+  quant, lora_values = values["quant"], values["lora"]
+  method, calibration = quant.get("method"), quant.get("calibration")
+  if method == "none":
+    return None
+  fixes = []
+  if quant.get("rounding") == "gptq":
+    fixes.append("--config.quant.rounding=nearest")
+  if lora_values.get("init") == "loftq" and lora_values.get("loftq_weighting") == "inputs":
+    fixes.append("--config.lora.loftq_weighting=none")
+  if method not in ("lowra", "lloyd") and calibration != "none":
+    fixes.insert(0, "--config.quant.calibration=none")
+    return f"config.quant: method {method!r} has no Lloyd-Max fit to calibrate — add " + " ".join(
+      fixes
+    )
+  if calibration == "none" and fixes:
+    return (
+      "config.quant: calibration is 'none', and GPTQ rounding and LoftQ's input-weighted fit need "
+      f"it — add {' '.join(fixes)} (or calibrate)."
+    )
+  return None
+
+
 def settings(config) -> Settings:
   """The config's sections as validated dataclasses (`UserError` naming the section)."""
   values = config.to_dict()
+  conflict = _calibration_users(values)
+  if conflict:
+    raise UserError(conflict)
   sections = typing.get_type_hints(Settings)
-  s = Settings(**{name: _build(cls, name, values[name]) for name, cls in sections.items()})
-  weighted = s.lora.init == "loftq" and s.lora.loftq_weighting == "inputs"
-  if weighted and s.quant.method != "none" and s.quant.calibration == "none":
-    raise UserError(
-      "config.lora: loftq_weighting='inputs' weighs LoftQ's fit by the calibration's input "
-      "moments, and quant.calibration is 'none' — set --config.lora.loftq_weighting=none (or calibrate)."
-    )
-  return s
+  return Settings(**{name: _build(cls, name, values[name]) for name, cls in sections.items()})
 
 
 def make_mesh(s: Settings) -> jax.sharding.Mesh:

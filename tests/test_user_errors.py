@@ -127,11 +127,22 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     ),
     "calibration without a fit": (
       train + ["--config.quant.method=nf", "--config.quant.calibration=kernel"],
-      "method 'nf' does not have",
+      "method 'nf' has no Lloyd-Max fit to calibrate — add --config.quant.calibration=none "
+      "--config.lora.loftq_weighting=none",
+    ),
+    "LowRA config switched to NF": (
+      [
+        "train.py",
+        "--config=configs/llama_1p5bit.py",
+        f"--config.workdir={fresh}",
+        "--config.quant.method=nf",
+      ],
+      "add --config.quant.calibration=none --config.quant.rounding=nearest "
+      "--config.lora.loftq_weighting=none",
     ),
     "weighted LoftQ without a calibration": (
       train + ["--config.quant.calibration=none"],
-      "set --config.lora.loftq_weighting=none",
+      "need it — add --config.lora.loftq_weighting=none (or calibrate)",
     ),
     "no calibration sequences": (
       train + ["--config.quant.calibration=model", "--config.calib.sequences=0"],
@@ -211,6 +222,7 @@ CASE_NAMES = [
   "generate bad sampling",
   "missing calibration split",
   "calibration without a fit",
+  "LowRA config switched to NF",
   "weighted LoftQ without a calibration",
   "no calibration sequences",
   "llama2.c model, bad targets",
