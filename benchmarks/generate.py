@@ -11,6 +11,9 @@ M = batch rows (dense `jnp.dot` for bf16). Methods (`--methods`): `bf16`, `nf4` 
 rank-16 adapters on all projections applied unmerged, i.e. exact fine-tuned inference). Each
 method runs in its own subprocess, so each peak memory is its own.
 
+`--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
+dispatch setting in one call).
+
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
 on stderr, all of them in the JSON row): what a step spends in the quantized matmuls' kernels and
@@ -51,6 +54,7 @@ from lowra_jax import cli, lora
 from lowra_jax import generate as gen
 from lowra_jax.models import llama, shapes
 from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
+from pallas_kernels import quantized_ops
 
 SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32)}  # tiny: CPU
 BUNDLED = {
@@ -240,6 +244,9 @@ def main() -> None:
   parser.add_argument("--prefill", action="store_true", help="also time the prefill")
   parser.add_argument("--trace", action="store_true", help="kernels of one step (profiler)")
   parser.add_argument("--out", default="", help="write the rows as JSON here")
+  parser.add_argument(
+    "--tuning", default="", help='JSON overrides of the kernels\' Tuning, e.g. \'{"alone_bits": []}\''
+  )
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   methods = cli.parse_list(args.methods, "--methods", METHODS)
@@ -257,6 +264,9 @@ def main() -> None:
     cli.output_file("--out", args.out)
   if args.trace:
     check_gpu("--trace")
+  if args.tuning:
+    with cli.user_errors("--tuning: ", (ValueError, TypeError)):
+      quantized_ops.override_tuning(json.loads(args.tuning))
   if args.worker:
     worker(args)
     return
