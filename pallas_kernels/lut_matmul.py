@@ -398,21 +398,17 @@ def lut_matmul_buckets(
   tiles: Tiles = Tiles(),
   dtype=jnp.float32,
   columns=None,
-  width: int | None = None,
   interpret: bool = False,
   out=None,
 ):
   """`lut_matmul` of several buckets in one launch: x [M, K_pad] @ [W_1 | W_2 | ...] -> partial
-  sums [tiles.splits, M, width] (columns in bucket order, or as `columns` says).
+  sums [tiles.splits, M, sum Nb] (columns in bucket order, or as `columns` says).
 
   Args:
     buckets: the buckets, as for `lut_matmul`; block_ks: their block_k (tiles.block_k is ignored;
       the rest of `tiles` is shared).
-    columns: optional int [sum Nb], distinct: bucket-order column c is written at output column
-      columns[c] (a mixed tensor's `perm` gives channel order; a slice of it, this launch's
-      buckets' columns of the whole tensor).
-    width: output columns (default sum Nb); wider only with `columns`, the others left as they
-      are in `out` (several launches filling one buffer) or unwritten.
+    columns: optional int [sum Nb], a permutation: bucket-order column c is written at output
+      column columns[c] (a mixed tensor's `perm` gives channel order).
   """
   checked = [checked_operands(b, bk, group) for b, bk in zip(buckets, block_ks, strict=True)]
   layouts = tuple(layout for layout, _ in checked)
@@ -427,10 +423,7 @@ def lut_matmul_buckets(
   )
   blocks = sum(pl.cdiv(layout.nb, tiles.block_n) for layout in layouts)
   grid = (pl.cdiv(x.shape[0], tiles.block_m), blocks, tiles.splits)
-  channels = sum(lo.nb for lo in layouts)
-  if width is not None and width != channels and columns is None:
-    raise ValueError(f"width={width} differs from the {channels} channels: give their columns.")
-  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], width or channels), dtype)
+  shape = jax.ShapeDtypeStruct((tiles.splits, x.shape[0], sum(lo.nb for lo in layouts)), dtype)
   flat = [a for _, arrays in checked for a in arrays]
   if columns is not None:
     flat.append(columns.reshape(1, -1))

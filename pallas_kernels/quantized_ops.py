@@ -2,8 +2,7 @@
 
 Forward: every precision bucket's columns come from `lut_matmul`, reading the bucket as stored; when
 all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them all
-and stores them in channel order (4-bit buckets in a second launch into the same output: their
-lookups' registers would slow every program of the first), otherwise the concatenated columns are put back in channel order.
+and stores them in channel order, otherwise the concatenated columns are put back in channel order.
 Where a bucket does not take the kernels (M >= `Tuning.dense_from_m`, or from
 `channel_order_dense_from_m` for mixed and 1-bit tensors; 4-bit buckets above M = 16, the `xla`
 backend, layouts the kernels do not cover) XLA dequantizes it (a fused select tree) into a transient
@@ -58,9 +57,6 @@ class Tuning:
   resident: forward LUT programs resident per SM (4 warps at ~170 registers a thread), for the
     split model of `_forward_splits`.
   waves: programs per SM aimed at by `_target_splits`, (one-launch mixed forward, backward).
-  alone_bits: precisions whose buckets get a forward launch of their own when a mixed tensor's
-    buckets take the kernels (their lookup trees' registers would bound every program of a shared
-    launch); the other buckets share one.
   decode, mid, large: forward `Tiles` of M <= 16, M <= 64 and above (block_k: the most a tensor
     gets; splits set per tensor); backward_above_16: (block_n, num_stages) of the backward above
     M = 16. Levels are looked up in the activation dtype (`narrow`, byte permutations) only in the
@@ -73,7 +69,6 @@ class Tuning:
   permute_weight_from_m: int
   resident: int
   waves: tuple[int, int]
-  alone_bits: tuple[int, ...]
   decode: lm.Tiles
   mid: lm.Tiles
   large: lm.Tiles
@@ -86,7 +81,6 @@ H200 = Tuning(
   permute_weight_from_m=2048,
   resident=2,
   waves=(2, 4),
-  alone_bits=(4,),
   decode=lm.Tiles(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
   mid=lm.Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=2),
   large=lm.Tiles(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=2),
@@ -271,10 +265,8 @@ class Plan:
     kernel wrote channel order), "weight" (rows of the weight) or "output" (rows of y^T; in the
     backward dY's columns); gather: "row_gather" (the Pallas kernel) or "xla" when permuting.
   Otherwise `buckets` holds per bucket its LUT kernel `Tiles` or None (that bucket dequantized
-  for an XLA dot); launches: the forward's `lut_matmul_buckets` launches of a mixed tensor, each a
-  tuple of bucket indices, together filling one output in channel order (buckets of
-  `Tuning.alone_bits` alone; the tiles then share all but block_k); empty: a launch per bucket,
-  the columns put in channel order afterwards.
+  for an XLA dot); one_launch: the forward of every bucket in one `lut_matmul_buckets` launch
+  (the buckets' tiles then share all but block_k).
   """
 
   dense: bool
@@ -282,7 +274,7 @@ class Plan:
   permute: str | None = None
   gather: str | None = None
   buckets: tuple[lm.Tiles | None, ...] = ()
-  launches: tuple[tuple[int, ...], ...] = ()
+  one_launch: bool = False
 
 
 def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) -> Plan:
@@ -307,10 +299,7 @@ def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) 
   steps = min(b.planes[0].shape[0] // t.block_k for b, t in zip(qt.buckets, tiles, strict=True))
   splits = _target_splits(programs, steps, backward=False)
   shared = tuple(dataclasses.replace(t, splits=splits) for t in tiles)
-  alone = tuning().alone_bits
-  together = tuple(i for i, b in enumerate(qt.buckets) if b.bits not in alone)
-  apart = tuple((i,) for i, b in enumerate(qt.buckets) if b.bits in alone)
-  return Plan(dense=False, buckets=shared, launches=((together,) if together else ()) + apart)
+  return Plan(dense=False, buckets=shared, one_launch=True)
 
 
 # Jitted so that layers of identical shapes share one traced and lowered function.
@@ -325,22 +314,17 @@ def _forward(x, qt: QuantizedTensor, impl: str):
       return _gather_rows(y_t, qt.inverse_perm(), p.gather, impl).T
     return jnp.dot(_weight_rows(qt, x.dtype, p, impl), x.T).T
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
-  if p.launches:
-    starts = np.cumsum([0] + [b.num_channels for b in qt.buckets])
-    partial = None
-    for group in p.launches:
-      partial = lm.lut_matmul_buckets(
-        xp,
-        [qt.buckets[i] for i in group],
-        block_ks=tuple(p.buckets[i].block_k for i in group),
-        group=qt.group_size,
-        tiles=p.buckets[0],
-        dtype=x.dtype if p.buckets[0].splits == 1 else jnp.float32,
-        columns=jnp.concatenate([qt.perm[starts[i] : starts[i + 1]] for i in group]),
-        width=qt.shape[1],
-        interpret=impl == "interpret",
-        out=partial,
-      )
+  if p.one_launch:
+    partial = lm.lut_matmul_buckets(
+      xp,
+      qt.buckets,
+      block_ks=tuple(t.block_k for t in p.buckets),
+      group=qt.group_size,
+      tiles=p.buckets[0],
+      dtype=x.dtype if p.buckets[0].splits == 1 else jnp.float32,
+      columns=qt.perm,
+      interpret=impl == "interpret",
+    )
     return _sum_splits(partial, x.dtype)
   cols = []
   for b, t in zip(qt.buckets, p.buckets, strict=True):

@@ -35,6 +35,10 @@ CASES = {
   "missing_input_file": (["lora_init.py", "--text={out}/none.txt"], "none.txt"),
   "malformed_shape": (["low_rank.py", "--shapes=4096x4096,4096y"], "'4096y'"),
   "missing_dependency_or_run": (["interop.py", "--workdir={out}/run"], interop_missing()),
+  "unknown_tuning_field": (
+    ["generate.py", "--shape=tiny", '--tuning={{"dense_from": 1}}', "--out={out}/g.json"],
+    "no field 'dense_from'",
+  ),
   "report_of_a_directory": (["kernels.py", "--report", "{out}"], "is a directory"),
   "plot_from_a_directory": (
     ["model_step.py", "--plot={out}/m.png", "--plot_from={out}"],

@@ -206,44 +206,6 @@ def test_one_launch_for_all_buckets_writes_every_tile(splits, permuted):
   assert rel_err(y.sum(axis=0), want) < 1e-2
 
 
-def test_launches_fill_one_output_in_channel_order():
-  """Two `lut_matmul_buckets` launches (1- and 2-bit buckets, then a 4-bit one, as the decode plan
-  of a mixed tensor with 4-bit channels makes them) write into one NaN-poisoned output through
-  slices of a permutation: every column written once, equal to its float64 product; and
-  `quantized_matmul` over that tensor plans the same two launches at M = 1 and agrees."""
-  rng = np.random.default_rng(4)
-  k, m = 256, 3
-  parts = [
-    stored_bucket(rng, 1, k, 40, "shared", 0),
-    stored_bucket(rng, 2, k, 70, "indexed", 48),
-    stored_bucket(rng, 4, k, 24, "channel", 64),
-  ]
-  (one, w1), (two, w2), (four, w4) = parts
-  perm = rng.permutation(134).astype(np.int16)
-  x = rng.normal(size=(m, k)).astype(np.float32)
-  kw = dict(
-    group=64,
-    tiles=lm.Tiles(block_m=16, block_n=32, splits=2, narrow=True),
-    width=134,
-    interpret=jax.default_backend() != "gpu",
-  )
-  y = lm.lut_matmul_buckets(
-    jnp.asarray(x), (one, two), block_ks=(16, 32), columns=jnp.asarray(perm[:110]),
-    out=jnp.full((2, m, 134), jnp.nan), **kw
-  )
-  y = lm.lut_matmul_buckets(
-    jnp.asarray(x), (four,), block_ks=(32,), columns=jnp.asarray(perm[110:]), out=y, **kw
-  )
-  want = np.empty((m, 134))
-  want[:, perm] = x.astype(np.float64) @ np.concatenate([w1, w2, w4], axis=1)
-  assert rel_err(y.sum(axis=0), want) < 1e-2
-  qt = quantize.QuantizedTensor((one, two, four), jnp.asarray(perm), (k, 134), 64, "float32")
-  p = quantized_ops.plan(qt, 1, jnp.float32, "interpret")
-  assert p.launches == ((0, 1), (2,)) and all(p.buckets)
-  got = quantized_matmul(jnp.asarray(x), qt, backend="interpret")
-  assert rel_err(got, want) < TOL[jnp.float32]
-
-
 @pytest.mark.parametrize(
   "permuted,k,dtype",
   [(False, 256, jnp.float32), (True, 256, jnp.float32), (True, 200, jnp.bfloat16)],
@@ -283,7 +245,7 @@ def test_mixed_tensor_forward_up_to_64_rows_takes_one_launch(m):
   qt = quantize.quantize_tensor(weights(7, 256, 96), quantize.QuantConfig(budget=1.5))
   plan = functools.partial(quantized_ops.plan, qt, dtype=jnp.float32, impl="interpret")
   p = plan(m)
-  assert len(qt.buckets) > 1 and p.launches == (tuple(range(len(qt.buckets))),) and all(p.buckets)
+  assert len(qt.buckets) > 1 and p.one_launch and all(p.buckets)
   assert len({dataclasses.replace(t, block_k=0) for t in p.buckets}) == 1  # shared but block_k
   assert not plan(64).dense and plan(65).dense
   assert plan(m, backward=True).dense == (m >= 32) and not plan(31, backward=True).dense
@@ -386,10 +348,22 @@ def test_plan_is_data_for_every_path():
   only dense dots on the xla backend."""
   qt = quantize.quantize_tensor(weights(9, 256, 64), quantize.QuantConfig(method="lloyd", bits=2))
   p = quantized_ops.plan(qt, 1, jnp.bfloat16, "interpret")
-  assert not p.dense and not p.launches and len(p.buckets) == 1 and p.buckets[0].narrow
+  assert not p.dense and not p.one_launch and len(p.buckets) == 1 and p.buckets[0].narrow
   assert p.buckets[0] == quantized_ops.tiles_for(1, 64, 64, 64, backward=False)
   assert not quantized_ops.plan(qt, 1, jnp.bfloat16, "interpret", backward=True).buckets[0].narrow
   big = quantized_ops.plan(qt, quantized_ops.H200.dense_from_m, jnp.bfloat16, "interpret")
   assert big == quantized_ops.Plan(dense=True, weight="lut_dequantize")
   xla = quantized_ops.plan(qt, 1, jnp.float32, "xla")
   assert xla == quantized_ops.Plan(dense=True, weight="xla")
+
+
+def test_override_tuning_replaces_fields_and_tiles(monkeypatch):
+  """Benchmarks' `--tuning` JSON: plain fields replaced (lists as tuples), a `Tiles` field's
+  named fields only; the plans made afterwards follow it; an unknown field is refused."""
+  monkeypatch.setattr(quantized_ops, "TUNINGS", dict(quantized_ops.TUNINGS))
+  new = quantized_ops.override_tuning({"waves": [3, 5], "decode": {"block_n": 32}})
+  assert quantized_ops.tuning() == new and new.waves == (3, 5)
+  assert new.decode == dataclasses.replace(quantized_ops.H200.decode, block_n=32)
+  assert quantized_ops.tiles_for(1, 64, 256, 64, backward=False).block_n == 32
+  with pytest.raises(ValueError, match="no field 'wave'"):
+    quantized_ops.override_tuning({"wave": 1})
