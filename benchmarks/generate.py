@@ -11,7 +11,8 @@ M = batch rows (dense `jnp.dot` for bf16). Methods (`--methods`): `bf16`, `nf4` 
 rank-16 adapters on all projections applied unmerged, i.e. exact fine-tuned inference). Each
 method runs in its own subprocess, so each peak memory is its own.
 
-`--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
+`--precisions=1,2` sets LowRA's channel precisions (default (1, 2, 4)): the decode cost of its
+4-bit channels. `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
 dispatch setting in one call).
 
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
@@ -76,14 +77,21 @@ def log(start: float, message: str) -> None:
 
 
 def build(
-  shape: str, method: str, layers: int, tiled: bool, bucket_multiple: int = 0
+  shape: str,
+  method: str,
+  layers: int,
+  tiled: bool,
+  bucket_multiple: int = 0,
+  precisions: tuple[int, ...] = (),
 ) -> tuple[llama.Llama, dict]:
   """(bf16 model, variables) of `method` at `shape` (synthetic shapes: `layers` overrides
-  num_layers, `tiled` copies one quantized layer; `bucket_multiple` > 0 replaces LowRA's
-  `QuantConfig.bucket_multiple`)."""
+  num_layers, `tiled` copies one quantized layer; `bucket_multiple` > 0 and non-empty
+  `precisions` replace LowRA's `QuantConfig` fields)."""
   quant = METHODS[method]
   if quant is not None and quant.method == "lowra" and bucket_multiple:
     quant = dataclasses.replace(quant, bucket_multiple=bucket_multiple)
+  if quant is not None and quant.method == "lowra" and precisions:
+    quant = dataclasses.replace(quant, precisions=precisions)
   lcfg = lora.LoraConfig(rank=RANK) if method.endswith("+lora") else None
   if shape in BUNDLED:
     base, params = llama.load_pretrained(BUNDLED[shape])
@@ -157,7 +165,9 @@ def print_kernels(label: str, rows: list[dict], top: int = 20) -> None:
 def worker(args) -> None:
   """Measures one method at every batch size; prints one JSON row per batch on stdout."""
   start = time.perf_counter()
-  model, variables = build(args.shape, args.worker, args.layers, args.tiled, args.bucket_multiple)
+  model, variables = build(
+    args.shape, args.worker, args.layers, args.tiled, args.bucket_multiple, args.precisions
+  )
   jax.block_until_ready(variables)
   weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
   bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0
@@ -238,6 +248,12 @@ def main() -> None:
   parser.add_argument(
     "--bucket_multiple", type=int, default=0, help="LowRA's bucket_multiple (0: its default)"
   )
+  parser.add_argument(
+    "--precisions",
+    dest="precisions_text",
+    default="",
+    help="LowRA's channel precisions, e.g. 1,2 (default: its own)",
+  )
   parser.add_argument("--prompt", type=int, default=128, help="context tokens before decoding")
   parser.add_argument("--new", type=int, default=64, help="decode steps timed")
   parser.add_argument("--repeat", type=int, default=3)
@@ -258,6 +274,11 @@ def main() -> None:
     cli.positive("--layers", args.layers)
   if args.bucket_multiple:
     cli.positive("--bucket_multiple", args.bucket_multiple)
+  args.precisions = ()
+  if args.precisions_text:
+    args.precisions = tuple(cli.parse_list(args.precisions_text, "--precisions", convert=int))
+    with cli.user_errors("--precisions: "):
+      QuantConfig(method="lowra", budget=2.0, precisions=args.precisions)
   if args.shape in BUNDLED:
     cli.existing("--shape", BUNDLED[args.shape], "run it from the project root")
   if args.out:
