@@ -12,8 +12,8 @@ rank-16 adapters on all projections applied unmerged, i.e. exact fine-tuned infe
 method runs in its own subprocess, so each peak memory is its own.
 
 `--precisions=1,2` sets LowRA's channel precisions (default (1, 2, 4)): the decode cost of its
-4-bit channels. `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
-dispatch setting in one call).
+4-bit channels. `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning`
+(an A/B of a dispatch setting in one call).
 
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
