@@ -2,7 +2,8 @@
 
 One bucket of a `QuantizedTensor` holds Nb output channels at b bits (b in {1, 2, 4}): codes in one
 uint8 plane P[Kp, Nb] packed planar along K (Kp = K_pad * b / 8, p = 8 / b codes per byte, byte r
-holding rows r + i * Kp for i < p), its tables (one per channel, shared through an index, or one
+holding rows r + i * Kp for i < p; 3-bit codes: their low 2 bits in such a plane, their high bits
+in a second, 1-bit one, which the forward kernels read alongside), its tables (one per channel, shared through an index, or one
 for the bucket) and group scales S[G, Nb] (float32 or double-quantized int8):
 
     W[k, n] = table_n[code[k, n]] * S[k // group, n]
@@ -87,6 +88,8 @@ def masked_load(ref, rows, cols, mask):
 class Layout:
   """Static layout of one bucket's kernel operands (`operands`).
 
+  kp: rows of the (first) plane; kp1: a 3-bit bucket's second plane's rows (its codes' high
+  bits, 1 per field, kp1 = kp / 2), 0 for one-plane buckets.
   tables: "levels" (prepared: float32 [2^b, Nb], row j holds every channel's level j), or as
   stored: "channel" (tables [Nb, 2^b], one per channel), "indexed" (tables [C, 2^b] shared through
   table_index uint8 [Nb]) or "shared" (one table [1, 2^b] for the bucket).
@@ -99,26 +102,37 @@ class Layout:
   nb: int
   tables: str
   dq_block: int
+  kp1: int = 0
+
+  @property
+  def slabs(self) -> int:
+    """Code-row slabs per packed row of the first plane (fields of 2 bits for 3-bit codes)."""
+    return 4 if self.bits == 3 else 8 // self.bits
+
+  @property
+  def num_planes(self) -> int:
+    return 2 if self.kp1 else 1
 
   @property
   def num_refs(self) -> int:
-    return 3 + (self.tables == "indexed") + (2 if self.dq_block else 0)
+    return 2 + self.num_planes + (self.tables == "indexed") + (2 if self.dq_block else 0)
 
 
 def operands(bucket: Bucket, prepared: bool = False) -> tuple[Layout, tuple[jax.Array, ...]]:
-  """(layout, arrays) of a bucket: plane, tables, [table_index [1, Nb]], scales (values, or codes
-  + flattened block absmax + offset [1]).
+  """(layout, arrays) of a bucket: plane(s), tables, [table_index [1, Nb]], scales (values, or
+  codes + flattened block absmax + offset [1]).
 
   As stored (default) the arrays are the bucket's own (reshapes only: no per-call preparation
   kernels). `prepared`: tables as float32 [2^b, Nb] and float32 scales, made by XLA here (two
   small kernels) -- for the backward kernel, which rereads them for every channel block."""
-  (plane,) = bucket.planes
+  plane = bucket.planes[0]
   kp, nb = plane.shape
+  kp1 = bucket.planes[1].shape[0] if bucket.bits == 3 else 0
   s = bucket.scales
   if prepared:
     tables = bucket.channel_tables().astype(jnp.float32).T
     return Layout(bucket.bits, kp, nb, "levels", 0), (plane, tables, s.dequantize())
-  arrays = [plane, bucket.tables.reshape(-1)]
+  arrays = [*bucket.planes, bucket.tables.reshape(-1)]
   if bucket.table_index is not None:
     mode = "indexed"
     arrays.append(bucket.table_index.reshape(1, nb))
@@ -128,7 +142,7 @@ def operands(bucket: Bucket, prepared: bool = False) -> tuple[Layout, tuple[jax.
     arrays += [s.codes, s.block_absmax.reshape(-1), jnp.reshape(s.offset, (1,))]
   else:
     arrays.append(s.values)
-  return Layout(bucket.bits, kp, nb, mode, s.dq_block), tuple(arrays)
+  return Layout(bucket.bits, kp, nb, mode, s.dq_block, kp1), tuple(arrays)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,26 +176,34 @@ class BucketView:
     """(levels, offset): the 2^b table levels of these channels, float32 [1, bn] each, and the
     scales' offset [1, bn] (None unless double-quantized). Loaded once per channel block."""
     mode, levels = self.layout.tables, 1 << self.layout.bits
-    cols = pl.ds(self.n0, self.bn)
+    cols, at = pl.ds(self.n0, self.bn), self.layout.num_planes  # refs[at]: the tables
     if mode == "levels":
-      return [masked_load(self.refs[1], pl.ds(j, 1), cols, self.n_ok) for j in range(levels)], None
+      return [masked_load(self.refs[at], pl.ds(j, 1), cols, self.n_ok) for j in range(levels)], None
     if mode == "shared":
       rows = jnp.zeros((1, self.bn), jnp.int32)
     elif mode == "indexed":
-      rows = masked_load(self.refs[2], pl.ds(0, 1), cols, self.n_ok)
+      rows = masked_load(self.refs[at + 1], pl.ds(0, 1), cols, self.n_ok)
       rows = rows.astype(jnp.int32)
     else:
       rows = self._channels()
-    table = [self._gather(self.refs[1], rows * levels + j) for j in range(levels)]
+    table = [self._gather(self.refs[at], rows * levels + j) for j in range(levels)]
     offset = None
     if self.layout.dq_block:
       offset = self._gather(self.refs[-1], jnp.zeros((1, self.bn), jnp.int32))
     return table, offset
 
   def packed(self, r0, bk):
-    """int32 [bk, bn]: packed rows [r0, r0 + bk)."""
+    """int32 [bk, bn]: packed rows [r0, r0 + bk). A 3-bit bucket's word holds the first plane's
+    byte in bits 0-7 and, from bit 8, its second plane's byte of rows r0 mod kp1 shifted so that
+    bit 2i is field i's high bit (code row r + i * kp has its high bit in second-plane row
+    r mod kp1, bit 2i + r // kp1; bk divides kp1, so r // kp1 is one value per step)."""
     cols = pl.ds(self.n0, self.bn)
-    return masked_load(self.refs[0], pl.ds(r0, bk), cols, self.n_ok).astype(jnp.int32)
+    low = masked_load(self.refs[0], pl.ds(r0, bk), cols, self.n_ok).astype(jnp.int32)
+    kp1 = self.layout.kp1
+    if not kp1:
+      return low
+    high = masked_load(self.refs[1], pl.ds(r0 % kp1, bk), cols, self.n_ok).astype(jnp.int32)
+    return low | ((high >> (r0 // kp1)) << 8)
 
   def scale(self, g, offset):
     """float32 [1, bn]: group row g's scales of these channels."""
@@ -204,6 +226,9 @@ class BucketView:
     bits = self.layout.bits
     scale = self.scale((r0 + i * self.layout.kp) // self.group, offset)
     levels = [c * scale for c in table]
+    if bits == 3:  # the code, gathered from bits 2i, 2i + 1 and 8 + 2i (`packed`)
+      packed = ((packed >> 2 * i) & 3) | ((packed >> 6 + 2 * i) & 4)
+      i = 0
     if not self.narrow:
       return select_levels(packed, levels, i * bits).astype(dtype)
     levels = [v.astype(dtype) for v in levels]
@@ -263,7 +288,7 @@ def _fwd_body(x_ref, refs, c_ref, o_ref, ids, offset, layout: Layout, group, til
   def step(s, acc):
     r0 = s * bk
     packed = b.packed(r0, bk)
-    for i in range(8 // layout.bits):
+    for i in range(layout.slabs):
       x = masked_load(x_ref, pl.ds(m0, bm), pl.ds(r0 + i * kp, bk), m_ok)
       w = b.slab(packed, i, r0, invariants, x.dtype)
       acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
@@ -350,13 +375,22 @@ def launch(kernel, operands, out_shape, grid, tiles: Tiles, interpret: bool, nam
   )(*operands)
 
 
+def block_rows(bucket: Bucket) -> int:
+  """Packed rows that block_k must divide: the plane's, or a 3-bit bucket's second plane's."""
+  return bucket.planes[-1].shape[0]
+
+
 def checked_operands(bucket: Bucket, block_k: int, group: int, prepared: bool = False):
-  """`operands(bucket, prepared)` after checking that the kernels cover it with this block_k."""
-  if bucket.bits not in (1, 2, 4) or len(bucket.planes) != 1:
-    raise NotImplementedError(f"bits={bucket.bits}: the LUT kernels handle 1, 2 and 4 bits.")
+  """`operands(bucket, prepared)` after checking that the kernels cover it with this block_k
+  (3-bit buckets: the forward kernels only, which read the tables and scales as stored)."""
+  covered = (1, 2, 4) if prepared else (1, 2, 3, 4)
+  if bucket.bits not in covered:
+    which = "the backward LUT kernel" if prepared else "the LUT kernels"
+    raise NotImplementedError(f"bits={bucket.bits}: {which} handle {covered} bits.")
   layout, arrays = operands(bucket, prepared)
-  if layout.kp % block_k or group % block_k:
-    raise ValueError(f"block_k={block_k} must divide the packed rows kp={layout.kp} and {group=}.")
+  rows = block_rows(bucket)
+  if rows % block_k or group % block_k:
+    raise ValueError(f"block_k={block_k} must divide the packed rows {rows} and {group=}.")
   return layout, arrays
 
 

@@ -4,8 +4,8 @@ Forward: every precision bucket's columns come from `lut_matmul`, reading the bu
 all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them all
 and stores them in channel order, otherwise the concatenated columns are put back in channel order.
 Where a bucket does not take the kernels (M >= `Tuning.dense_from_m`, or from
-`channel_order_dense_from_m` for mixed and 1-bit tensors; 4-bit buckets above M = 16, the `xla`
-backend, layouts the kernels do not cover) XLA dequantizes it (a fused select tree) into a transient
+`channel_order_dense_from_m` for mixed and 1-bit tensors; 3- and 4-bit buckets above M = 16 and
+in the backward, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused select tree) into a transient
 transposed weight [Nb, K] for its dot. When every bucket is dense the whole weight becomes one
 transient W_hat^T [N, K] in channel order and one GEMM computes the output or dX. That weight is
 written by one `lut_dequantize_t` launch, rows already in channel order, wherever the kernel covers
@@ -187,7 +187,7 @@ def _sum_splits(partial, dtype):
 
 def _kernels_apply(bucket, impl: str) -> bool:
   """Whether the LUT kernels can run this bucket (block sizes are checked by `tiles_for`)."""
-  return impl in ("triton", "interpret") and len(bucket.planes) == 1
+  return impl in ("triton", "interpret") and (len(bucket.planes) == 1 or bucket.bits == 3)
 
 
 def _kernel_tiles(bucket, m: int, group: int, impl: str, backward: bool) -> lm.Tiles | None:
@@ -195,13 +195,13 @@ def _kernel_tiles(bucket, m: int, group: int, impl: str, backward: bool) -> lm.T
 
   4-bit buckets take the kernels only in the forward for M <= 16: their backward kernel (a
   16-level select tree in float32) is slower than the dense path at every M, and their
-  forward loses to it from M = 64 (H200).
+  forward loses to it from M = 64 (H200). 3-bit buckets likewise (the backward kernel does not
+  cover them; their forward's limit is 4-bit's, not measured on its own).
   """
-  four = bucket.bits == 4 and (backward or m > 16)
-  if not _kernels_apply(bucket, impl) or m >= tuning().dense_from_m or four:
+  wide = bucket.bits in (3, 4) and (backward or m > 16)
+  if not _kernels_apply(bucket, impl) or m >= tuning().dense_from_m or wide:
     return None
-  kp, nb = bucket.planes[0].shape
-  return tiles_for(m, kp, nb, group, backward)
+  return tiles_for(m, lm.block_rows(bucket), bucket.num_channels, group, backward)
 
 
 def _dense_t(bucket, group: int, k: int, dtype):

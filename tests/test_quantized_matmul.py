@@ -152,6 +152,7 @@ KERNEL_CASES = [
   (2, 512, 130, 5, 3, "indexed", 64),
   (4, 256, 64, 16, 2, "shared", 48),
   (2, 192, 9, 48, 1, "channel", 256),
+  (3, 512, 70, 3, 2, "indexed", 48),
 ]
 
 
@@ -161,11 +162,12 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("bits,k,n,m,splits,tables,dq", KERNEL_CASES)
 def test_kernels_write_every_output_tile(bits, k, n, m, splits, tables, dq, narrow, dtype):
   """Outputs start NaN-poisoned; every element must be written and correct. Narrow lookups in
-  bf16 take `byte_lookup` (2 and 4 bits), the others the select tree."""
+  bf16 take `byte_lookup` (2 and 4 bits), the others the select tree. 3-bit buckets (two planes)
+  have the forward kernel only."""
   rng = np.random.default_rng(bits * k + n)
   bucket, w = stored_bucket(rng, bits, k, n, tables, dq)
   assert_close_at_scale(bucket.dequantize(64), w, DEQUANT)  # the oracle
-  bk = lm.max_block_k(bucket.planes[0].shape[0], 64)
+  bk = lm.max_block_k(lm.block_rows(bucket), 64)
   tiles = lm.Tiles(block_m=16, block_n=32, block_k=bk, splits=splits, narrow=narrow)
   assert tiles.block_k >= 16
   kw = dict(group=64, tiles=tiles, interpret=jax.default_backend() != "gpu")
@@ -174,6 +176,10 @@ def test_kernels_write_every_output_tile(bits, k, n, m, splits, tables, dq, narr
   y = lm.lut_matmul(jnp.asarray(x, dtype), bucket, out=jnp.full((splits, m, n), jnp.nan), **kw)
   assert rel_err(y.sum(axis=0), x @ w) < tol
   g = np.asarray(jnp.asarray(rng.normal(size=(m, n)), dtype), np.float64)
+  if bits == 3:
+    with pytest.raises(NotImplementedError, match=r"bits=3: the backward LUT kernel"):
+      lm.lut_matmul_t(jnp.asarray(g, dtype), bucket, **kw)
+    return
   dx = lm.lut_matmul_t(jnp.asarray(g, dtype), bucket, out=jnp.full((splits, m, k), jnp.nan), **kw)
   assert rel_err(dx.sum(axis=0), g @ w.T) < tol
 
@@ -255,6 +261,29 @@ def test_mixed_tensor_forward_up_to_64_rows_takes_one_launch(m):
   assert rel_err(got, x.astype(np.float64) @ w) < TOL[jnp.float32]
 
 
+@pytest.mark.parametrize("m", [1, 17])
+def test_tensor_with_3bit_channels_takes_the_kernels_at_decode_sizes(m):
+  """A {1, 2, 3, 4}-bit tensor: up to M = 16 all its buckets, 3-bit (two planes) included, run in
+  the one-launch forward; above, its 3- and 4-bit buckets are dequantized for XLA's dot; the
+  input gradient's 3-bit bucket always is. Both against float64."""
+  config = quantize.QuantConfig(budget=3.0, precisions=(1, 2, 3, 4))
+  qt = quantize.quantize_tensor(weights(11, 512, 160), config)
+  bits = [b.bits for b in qt.buckets]
+  assert 3 in bits and len(bits) > 2
+  p = quantized_ops.plan(qt, m, jnp.float32, "interpret")
+  wide = [t is None for t, b in zip(p.buckets, bits, strict=True) if b >= 3]
+  assert not p.dense and p.one_launch == (m <= 16) and all(wide) == (m > 16)
+  back = quantized_ops.plan(qt, m, jnp.float32, "interpret", backward=True)
+  assert back.dense or back.buckets[bits.index(3)] is None
+  rng = np.random.default_rng(m)
+  x = rng.normal(size=(m, 512)).astype(np.float32)
+  c = rng.normal(size=(m, 160)).astype(np.float32)
+  w = np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
+  y, vjp = jax.vjp(lambda x: quantized_matmul(x, qt, backend="interpret"), jnp.asarray(x))
+  assert rel_err(y, x.astype(np.float64) @ w) < TOL[jnp.float32]
+  assert rel_err(vjp(jnp.asarray(c))[0], c.astype(np.float64) @ w.T) < TOL[jnp.float32]
+
+
 @pytest.mark.parametrize("rows,cols,dtype", [(48, 4096, jnp.bfloat16), (16, 48, jnp.float32)])
 def test_row_gather_copies_whole_rows(rows, cols, dtype):
   rng = np.random.default_rng(rows)
@@ -304,7 +333,7 @@ def test_bad_inputs_raise_clear_errors(qtensor):
     quantized_matmul(jnp.ones((2, 320)), qtensor, backend="cuda")
   three = quantize.quantize_tensor(weights(3, 64, 8), quantize.QuantConfig(method="lloyd", bits=3))
   with pytest.raises(NotImplementedError, match=r"bits=3"):
-    lm.lut_matmul(jnp.ones((16, 64)), three.buckets[0], group=64)
+    lm.lut_matmul_t(jnp.ones((16, 8)), three.buckets[0], group=64)
 
 
 def test_set_default_backend_changes_what_auto_runs(monkeypatch):
