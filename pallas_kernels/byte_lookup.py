@@ -1,4 +1,4 @@
-"""Table lookups by byte permutation (PTX `prmt`): 16-bit levels of 2- and 4-bit codes.
+"""Table lookups by byte permutation (PTX `prmt`): 16-bit levels of 2-, 3- and 4-bit codes.
 
 `prmt.b32 d, a, b, s` fills each byte of d with one of the 8 bytes of a (bytes 0-3) and b
 (bytes 4-7), picked by the nibbles of s. A 2-bit code's four 16-bit levels are exactly those 8
@@ -7,10 +7,11 @@ comes from the packed byte in two integer ops, with no shift: the code's field i
 place and one multiply-add moves two copies of it to the nibbles of one half of s (the low half
 for the field at bit 0, the high half for the others, whose code sits too high for the low one).
 A 4-bit code looks its two low bits up in four word pairs of 4 levels each with that selector and
-picks the pair by its two high bits (3 selects).
+picks the pair by its two high bits (3 selects); a 3-bit code in two pairs, picked by its high bit
+(1 select).
 
-Per weight that is 3 instructions (2 bits) or 10 (4 bits) instead of a select tree of 3 or 15
-selects and 2 or 4 bit tests, which makes the forward and transient-weight kernels faster
+Per weight that is 3 instructions (2 bits), 6 (3 bits) or 10 (4 bits) instead of a select tree of
+3, 7 or 15 selects and 2, 3 or 4 bit tests, which makes the forward and transient-weight kernels faster
 (docs/results.md). The backward (levels looked up in float32 for its transposed dot) is slower
 with it, so only the kernels looking levels up in the activation dtype use it.
 
@@ -26,8 +27,8 @@ from jax.experimental.pallas import triton as plgpu
 
 
 def covers(bits: int, dtype) -> bool:
-  """Whether `lookup` handles b-bit codes with levels in `dtype` (2 or 4 bits, 16-bit levels)."""
-  return bits in (2, 4) and jnp.dtype(dtype).itemsize == 2
+  """Whether `lookup` handles b-bit codes with levels in `dtype` (2 to 4 bits, 16-bit levels)."""
+  return bits in (2, 3, 4) and jnp.dtype(dtype).itemsize == 2
 
 
 def level_words(levels: list) -> list:
@@ -67,11 +68,12 @@ def _lookup_reference(codes, field, bits, words):
   s = (codes & mask) * mul + add
   words = [jnp.broadcast_to(w, codes.shape) for w in words]
   found = [prmt_reference(words[j], words[j + 1], s) for j in range(0, len(words), 2)]
+  p = field * bits
+  if bits >= 3:  # pick each pair of word pairs by bit 2
+    bit2 = (codes & (4 << p)) != 0
+    found = [jnp.where(bit2, found[j + 1], found[j]) for j in range(0, len(found), 2)]
   if bits == 4:
-    p = field * bits
-    bit2, bit3 = (codes & (4 << p)) != 0, (codes & (8 << p)) != 0
-    low, high = jnp.where(bit2, found[1], found[0]), jnp.where(bit2, found[3], found[2])
-    found = [jnp.where(bit3, high, low)]
+    found = [jnp.where((codes & (8 << p)) != 0, found[1], found[0])]
   if half == 0:
     return (found[0] << 16) >> 16  # sign-extended: the int16 value in an int32
   return found[0] >> 16
@@ -85,6 +87,15 @@ def _asm(field: int, bits: int) -> str:
   if bits == 2:
     return "{ .reg .b32 c, s, d; .reg .b16 l, h; " + head + "prmt.b32 d, $2, $3, s; " + take + " }"
   p = field * bits
+  if bits == 3:
+    return (
+      "{ .reg .b32 c, s, d, d0, d1; .reg .pred p2; .reg .b16 l, h; "
+      + head
+      + "prmt.b32 d0, $2, $3, s; prmt.b32 d1, $4, $5, s; "
+      + f"and.b32 c, $1, {4 << p}; setp.ne.u32 p2, c, 0; selp.b32 d, d1, d0, p2; "
+      + take
+      + " }"
+    )
   return (
     "{ .reg .b32 c, s, d, d0, d1, d2, d3, e0, e1; .reg .pred p2, p3; .reg .b16 l, h; "
     + head
@@ -103,7 +114,7 @@ def lookup(codes, field: int, bits: int, levels: list, *, interpret: bool):
 
   Args:
     codes: int32 [R, C], packed bytes (values 0..255).
-    field: which code of the byte (0 .. 8 / bits - 1); bits: 2 or 4 (`covers`).
+    field: which code of the byte (0 .. 8 // bits - 1); bits: 2, 3 or 4 (`covers`).
     levels: 2^bits arrays [1, C] of one 16-bit dtype: each channel's levels.
     interpret: emulate the instruction in jnp (Pallas' interpreter) instead of inline PTX.
   Returns:
@@ -111,7 +122,7 @@ def lookup(codes, field: int, bits: int, levels: list, *, interpret: bool):
   """
   dtype = levels[0].dtype
   if not covers(bits, dtype):
-    raise ValueError(f"byte lookup needs 2- or 4-bit codes and 16-bit levels, not {bits}, {dtype}")
+    raise ValueError(f"byte lookup needs 2- to 4-bit codes and 16-bit levels, not {bits}, {dtype}")
   words = level_words(levels)
   if interpret:
     found = _lookup_reference(codes, field, bits, words).astype(jnp.int16)

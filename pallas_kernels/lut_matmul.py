@@ -20,7 +20,7 @@ so that no scatter follows it. A program loads a tile of packed rows [block_k, b
 handles each of its p row slabs; block_k divides the group size, so a slab lies in one
 group and its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before
 the lookup. Looking levels up in a 16-bit activation dtype (`Tiles.narrow`, the forward up to
-M = 64), 2- and 4-bit codes go through byte permutations (`byte_lookup`); otherwise the lookup is
+M = 64), 2-, 3- and 4-bit codes go through byte permutations (`byte_lookup`); otherwise the lookup is
 a tree of selects on the code bits, tested in place in the packed bytes (no shift or mask per slab). The
 slab then feeds the tensor cores with fp32 accumulation.
 Small M gets more programs by splitting the reduction (K for the forward, N for the backward)

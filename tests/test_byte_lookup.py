@@ -1,4 +1,4 @@
-"""`byte_lookup`: levels of packed 2- and 4-bit codes by byte permutation, against numpy.
+"""`byte_lookup`: levels of packed 2-, 3- and 4-bit codes by byte permutation, against numpy.
 
 The lookups run inside a Pallas kernel: interpreted on CPU (the instruction emulated), compiled
 through Triton (inline PTX) when a GPU is present.
@@ -34,7 +34,7 @@ def test_prmt_reference_is_the_instruction():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_lookup_finds_every_codes_level(bits, dtype):
   """Every field of random packed bytes against numpy's levels[code, channel], bit for bit."""
   rng = np.random.default_rng(bits)
@@ -58,6 +58,6 @@ def test_lookup_finds_every_codes_level(bits, dtype):
 
 def test_lookup_rejects_what_it_does_not_cover():
   levels = [jnp.zeros((1, 4), jnp.float32)] * 4
-  with pytest.raises(ValueError, match=r"2- or 4-bit codes and 16-bit levels"):
+  with pytest.raises(ValueError, match=r"2- to 4-bit codes and 16-bit levels"):
     byte_lookup.lookup(jnp.zeros((2, 4), jnp.int32), 0, 2, levels, interpret=True)
   assert not byte_lookup.covers(1, jnp.bfloat16) and byte_lookup.covers(4, jnp.float16)

@@ -162,8 +162,8 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("bits,k,n,m,splits,tables,dq", KERNEL_CASES)
 def test_kernels_write_every_output_tile(bits, k, n, m, splits, tables, dq, narrow, dtype):
   """Outputs start NaN-poisoned; every element must be written and correct. Narrow lookups in
-  bf16 take `byte_lookup` (2 and 4 bits), the others the select tree. 3-bit buckets (two planes)
-  have the forward kernel only."""
+  bf16 take `byte_lookup` (2, 3 and 4 bits), the others the select tree. 3-bit buckets (two
+  planes) have the forward kernel only."""
   rng = np.random.default_rng(bits * k + n)
   bucket, w = stored_bucket(rng, bits, k, n, tables, dq)
   assert_close_at_scale(bucket.dequantize(64), w, DEQUANT)  # the oracle
