@@ -261,7 +261,9 @@ def main() -> None:
   parser.add_argument("--trace", action="store_true", help="kernels of one step (profiler)")
   parser.add_argument("--out", default="", help="write the rows as JSON here")
   parser.add_argument(
-    "--tuning", default="", help='JSON overrides of the kernels\' Tuning, e.g. \'{"dense_from_m": 128}\''
+    "--tuning",
+    default="",
+    help='JSON overrides of the kernels\' Tuning, e.g. \'{"dense_from_m": 128}\'',
   )
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()

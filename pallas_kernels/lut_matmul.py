@@ -3,8 +3,9 @@
 One bucket of a `QuantizedTensor` holds Nb output channels at b bits (b in {1, 2, 4}): codes in one
 uint8 plane P[Kp, Nb] packed planar along K (Kp = K_pad * b / 8, p = 8 / b codes per byte, byte r
 holding rows r + i * Kp for i < p; 3-bit codes: their low 2 bits in such a plane, their high bits
-in a second, 1-bit one, which the forward kernels read alongside), its tables (one per channel, shared through an index, or one
-for the bucket) and group scales S[G, Nb] (float32 or double-quantized int8):
+in a second, 1-bit one, which the forward kernels read alongside), its tables (one per channel,
+shared through an index, or one for the bucket) and group scales S[G, Nb] (float32 or
+double-quantized int8):
 
     W[k, n] = table_n[code[k, n]] * S[k // group, n]
 
@@ -20,9 +21,9 @@ so that no scatter follows it. A program loads a tile of packed rows [block_k, b
 handles each of its p row slabs; block_k divides the group size, so a slab lies in one
 group and its scale row is folded into the channel's 2^b table levels ([1, block_n] vectors) before
 the lookup. Looking levels up in a 16-bit activation dtype (`Tiles.narrow`, the forward up to
-M = 64), 2-, 3- and 4-bit codes go through byte permutations (`byte_lookup`); otherwise the lookup is
-a tree of selects on the code bits, tested in place in the packed bytes (no shift or mask per slab). The
-slab then feeds the tensor cores with fp32 accumulation.
+M = 64), 2-, 3- and 4-bit codes go through byte permutations (`byte_lookup`); otherwise the
+lookup is a tree of selects on the code bits, tested in place in the packed bytes (no shift or mask
+per slab). The slab then feeds the tensor cores with fp32 accumulation.
 Small M gets more programs by splitting the reduction (K for the forward, N for the backward)
 into partial sums that XLA adds up afterwards -- deterministic, unlike atomics; with one split the
 kernel writes the result in its final dtype. Ragged M and Nb are masked in the kernel (no padding
