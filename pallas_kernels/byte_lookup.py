@@ -12,8 +12,8 @@ picks the pair by its two high bits (3 selects); a 3-bit code in two pairs, pick
 
 Per weight that is 3 instructions (2 bits), 6 (3 bits) or 10 (4 bits) instead of a select tree of
 3, 7 or 15 selects and 2, 3 or 4 bit tests, which makes the forward and transient-weight kernels
-faster (docs/results.md). The backward (levels looked up in float32 for its transposed dot) is slower
-with it, so only the kernels looking levels up in the activation dtype use it.
+faster (docs/results.md). The backward (levels looked up in float32 for its transposed dot) is
+slower with it, so only the kernels looking levels up in the activation dtype use it.
 
 Compiled kernels run the instruction as inline PTX; in Pallas' interpreter (CPU tests) the same
 selectors go through `prmt_reference`, the instruction in jnp.

@@ -6,8 +6,9 @@ and stores them in channel order, otherwise the concatenated columns are put bac
 Where a bucket does not take the kernels (M >= `Tuning.dense_from_m`, or from
 `channel_order_dense_from_m` for mixed and 1-bit tensors; 3- and 4-bit buckets above M = 16 and
 in the backward, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
-select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense the whole weight becomes one
-transient W_hat^T [N, K] in channel order and one GEMM computes the output or dX. That weight is
+select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense
+the whole weight becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the
+output or dX. That weight is
 written by one `lut_dequantize_t` launch, rows already in channel order, wherever the kernel covers
 the tensor (a single 2- or 4-bit bucket only in 16-bit dtypes, which it looks up by bytes: in
 float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed tensor's channel order is
