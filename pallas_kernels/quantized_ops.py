@@ -4,19 +4,19 @@ Forward: every precision bucket's columns come from `lut_matmul`, reading the bu
 all buckets of a mixed tensor take the kernels, one `lut_matmul_buckets` launch computes them all
 and stores them in channel order, otherwise the concatenated columns are put back in channel order.
 Where a bucket does not take the kernels (M >= `Tuning.dense_from_m`, or from
-`channel_order_dense_from_m` for mixed and 1-bit tensors; 3- and 4-bit buckets above M = 16 and
-in the backward, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
-select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense
-the whole weight becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the
-output or dX. That weight is
-written by one `lut_dequantize_t` launch, rows already in channel order, wherever the kernel covers
-the tensor (a single 2- or 4-bit bucket only in 16-bit dtypes, which it looks up by bytes: in
-float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed tensor's channel order is
-restored by gathering whole rows (`row_gather`) of the output (below `permute_weight_from_m` rows;
-dY's columns in the backward) or of the weight. The custom VJP returns only dX = dY @ W_hat^T the
-same ways (`lut_matmul_t`) -- the base is frozen, so there is no dW and nothing but the packed
-tensor itself is kept for the backward pass. `plan(qt, m, dtype, impl, backward)` returns all these
-choices for one pass as an inspectable `Plan`, which `_forward` / `_backward` execute.
+`channel_order_dense_from_m` for mixed and 1-bit tensors; 3- and 4-bit buckets above M = 16 and in
+the backward, the `xla` backend, layouts the kernels do not cover) XLA dequantizes it (a fused
+select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense the
+whole weight becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the output
+or dX. That weight is written by one `lut_dequantize_t` launch, rows already in channel order,
+wherever the kernel covers the tensor (a single 2- or 4-bit bucket only in 16-bit dtypes, which it
+looks up by bytes: in float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed
+tensor's channel order is restored by gathering whole rows (`row_gather`) of the output (below
+`permute_weight_from_m` rows; dY's columns in the backward) or of the weight. The custom VJP returns
+only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is no dW and
+nothing but the packed tensor itself is kept for the backward pass. `plan(qt, m, dtype, impl,
+backward)` returns all these choices for one pass as an inspectable `Plan`, which `_forward` /
+`_backward` execute.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
 split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
