@@ -8,6 +8,7 @@ cache. Also: packed bytes / time against the measured device copy bandwidth.
 
     python benchmarks/kernels.py --rows runs/kernels/a.jsonl                  # the full grid
     python benchmarks/kernels.py --shapes 4096x11008 --rows runs/kernels/b.jsonl
+    python benchmarks/kernels.py --precisions 3,mix3.0 --ms 1,16 --rows runs/kernels/c.jsonl
     python benchmarks/kernels.py --report runs/kernels/*.jsonl --figure docs/figures/kernels.png
 
 Each row is appended to the --rows file as it is measured, so a run cut short keeps what it
@@ -41,7 +42,10 @@ PRECISIONS = {
   "4": dict(method="lloyd", bits=4),
   "mix1.5": dict(method="lowra", budget=1.5),
   "mix2.0": dict(method="lowra", budget=2.0),
+  "3": dict(method="lloyd", bits=3),  # two planes; forward kernels only (M <= 16)
+  "mix3.0": dict(method="lowra", budget=3.0, precisions=(1, 2, 3, 4)),
 }
+DEFAULT_PRECISIONS = ("1", "2", "4", "mix1.5", "mix2.0")  # the report's grid
 
 
 def dims(shape: str, flag: str = "--shapes") -> tuple[int, int]:
@@ -382,7 +386,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default=",".join(SHAPES))
   parser.add_argument("--ms", default="1,16,64,512,4096,8192")
-  parser.add_argument("--precisions", default=",".join(PRECISIONS))
+  parser.add_argument(
+    "--precisions", default=",".join(DEFAULT_PRECISIONS), help=f"of {', '.join(PRECISIONS)}"
+  )
   parser.add_argument("--no-backward", action="store_true")
   parser.add_argument(
     "--rows", type=Path, default=Path("runs/kernels/rows.jsonl"), help="appended to as measured"
