@@ -137,9 +137,8 @@ def _calibration_users(values: dict) -> str | None:
     fixes.append("--config.lora.loftq_weighting=none")
   if method not in ("lowra", "lloyd") and calibration != "none":
     fixes.insert(0, "--config.quant.calibration=none")
-    return f"config.quant: method {method!r} has no Lloyd-Max fit to calibrate — add " + " ".join(
-      fixes
-    )
+    fit = f"config.quant: method {method!r} has no Lloyd-Max fit to calibrate"
+    return f"{fit} — add {' '.join(fixes)}"
   if calibration == "none" and fixes:
     return (
       "config.quant: calibration is 'none', and GPTQ rounding and LoftQ's input-weighted fit need "
