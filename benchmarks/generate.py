@@ -7,13 +7,14 @@
 Every method runs the same code path, `lowra_jax.generate.decode`: one jitted `lax.while_loop` of
 single-token steps over a preallocated KV cache, projections through `quantized_matmul` with
 M = batch rows (dense `jnp.dot` for bf16). Methods (`--methods`): `bf16`, `nf4` (QLoRA's NF4),
-`lowra2`, `lowra1.5` (LowRA budgets, mixed 1/2/4-bit channels), `lowra1.5+lora` (1.5 bits plus
-rank-16 adapters on all projections applied unmerged, i.e. exact fine-tuned inference). Each
-method runs in its own subprocess, so each peak memory is its own.
+`lowra2`, `lowra1.5` (LowRA budgets, channels at the LowRA configs' precisions {1, 2}),
+`lowra1.5+lora` (1.5 bits plus rank-16 adapters on all projections applied unmerged, i.e. exact
+fine-tuned inference). Each method runs in its own subprocess, so each peak memory is its own.
 
-`--precisions=1,2` sets LowRA's channel precisions (default (1, 2, 4)): the decode cost of its
-4-bit channels. `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning`
-(an A/B of a dispatch setting in one call).
+`--precisions=1,2,4` sets LowRA's channel precisions (default: `quantize.DECODE_PRECISIONS`,
+(1, 2), the LowRA configs'): the decode cost of the paper's 4-bit channels.
+`--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
+dispatch setting in one call).
 
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
@@ -50,11 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 import synthetic
 from trace_kernels import check_gpu, kernels_of
-
 from lowra_jax import cli, lora
 from lowra_jax import generate as gen
 from lowra_jax.models import llama, shapes
-from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params
+from lowra_jax.quantize import DECODE_PRECISIONS, QuantConfig, bits_per_param, quantize_params
 from pallas_kernels import quantized_ops
 
 SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32)}  # tiny: CPU
@@ -65,9 +65,9 @@ BUNDLED = {
 METHODS = {
   "bf16": None,
   "nf4": QuantConfig(method="nf", bits=4),
-  "lowra2": QuantConfig(method="lowra", budget=2.0),
-  "lowra1.5": QuantConfig(method="lowra", budget=1.5),
-  "lowra1.5+lora": QuantConfig(method="lowra", budget=1.5),
+  "lowra2": QuantConfig(method="lowra", budget=2.0, precisions=DECODE_PRECISIONS),
+  "lowra1.5": QuantConfig(method="lowra", budget=1.5, precisions=DECODE_PRECISIONS),
+  "lowra1.5+lora": QuantConfig(method="lowra", budget=1.5, precisions=DECODE_PRECISIONS),
 }
 RANK = 16
 
@@ -252,7 +252,7 @@ def main() -> None:
     "--precisions",
     dest="precisions_text",
     default="",
-    help="LowRA's channel precisions, e.g. 1,2 (default: its own)",
+    help="LowRA's channel precisions, e.g. 1,2,4 (default: the configs' 1,2)",
   )
   parser.add_argument("--prompt", type=int, default=128, help="context tokens before decoding")
   parser.add_argument("--new", type=int, default=64, help="decode steps timed")
@@ -279,8 +279,10 @@ def main() -> None:
   args.precisions = ()
   if args.precisions_text:
     args.precisions = tuple(cli.parse_list(args.precisions_text, "--precisions", convert=int))
-    with cli.user_errors("--precisions: "):
-      QuantConfig(method="lowra", budget=2.0, precisions=args.precisions)
+    with cli.user_errors(f"--precisions={args.precisions_text}: "):
+      for m in methods:
+        if METHODS[m] is not None and METHODS[m].method == "lowra":
+          dataclasses.replace(METHODS[m], precisions=args.precisions)
   if args.shape in BUNDLED:
     cli.existing("--shape", BUNDLED[args.shape], "run it from the project root")
   if args.out:

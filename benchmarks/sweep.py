@@ -19,7 +19,8 @@ Methods, all with the default config's hyper-parameters (rank 16, AdamW 2e-4, 10
   loftq         NF-k base + LoftQ (5 rounds) adapters at 4, 3, 2 bits; fractional budgets put the
                 first decoder layers at 4 bits and the rest at 2 (LoftQ's mixed precision),
                 rounded to whole layers (configs/loftq_nf2.py + quant.layer_bits).
-  lowra_loftq   LowRA at a code-bit budget + LoftQ adapters (configs/llama_1p5bit.py).
+  lowra_loftq   LowRA at a code-bit budget + LoftQ adapters (configs/llama_1p5bit.py: channels at
+                1 or 2 bits up to 2 bits, at 1, 2 or 4 bits above).
   lowra_qlora   LowRA at a code-bit budget + B = 0 adapters.
 Results: OUT/results.jsonl (one line per finished row), OUT/logs/<row>.log, train.py workdirs
 under --workdirs (default OUT/runs). On a GPU machine without network (benchmarks/gpu_setup.sh,
@@ -45,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from lowra_jax import cli
+from lowra_jax.quantize.config import DECODE_PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 NF_BITS = (4, 3, 2)
@@ -141,7 +143,10 @@ def method_flags(row: Row) -> list[str]:
       flags.append(f"--config.quant.layer_bits=(({pattern!r}, 4),)")
     return flags
   if row.method.startswith("lowra"):
-    return [f"--config.quant.budget={row.bits:g}", f"--config.lora.init={row.method[6:]}"]
+    flags = [f"--config.quant.budget={row.bits:g}", f"--config.lora.init={row.method[6:]}"]
+    if row.bits > max(DECODE_PRECISIONS):  # the config's precisions stop at 2 bits
+      flags.append("--config.quant.precisions=(1,2,4)")
+    return flags
   return []
 
 

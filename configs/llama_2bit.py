@@ -1,4 +1,4 @@
-"""LowRA at 2.0 code bits per weight (channels at 1, 2 and 4 bits), LoftQ init.
+"""LowRA at 2.0 code bits per weight (precisions {1, 2}: every channel at 2 bits), LoftQ init.
 
 python train.py --config=configs/llama_2bit.py [--config.optim.total_steps=200 ...]
 """

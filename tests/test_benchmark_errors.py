@@ -39,6 +39,10 @@ CASES = {
     ["generate.py", "--shape=tiny", '--tuning={{"dense_from": 1}}', "--out={out}/g.json"],
     "no field 'dense_from'",
   ),
+  "precisions_below_a_budget": (
+    ["generate.py", "--shape=tiny", "--methods=lowra2", "--precisions=1", "--out={out}/g.json"],
+    "budget=2.0 is unreachable",
+  ),
   "report_of_a_directory": (["kernels.py", "--report", "{out}"], "is a directory"),
   "plot_from_a_directory": (
     ["model_step.py", "--plot={out}/m.png", "--plot_from={out}"],

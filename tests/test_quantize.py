@@ -219,6 +219,7 @@ def test_default_filter_skips_embeddings_norms_head_and_vectors():
     (dict(budget=0.5), r"budget=0.5 is outside \[1, 4\]"),
     (dict(budget=4.5), r"outside \[1, 4\]"),
     (dict(budget=1.5, precisions=(2, 4)), r"infeasible"),
+    (dict(budget=2.5, precisions=(1, 2)), r"unreachable .* allow higher precisions"),
     (dict(method="gptq"), r"unknown quantization method 'gptq'"),
     (dict(method="nf", bits=5), r"bits=5 is not supported"),
     (dict(precisions=(1, 8)), r"subset of"),

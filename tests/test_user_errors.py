@@ -140,6 +140,15 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
       "add --config.quant.calibration=none --config.quant.rounding=nearest "
       "--config.lora.loftq_weighting=none",
     ),
+    "budget above the config's precisions": (
+      [
+        "train.py",
+        "--config=configs/llama_1p5bit.py",
+        f"--config.workdir={fresh}",
+        "--config.quant.budget=2.5",
+      ],
+      "config.quant: budget=2.5 is unreachable with precisions=(1, 2)",
+    ),
     "weighted LoftQ without a calibration": (
       train + ["--config.quant.calibration=none"],
       "need it — add --config.lora.loftq_weighting=none (or calibrate)",
@@ -223,6 +232,7 @@ CASE_NAMES = [
   "missing calibration split",
   "calibration without a fit",
   "LowRA config switched to NF",
+  "budget above the config's precisions",
   "weighted LoftQ without a calibration",
   "no calibration sequences",
   "llama2.c model, bad targets",

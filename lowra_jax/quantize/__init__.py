@@ -10,7 +10,7 @@ report = quantize.quantize_stream(source, config, sink=lambda path, leaf, dense:
 """
 
 from lowra_jax.quantize.codebooks import nf_levels
-from lowra_jax.quantize.config import QuantConfig, QuantizationError
+from lowra_jax.quantize.config import DECODE_PRECISIONS, QuantConfig, QuantizationError
 from lowra_jax.quantize.pipeline import (
   LayerReport,
   QuantReport,
@@ -36,6 +36,7 @@ from lowra_jax.quantize.scaling import GroupScales
 
 __all__ = [
   "BitsPerParam",
+  "DECODE_PRECISIONS",
   "Bucket",
   "GroupScales",
   "LayerReport",

@@ -8,6 +8,12 @@ from typing import Literal
 
 METHODS = ("nf", "lloyd", "lowra", "none")
 PACKABLE_BITS = (1, 2, 3, 4)
+# `lowra` precisions without the paper's 4-bit channels (the LowRA configs' up to 2 bits): their
+# table lookup dominates a real checkpoint's decode (7B shape, batch 1: LowRA 2 at 1.45x bf16's
+# tokens/s against 0.78x with {1, 2, 4}, LowRA 1.5 at 1.27x against 1.05x); fine-tuned, pycode-17m
+# is within 0.02 ppl at 1.15-2 bits and stories260K 0.6 % higher at 2 bits (docs/results.md
+# "Channel precisions {1, 2}").
+DECODE_PRECISIONS = (1, 2)
 Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
 Calibration = Literal["none", "kernel", "model"]
@@ -43,7 +49,7 @@ class QuantConfig:
   budget: float = 1.5
   """`lowra`: average code bits per parameter over all quantized layers, in [1, 4]."""
   precisions: tuple[int, ...] = (1, 2, 4)
-  """`lowra`: precisions a channel may take."""
+  """`lowra`: precisions a channel may take (the paper's; `DECODE_PRECISIONS` decodes faster)."""
   group_size: int = 64
   """Input elements sharing one absmax scale. K not divisible by it is zero-padded (stored, counted)."""
   double_quant: bool = True
@@ -126,6 +132,12 @@ def validate(cfg: QuantConfig) -> None:
       raise QuantizationError(
         f"budget={cfg.budget} is infeasible with precisions={cfg.precisions}: every channel needs "
         f"at least {min(cfg.precisions)} bits — raise the budget or allow lower precisions."
+      )
+    if cfg.budget > max(cfg.precisions):
+      raise QuantizationError(
+        f"budget={cfg.budget} is unreachable with precisions={cfg.precisions}: no channel takes "
+        f"more than {max(cfg.precisions)} bits — lower the budget or allow higher precisions, "
+        "e.g. precisions=(1, 2, 4)."
       )
   elif cfg.bits not in PACKABLE_BITS:
     raise QuantizationError(f"bits={cfg.bits} is not supported — use one of {PACKABLE_BITS}.")
