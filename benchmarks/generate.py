@@ -11,8 +11,8 @@ M = batch rows (dense `jnp.dot` for bf16). Methods (`--methods`): `bf16`, `nf4` 
 `lowra1.5+lora` (1.5 bits plus rank-16 adapters on all projections applied unmerged, i.e. exact
 fine-tuned inference). Each method runs in its own subprocess, so each peak memory is its own.
 
-`--precisions=1,2,4` sets LowRA's channel precisions (default: `quantize.DECODE_PRECISIONS`,
-(1, 2), the LowRA configs'): the decode cost of the paper's 4-bit channels.
+`--precisions=1,2,4` sets LowRA's channel precisions (default: the LowRA configs'
+`quantize.recommended_precisions`, (1, 2)): the decode cost of the paper's 4-bit channels.
 `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
 dispatch setting in one call).
 
@@ -54,7 +54,7 @@ from trace_kernels import check_gpu, kernels_of
 from lowra_jax import cli, lora
 from lowra_jax import generate as gen
 from lowra_jax.models import llama, shapes
-from lowra_jax.quantize import DECODE_PRECISIONS, QuantConfig, bits_per_param, quantize_params
+from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params, recommended_precisions
 from pallas_kernels import quantized_ops
 
 SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32)}  # tiny: CPU
@@ -65,9 +65,9 @@ BUNDLED = {
 METHODS = {
   "bf16": None,
   "nf4": QuantConfig(method="nf", bits=4),
-  "lowra2": QuantConfig(method="lowra", budget=2.0, precisions=DECODE_PRECISIONS),
-  "lowra1.5": QuantConfig(method="lowra", budget=1.5, precisions=DECODE_PRECISIONS),
-  "lowra1.5+lora": QuantConfig(method="lowra", budget=1.5, precisions=DECODE_PRECISIONS),
+  "lowra2": QuantConfig(budget=2.0, precisions=recommended_precisions(2.0)),
+  "lowra1.5": QuantConfig(budget=1.5, precisions=recommended_precisions(1.5)),
+  "lowra1.5+lora": QuantConfig(budget=1.5, precisions=recommended_precisions(1.5)),
 }
 RANK = 16
 

@@ -33,7 +33,7 @@ import synthetic
 
 from lowra_jax import cli, lora, train_lib
 from lowra_jax.models import llama, shapes
-from lowra_jax.quantize import QuantConfig, bits_per_param
+from lowra_jax.quantize import QuantConfig, bits_per_param, recommended_precisions
 from lowra_jax.run_config import ModelConfig
 
 SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 128, 384, 2, 4, 2, 32)}  # tiny: CPU
@@ -42,7 +42,10 @@ METHODS = {
   "nf4": QuantConfig(method="nf", bits=4),
   "nf3": QuantConfig(method="nf", bits=3),
   "nf2": QuantConfig(method="nf", bits=2),
-  **{f"lowra{b:g}": QuantConfig(budget=b) for b in (4, 3, 2.5, 2.25, 2, 1.75, 1.5, 1.25, 1.15)},
+  **{
+    f"lowra{b:g}": QuantConfig(budget=b, precisions=recommended_precisions(b))
+    for b in (4, 3, 2.5, 2.25, 2, 1.75, 1.5, 1.25, 1.15)
+  },
 }
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from lowra_jax import cli
-from lowra_jax.quantize.config import DECODE_PRECISIONS
+from lowra_jax.quantize.config import recommended_precisions
 
 ROOT = Path(__file__).resolve().parents[1]
 NF_BITS = (4, 3, 2)
@@ -144,8 +144,8 @@ def method_flags(row: Row) -> list[str]:
     return flags
   if row.method.startswith("lowra"):
     flags = [f"--config.quant.budget={row.bits:g}", f"--config.lora.init={row.method[6:]}"]
-    if row.bits > max(DECODE_PRECISIONS):  # the config's precisions stop at 2 bits
-      flags.append("--config.quant.precisions=(1,2,4)")
+    if recommended_precisions(row.bits) != recommended_precisions(1.5):  # the config's budget
+      flags.append(f"--config.quant.precisions={recommended_precisions(row.bits)}".replace(" ", ""))
     return flags
   return []
 

@@ -21,7 +21,7 @@ from lowra_jax.calibration import CalibConfig
 from lowra_jax.data import DataConfig
 from lowra_jax.run_config import ModelConfig, TrainConfig
 from lowra_jax.lora import LoraConfig
-from lowra_jax.quantize import DECODE_PRECISIONS, QuantConfig
+from lowra_jax.quantize import QuantConfig, recommended_precisions
 from lowra_jax.sharding import MeshConfig
 from lowra_jax.train_lib import OptimConfig
 
@@ -76,12 +76,11 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   (``lora.loftq_weighting="inputs"``). Each lowers the fine-tuned perplexity at every budget of the
   sweep's A/B but one (GPTQ ties at 1.5 bits; docs/results.md "Calibration: fine-tuned A/B"); GPTQ
   doubles the quantization time (7B shape: 73 s against 36 s, "LoftQ and calibration on the 7B
-  shape"). Up to 2 bits the channels take `quantize.DECODE_PRECISIONS` ({1, 2}: faster decode, about
-  the same fine-tuned perplexity); above, the paper's {1, 2, 4}."""
+  shape"). Channels at `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster
+  decode, about the same fine-tuned perplexity), above the paper's {1, 2, 4}."""
   c = base_config()
   c.quant.budget = budget
-  if budget <= max(DECODE_PRECISIONS):
-    c.quant.precisions = DECODE_PRECISIONS
+  c.quant.precisions = recommended_precisions(budget)
   c.quant.calibration = "kernel"
   c.quant.rounding = "gptq"
   c.lora.loftq_weighting = "inputs"

@@ -49,6 +49,22 @@ def test_config_builds_valid_settings(path):
     assert (ROOT / config.model.path).exists() and (ROOT / config.data.path).exists()
 
 
+def test_lowra_configs_leave_4bit_channels_out_up_to_2_bits():
+  """Up to 2 bits the LowRA configs decode without 4-bit channels; above, the paper's {1, 2, 4},
+  or {1, 2, 3, 4} where a config asks for 3-bit channels."""
+  want = {
+    "demo": (1, 2),
+    "llama_1p5bit": (1, 2),
+    "llama_2bit": (1, 2),
+    "llama_2p5bit": (1, 2, 3, 4),
+  }
+  for name, precisions in want.items():
+    assert tuple(load(ROOT / "configs" / f"{name}.py").quant.precisions) == precisions, name
+  from configs.common import lowra_config
+
+  assert tuple(lowra_config(3.0).quant.precisions) == (1, 2, 4)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_sections_hold_exactly_their_dataclass_fields(path):
   config = load(path)

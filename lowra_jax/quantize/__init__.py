@@ -10,7 +10,12 @@ report = quantize.quantize_stream(source, config, sink=lambda path, leaf, dense:
 """
 
 from lowra_jax.quantize.codebooks import nf_levels
-from lowra_jax.quantize.config import DECODE_PRECISIONS, QuantConfig, QuantizationError
+from lowra_jax.quantize.config import (
+  DECODE_PRECISIONS,
+  QuantConfig,
+  QuantizationError,
+  recommended_precisions,
+)
 from lowra_jax.quantize.pipeline import (
   LayerReport,
   QuantReport,
@@ -56,5 +61,6 @@ __all__ = [
   "quantize_params",
   "quantize_stream",
   "quantize_tensor",
+  "recommended_precisions",
   "solve_budget",
 ]

@@ -14,6 +14,13 @@ PACKABLE_BITS = (1, 2, 3, 4)
 # is within 0.02 ppl at 1.15-2 bits and stories260K 0.6 % higher at 2 bits (docs/results.md
 # "Channel precisions {1, 2}").
 DECODE_PRECISIONS = (1, 2)
+PAPER_PRECISIONS = (1, 2, 4)
+
+
+def recommended_precisions(budget: float) -> tuple[int, ...]:
+  """`lowra` channel precisions for `budget` code bits (the LowRA configs'): `DECODE_PRECISIONS`
+  up to their largest, else the paper's."""
+  return DECODE_PRECISIONS if budget <= max(DECODE_PRECISIONS) else PAPER_PRECISIONS
 Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
 Calibration = Literal["none", "kernel", "model"]
@@ -48,8 +55,9 @@ class QuantConfig:
   ((r"layers/[0-3]/", 4),) keeps the first four decoder layers at 4 bits."""
   budget: float = 1.5
   """`lowra`: average code bits per parameter over all quantized layers, in [1, 4]."""
-  precisions: tuple[int, ...] = (1, 2, 4)
-  """`lowra`: precisions a channel may take (the paper's; `DECODE_PRECISIONS` decodes faster)."""
+  precisions: tuple[int, ...] = PAPER_PRECISIONS
+  """`lowra`: precisions a channel may take (the paper's; `recommended_precisions(budget)` is
+  what the configs use: without 4-bit channels up to 2 bits, which decodes faster)."""
   group_size: int = 64
   """Input elements sharing one absmax scale. K not divisible by it is zero-padded (stored, counted)."""
   double_quant: bool = True
