@@ -3,7 +3,8 @@
 For every budget: LowRA with `calibration="none"` (weight-space error), "kernel" and "model" (error
 weighted by the input second moments of `--sequences` blocks of networkx_train, normalised per
 kernel or not: `QuantConfig.calibration`), each with the `--rounding`s asked for ("gptq": codes by
-error feedback through the inputs' covariances, `QuantConfig.rounding`), perplexity of the
+error feedback through the inputs' covariances, `QuantConfig.rounding`; "gptq+refit": then each
+channel's levels refitted to those codes, `QuantConfig.refit`), perplexity of the
 quantized base over networkx_eval; NF-k rows as the reference. Each row is appended to `--out`
 (JSONL) as it is measured and printed as a table at the end.
 
@@ -47,7 +48,7 @@ def measure(
     "method": name,
     "budget": config.budget if config.method == "lowra" else config.bits,
     "calibration": config.calibration,
-    "rounding": config.rounding,
+    "rounding": config.rounding + ("+refit" if config.refit else ""),
     "precisions": list(config.precisions) if config.method == "lowra" else None,
     "code_bits": bits.code,
     "total_bits": bits.total,
@@ -64,7 +65,9 @@ def main() -> None:
   p.add_argument("--budgets", default="1.5,2,2.5,3")
   p.add_argument("--nf", default="3,4", help="NF-k reference rows ('' for none)")
   p.add_argument("--calibrations", default="none,kernel,model")
-  p.add_argument("--rounding", default="nearest", help="nearest, gptq or both (comma-separated)")
+  p.add_argument(
+    "--rounding", default="nearest", help="nearest, gptq, gptq+refit (comma-separated)"
+  )
   p.add_argument(
     "--precisions", default="124", help="LowRA's channel precisions, e.g. 124 or 1234 (3-bit too)"
   )
@@ -84,7 +87,12 @@ def main() -> None:
     for c in args.calibrations.split(","):
       for r in roundings if c != "none" else ["nearest"]:
         with cli.user_errors("--precisions / --budgets: "):
-          cfg = QuantConfig(budget=b, calibration=c, rounding=r, precisions=bits)
+          rounding, _, refit = r.partition("+")
+          if refit not in ("", "refit"):
+            raise cli.UserError(f"--rounding={r}: use nearest, gptq or gptq+refit")
+          cfg = QuantConfig(
+            budget=b, calibration=c, rounding=rounding, refit=bool(refit), precisions=bits
+          )
         rows.append(("LowRA", cfg))
 
   tokenizer = load_tokenizer(Path(args.model))

@@ -86,6 +86,11 @@ class QuantConfig:
   `none` (the fit is weighed by h as usual) and each kernel's whole input covariance H = E[x x^T]
   (the quantizer's `covariances`: `calibration.input_moments(full=True)`, or computed one
   decoder layer at a time as the kernels are encoded, `calibration.LayerCovariances`)."""
+  refit: bool = False
+  """With `rounding="gptq"`: once the codes are chosen, refit each channel's levels to them by
+  least squares through the input covariance H (levels L minimising (w - Z L)^T H (w - Z L),
+  Z[k, j] = scale_k [code_k = j]): the levels move to where the rounded codes need them. Costs
+  2^bits matmuls [K, K] x [K, N] per tensor."""
   lut_clusters: int = 0
   """0: one lookup table per output channel. C > 0: each precision bucket of a tensor shares C
   tables (k-means over the channels' tables, then a pooled Lloyd-Max refit) plus a uint8 index per
@@ -190,6 +195,11 @@ def validate(cfg: QuantConfig) -> None:
     raise QuantizationError(
       "rounding='gptq' feeds errors back through the input covariances of calibration data — set "
       "calibration='kernel' (or 'model'), or rounding='nearest'."
+    )
+  if cfg.refit and (cfg.rounding != "gptq" or cfg.method == "nf" or cfg.lut_clusters):
+    raise QuantizationError(
+      "refit=True refits per-channel tables through the covariances GPTQ rounding reads — use it "
+      "with rounding='gptq', method 'lowra' or 'lloyd' and lut_clusters=0, or set refit=False."
     )
   if cfg.solver not in ("auto", "greedy", "milp"):
     raise QuantizationError(f"unknown solver {cfg.solver!r} — use 'auto', 'greedy' or 'milp'.")

@@ -173,8 +173,10 @@ def _absmax(w, *, group_size: int):
   return scaling.group_absmax(scaling.pad_rows(w.astype(jnp.float32), group_size), group_size)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "dense"))
-def _encode(w, perm, scale, tables, cov=None, *, group_size: int, dense: bool):
+@functools.partial(jax.jit, static_argnames=("group_size", "dense", "refit_levels"))
+def _encode(
+  w, perm, scale, tables, cov=None, *, group_size: int, dense: bool, refit_levels: int = 0
+):
   """Codes and exact errors of the stored format.
 
   Args:
@@ -185,11 +187,13 @@ def _encode(w, perm, scale, tables, cov=None, *, group_size: int, dense: bool):
     cov: None (each weight's nearest level), or float32 [K, K] the input covariance for
       `QuantConfig.rounding="gptq"` (`_gptq_codes`).
     dense: also return the dequantized kernel.
+    refit_levels: 0, or (with `cov`) the most levels a channel has: its tables are then refitted
+      to the codes (`_refit_tables`, `QuantConfig.refit`).
 
   Returns:
-    codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted), and (`dense`) the
+    codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted), (`dense`) the
     dequantized kernel float32 [K, N] in the original channel order (what `dequantize` gives),
-    else None.
+    else None, and the tables float32 [N, 16] the codes index (refitted, else `tables`).
   """
   wp = scaling.pad_rows(w.astype(jnp.float32), group_size)[:, perm]
   se = scaling.expand_groups(scale, group_size)
@@ -197,13 +201,63 @@ def _encode(w, perm, scale, tables, cov=None, *, group_size: int, dense: bool):
     codes = mapping.nearest_codes(_normalised(wp, se).T, tables)
   else:
     codes = _gptq_codes(wp, se, tables, cov).T
+    if refit_levels:
+      tables, codes = _refit_tables(wp, se, codes, cov, tables, refit_levels)
   w_hat = mapping.lookup(tables, codes).T * se
   real = (jnp.arange(wp.shape[0]) < w.shape[0])[:, None]
   err = jnp.where(real, jnp.square(wp - w_hat), 0.0).sum(axis=0)
   if not dense:
-    return codes.T, err, None
+    return codes.T, err, None, tables
   unpermuted = jnp.zeros_like(w_hat).at[:, perm].set(w_hat)
-  return codes.T, err, unpermuted[: w.shape[0]]
+  return codes.T, err, unpermuted[: w.shape[0]], tables
+
+
+REFIT_RIDGE = 1e-4  # of a channel's mean normal-matrix diagonal, pulling levels to their fit
+
+
+def _refit_tables(wp, se, codes, cov, tables, levels: int):
+  """Each channel's levels refitted to its codes through the input covariance H, rounded to the
+  stored float16, sorted (codes renumbered to match).
+
+  With the codes fixed, channel n's output error (w - Z L)^T H (w - Z L), Z[k, j] = s_k [c_k = j],
+  is least at L = (Z^T H Z)^-1 Z^T H w; a ridge of `REFIT_RIDGE` times the mean diagonal of
+  Z^T H Z (over the channel's 2^bits levels) pulls L towards the fitted levels, so that a level
+  no code uses keeps its value.
+
+  Args:
+    wp, se: float32 [K_pad, N] permuted weights (padding rows 0) and their scales.
+    codes: uint8 [N, K_pad]; cov: float32 [K, K]; tables: float32 [N, 16] (+inf padded).
+    levels: the most levels a channel has (a static power of two <= 16).
+
+  Returns:
+    tables float32 [N, 16] and codes uint8 [N, K_pad].
+  """
+  k_pad, k = wp.shape[0], cov.shape[0]
+  h = jnp.zeros((k_pad, k_pad), jnp.float32).at[:k, :k].set(cov.astype(jnp.float32))
+  dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
+  onehot = [jnp.where(codes.T == j, se, 0.0) for j in range(levels)]  # Z[:, :, j], [K_pad, N]
+  hw = dot(h, wp)
+  gram = [[None] * levels for _ in range(levels)]
+  for j in range(levels):
+    hz = dot(h, onehot[j])
+    for i in range(j, levels):
+      gram[i][j] = gram[j][i] = jnp.sum(onehot[i] * hz, axis=0)  # [N]
+  a = jnp.stack([jnp.stack(row, axis=-1) for row in gram], axis=-2)  # [N, J, J]
+  rhs = jnp.stack([jnp.sum(z * hw, axis=0) for z in onehot], axis=-1)  # [N, J]
+  old = tables[:, :levels]
+  used = jnp.isfinite(old)
+  fitted = jnp.where(used, old, 0.0)
+  ridge = REFIT_RIDGE * jnp.trace(a, axis1=1, axis2=2) / used.sum(axis=1)
+  ridge = jnp.where(ridge > 0, ridge, 1.0)[:, None]
+  eye = jnp.eye(levels, dtype=jnp.float32)
+  a = jnp.where(used[:, :, None] & used[:, None, :], a, 0.0) + ridge[:, :, None] * eye
+  new = jnp.linalg.solve(a, (jnp.where(used, rhs, 0.0) + ridge * fitted)[..., None])[..., 0]
+  new = jnp.where(used, new.astype(jnp.float16).astype(jnp.float32), jnp.inf)
+  order = jnp.argsort(new, axis=1)
+  rank = jnp.argsort(order, axis=1).astype(jnp.uint8)
+  codes = jnp.take_along_axis(rank, codes.astype(jnp.int32), axis=1)
+  new = jnp.take_along_axis(new, order, axis=1)
+  return tables.at[:, :levels].set(new), codes
 
 
 def _normalised(w, se):
@@ -345,7 +399,8 @@ def _encode_and_pack(
     tables, index = _bucket_tables(w, cfg, fitted, b, cols, h)
     per_channel = tables[index] if index is not None else np.broadcast_to(tables, (hi - lo, 2**b))
     parts.append((b, scales, tables, index, scales.dequantize(np), _pad_tables(per_channel)))
-  codes, err, w_hat = _encode(
+  refit = cfg.refit and cov is not None
+  codes, err, w_hat, refitted = _encode(
     w,
     jnp.asarray(order, jnp.int32),
     jnp.asarray(np.concatenate([p[4] for p in parts], axis=1)),
@@ -353,8 +408,15 @@ def _encode_and_pack(
     cov,
     group_size=cfg.group_size,
     dense=dense,
+    refit_levels=2 ** max(present) if refit else 0,
   )
   codes, err = np.asarray(codes), np.asarray(err)
+  if refit:  # per-channel tables (`validate`: no shared ones), float16 values
+    refitted = np.asarray(refitted)
+    parts = [
+      (b, scales, refitted[lo:hi, : 2**b].astype(np.float16), index, *rest)
+      for (b, scales, _, index, *rest), lo, hi in zip(parts, bounds[:-1], bounds[1:])
+    ]
   t1 = time.perf_counter()
   buckets = tuple(
     Bucket(
