@@ -134,7 +134,8 @@ def test_refit_levels_are_the_least_squares_levels_of_the_gptq_codes(kw):
   qt, report = _quantize(w, cov, "gptq", refit=True, **kw)
   assert [b.bits for b in qt.buckets] == [b.bits for b in gptq.buckets]
   for b, g in zip(qt.buckets, gptq.buckets, strict=True):
-    np.testing.assert_array_equal(np.asarray(b.scales.dequantize()), np.asarray(g.scales.dequantize()))
+    scales = (np.asarray(x.scales.dequantize()) for x in (b, g))
+    np.testing.assert_array_equal(*scales)
     tables = np.asarray(b.tables, np.float64)
     assert b.tables.dtype == jnp.float16 and (np.diff(tables, axis=1) >= 0).all()
     ours, theirs = (np.asarray(packing.unpack(x.planes, x.bits))[:k] for x in (b, g))
