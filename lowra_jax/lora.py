@@ -340,7 +340,7 @@ def requantize_merged(
   covariances again). Lossy: compare its perplexity with the unmerged model's."""
   return quantize_params(
     merge_adapters(qparams, adapters, lora_config),
-    dataclasses.replace(quant_config, rounding="nearest"),
+    dataclasses.replace(quant_config, rounding="nearest", refit=False),
     progress=False,
     importance=importance,
   )
