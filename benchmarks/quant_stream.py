@@ -20,7 +20,9 @@ included (one fresh process). Prints last a table: passes' seconds, host peak RS
 (`calibration.input_moments`, layer by layer from the same source; its seconds printed), then
 LowRA with `calibration="kernel"`; with `--gptq`, `rounding="gptq"` (GPTQ's error feedback when
 encoding) on the whole input covariances, computed one decoder layer at a time during pass 2
-(`calibration.LayerCovariances`; their seconds printed, part of the quantization's).
+(`calibration.LayerCovariances`; their seconds printed, part of the quantization's); with
+`--refit` as well, each channel's levels refitted to its GPTQ codes (`QuantConfig.refit`). LowRA's
+channel precisions are the configs' (`quantize.recommended_precisions`: {1, 2} up to 2 bits).
 `--loftq=T`: LoftQ initialisation as train.py streams it (`loftq.loftq_stream`, rank-16 adapters
 on every projection; LowRA: two passes per round), with each round's seconds and error.
 """
@@ -41,7 +43,7 @@ from lowra_jax import calibration, cli, loftq, lora
 from lowra_jax.models import llama
 from lowra_jax.models.shapes import SHAPES
 from lowra_jax.models.weights_source import CheckpointSource, SyntheticSource
-from lowra_jax.quantize import QuantConfig, is_quantized
+from lowra_jax.quantize import QuantConfig, is_quantized, recommended_precisions
 from lowra_jax.quantize.pipeline import quantize_stream
 from lowra_jax.quantize.serialize import Writer
 
@@ -82,6 +84,7 @@ def parse_args():
   parser.add_argument("--loftq", type=int, default=0, help="LoftQ rounds (0: none)")
   parser.add_argument("--calibrate", type=int, default=0, help="calibration blocks (0: none)")
   parser.add_argument("--gptq", action="store_true", help="with --calibrate: GPTQ rounding")
+  parser.add_argument("--refit", action="store_true", help="with --gptq: refit the levels")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args()
   if args.layers:
@@ -92,6 +95,8 @@ def parse_args():
       raise cli.UserError("--calibrate: synthetic shapes with --method=lowra only — drop it")
   if args.gptq and not args.calibrate:
     raise cli.UserError("--gptq feeds errors back through calibration covariances — add --calibrate=N")
+  if args.refit and not args.gptq:
+    raise cli.UserError("--refit refits the levels to GPTQ's codes — add --gptq")
   if args.loftq:
     cli.positive("--loftq", args.loftq)
     if args.save:
@@ -111,6 +116,8 @@ def main():
       bits=args.bits,
       calibration=calibrated,
       rounding="gptq" if args.gptq else "nearest",
+      refit=args.refit,
+      **({"precisions": recommended_precisions(args.budget)} if args.method == "lowra" else {}),
     )
   if args.checkpoint:
     cli.existing("--checkpoint", args.checkpoint)
@@ -124,6 +131,7 @@ def main():
   timed = TimedSource(source)
   label = f"lowra {args.budget:g}" if args.method == "lowra" else f"nf{args.bits}"
   label += " gptq" if args.gptq else ""
+  label += " + refit" if args.refit else ""
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {name}, {label}", flush=True)
 
   held, kept = [], {"packed": 0, "dense": 0}
