@@ -72,7 +72,8 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   """`base_config` with a LowRA base at `budget` code bits per weight, calibrated: errors weighed
   per kernel by the inputs' second moments on the training data (``quant.calibration="kernel"``),
   codes rounded by GPTQ's error feedback through the inputs' covariances
-  (``quant.rounding="gptq"``) and LoftQ's rank-r fit of the residual weighed by the same inputs
+  (``quant.rounding="gptq"``), each channel's levels refitted to those codes (``quant.refit``)
+  and LoftQ's rank-r fit of the residual weighed by the same inputs
   (``lora.loftq_weighting="inputs"``). Each lowers the fine-tuned perplexity at every budget of the
   sweep's A/B but one (GPTQ ties at 1.5 bits; docs/results.md "Calibration: fine-tuned A/B"); GPTQ
   doubles the quantization time (7B shape: 73 s against 36 s, "LoftQ and calibration on the 7B
@@ -83,5 +84,6 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   c.quant.precisions = recommended_precisions(budget)
   c.quant.calibration = "kernel"
   c.quant.rounding = "gptq"
+  c.quant.refit = True
   c.lora.loftq_weighting = "inputs"
   return c

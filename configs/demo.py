@@ -13,6 +13,7 @@ def get_config():
   # only over longer runs), docs/results.md "LoftQ weighted by the inputs, and GPTQ, in the CPU
   # demo".
   c.quant.rounding = "nearest"
+  c.quant.refit = False  # refits levels to GPTQ's codes
   c.lora.loftq_iters = 2
   c.calib.sequences = 64
   c.data.seq_len = 256

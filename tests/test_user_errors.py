@@ -138,7 +138,7 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "--config.quant.method=nf",
       ],
       "add --config.quant.calibration=none --config.quant.rounding=nearest "
-      "--config.lora.loftq_weighting=none",
+      "--config.quant.refit=False --config.lora.loftq_weighting=none",
     ),
     "budget above the config's precisions": (
       [
