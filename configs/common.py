@@ -75,7 +75,8 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   (``quant.rounding="gptq"``), each channel's levels refitted to those codes (``quant.refit``)
   and LoftQ's rank-r fit of the residual weighed by the same inputs
   (``lora.loftq_weighting="inputs"``). Each lowers the fine-tuned perplexity at every budget of the
-  sweep's A/B but one (GPTQ ties at 1.5 bits; docs/results.md "Calibration: fine-tuned A/B"); GPTQ
+  sweep's A/B but one (GPTQ ties at 1.5 bits; docs/results.md "Calibration: fine-tuned A/B"; the
+  refit so far at 1.5 bits only, "Refitted levels: base alone and fine-tuned"); GPTQ
   doubles the quantization time (7B shape: 73 s against 36 s, "LoftQ and calibration on the 7B
   shape"). Channels at `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster
   decode, about the same fine-tuned perplexity), above the paper's {1, 2, 4}."""
