@@ -9,11 +9,6 @@ from configs.common import lowra_config
 def get_config():
   c = lowra_config(1.5)
   c.workdir = "runs/demo"
-  # Nearest rounding: after the demo's 60 steps GPTQ's base ends higher (21.92 vs 21.43; it wins
-  # only over longer runs), docs/results.md "LoftQ weighted by the inputs, and GPTQ, in the CPU
-  # demo".
-  c.quant.rounding = "nearest"
-  c.quant.refit = False  # refits levels to GPTQ's codes
   c.lora.loftq_iters = 2
   c.calib.sequences = 64
   c.data.seq_len = 256

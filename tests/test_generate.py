@@ -274,6 +274,8 @@ CLI = {
   "model.dtype": "float32",
   "quant.method": "nf",
   "quant.calibration": "none",  # NF has no fit to calibrate
+  "quant.rounding": "nearest",  # nor GPTQ's covariances to round and refit with
+  "quant.refit": False,
   "lora.loftq_weighting": "none",  # nor input moments to weigh LoftQ's fit by
   "quant.bits": 4,
   "lora.rank": 4,

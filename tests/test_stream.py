@@ -89,6 +89,7 @@ def test_prepare_streams_a_base_equal_to_init_lora(init, method):
   config.model.path = str(_need(STORIES))
   config.lora.init, config.quant.method = init, method
   config.quant.calibration = "none"  # what is compared here is the streaming, not calibration
+  config.quant.rounding, config.quant.refit = "nearest", False  # GPTQ needs the calibration
   config.lora.loftq_weighting = "none"
   s = run_config.settings(config)
   prep = base.prepare(config, s, tokenizer=None)

@@ -49,6 +49,8 @@ def args(workdir: Path, *extra: str) -> list[str]:
     "--config.model.dtype=float32",
     "--config.quant.method=nf",
     "--config.quant.calibration=none",  # NF has no fit to calibrate
+    "--config.quant.rounding=nearest",  # nor GPTQ's covariances to round and refit with
+    "--config.quant.refit=False",
     "--config.lora.loftq_weighting=none",  # nor input moments to weigh LoftQ's fit by
     "--config.quant.bits=2",
     "--config.lora.rank=4",

@@ -128,6 +128,7 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     "calibration without a fit": (
       train + ["--config.quant.method=nf", "--config.quant.calibration=kernel"],
       "method 'nf' has no Lloyd-Max fit to calibrate — add --config.quant.calibration=none "
+      "--config.quant.rounding=nearest --config.quant.refit=False "
       "--config.lora.loftq_weighting=none",
     ),
     "LowRA config switched to NF": (
@@ -151,7 +152,8 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     ),
     "weighted LoftQ without a calibration": (
       train + ["--config.quant.calibration=none"],
-      "need it — add --config.lora.loftq_weighting=none (or calibrate)",
+      "need it — add --config.quant.rounding=nearest --config.quant.refit=False "
+      "--config.lora.loftq_weighting=none (or calibrate)",
     ),
     "no calibration sequences": (
       train + ["--config.quant.calibration=model", "--config.calib.sequences=0"],
