@@ -21,7 +21,7 @@ from lowra_jax.calibration import CalibConfig
 from lowra_jax.data import DataConfig
 from lowra_jax.run_config import ModelConfig, TrainConfig
 from lowra_jax.lora import LoraConfig
-from lowra_jax.quantize import QuantConfig, recommended_precisions
+from lowra_jax.quantize import QuantConfig, recommended_precisions, recommended_refit
 from lowra_jax.sharding import MeshConfig
 from lowra_jax.train_lib import OptimConfig
 
@@ -72,19 +72,19 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   """`base_config` with a LowRA base at `budget` code bits per weight, calibrated: errors weighed
   per kernel by the inputs' second moments on the training data (``quant.calibration="kernel"``),
   codes rounded by GPTQ's error feedback through the inputs' covariances
-  (``quant.rounding="gptq"``), each channel's levels refitted to those codes (``quant.refit``)
-  and LoftQ's rank-r fit of the residual weighed by the same inputs
+  (``quant.rounding="gptq"``) and LoftQ's rank-r fit of the residual weighed by the same inputs
   (``lora.loftq_weighting="inputs"``). Each lowers the fine-tuned perplexity at every budget of the
-  sweep's A/B but one (GPTQ ties at 1.5 bits; docs/results.md "Calibration: fine-tuned A/B"; the
-  refit so far at 1.5 bits only, "Refitted levels: base alone and fine-tuned"); GPTQ
+  sweep's A/B but one (GPTQ ties at 1.5 bits; docs/results.md "Calibration: fine-tuned A/B"); GPTQ
   doubles the quantization time (7B shape: 73 s against 36 s, "LoftQ and calibration on the 7B
-  shape"). Channels at `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster
+  shape"). Below 2 bits each channel's levels are then refitted to GPTQ's codes
+  (``quant.refit``, `quantize.recommended_refit`: better below 2 bits, worse from 2 up, "Refitted
+  levels"). Channels at `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster
   decode, about the same fine-tuned perplexity), above the paper's {1, 2, 4}."""
   c = base_config()
   c.quant.budget = budget
   c.quant.precisions = recommended_precisions(budget)
   c.quant.calibration = "kernel"
   c.quant.rounding = "gptq"
-  c.quant.refit = True
+  c.quant.refit = recommended_refit(budget)
   c.lora.loftq_weighting = "inputs"
   return c

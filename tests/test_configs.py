@@ -65,6 +65,14 @@ def test_lowra_configs_leave_4bit_channels_out_up_to_2_bits():
   assert tuple(lowra_config(3.0).quant.precisions) == (1, 2, 4)
 
 
+def test_lowra_configs_refit_levels_below_2_bits_only():
+  """The refitted levels help fine-tuning below 2 bits and hurt from 2 up (docs/results.md)."""
+  want = {"demo": True, "llama_1p5bit": True, "llama_2bit": False, "llama_2p5bit": False}
+  for name, refit in want.items():
+    config = load(ROOT / "configs" / f"{name}.py")
+    assert config.quant.refit is refit and config.quant.rounding == "gptq", name
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_sections_hold_exactly_their_dataclass_fields(path):
   config = load(path)

@@ -71,7 +71,13 @@ def _settings(row) -> dict:
 # ml_collections loads the config file with importlib's deprecated load_module (as in train.py).
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 @pytest.mark.parametrize(
-  "key", ["pycode-loftq-2.5-s0", "stories-lowra_qlora-1.15-s0", "pycode-lora_bf16-16-s0"]
+  "key",
+  [
+    "pycode-loftq-2.5-s0",
+    "stories-lowra_qlora-1.15-s0",
+    "pycode-lowra_loftq-2.5-s0",
+    "pycode-lora_bf16-16-s0",
+  ],
 )
 def test_row_commands_build_valid_settings(key):
   row = next(r for r in sweep.rows() if r.key == key)
@@ -88,8 +94,12 @@ def test_row_commands_build_valid_settings(key):
     assert quant.bits_for("model/layers/1/mlp/up_proj/kernel") == 4
     assert quant.bits_for("model/layers/2/mlp/up_proj/kernel") == 2
   elif row.method == "lowra_qlora":
-    assert quant.budget == 1.15 and s["init"] == "qlora"
+    assert quant.budget == 1.15 and s["init"] == "qlora" and quant.refit
+    assert tuple(s["quant"]["precisions"]) == (1, 2)
     assert s["data"] == "wikitext" and s["model"].endswith("stories260K.bin")
+  elif row.method == "lowra_loftq":  # the LowRA configs' settings at 2.5 bits, not at 1.5
+    assert quant.budget == 2.5 and s["init"] == "loftq" and not quant.refit
+    assert tuple(s["quant"]["precisions"]) == (1, 2, 4)
   else:
     assert quant.method == "none"
   assert s["train"]["eval_blocks"] == 0 and s["train"]["resume"]

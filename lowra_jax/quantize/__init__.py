@@ -15,6 +15,7 @@ from lowra_jax.quantize.config import (
   QuantConfig,
   QuantizationError,
   recommended_precisions,
+  recommended_refit,
 )
 from lowra_jax.quantize.pipeline import (
   LayerReport,
@@ -62,5 +63,6 @@ __all__ = [
   "quantize_stream",
   "quantize_tensor",
   "recommended_precisions",
+  "recommended_refit",
   "solve_budget",
 ]

@@ -21,6 +21,19 @@ def recommended_precisions(budget: float) -> tuple[int, ...]:
   """`lowra` channel precisions for `budget` code bits (the LowRA configs'): `DECODE_PRECISIONS`
   up to their largest, else the paper's."""
   return DECODE_PRECISIONS if budget <= max(DECODE_PRECISIONS) else PAPER_PRECISIONS
+
+
+# Refitted levels (`QuantConfig.refit`) lower the fine-tuned perplexity below 2 code bits and raise
+# it from 2 bits up (pycode-17m, the sweep's protocol: -0.074 at 1.5 bits over 3 seeds, -0.068 at
+# 1.15; +0.052 at 2 bits, +0.025 at 2.5; stories260K +0.035 at 2 bits; docs/results.md "Refitted
+# levels").
+REFIT_BELOW = 2.0
+
+
+def recommended_refit(budget: float) -> bool:
+  """Whether the LowRA configs refit the levels to GPTQ's codes at `budget` code bits."""
+  return budget < REFIT_BELOW
+
 Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
 Calibration = Literal["none", "kernel", "model"]
