@@ -34,13 +34,14 @@ NARROW = True  # look levels up in the output dtype
 
 
 def block_ks(qt: QuantizedTensor) -> tuple[int, ...] | None:
-  """Each bucket's packed rows per program, or None where the kernel does not cover `qt`
-  (bits other than 1, 2, 4; no power-of-two block >= 16 dividing Kp and the group)."""
+  """Each bucket's packed rows per program, or None where the kernel does not cover `qt` (no
+  power-of-two block >= 16 dividing the group and `lm.block_rows`: a 3-bit bucket's second plane
+  has half the rows)."""
   out = []
   for b in qt.buckets:
-    if b.bits not in (1, 2, 4) or len(b.planes) != 1:
+    if len(b.planes) != (2 if b.bits == 3 else 1):
       return None
-    bk = lm.max_block_k(b.planes[0].shape[0], qt.group_size)
+    bk = lm.max_block_k(lm.block_rows(b), qt.group_size)
     if not bk:
       return None
     out.append(bk)
@@ -68,11 +69,11 @@ def _kernel(*refs, layouts, block_ks, group, k, permuted, interpret):
     @pl.when(r0 < layout.kp)
     def _():
       invariants, packed = b.invariants(), b.packed(r0, bk)
-      for i in range(8 // layout.bits):
+      for i in range(layout.slabs):
         w = b.slab(packed, i, r0, invariants, o_ref.dtype)  # [bk, bn]
         cols = r0 + i * layout.kp + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         mask = n_ok
-        if layout.kp * 8 // layout.bits != k:  # K padded to the group size: drop the padding
+        if layout.kp * layout.slabs != k:  # K padded to the group size: drop the padding
           mask = cols < k if mask is None else mask & (cols < k)
         plgpu.store(o_ref.at[rows, cols], w.T, mask=mask)
 
@@ -92,7 +93,7 @@ def lut_dequantize_t(
   bks = block_ks(qt)
   if bks is None:
     raise ValueError(
-      f"lut_dequantize_t covers 1-, 2- and 4-bit buckets with Kp and group {qt.group_size} "
+      f"lut_dequantize_t covers buckets whose packed rows and group {qt.group_size} are "
       "divisible by 16; use lut_dequantize_t_reference for this tensor."
     )
   k, n = qt.shape

@@ -217,15 +217,16 @@ def test_one_launch_for_all_buckets_writes_every_tile(splits, permuted):
   [(False, 256, jnp.float32), (True, 256, jnp.float32), (True, 200, jnp.bfloat16)],
 )
 def test_dequantize_kernel_writes_every_row_in_channel_order(permuted, k, dtype):
-  """`lut_dequantize_t` over 1-, 2- and 4-bit buckets (ragged channel counts, every table and
-  scale layout), output NaN-poisoned: W^T in channel order, equal to the float64 weights (to
-  bf16's rounding in bf16, where 2 and 4 bits take `byte_lookup`); K below the padded rows (200
-  of 256) drops the padding."""
+  """`lut_dequantize_t` over 1-, 2-, 3- and 4-bit buckets (ragged channel counts, every table
+  and scale layout; 3 bits in two planes), output NaN-poisoned: W^T in channel order, equal to
+  the float64 weights (to bf16's rounding in bf16, where 2 to 4 bits take `byte_lookup`); K below
+  the padded rows (200 of 256) drops the padding."""
   rng = np.random.default_rng(k + permuted)
   kp = 256
   parts = [
     stored_bucket(rng, 1, kp, 40, "shared", 0),
     stored_bucket(rng, 2, kp, 200, "indexed", 48),  # a full block of 128 channels, a ragged one
+    stored_bucket(rng, 3, kp, 24, "channel", 0),
     stored_bucket(rng, 4, kp, 64, "channel", 64),
   ]
   w = np.concatenate([wb for _, wb in parts], axis=1)[:k]  # [K, N] in bucket order
@@ -234,7 +235,9 @@ def test_dequantize_kernel_writes_every_row_in_channel_order(permuted, k, dtype)
   qt = quantize.QuantizedTensor(
     tuple(b for b, _ in parts), None if perm is None else jnp.asarray(perm), (k, n), 64, "float32"
   )
-  assert ld.block_ks(qt) == (32, 64, 64)  # the 1- and 2-bit programs of row block 1 idle
+  # Packed rows per program (3 bits: dividing the second plane's 32 rows); the programs of row
+  # blocks past a bucket's packed rows idle (1 bit: block 1 of 2, 3 bits: none).
+  assert ld.block_ks(qt) == (32, 64, 32, 64)
   got = ld.lut_dequantize_t(
     qt, dtype, interpret=jax.default_backend() != "gpu", out=jnp.full((n, k), jnp.nan, dtype)
   )
@@ -299,26 +302,34 @@ def test_row_gather_copies_whole_rows(rows, cols, dtype):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
 @pytest.mark.parametrize(
-  "budget,m", [(1.5, 256), (3.0, 256), (3.0, quantized_ops.H200.permute_weight_from_m)]
+  "budget,k,m",
+  [
+    (1.5, 256, 256),
+    (3.0, 256, 256),
+    (3.0, 192, 256),
+    (3.0, 192, quantized_ops.H200.permute_weight_from_m),
+  ],
 )
-def test_dense_path_of_a_mixed_tensor_matches_float64(budget, m, backend):
-  """Forward and input gradient of the dense path: a 1/2-bit tensor's weight written in channel
-  order by `lut_dequantize_t`; one with 3-bit buckets (which that kernel does not cover) restored
+def test_dense_path_of_a_mixed_tensor_matches_float64(budget, k, m, backend):
+  """Forward and input gradient of the dense path: a {1, 2, 4}- or {1, 2, 3, 4}-bit tensor's
+  weight written in channel order by `lut_dequantize_t`; with K = 192 (a 1-bit plane of 24 rows,
+  which no block of 16 rows divides: the kernel does not cover it) dequantized by XLA and restored
   to channel order by the row-gather kernel, of output rows below `permute_weight_from_m`, weight
   rows from it."""
   precisions = (1, 2, 4) if budget == 1.5 else (1, 2, 3, 4)
   config = quantize.QuantConfig(budget=budget, precisions=precisions)
-  qt = quantize.quantize_tensor(weights(7, 256, 96), config)
-  assert qt.perm is not None and rg.block_shape(96, m) and rg.block_shape(96, 256)
+  qt = quantize.quantize_tensor(weights(7, k, 96), config)
+  assert qt.perm is not None and rg.block_shape(96, m) and rg.block_shape(96, k)
+  assert budget == 1.5 or 3 in {b.bits for b in qt.buckets}
   fwd, bwd = (quantized_ops.plan(qt, m, jnp.float32, backend, d) for d in (False, True))
-  if budget == 1.5:
+  if k == 256:
     assert fwd == bwd == quantized_ops.Plan(dense=True, weight="lut_dequantize")
   else:
     at = "weight" if m >= quantized_ops.H200.permute_weight_from_m else "output"
     assert fwd == quantized_ops.Plan(dense=True, weight="xla", permute=at, gather="row_gather")
     assert bwd.permute == at and bwd.gather == ("row_gather" if at == "weight" else "xla")
   rng = np.random.default_rng(m)
-  x = rng.normal(size=(m, 256)).astype(np.float32)
+  x = rng.normal(size=(m, k)).astype(np.float32)
   c = rng.normal(size=(m, 96)).astype(np.float32)
   w = np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
   y, vjp = jax.vjp(lambda x: quantized_matmul(x, qt, backend=backend), jnp.asarray(x))
