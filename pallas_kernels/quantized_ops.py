@@ -9,14 +9,14 @@ the backward, the `xla` backend, layouts the kernels do not cover) XLA dequantiz
 select tree) into a transient transposed weight [Nb, K] for its dot. When every bucket is dense the
 whole weight becomes one transient W_hat^T [N, K] in channel order and one GEMM computes the output
 or dX. That weight is written by one `lut_dequantize_t` launch, rows already in channel order,
-wherever the kernel covers the tensor (a single 2- or 4-bit bucket only in 16-bit dtypes, which it
-looks up by bytes: in float32 XLA's fusion is faster); otherwise XLA dequantizes it, and a mixed
-tensor's channel order is restored by gathering whole rows (`row_gather`) of the output (below
-`permute_weight_from_m` rows; dY's columns in the backward) or of the weight. The custom VJP returns
-only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is no dW and
-nothing but the packed tensor itself is kept for the backward pass. `plan(qt, m, dtype, impl,
-backward)` returns all these choices for one pass as an inspectable `Plan`, which `_forward` /
-`_backward` execute.
+wherever the kernel covers the tensor (a single 2-, 3- or 4-bit bucket only in 16-bit dtypes,
+which it looks up by bytes: in float32 XLA's fusion is faster); otherwise XLA dequantizes it, and
+a mixed tensor's channel order is restored by gathering whole rows (`row_gather`) of the output
+(below `permute_weight_from_m` rows; dY's columns in the backward) or of the weight. The custom VJP
+returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is
+no dW and nothing but the packed tensor itself is kept for the backward pass. `plan(qt, m, dtype,
+impl, backward)` returns all these choices for one pass as an inspectable `Plan`, which
+`_forward` / `_backward` execute.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
 split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
@@ -236,8 +236,8 @@ def _weight_rows(qt: QuantizedTensor, dtype, p: Plan, impl: str):
 def _dequantize_kernel(qt: QuantizedTensor, impl: str, dtype) -> bool:
   """Whether `lut_dequantize_t` writes the tensor's transient weight in `dtype`: wherever it covers
   the tensor (a mixed one then comes out in channel order at no extra cost: the dense path never
-  permutes activations), except a single 2- or 4-bit bucket in a dtype it cannot look up by bytes
-  (`byte_lookup`), where XLA's fused dequantization is faster (H200)."""
+  permutes activations), except a single 2-, 3- or 4-bit bucket in a dtype it cannot look up by
+  bytes (`byte_lookup`), where XLA's fused dequantization is faster (H200)."""
   if impl not in ("triton", "interpret") or ld.block_ks(qt) is None:
     return False
   bits = qt.buckets[0].bits
