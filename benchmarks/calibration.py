@@ -11,6 +11,7 @@ quantized base over networkx_eval; NF-k rows as the reference. Each row is appen
     python benchmarks/calibration.py --out=runs/calibration.jsonl            # 1.5, 2, 2.5, 3
     python benchmarks/calibration.py --calibrations=kernel --rounding=nearest,gptq --out=FILE
     python benchmarks/calibration.py --budgets=2.5 --nf= --eval_blocks=64 --out=/tmp/c.jsonl
+    python benchmarks/calibration.py --bucket_sizes=tensor,shape --out=FILE   # QuantConfig's
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def measure(
     "budget": config.budget if config.method == "lowra" else config.bits,
     "calibration": config.calibration,
     "rounding": config.rounding + ("+refit" if config.refit else ""),
+    "bucket_sizes": config.bucket_sizes,
     "precisions": list(config.precisions) if config.method == "lowra" else None,
     "code_bits": bits.code,
     "total_bits": bits.total,
@@ -71,6 +73,9 @@ def main() -> None:
   p.add_argument(
     "--precisions", default="124", help="LowRA's channel precisions, e.g. 124 or 1234 (3-bit too)"
   )
+  p.add_argument(
+    "--bucket_sizes", default="tensor", help="tensor, shape (comma-separated; QuantConfig's)"
+  )
   p.add_argument("--sequences", type=int, default=256, help="calibration blocks")
   p.add_argument("--seq_len", type=int, default=512)
   p.add_argument("--eval_blocks", type=int, default=0, help="0: every eval block")
@@ -86,14 +91,20 @@ def main() -> None:
   for b in map(float, args.budgets.split(",")):
     for c in args.calibrations.split(","):
       for r in roundings if c != "none" else ["nearest"]:
-        with cli.user_errors("--precisions / --budgets: "):
-          rounding, _, refit = r.partition("+")
-          if refit not in ("", "refit"):
-            raise cli.UserError(f"--rounding={r}: use nearest, gptq or gptq+refit")
-          cfg = QuantConfig(
-            budget=b, calibration=c, rounding=rounding, refit=bool(refit), precisions=bits
-          )
-        rows.append(("LowRA", cfg))
+        for sizes in args.bucket_sizes.split(","):
+          with cli.user_errors("--precisions / --budgets / --bucket_sizes: "):
+            rounding, _, refit = r.partition("+")
+            if refit not in ("", "refit"):
+              raise cli.UserError(f"--rounding={r}: use nearest, gptq or gptq+refit")
+            cfg = QuantConfig(
+              budget=b,
+              calibration=c,
+              rounding=rounding,
+              refit=bool(refit),
+              precisions=bits,
+              bucket_sizes=sizes,
+            )
+          rows.append(("LowRA", cfg))
 
   tokenizer = load_tokenizer(Path(args.model))
   cut = {"name": "text", "path": args.data, "seq_len": args.seq_len}
@@ -129,14 +140,17 @@ def main() -> None:
     with out.open("a") as f:
       f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
-  print("\n| method | budget | calibration | rounding | code bits | total bits | ppl base | quantize s |")
-  print("|---|---|---|---|---|---|---|---|")
+  print(
+    "\n| method | budget | calibration | rounding | bucket sizes | code bits | total bits "
+    "| ppl base | quantize s |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in results:
     bits = ",".join(map(str, r.get("precisions") or []))
     method = r["method"] + (f" {{{bits}}}" if bits else "")
     print(
       f"| {method} | {r.get('budget', '')} | {r.get('calibration', '')} | "
-      f"{r.get('rounding', '')} | "
+      f"{r.get('rounding', '')} | {r.get('bucket_sizes', '')} | "
       f"{r.get('code_bits', 16):.3f} | {r.get('total_bits', 16):.3f} | {r['ppl']:.3f} | "
       f"{r.get('quantize_s', 0):.1f} |"
     )

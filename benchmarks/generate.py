@@ -13,6 +13,8 @@ fine-tuned inference). Each method runs in its own subprocess, so each peak memo
 
 `--precisions=1,2,4` sets LowRA's channel precisions (default: the LowRA configs'
 `quantize.recommended_precisions`, (1, 2)): the decode cost of the paper's 4-bit channels.
+`--bucket_sizes=shape` gives equal-shape tensors one split (`QuantConfig.bucket_sizes`): one
+compiled kernel per weight shape.
 `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
 dispatch setting in one call).
 
@@ -81,17 +83,14 @@ def build(
   method: str,
   layers: int,
   tiled: bool,
-  bucket_multiple: int = 0,
-  precisions: tuple[int, ...] = (),
+  lowra_fields: dict | None = None,
 ) -> tuple[llama.Llama, dict]:
   """(bf16 model, variables) of `method` at `shape` (synthetic shapes: `layers` overrides
-  num_layers, `tiled` copies one quantized layer; `bucket_multiple` > 0 and non-empty
-  `precisions` replace LowRA's `QuantConfig` fields)."""
+  num_layers, `tiled` copies one quantized layer; `lowra_fields` replace LowRA's `QuantConfig`
+  fields)."""
   quant = METHODS[method]
-  if quant is not None and quant.method == "lowra" and bucket_multiple:
-    quant = dataclasses.replace(quant, bucket_multiple=bucket_multiple)
-  if quant is not None and quant.method == "lowra" and precisions:
-    quant = dataclasses.replace(quant, precisions=precisions)
+  if quant is not None and quant.method == "lowra" and lowra_fields:
+    quant = dataclasses.replace(quant, **lowra_fields)
   lcfg = lora.LoraConfig(rank=RANK) if method.endswith("+lora") else None
   if shape in BUNDLED:
     base, params = llama.load_pretrained(BUNDLED[shape])
@@ -165,9 +164,7 @@ def print_kernels(label: str, rows: list[dict], top: int = 20) -> None:
 def worker(args) -> None:
   """Measures one method at every batch size; prints one JSON row per batch on stdout."""
   start = time.perf_counter()
-  model, variables = build(
-    args.shape, args.worker, args.layers, args.tiled, args.bucket_multiple, args.precisions
-  )
+  model, variables = build(args.shape, args.worker, args.layers, args.tiled, args.lowra_fields)
   jax.block_until_ready(variables)
   weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
   bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0
@@ -249,6 +246,12 @@ def main() -> None:
     "--bucket_multiple", type=int, default=0, help="LowRA's bucket_multiple (0: its default)"
   )
   parser.add_argument(
+    "--bucket_sizes",
+    default="",
+    choices=("", "tensor", "shape"),
+    help="LowRA's bucket_sizes (default: its default, tensor)",
+  )
+  parser.add_argument(
     "--precisions",
     dest="precisions_text",
     default="",
@@ -276,13 +279,18 @@ def main() -> None:
     cli.positive("--layers", args.layers)
   if args.bucket_multiple:
     cli.positive("--bucket_multiple", args.bucket_multiple)
-  args.precisions = ()
+  args.lowra_fields = {}
+  if args.bucket_multiple:
+    args.lowra_fields["bucket_multiple"] = args.bucket_multiple
+  if args.bucket_sizes:
+    args.lowra_fields["bucket_sizes"] = args.bucket_sizes
   if args.precisions_text:
-    args.precisions = tuple(cli.parse_list(args.precisions_text, "--precisions", convert=int))
+    precisions = tuple(cli.parse_list(args.precisions_text, "--precisions", convert=int))
+    args.lowra_fields["precisions"] = precisions
     with cli.user_errors(f"--precisions={args.precisions_text}: "):
       for m in methods:
         if METHODS[m] is not None and METHODS[m].method == "lowra":
-          dataclasses.replace(METHODS[m], precisions=args.precisions)
+          dataclasses.replace(METHODS[m], precisions=precisions)
   if args.shape in BUNDLED:
     cli.existing("--shape", BUNDLED[args.shape], "run it from the project root")
   if args.out:

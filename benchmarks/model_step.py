@@ -61,7 +61,10 @@ def measure(args, name: str) -> dict:
   """Compile and run the training step of one method; peak memory of this process."""
   config = SHAPES[args.shape]
   t0 = time.perf_counter()
-  qparams = jax.block_until_ready(synthetic.model_params(config, METHODS[name], tiled=args.tiled))
+  quant = METHODS[name]
+  if args.bucket_sizes and quant.method == "lowra":
+    quant = dataclasses.replace(quant, bucket_sizes=args.bucket_sizes)
+  qparams = jax.block_until_ready(synthetic.model_params(config, quant, tiled=args.tiled))
   quantize_s = time.perf_counter() - t0
   lcfg = lora.LoraConfig(rank=args.rank, alpha=float(args.rank))
   frozen, quant = lora.split_quantized(qparams)
@@ -195,6 +198,12 @@ def main() -> None:
     help="rematerialise each decoder layer (auto: as train.py's default, by model size)",
   )
   parser.add_argument("--tiled", action="store_true", help="copies of one quantized layer")
+  parser.add_argument(
+    "--bucket_sizes",
+    default="",
+    choices=("", "tensor", "shape"),
+    help="LowRA's bucket_sizes (default: its default, tensor; shape: one split per weight shape)",
+  )
   parser.add_argument("--methods", default="bf16,nf4,lowra2,lowra1.5")
   parser.add_argument("--repeat", type=int, default=10)
   parser.add_argument("--memory_grid", action="store_true")

@@ -19,7 +19,14 @@ import pytest
 import scipy.optimize
 
 from lowra_jax.quantize.config import QuantizationError
-from lowra_jax.quantize.precision import align_counts, solve_budget, solve_greedy, solve_milp
+from lowra_jax.quantize.precision import (
+  align_counts,
+  assign_counts,
+  shared_counts,
+  solve_budget,
+  solve_greedy,
+  solve_milp,
+)
 
 BITS3 = np.array([1.0, 2.0, 4.0])
 BITS4 = np.array([1.0, 2.0, 3.0, 4.0])
@@ -432,3 +439,51 @@ def test_align_counts_three_precisions_multiples_and_budget():
   assert added <= slack
   assert added == pytest.approx(k * (bits[new].sum() - bits[choice].sum()))
   assert (new != choice).sum() <= 2 * (m - 1)
+
+
+def brute_force_with_counts(errors, counts):
+  """min over every assignment with exactly counts[p] channels at precision p (P^N enumerated)."""
+  n, p = errors.shape
+  grid = np.array(list(itertools.product(range(p), repeat=n)), dtype=np.int64)
+  ok = np.all(np.stack([(grid == j).sum(axis=1) for j in range(p)], axis=1) == counts, axis=1)
+  return float(errors[np.arange(n)[None, :], grid[ok]].sum(axis=1).min())
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_assign_counts_matches_brute_force(p):
+  rng = np.random.default_rng(p)
+  for trial in range(6):
+    n = 7 if p < 4 else 6
+    errors = rng.exponential(size=(n, p)) * rng.lognormal(0, 2, (n, 1))  # not sorted: any order
+    counts = np.bincount(rng.integers(0, p, n), minlength=p)
+    choice = assign_counts(errors, counts)
+    assert np.array_equal(np.bincount(choice, minlength=p), counts), trial
+    want = brute_force_with_counts(errors, counts)
+    assert errors[np.arange(n), choice].sum() == pytest.approx(want, rel=1e-9), trial
+  with pytest.raises(QuantizationError, match="do not split 3 channels"):
+    assign_counts(np.ones((3, 2)), np.array([1, 1]))
+
+
+@pytest.mark.parametrize("bits", [(1.0, 2.0), (1.0, 2.0, 4.0)])
+def test_shared_counts_are_rounded_means_within_the_budget(bits):
+  """Counts per class: multiples of the class's multiple (cumulatively from the top), each within
+  one multiple of its tensors' mean count, and the model within its code-bit capacity."""
+  rng = np.random.default_rng(len(bits))
+  bits = np.asarray(bits)
+  classes = []
+  for n, k, m, tensors in [(256, 64, 16, 3), (512, 128, 32, 2), (96, 256, 1, 4)]:
+    choices = [rng.choice(len(bits), n, p=rng.dirichlet(np.ones(len(bits)))) for _ in range(tensors)]
+    classes.append((choices, k, m))
+  solved = sum(len(ch) * k * bits[c].sum() for ch, k, _ in classes for c in ch)
+  for capacity in (solved, solved * (1 + 1e-3)):  # tight: the rounding must come back down
+    counts = shared_counts(classes, bits, capacity)
+    used = 0.0
+    for (choices, k, m), c in zip(classes, counts):
+      n = len(choices[0])
+      assert c.sum() == n and (c >= 0).all()
+      at_or_above = np.cumsum(c[::-1])[::-1][1:]  # channels at precision >= 1, >= 2, ...
+      assert (at_or_above % m == 0).all()
+      mean = np.mean([[(ch >= j).sum() for j in range(1, len(bits))] for ch in choices], axis=0)
+      assert (np.abs(at_or_above - mean) <= m).all()
+      used += len(choices) * k * float(c @ bits)
+    assert used <= capacity * (1 + 1e-12)

@@ -153,6 +153,38 @@ def test_bucket_sizes_are_multiples_of_bucket_multiple_within_budget():
     assert [x.num_channels for x in a.buckets] == [x.num_channels for x in b.buckets]
 
 
+@pytest.mark.parametrize("precisions", [(1, 2), (1, 2, 4)])
+def test_shape_bucket_sizes_give_equal_shape_tensors_one_compiled_kernel(precisions):
+  """`bucket_sizes="shape"`: two 1024-channel tensors of one shape whose solved splits differ
+  (the calmer one gets fewer bits) pack into identical leaf shapes and share one compiled
+  matmul, within the budget; a tensor of another shape keeps its own counts."""
+  from pallas_kernels import quantized_matmul
+
+  params = {
+    "calm": {"kernel": heavy(21, (64, 1024)) * 0.3},
+    "loud": {"kernel": heavy(22, (64, 1024)) * 3.0},
+    "other": {"kernel": heavy(23, (128, 1024))},
+  }
+  cfg = quantize.QuantConfig(budget=1.5, precisions=precisions)
+  shape_of = lambda t: jax.tree.map(lambda a: a.shape, t)  # noqa: E731
+  apart, _ = quantize.quantize_params(params, cfg, progress=False)
+  assert shape_of(apart["calm"]["kernel"]) != shape_of(apart["loud"]["kernel"])
+  shared_cfg = dataclasses.replace(cfg, bucket_sizes="shape")
+  q, report = quantize.quantize_params(params, shared_cfg, progress=False)
+  calm, loud = q["calm"]["kernel"], q["loud"]["kernel"]
+  assert jax.tree.structure(calm) == jax.tree.structure(loud)
+  assert shape_of(calm) == shape_of(loud) and len(calm.buckets) > 1
+  assert all(b.num_channels % 16 == 0 for b in calm.buckets)  # 1024 channels: multiples of 16
+  assert report.code_bits <= 1.5 + 1e-9
+  matmul = jax.jit(lambda x, qt: quantized_matmul(x, qt, backend="interpret"))
+  x = jnp.ones((2, 64), jnp.float32)
+  for qt in (calm, loud):
+    w = np.asarray(quantize.dequantize(qt, jnp.float32), np.float64)
+    bound = f32_sum(64) * np.abs(w).sum(axis=0).max()  # a float32 sum of 64 products
+    np.testing.assert_allclose(matmul(x, qt)[0], w.sum(axis=0), rtol=0, atol=bound)
+  assert matmul._cache_size() == 1
+
+
 def test_model_wide_budget_gives_noisier_layers_more_bits():
   params = {
     "calm": {"kernel": heavy(5, (128, 64)) * 0.1},
@@ -226,6 +258,7 @@ def test_default_filter_skips_embeddings_norms_head_and_vectors():
     (dict(group_size=60), r"multiple of 8"),
     (dict(weighting="abs"), r"unknown weighting"),
     (dict(bucket_multiple=0), r"bucket_multiple=0 — use >= 1"),
+    (dict(bucket_sizes="layer"), r"unknown bucket_sizes 'layer'"),
     (dict(method="lowra", layer_bits=(("q", 4),)), r"layer_bits applies to methods"),
     (dict(method="nf", layer_bits=(("q", 5),)), r"\(regex, bits\) pair"),
     (dict(method="nf", layer_bits=(("q[", 4),)), r"not a regex"),

@@ -41,6 +41,8 @@ CALIBRATIONS = ("none", "kernel", "model")
 Rounding = Literal["nearest", "gptq"]
 ROUNDINGS = ("nearest", "gptq")
 Solver = Literal["auto", "greedy", "milp"]
+BucketSizes = Literal["tensor", "shape"]
+BUCKET_SIZES = ("tensor", "shape")
 
 
 class QuantizationError(ValueError):
@@ -121,6 +123,12 @@ class QuantConfig:
   than with 16 (docs/results.md). Tensors with fewer than 64 x this many output channels use the
   largest halving of it (not below 16) they hold 64 of (`precision.count_multiple`), or are left
   as solved. 1 turns it off."""
+  bucket_sizes: BucketSizes = "tensor"
+  """`lowra`: "tensor" rounds each tensor's solved channel counts on its own (`bucket_multiple`);
+  "shape" gives every tensor of one [K, N] shape the same channel count at each precision (the
+  mean of their solved counts, rounded to the multiple; `precision.shared_counts`), each tensor
+  then choosing which of its channels take each precision (`precision.assign_counts`), so that
+  equal-shape tensors pack into identical leaf shapes and share every compiled kernel."""
   skip_patterns: tuple[str, ...] = ("embed", "lm_head", "norm")
   """Regexes on the '/'-joined parameter path; matching leaves are never quantized."""
 
@@ -219,6 +227,10 @@ def validate(cfg: QuantConfig) -> None:
   if cfg.bucket_multiple < 1:
     raise QuantizationError(
       f"bucket_multiple={cfg.bucket_multiple} — use >= 1 (1 leaves bucket sizes as solved)."
+    )
+  if cfg.bucket_sizes not in BUCKET_SIZES:
+    raise QuantizationError(
+      f"unknown bucket_sizes {cfg.bucket_sizes!r} — use one of {BUCKET_SIZES}."
     )
   if not 0 <= cfg.lut_clusters <= 256:
     raise QuantizationError(

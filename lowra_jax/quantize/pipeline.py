@@ -459,6 +459,28 @@ def _align_buckets(choices, errors, ks, config: QuantConfig, slack: float):
   return out
 
 
+def _share_by_shape(choices, errors, ks, config: QuantConfig, capacity: float):
+  """`bucket_sizes="shape"`: the tensors of each [K, N] shape re-assigned to one shared channel
+  count per precision (`precision.shared_counts`, within the code-bit `capacity`), each keeping
+  its least-error channels at each precision (`precision.assign_counts`)."""
+  classes: dict[tuple[int, int], list[str]] = {}
+  for path, choice in choices.items():
+    classes.setdefault((ks[path], len(choice)), []).append(path)
+  counts = precision.shared_counts(
+    [
+      ([choices[p] for p in paths], k, precision.count_multiple(n, config.bucket_multiple))
+      for (k, n), paths in classes.items()
+    ],
+    config.candidate_bits,
+    capacity,
+  )
+  return {
+    p: precision.assign_counts(errors[p], c)
+    for paths, c in zip(classes.values(), counts)
+    for p in paths
+  }
+
+
 def _solve(fits: dict[str, _Fitted], ks: dict[str, int], config: QuantConfig):
   """{path: precision [N] per channel} of LowRA's model-wide budget over the fitted kernels
   (`ks`: their in_features), tensors taken in the order of their path components (a params
@@ -471,13 +493,13 @@ def _solve(fits: dict[str, _Fitted], ks: dict[str, int], config: QuantConfig):
     errors, costs, cand, config.budget, config.solver, config.milp_max_channels
   )
   splits = np.cumsum([len(fits[p].errors) for p in paths])[:-1]
-  choices = _align_buckets(
-    dict(zip(paths, np.split(choice, splits))),
-    dict(zip(paths, np.split(errors, splits))),
-    ks,
-    config,
-    slack=config.budget * float(costs.sum()) - float((costs * cand[choice]).sum()),
-  )
+  choices = dict(zip(paths, np.split(choice, splits)))
+  per_path = dict(zip(paths, np.split(errors, splits)))
+  if config.bucket_sizes == "shape":
+    choices = _share_by_shape(choices, per_path, ks, config, config.budget * float(costs.sum()))
+  else:
+    slack = config.budget * float(costs.sum()) - float((costs * cand[choice]).sum())
+    choices = _align_buckets(choices, per_path, ks, config, slack)
   return {p: cand[c] for p, c in choices.items()}
 
 

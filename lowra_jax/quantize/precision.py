@@ -262,3 +262,100 @@ def align_counts(
       choice[at[np.argsort(loss, kind="stable")[:r]]] = p - 1
       added -= r * cost * (bits[p] - bits[p - 1])
   return choice, added
+
+
+def assign_counts(errors: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """The precisions of least total error with exactly counts[p] channels at precision index p.
+
+  Two precisions: the counts[1] channels whose error drops most at the upper one take it. More: a
+  transportation problem (each channel one precision, each precision its count), solved exactly
+  by HiGHS (`scipy.optimize.milp`; its LP relaxation is already integral).
+
+  Args:
+    errors: float [N, P], each channel's squared error at each precision.
+    counts: int [P], summing to N.
+  Returns:
+    int64 [N] indices into the precisions.
+  """
+  errors = np.asarray(errors, np.float64)
+  counts = np.asarray(counts, np.int64)
+  n, p = errors.shape
+  if counts.shape != (p,) or counts.sum() != n or (counts < 0).any():
+    raise QuantizationError(f"counts {counts.tolist()} do not split {n} channels {p} ways.")
+  choice = np.zeros(n, np.int64)
+  if p == 2:
+    gain = errors[:, 0] - errors[:, 1]
+    choice[np.argsort(-gain, kind="stable")[: counts[1]]] = 1
+    return choice
+  scale = max(float(np.abs(errors).max()), 1e-300) / 1e6  # as in `solve_milp`
+  one_each = scipy.sparse.kron(scipy.sparse.identity(n, format="csr"), np.ones((1, p)))
+  per_precision = scipy.sparse.kron(np.ones((1, n)), scipy.sparse.identity(p, format="csr"))
+  with _quiet_stdout():
+    res = scipy.optimize.milp(
+      (errors / scale).reshape(-1),
+      constraints=[
+        scipy.optimize.LinearConstraint(one_each, 1, 1),
+        scipy.optimize.LinearConstraint(per_precision, counts, counts),
+      ],
+      integrality=np.ones(n * p),
+      bounds=scipy.optimize.Bounds(0, 1),
+      options={"mip_rel_gap": 1e-9, "disp": False},
+    )
+  if res.x is None:  # cannot happen for a feasible transportation problem
+    raise QuantizationError(f"assigning {n} channels to counts {counts.tolist()}: {res.message}")
+  return res.x.reshape(n, p).argmax(axis=1)
+
+
+def shared_counts(
+  classes: list[tuple[list[np.ndarray], int, int]], bits, capacity: float
+) -> list[np.ndarray]:
+  """One channel count per precision for each class of equal-shape tensors.
+
+  A class's counts are the mean of its tensors' solved counts, taken cumulatively from the top
+  precision (channels at p or above) and rounded to the nearest multiple. Where the rounding
+  puts the model over its code-bit capacity, the cumulative counts rounded up the most go down
+  one multiple at a time until it fits.
+
+  Args:
+    classes: (choices, cost, multiple) per class: each tensor's solved choice int [N] (indices
+      into `bits`, N the same for the class), its parameters per channel (K) and the count
+      multiple (`count_multiple`).
+    bits: P precisions, ascending; capacity: the model's code-bit budget (`check_budget`).
+  Returns:
+    int64 [P] per class: channels at each precision, summing to N.
+  """
+  bits = np.asarray(bits, np.float64)
+  levels = np.arange(1, len(bits))
+  cums, means, costs, sizes = [], [], [], []
+  for choices, cost, multiple in classes:
+    n = len(choices[0])
+    mean = np.mean([[(c >= j).sum() for j in levels] for c in choices], axis=0).reshape(-1)
+    cum = np.clip(np.round(mean / multiple) * multiple, 0, n).astype(np.int64)
+    cums.append(np.minimum.accumulate(cum))  # at p or above <= at p - 1 or above
+    means.append(mean)
+    costs.append(len(choices) * cost)
+    sizes.append(multiple)
+
+  def used() -> float:  # sum of cost * (bits[0] * N + sum_j cum_j * (bits[j] - bits[j - 1]))
+    steps = np.diff(bits)
+    return sum(
+      cost * (bits[0] * len(ch[0]) + float(cum @ steps))
+      for cost, cum, (ch, _, _) in zip(costs, cums, classes)
+    )
+
+  while used() > capacity * (1 + 1e-12):
+    best = None
+    for i, (cum, mean) in enumerate(zip(cums, means)):
+      for j in range(len(cum)):
+        below = cum[j + 1] if j + 1 < len(cum) else 0
+        if cum[j] - sizes[i] >= below:
+          excess = (cum[j] - mean[j]) / sizes[i]
+          best = max(best or (excess, i, j), (excess, i, j))
+    if best is None:  # every class at the lowest precision: the budget check already failed
+      break
+    cums[best[1]][best[2]] -= sizes[best[1]]
+  out = []
+  for cum, (choices, _, _) in zip(cums, classes):
+    at_or_above = np.concatenate([[len(choices[0])], cum, [0]])
+    out.append(-np.diff(at_or_above))
+  return out
