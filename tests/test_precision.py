@@ -464,6 +464,24 @@ def test_assign_counts_matches_brute_force(p):
     assign_counts(np.ones((3, 2)), np.array([1, 1]))
 
 
+def test_assign_counts_matches_the_transportation_lp():
+  """300 channels, 3 precisions: the objective of scipy's LP (integral here: a transportation
+  problem) over x[c, p] in [0, 1] with one precision per channel and counts per precision."""
+  rng = np.random.default_rng(7)
+  n, p = 300, 3
+  errors = np.sort(rng.exponential(size=(n, p)), axis=1)[:, ::-1] * rng.lognormal(0, 1, (n, 1))
+  counts = np.array([70, 150, 80])
+  rows = np.kron(np.eye(n), np.ones((1, p)))
+  cols = np.kron(np.ones((1, n)), np.eye(p))
+  lp = scipy.optimize.linprog(
+    errors.reshape(-1), A_eq=np.vstack([rows, cols]), b_eq=np.concatenate([np.ones(n), counts]),
+    bounds=(0, 1), method="highs",
+  )
+  choice = assign_counts(errors, counts)
+  assert np.array_equal(np.bincount(choice, minlength=p), counts)
+  assert errors[np.arange(n), choice].sum() == pytest.approx(lp.fun, rel=1e-9)
+
+
 @pytest.mark.parametrize("bits", [(1.0, 2.0), (1.0, 2.0, 4.0)])
 def test_shared_counts_are_rounded_means_within_the_budget(bits):
   """Counts per class: multiples of the class's multiple (cumulatively from the top), each within
@@ -472,7 +490,8 @@ def test_shared_counts_are_rounded_means_within_the_budget(bits):
   bits = np.asarray(bits)
   classes = []
   for n, k, m, tensors in [(256, 64, 16, 3), (512, 128, 32, 2), (96, 256, 1, 4)]:
-    choices = [rng.choice(len(bits), n, p=rng.dirichlet(np.ones(len(bits)))) for _ in range(tensors)]
+    mix = [rng.dirichlet(np.ones(len(bits))) for _ in range(tensors)]
+    choices = [rng.choice(len(bits), n, p=q) for q in mix]
     classes.append((choices, k, m))
   solved = sum(len(ch) * k * bits[c].sum() for ch, k, _ in classes for c in ch)
   for capacity in (solved, solved * (1 + 1e-3)):  # tight: the rounding must come back down

@@ -19,6 +19,7 @@ one step within the budget.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import sys
 
@@ -268,8 +269,12 @@ def assign_counts(errors: np.ndarray, counts: np.ndarray) -> np.ndarray:
   """The precisions of least total error with exactly counts[p] channels at precision index p.
 
   Two precisions: the counts[1] channels whose error drops most at the upper one take it. More: a
-  transportation problem (each channel one precision, each precision its count), solved exactly
-  by HiGHS (`scipy.optimize.milp`; its LP relaxation is already integral).
+  transportation problem (each channel one precision, each precision its count) solved exactly by
+  successive shortest paths: channels are placed one at a time, each along the cheapest chain
+  "the new channel into precision q0, one channel from q0 to q1, ..., into a precision with room"
+  (Bellman-Ford over the P precisions; an edge p -> q costs the least e[c, q] - e[c, p] among the
+  channels at p, kept in one heap per pair). Each placement keeps the assignment optimal for the
+  channels placed so far; O(N P^3 log N).
 
   Args:
     errors: float [N, P], each channel's squared error at each precision.
@@ -282,28 +287,49 @@ def assign_counts(errors: np.ndarray, counts: np.ndarray) -> np.ndarray:
   n, p = errors.shape
   if counts.shape != (p,) or counts.sum() != n or (counts < 0).any():
     raise QuantizationError(f"counts {counts.tolist()} do not split {n} channels {p} ways.")
-  choice = np.zeros(n, np.int64)
+  choice = np.full(n, -1, np.int64)
   if p == 2:
     gain = errors[:, 0] - errors[:, 1]
+    choice[:] = 0
     choice[np.argsort(-gain, kind="stable")[: counts[1]]] = 1
     return choice
-  scale = max(float(np.abs(errors).max()), 1e-300) / 1e6  # as in `solve_milp`
-  one_each = scipy.sparse.kron(scipy.sparse.identity(n, format="csr"), np.ones((1, p)))
-  per_precision = scipy.sparse.kron(np.ones((1, n)), scipy.sparse.identity(p, format="csr"))
-  with _quiet_stdout():
-    res = scipy.optimize.milp(
-      (errors / scale).reshape(-1),
-      constraints=[
-        scipy.optimize.LinearConstraint(one_each, 1, 1),
-        scipy.optimize.LinearConstraint(per_precision, counts, counts),
-      ],
-      integrality=np.ones(n * p),
-      bounds=scipy.optimize.Bounds(0, 1),
-      options={"mip_rel_gap": 1e-9, "disp": False},
-    )
-  if res.x is None:  # cannot happen for a feasible transportation problem
-    raise QuantizationError(f"assigning {n} channels to counts {counts.tolist()}: {res.message}")
-  return res.x.reshape(n, p).argmax(axis=1)
+  room = counts.copy()
+  heaps = [[[] for _ in range(p)] for _ in range(p)]  # heaps[a][b]: (e[c, b] - e[c, a], c), c at a
+  rows = errors.tolist()
+
+  def cheapest(a: int, b: int):
+    heap = heaps[a][b]
+    while heap and choice[heap[0][1]] != a:  # stale: the channel has moved
+      heapq.heappop(heap)
+    return heap[0] if heap else None
+
+  for c in range(n):
+    dist, pred = list(rows[c]), [-1] * p  # pred -1: the new channel enters here directly
+    for _ in range(p - 1):
+      for a in range(p):
+        for b in range(p):
+          if a != b and (top := cheapest(a, b)) is not None and dist[a] + top[0] < dist[b]:
+            dist[b], pred[b] = dist[a] + top[0], a
+    target = min((q for q in range(p) if room[q]), key=lambda q: dist[q])
+    room[target] -= 1
+    q = target
+    for _ in range(p):  # move one channel from pred[q] into q, then continue from pred[q]
+      if pred[q] == -1:
+        break
+      a = pred[q]
+      moved = cheapest(a, q)[1]
+      choice[moved] = q
+      for r in range(p):
+        if r != q:
+          heapq.heappush(heaps[q][r], (rows[moved][r] - rows[moved][q], moved))
+      q = a
+    else:  # a chain through every precision cannot revisit one (no negative cycles)
+      raise QuantizationError(f"assign_counts: non-finite errors in channel {c}?")
+    choice[c] = q
+    for r in range(p):
+      if r != q:
+        heapq.heappush(heaps[q][r], (rows[c][r] - rows[c][q], c))
+  return choice
 
 
 def shared_counts(
