@@ -78,7 +78,9 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   doubles the quantization time (7B shape: 73 s against 36 s, "LoftQ and calibration on the 7B
   shape"). Below 2 bits each channel's levels are then refitted to GPTQ's codes
   (``quant.refit``, `quantize.recommended_refit`: better below 2 bits, worse from 2 up, "Refitted
-  levels"). Channels at `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster
+  levels"). Equal-shape tensors share one channel count per precision (``quant.bucket_sizes=
+  "shape"``: one compiled kernel per weight shape, and a better base and fine-tuned model below 2
+  bits, "Bucket sizes per weight shape"). Channels at `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster
   decode, about the same fine-tuned perplexity), above the paper's {1, 2, 4}."""
   c = base_config()
   c.quant.budget = budget
@@ -86,5 +88,6 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   c.quant.calibration = "kernel"
   c.quant.rounding = "gptq"
   c.quant.refit = recommended_refit(budget)
+  c.quant.bucket_sizes = "shape"
   c.lora.loftq_weighting = "inputs"
   return c

@@ -71,6 +71,7 @@ def test_lowra_configs_refit_levels_below_2_bits_only():
   for name, refit in want.items():
     config = load(ROOT / "configs" / f"{name}.py")
     assert config.quant.refit is refit and config.quant.rounding == "gptq", name
+    assert config.quant.bucket_sizes == "shape", name
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
