@@ -4,7 +4,8 @@
      candidate precision (`mapping.fit_channels`), errors weighted by absmax^2 (and with
      `calibration`, by the kernel's input second moments per row); skipped for `nf`.
   2. solve (host, model-wide):  precision per channel under the budget (`precision.solve_budget`),
-     then each tensor's channel count per precision rounded to a multiple (`bucket_multiple`).
+     then each tensor's channel count per precision rounded to a multiple (`bucket_multiple`),
+     or one count per precision shared by the tensors of each shape (`bucket_sizes="shape"`).
   3. encode (device, per kernel): channels permuted into precision buckets; scales double-quantized
      per bucket; codes = nearest level of w / scale; the exact squared error of the stored result.
   4. pack (host):  codes into uint8 planes per bucket (`packing.pack`).

@@ -13,7 +13,9 @@ sum_c n[c] * bits[p_c] <= budget * sum_c n[c].
 
 `align_counts` then rounds one tensor's channel count per precision to a multiple
 (`count_multiple`: the GPU kernels want bucket rows in whole channel blocks), moving a few channels
-one step within the budget.
+one step within the budget. Or, with `QuantConfig.bucket_sizes="shape"`, `shared_counts` gives
+every tensor of one shape the same counts and `assign_counts` picks each tensor's channels for
+them (least error, exactly).
 """
 
 from __future__ import annotations
