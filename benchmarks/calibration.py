@@ -74,7 +74,7 @@ def main() -> None:
     "--precisions", default="124", help="LowRA's channel precisions, e.g. 124 or 1234 (3-bit too)"
   )
   p.add_argument(
-    "--bucket_sizes", default="tensor", help="tensor, shape (comma-separated; QuantConfig's)"
+    "--bucket_sizes", default="tensor", help="tensor, shape, role (comma-separated; QuantConfig's)"
   )
   p.add_argument("--sequences", type=int, default=256, help="calibration blocks")
   p.add_argument("--seq_len", type=int, default=512)

@@ -185,6 +185,39 @@ def test_shape_bucket_sizes_give_equal_shape_tensors_one_compiled_kernel(precisi
   assert matmul._cache_size() == 1
 
 
+def test_role_bucket_sizes_share_counts_across_layers_not_across_roles():
+  """`bucket_sizes="role"`: every layer's `q` shares one split, kept apart from the `o` tensors of
+  the same shape (which "shape" would merge with them), within the budget."""
+  params = {
+    "layers": {
+      str(i): {
+        "q": {"kernel": heavy(30 + i, (64, 1024)) * 0.3 * (i + 1)},
+        "o": {"kernel": heavy(40 + i, (64, 1024)) * 3.0 * (i + 1)},
+      }
+      for i in range(2)
+    }
+  }
+  cfg = quantize.QuantConfig(budget=1.5, precisions=(1, 2), bucket_sizes="role")
+  q, report = quantize.quantize_params(params, cfg, progress=False)
+  sizes = {
+    (i, r): [b.num_channels for b in q["layers"][str(i)][r]["kernel"].buckets]
+    for i in range(2)
+    for r in ("q", "o")
+  }
+  assert sizes[0, "q"] == sizes[1, "q"] and sizes[0, "o"] == sizes[1, "o"], sizes
+  assert sizes[0, "q"] != sizes[0, "o"], sizes  # the louder role keeps more 2-bit channels
+  assert report.code_bits <= 1.5 + 1e-9
+  shared, _ = quantize.quantize_params(
+    params, dataclasses.replace(cfg, bucket_sizes="shape"), progress=False
+  )
+  merged = {
+    tuple(b.num_channels for b in shared["layers"][str(i)][r]["kernel"].buckets)
+    for i in range(2)
+    for r in ("q", "o")
+  }
+  assert len(merged) == 1, merged
+
+
 def test_model_wide_budget_gives_noisier_layers_more_bits():
   params = {
     "calm": {"kernel": heavy(5, (128, 64)) * 0.1},

@@ -41,8 +41,8 @@ CALIBRATIONS = ("none", "kernel", "model")
 Rounding = Literal["nearest", "gptq"]
 ROUNDINGS = ("nearest", "gptq")
 Solver = Literal["auto", "greedy", "milp"]
-BucketSizes = Literal["tensor", "shape"]
-BUCKET_SIZES = ("tensor", "shape")
+BucketSizes = Literal["tensor", "shape", "role"]
+BUCKET_SIZES = ("tensor", "shape", "role")
 
 
 class QuantizationError(ValueError):
@@ -128,7 +128,9 @@ class QuantConfig:
   "shape" gives every tensor of one [K, N] shape the same channel count at each precision (the
   mean of their solved counts, rounded to the multiple; `precision.shared_counts`), each tensor
   then choosing which of its channels take each precision (`precision.assign_counts`), so that
-  equal-shape tensors pack into identical leaf shapes and share every compiled kernel."""
+  equal-shape tensors pack into identical leaf shapes and share every compiled kernel. "role"
+  shares them among the tensors of one shape and one role: paths equal but for their numeric
+  components (every layer's q_proj apart from every layer's o_proj), a few more layouts."""
   skip_patterns: tuple[str, ...] = ("embed", "lm_head", "norm")
   """Regexes on the '/'-joined parameter path; matching leaves are never quantized."""
 

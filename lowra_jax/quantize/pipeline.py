@@ -5,7 +5,8 @@
      `calibration`, by the kernel's input second moments per row); skipped for `nf`.
   2. solve (host, model-wide):  precision per channel under the budget (`precision.solve_budget`),
      then each tensor's channel count per precision rounded to a multiple (`bucket_multiple`),
-     or one count per precision shared by the tensors of each shape (`bucket_sizes="shape"`).
+     or one count per precision shared by the tensors of each shape (`bucket_sizes="shape"`, or
+     of each shape and role: "role").
   3. encode (device, per kernel): channels permuted into precision buckets; scales double-quantized
      per bucket; codes = nearest level of w / scale; the exact squared error of the stored result.
   4. pack (host):  codes into uint8 planes per bucket (`packing.pack`).
@@ -460,17 +461,20 @@ def _align_buckets(choices, errors, ks, config: QuantConfig, slack: float):
   return out
 
 
-def _share_by_shape(choices, errors, ks, config: QuantConfig, capacity: float):
-  """`bucket_sizes="shape"`: the tensors of each [K, N] shape re-assigned to one shared channel
-  count per precision (`precision.shared_counts`, within the code-bit `capacity`), each keeping
-  its least-error channels at each precision (`precision.assign_counts`)."""
-  classes: dict[tuple[int, int], list[str]] = {}
+def _share_counts(choices, errors, ks, config: QuantConfig, capacity: float):
+  """`bucket_sizes="shape"` / "role": the tensors of each class ([K, N] shape; for "role" also
+  the path with its numeric components dropped) re-assigned to one shared channel count per
+  precision (`precision.shared_counts`, within the code-bit `capacity`), each keeping its
+  least-error channels at each precision (`precision.assign_counts`)."""
+  classes: dict[tuple, list[str]] = {}
   for path, choice in choices.items():
-    classes.setdefault((ks[path], len(choice)), []).append(path)
+    role = tuple(c for c in path.split("/") if not c.isdigit())
+    key = (ks[path], len(choice)) + (role if config.bucket_sizes == "role" else ())
+    classes.setdefault(key, []).append(path)
   counts = precision.shared_counts(
     [
       ([choices[p] for p in paths], k, precision.count_multiple(n, config.bucket_multiple))
-      for (k, n), paths in classes.items()
+      for (k, n, *_), paths in classes.items()
     ],
     config.candidate_bits,
     capacity,
@@ -496,8 +500,8 @@ def _solve(fits: dict[str, _Fitted], ks: dict[str, int], config: QuantConfig):
   splits = np.cumsum([len(fits[p].errors) for p in paths])[:-1]
   choices = dict(zip(paths, np.split(choice, splits)))
   per_path = dict(zip(paths, np.split(errors, splits)))
-  if config.bucket_sizes == "shape":
-    choices = _share_by_shape(choices, per_path, ks, config, config.budget * float(costs.sum()))
+  if config.bucket_sizes != "tensor":
+    choices = _share_counts(choices, per_path, ks, config, config.budget * float(costs.sum()))
   else:
     slack = config.budget * float(costs.sum()) - float((costs * cand[choice]).sum())
     choices = _align_buckets(choices, per_path, ks, config, slack)
