@@ -17,6 +17,7 @@ quantized base over networkx_eval; NF-k rows as the reference. Each row is appen
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -71,7 +72,9 @@ def main() -> None:
     "--rounding", default="nearest", help="nearest, gptq, gptq+refit (comma-separated)"
   )
   p.add_argument(
-    "--precisions", default="124", help="LowRA's channel precisions, e.g. 124 or 1234 (3-bit too)"
+    "--precisions",
+    default="124",
+    help="LowRA's channel precisions, e.g. 124 or 1234 (3-bit too); comma-separated sets",
   )
   p.add_argument(
     "--bucket_sizes", default="tensor", help="tensor, shape, role (comma-separated; QuantConfig's)"
@@ -85,26 +88,29 @@ def main() -> None:
   rows = [("bf16", None)]
   nf_bits = [int(k) for k in args.nf.split(",") if k]
   rows += [(f"NF{k}", QuantConfig(method="nf", bits=k)) for k in nf_bits]
-  if not args.precisions.isdigit():
-    raise cli.UserError(f"--precisions={args.precisions}: digits, e.g. 124 or 1234")
-  bits = tuple(int(d) for d in args.precisions)
-  for b in map(float, args.budgets.split(",")):
-    for c in args.calibrations.split(","):
-      for r in roundings if c != "none" else ["nearest"]:
-        for sizes in args.bucket_sizes.split(","):
-          with cli.user_errors("--precisions / --budgets / --bucket_sizes: "):
-            rounding, _, refit = r.partition("+")
-            if refit not in ("", "refit"):
-              raise cli.UserError(f"--rounding={r}: use nearest, gptq or gptq+refit")
-            cfg = QuantConfig(
-              budget=b,
-              calibration=c,
-              rounding=rounding,
-              refit=bool(refit),
-              precisions=bits,
-              bucket_sizes=sizes,
-            )
-          rows.append(("LowRA", cfg))
+  sets = args.precisions.split(",")
+  if not all(s.isdigit() for s in sets):
+    raise cli.UserError(f"--precisions={args.precisions}: digits, e.g. 124 or 12,1234")
+  for b, c, sizes, digits in itertools.product(
+    map(float, args.budgets.split(",")),
+    args.calibrations.split(","),
+    args.bucket_sizes.split(","),
+    sets,
+  ):
+    for r in roundings if c != "none" else ["nearest"]:
+      with cli.user_errors("--precisions / --budgets / --bucket_sizes: "):
+        rounding, _, refit = r.partition("+")
+        if refit not in ("", "refit"):
+          raise cli.UserError(f"--rounding={r}: use nearest, gptq or gptq+refit")
+        cfg = QuantConfig(
+          budget=b,
+          calibration=c,
+          rounding=rounding,
+          refit=bool(refit),
+          precisions=tuple(int(d) for d in digits),
+          bucket_sizes=sizes,
+        )
+      rows.append(("LowRA", cfg))
 
   tokenizer = load_tokenizer(Path(args.model))
   cut = {"name": "text", "path": args.data, "seq_len": args.seq_len}

@@ -248,7 +248,7 @@ def main() -> None:
   parser.add_argument(
     "--bucket_sizes",
     default="",
-    choices=("", "tensor", "shape"),
+    choices=("", "tensor", "shape", "role"),
     help="LowRA's bucket_sizes (default: its default, tensor)",
   )
   parser.add_argument(

@@ -201,7 +201,7 @@ def main() -> None:
   parser.add_argument(
     "--bucket_sizes",
     default="",
-    choices=("", "tensor", "shape"),
+    choices=("", "tensor", "shape", "role"),
     help="LowRA's bucket_sizes (default: its default, tensor; shape: one split per weight shape)",
   )
   parser.add_argument("--methods", default="bf16,nf4,lowra2,lowra1.5")
