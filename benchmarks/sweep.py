@@ -153,10 +153,9 @@ def method_flags(row: Row) -> list[str]:
 
 
 def train_command(row: Row, data: str, workdir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+  """The row's train.py command; a flag in `extra` replaces the row's flag of the same key."""
   spec = TASKS[row.task]
-  return [
-    "python",
-    "train.py",
+  flags = [
     f"--config={CONFIGS[row.method]}",
     f"--config.model.path={data}/{spec.model}",
     *(f.format(data=data) for f in spec.flags),
@@ -166,8 +165,9 @@ def train_command(row: Row, data: str, workdir: Path, extra: tuple[str, ...] = (
     "--config.train.eval_blocks=0",
     "--config.train.resume=True",
     f"--config.workdir={workdir}",
-    *extra,
   ]
+  replaced = {e.split("=", 1)[0] for e in extra}
+  return ["python", "train.py", *(f for f in flags if f.split("=", 1)[0] not in replaced), *extra]
 
 
 # Flags of a row's train.py command that its TinyStories eval.py command replaces or does not take.

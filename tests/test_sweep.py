@@ -108,6 +108,17 @@ def test_row_commands_build_valid_settings(key):
   )
 
 
+def test_extra_flags_replace_the_rows_own():
+  """A flag in --extra that the row already sets replaces it (given twice, ml_collections would
+  join the two tuples)."""
+  row = next(r for r in sweep.rows() if r.key == "pycode-lowra_loftq-2.5-s0")
+  plain = sweep.train_command(row, "d", Path("w"))
+  extra = ("--config.quant.precisions=(1,2,3,4)", "--config.lora.rank=8")
+  cmd = sweep.train_command(row, "d", Path("w"), extra)
+  assert [a for a in cmd if a.startswith("--config.quant.precisions")] == [extra[0]]
+  assert cmd == [a for a in plain if not a.startswith("--config.quant.precisions=")] + list(extra)
+
+
 def test_tinystories_eval_keeps_what_the_base_was_made_with():
   """eval.py must rebuild the same quantized base as train.py did (seed included), with its own
   evaluation text and block count."""

@@ -71,6 +71,10 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
       "configs/nope.py",
     ),
     "value of wrong type": (train + ["--config.lora.rank=big"], "big"),
+    "config flag twice": (  # ml_collections would join the tuples into (1, 2, 1, 2, 4)
+      train + ["--config.quant.precisions=(1,2)", "--config.quant.precisions=(1,2,4)"],
+      "--config.quant.precisions is given more than once",
+    ),
     "budget out of range": (train + ["--config.quant.budget=0.5"], "budget=0.5"),
     "rank 0": (train + ["--config.lora.rank=0"], "rank=0"),
     "rank above kernel size": (train + ["--config.lora.rank=1000"], "rank 1000 exceeds"),
@@ -214,6 +218,7 @@ CASE_NAMES = [
   "config file missing",
   "config file missing, flag and value apart",
   "value of wrong type",
+  "config flag twice",
   "budget out of range",
   "rank 0",
   "rank above kernel size",
