@@ -77,7 +77,7 @@ def main() -> None:
     help="LowRA's channel precisions, e.g. 124 or 1234 (3-bit too); comma-separated sets",
   )
   p.add_argument(
-    "--bucket_sizes", default="tensor", help="tensor, shape, role (comma-separated; QuantConfig's)"
+    "--bucket_sizes", default="shape", help="tensor, shape, role (comma-separated; QuantConfig's)"
   )
   p.add_argument("--sequences", type=int, default=256, help="calibration blocks")
   p.add_argument("--seq_len", type=int, default=512)

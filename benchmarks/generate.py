@@ -13,8 +13,8 @@ fine-tuned inference). Each method runs in its own subprocess, so each peak memo
 
 `--precisions=1,2,4` sets LowRA's channel precisions (default: the LowRA configs'
 `quantize.recommended_precisions`, (1, 2)): the decode cost of the paper's 4-bit channels.
-`--bucket_sizes=shape` gives equal-shape tensors one split (`QuantConfig.bucket_sizes`): one
-compiled kernel per weight shape.
+`--bucket_sizes=tensor` gives each tensor its own split (`QuantConfig.bucket_sizes`; the default
+"shape" gives equal-shape tensors one split: one compiled kernel per weight shape).
 `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
 dispatch setting in one call).
 
@@ -249,7 +249,7 @@ def main() -> None:
     "--bucket_sizes",
     default="",
     choices=("", "tensor", "shape", "role"),
-    help="LowRA's bucket_sizes (default: its default, tensor)",
+    help="LowRA's bucket_sizes (default: its default, shape)",
   )
   parser.add_argument(
     "--precisions",

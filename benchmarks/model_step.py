@@ -202,7 +202,7 @@ def main() -> None:
     "--bucket_sizes",
     default="",
     choices=("", "tensor", "shape", "role"),
-    help="LowRA's bucket_sizes (default: its default, tensor; shape: one split per weight shape)",
+    help="LowRA's bucket_sizes (default: its default, shape: one split per weight shape)",
   )
   parser.add_argument("--methods", default="bf16,nf4,lowra2,lowra1.5")
   parser.add_argument("--repeat", type=int, default=10)

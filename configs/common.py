@@ -79,15 +79,15 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   shape"). Below 2 bits each channel's levels are then refitted to GPTQ's codes
   (``quant.refit``, `quantize.recommended_refit`: better below 2 bits, worse from 2 up, "Refitted
   levels"). Equal-shape tensors share one channel count per precision (``quant.bucket_sizes=
-  "shape"``: one compiled kernel per weight shape, and a better base and fine-tuned model below 2
-  bits, "Bucket sizes per weight shape"). Channels at `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster
-  decode, about the same fine-tuned perplexity), above the paper's {1, 2, 4}."""
+  "shape"``, `QuantConfig`'s default: one compiled kernel per weight shape, and a better base and
+  fine-tuned model below 2 bits, "Bucket sizes per weight shape"). Channels at
+  `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster decode, about the same
+  fine-tuned perplexity), above the paper's {1, 2, 4}."""
   c = base_config()
   c.quant.budget = budget
   c.quant.precisions = recommended_precisions(budget)
   c.quant.calibration = "kernel"
   c.quant.rounding = "gptq"
   c.quant.refit = recommended_refit(budget)
-  c.quant.bucket_sizes = "shape"
   c.lora.loftq_weighting = "inputs"
   return c

@@ -165,7 +165,7 @@ def test_shape_bucket_sizes_give_equal_shape_tensors_one_compiled_kernel(precisi
     "loud": {"kernel": heavy(22, (64, 1024)) * 3.0},
     "other": {"kernel": heavy(23, (128, 1024))},
   }
-  cfg = quantize.QuantConfig(budget=1.5, precisions=precisions)
+  cfg = quantize.QuantConfig(budget=1.5, precisions=precisions, bucket_sizes="tensor")
   shape_of = lambda t: jax.tree.map(lambda a: a.shape, t)  # noqa: E731
   apart, _ = quantize.quantize_params(params, cfg, progress=False)
   assert shape_of(apart["calm"]["kernel"]) != shape_of(apart["loud"]["kernel"])
@@ -223,7 +223,8 @@ def test_model_wide_budget_gives_noisier_layers_more_bits():
     "calm": {"kernel": heavy(5, (128, 64)) * 0.1},
     "loud": {"kernel": heavy(6, (128, 64)) * 10.0},
   }
-  _, report = quantize.quantize_params(params, quantize.QuantConfig(budget=2.0), progress=False)
+  cfg = quantize.QuantConfig(budget=2.0, bucket_sizes="tensor")  # "shape" would share one split
+  _, report = quantize.quantize_params(params, cfg, progress=False)
   calm, loud = report.layers
   assert report.code_bits <= 2.0 + 1e-9
   assert loud.code_bits > 2.0 > calm.code_bits
