@@ -64,7 +64,7 @@ def _config_flag_error(e: BaseException, argv: list[str]) -> UserError:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with `UserError`s for bad flags (a typo'd config key, a bad value, a
-  config file that does not load, a config flag given twice)."""
+  config file that does not load, a tuple-valued config flag given twice)."""
   from absl import flags
 
   for arg, after in zip(argv, [*argv[1:], None]):  # ml_collections reports a missing file only
@@ -77,12 +77,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         f"config file {file} does not exist — pass one of configs/*.py, "
         "e.g. --config=configs/llama_1p5bit.py"
       )
-  seen = set()
-  for arg in argv[1:]:  # ml_collections joins a repeated tuple flag's values, (1, 2) + (3,)
-    key = arg.split("=", 1)[0]
-    if key.startswith("--config.") and key in seen:
-      raise UserError(f"{key} is given more than once — give each config flag once")
-    seen.add(key)
+  seen = {}  # a repeated config flag's last value wins, but a tuple's are joined: (1, 2) + (3,)
+  for arg in argv[1:]:
+    key, _, value = arg.partition("=")
+    if key.startswith("--config.") and key in seen and "(" in value + seen[key]:
+      raise UserError(f"{key} is given more than once — give a tuple-valued config flag once")
+    seen[key] = value
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

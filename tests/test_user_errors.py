@@ -73,7 +73,7 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     "value of wrong type": (train + ["--config.lora.rank=big"], "big"),
     "config flag twice": (  # ml_collections would join the tuples into (1, 2, 1, 2, 4)
       train + ["--config.quant.precisions=(1,2)", "--config.quant.precisions=(1,2,4)"],
-      "--config.quant.precisions is given more than once",
+      "--config.quant.precisions is given more than once — give a tuple-valued",
     ),
     "budget out of range": (train + ["--config.quant.budget=0.5"], "budget=0.5"),
     "rank 0": (train + ["--config.lora.rank=0"], "rank=0"),
