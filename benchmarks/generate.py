@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import subprocess
 import sys
 import time
@@ -52,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import synthetic
-from trace_kernels import check_gpu, kernels_of
+from trace_kernels import check_gpu, grouped, kernels_of, print_kernels
 from lowra_jax import cli, lora
 from lowra_jax import generate as gen
 from lowra_jax.models import llama, shapes
@@ -143,22 +142,8 @@ def median_seconds(setup, fn, repeat: int) -> float:
 
 
 def step_kernels(decode, context, steps: int) -> list[dict]:
-  """Kernels of one decode step (a traced decode of `steps` steps, divided by `steps`), grouped by
-  name without numeric suffixes ("fusion.12" -> "fusion"), most time first."""
-  groups: dict[str, list[float]] = {}
-  for k in kernels_of(decode, lambda: (context(),), calls=1):
-    name = re.sub(r"([._]\d+)+$", "", k.name)
-    acc = groups.setdefault(name, [0.0, 0.0])
-    acc[0], acc[1] = acc[0] + k.launches / steps, acc[1] + k.us / steps
-  rows = [{"kernel": n, "launches": a, "us": u} for n, (a, u) in groups.items()]
-  return sorted(rows, key=lambda r: -r["us"])
-
-
-def print_kernels(label: str, rows: list[dict], top: int = 20) -> None:
-  total_us, total_n = sum(r["us"] for r in rows), sum(r["launches"] for r in rows)
-  print(f"\n{label}: {total_n:.0f} kernels, {total_us:.0f} µs per step", file=sys.stderr)
-  for r in rows[:top]:
-    print(f"  {r['us']:8.1f} µs {r['launches']:6.0f}x  {r['kernel'][:100]}", file=sys.stderr)
+  """Kernels of one decode step: a traced decode of `steps` steps, divided by `steps`."""
+  return grouped(kernels_of(decode, lambda: (context(),), calls=1), per=steps)
 
 
 def worker(args) -> None:
@@ -210,7 +195,7 @@ def worker(args) -> None:
       row["prefill_ms"] = 1e3 * median_seconds(lambda p=prompts: p, prefill, args.repeat)
     if args.trace:
       row["step_kernels"] = step_kernels(decode, context, args.new)
-      print_kernels(f"{args.worker} batch {batch}", row["step_kernels"])
+      print_kernels(f"{args.worker} batch {batch}, one step", row["step_kernels"])
     row["peak_gb"] = peak_gb()
     log(start, f"{args.worker} batch {batch}: {row['tokens_per_s']:.1f} tokens/s")
     print(json.dumps(row), flush=True)

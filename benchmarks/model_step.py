@@ -10,11 +10,16 @@ shorter compilation), the base quantized as the method says, rank-`--rank` adapt
 projections, and `train_lib.make_train_step` -- loss, gradient w.r.t. the adapters and the AdamW
 update, the path train.py runs. Quality needs no real weights here.
 
-Prints one table: compile s, median step ms, peak device memory, bytes of the frozen base; a
+Prints one table: compile s, median step ms (each step waited for: the host's dispatch included),
+chained step ms (`--repeat` steps dispatched back to back, as train.py runs them: the host prepares
+the next step while the device runs this one), peak device memory, bytes of the frozen base; a
 memory breakdown per method (packed base, bf16 embeddings/head/norms, adapters, optimizer state,
 XLA's temporaries -- activations kept for the backward and transients -- and the peak); with
 `--memory_grid` also the frozen-base bytes of the whole model at every method of the quality sweep
 (from one quantized layer, times the number of layers, plus the bf16 embeddings and head).
+`--trace` adds each method's GPU kernels of one step from a profiler trace (grouped by name
+without numeric suffixes, top 20 on stderr, all of them in the JSON) and the device's idle time
+between them (with the kernels it precedes): where the step's time goes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import synthetic
+from trace_kernels import check_gpu, grouped, idle, per_call, print_kernels, trace_events
 
 from lowra_jax import cli, lora, train_lib
 from lowra_jax.models import llama, shapes
@@ -100,8 +106,21 @@ def measure(args, name: str) -> dict:
     state, metrics = compiled(state, variables, batch, key)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+  t0 = time.perf_counter()  # chained: the host dispatches the next step while the GPU runs this one
+  for _ in range(args.repeat):
+    state, metrics = compiled(state, variables, batch, key)
+  jax.block_until_ready(metrics)
+  chained_s = (time.perf_counter() - t0) / args.repeat
   stats = jax.devices()[0].memory_stats() or {}
   bits = bits_per_param(quant) if quant else None
+  kernels = {}
+  if args.trace:
+    fresh = lambda: (jax.tree.map(jnp.copy, state), variables, batch, key)  # noqa: E731
+    events = trace_events(compiled, fresh, calls=3)
+    idle_us, before = idle(events, calls=3)
+    kernels["step_kernels"] = grouped(per_call(events, calls=3))
+    kernels["idle_us"] = idle_us
+    kernels["idle_before"] = [dataclasses.asdict(k) for k in before[:20]]
   return {
     "method": name,
     "code_bits": bits.code if bits else 16.0,
@@ -110,11 +129,13 @@ def measure(args, name: str) -> dict:
     "packed_shapes": synthetic.distinct_packed_shapes(quant),
     "compile_s": compile_s,
     "step_ms": 1e3 * float(np.median(times)),
+    "chained_step_ms": 1e3 * chained_s,
     "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
     "temp_gb": getattr(analysis, "temp_size_in_bytes", 0) / 1e9,
     "base_gb": _gb(variables),
     **held,
     "loss": float(metrics["loss"]),
+    **kernels,
   }
 
 
@@ -207,6 +228,7 @@ def main() -> None:
   parser.add_argument("--methods", default="bf16,nf4,lowra2,lowra1.5")
   parser.add_argument("--repeat", type=int, default=10)
   parser.add_argument("--memory_grid", action="store_true")
+  parser.add_argument("--trace", action="store_true", help="kernels of one step (profiler)")
   parser.add_argument("--out", help="write the results here as JSON")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # one method, JSON to stdout
   parser.add_argument("--plot", help="PNG of memory vs bits from the JSON files in --plot_from")
@@ -232,6 +254,8 @@ def main() -> None:
     cli.positive(f"--{flag}", getattr(args, flag))
   if args.out:
     cli.output_file("--out", args.out)
+  if args.trace:
+    check_gpu("--trace")
   if args.child:
     print("RESULT " + json.dumps(measure(args, args.child)), flush=True)
     return
@@ -244,7 +268,15 @@ def main() -> None:
       print(f"{name} failed:\n{done.stderr[-3000:]}", flush=True)
       continue
     rows.append(json.loads(lines[-1][7:]))
+    keys = ("step_kernels", "idle_us", "idle_before")
+    traced = {k: rows[-1].pop(k) for k in keys if k in rows[-1]}
     print(f"{name}: {rows[-1]}", flush=True)
+    if traced:
+      print_kernels(f"{name}, one training step", traced["step_kernels"])
+      print(f"{name}: device idle {traced['idle_us']:.0f} µs a step, before:", file=sys.stderr)
+      for k in traced["idle_before"][:10]:
+        print(f"  {k['us']:8.1f} µs {k['launches']:6.0f}x  {k['name'][:100]}", file=sys.stderr)
+      rows[-1].update(traced)
   grid = memory_grid(args) if args.memory_grid else []
   config = SHAPES[args.shape]
   header = {
@@ -264,17 +296,16 @@ def main() -> None:
   print(f"\n{header}")
   base = next((r for r in rows if r["method"] == "bf16"), None)
   print(
-    "| base | code bits | total bits | packed shapes | compile s | step ms | vs bf16 | peak GB "
-    "| XLA temp GB | base GB |"
+    "| base | code bits | total bits | packed shapes | compile s | step ms | vs bf16 "
+    "| chained step ms | vs bf16 | peak GB | XLA temp GB | base GB |"
   )
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    ratio = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "-"
+    ratios = [f"{r[k] / base[k]:.2f}x" if base else "-" for k in ("step_ms", "chained_step_ms")]
     print(
       f"| {r['method']} | {r['code_bits']:.3f} | {r['total_bits']:.3f} | {r['packed_shapes']} "
-      f"| {r['compile_s']:.1f} "
-      f"| {r['step_ms']:.1f} | {ratio} | {r['peak_gb']:.2f} | {r.get('temp_gb', 0):.2f} "
-      f"| {r['base_gb']:.2f} |"
+      f"| {r['compile_s']:.1f} | {r['step_ms']:.1f} | {ratios[0]} | {r['chained_step_ms']:.1f} "
+      f"| {ratios[1]} | {r['peak_gb']:.2f} | {r.get('temp_gb', 0):.2f} | {r['base_gb']:.2f} |"
     )
   print(
     "\nmemory (GB): held arrays, and XLA's temporaries (the activations kept for the backward and "

@@ -1,8 +1,11 @@
 """GPU kernels of a jitted call, from a `jax.profiler` trace (the Perfetto JSON jax writes).
 
 `kernels_of(fn, make_args, calls=5)` runs fn(*make_args()) once (compilation), then `calls` times
-under the profiler (fresh arguments each time: fn may donate them), and returns every kernel name seen with its launches and µs per call. Used by
-`op_breakdown.py` (one `quantized_matmul`) and `generate.py --trace` (one decode step), which
+under the profiler (fresh arguments each time: fn may donate them), and returns every kernel name
+seen with its launches and µs per call (`trace_events`: the raw events; `idle`: the device's idle
+time between kernels and which kernels it precedes); `grouped` sums them by name without numeric
+suffixes and `print_kernels` prints the top ones. Used by `op_breakdown.py` (one `quantized_matmul`),
+`generate.py --trace` (one decode step) and `model_step.py --trace` (one training step), which
 call `check_gpu` first.
 """
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,12 +76,58 @@ def per_call(events, calls: int) -> list[Kernel]:
   return [Kernel(name, launches[name] / calls, total[name] / calls) for name in launches]
 
 
-def kernels_of(fn, make_args, calls: int = 5) -> list[Kernel]:
-  """The kernels of one fn(*make_args()) call (fn jitted); arguments are made outside the trace."""
+def trace_events(fn, make_args, calls: int = 5) -> list[tuple[float, str, float]]:
+  """`device_events` of `calls` fn(*make_args()) calls (fn jitted, run once before the trace);
+  arguments are made outside the trace."""
   jax.block_until_ready(fn(*make_args()))
   fresh = [jax.block_until_ready(make_args()) for _ in range(calls)]
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for args in fresh:
         jax.block_until_ready(fn(*args))
-    return per_call(device_events(d), calls)
+    return device_events(d)
+
+
+def kernels_of(fn, make_args, calls: int = 5) -> list[Kernel]:
+  """The kernels of one fn(*make_args()) call (fn jitted); arguments are made outside the trace."""
+  return per_call(trace_events(fn, make_args, calls), calls)
+
+
+def idle(events, calls: int) -> tuple[float, list[Kernel]]:
+  """The device's idle time per call between the kernels of `calls` traced calls: (idle µs,
+  `Kernel`s whose `us` is the idle time just before them, most first). Gaps are measured on the
+  merged timeline of the streams; the `calls` - 1 largest are taken for the host's time between
+  calls and left out."""
+  gaps, end = [], None
+  for start, name, dur in events:
+    if end is not None and start > end:
+      gaps.append((start - end, name))
+    end = start + dur if end is None else max(end, start + dur)
+  gaps = sorted(gaps, reverse=True)[calls - 1 :]
+  launches, total = {}, {}
+  for gap, name in gaps:
+    name = re.sub(r"([._]\d+)+$", "", name)
+    launches[name] = launches.get(name, 0) + 1
+    total[name] = total.get(name, 0.0) + gap
+  rows = [Kernel(n, launches[n] / calls, total[n] / calls) for n in launches]
+  return sum(total.values()) / calls, sorted(rows, key=lambda k: -k.us)
+
+
+def grouped(kernels: list[Kernel], per: float = 1) -> list[dict]:
+  """{kernel, launches, us} per name without numeric suffixes ("fusion.12" -> "fusion"), divided
+  by `per` (e.g. the decode steps of one call), most time first."""
+  groups: dict[str, list[float]] = {}
+  for k in kernels:
+    name = re.sub(r"([._]\d+)+$", "", k.name)
+    acc = groups.setdefault(name, [0.0, 0.0])
+    acc[0], acc[1] = acc[0] + k.launches / per, acc[1] + k.us / per
+  rows = [{"kernel": n, "launches": a, "us": u} for n, (a, u) in groups.items()]
+  return sorted(rows, key=lambda r: -r["us"])
+
+
+def print_kernels(label: str, rows: list[dict], top: int = 20) -> None:
+  """The total and the `top` rows of `grouped`, on stderr."""
+  total_us, total_n = sum(r["us"] for r in rows), sum(r["launches"] for r in rows)
+  print(f"\n{label}: {total_n:.0f} kernels, {total_us:.0f} µs", file=sys.stderr)
+  for r in rows[:top]:
+    print(f"  {r['us']:8.1f} µs {r['launches']:6.0f}x  {r['kernel'][:100]}", file=sys.stderr)

@@ -113,6 +113,8 @@ class QLoRALinear(nn.Module):
 
   Variables: params/kernel [in, features] or quant/kernel (`QuantizedTensor`), params/bias
   [features] with `use_bias`, lora/a [in, rank] and lora/b [rank, features] when adapted.
+  in_remat: the module runs inside a remat'd layer, where a quantized kernel's backward reuses
+  the recomputed forward's transient weight (`quantized_matmul(keep_weight=True)`).
   """
 
   features: int
@@ -120,12 +122,13 @@ class QLoRALinear(nn.Module):
   dtype: Any = jnp.bfloat16
   lora: LoraConfig | None = None
   deterministic: bool = True
+  in_remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     if self.has_variable("quant", "kernel"):
-      y = quantized_matmul(x, self.get_variable("quant", "kernel"))
+      y = quantized_matmul(x, self.get_variable("quant", "kernel"), keep_weight=self.in_remat)
     else:
       init = nn.initializers.lecun_normal()
       kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)

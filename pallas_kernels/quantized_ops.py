@@ -14,7 +14,8 @@ which it looks up by bytes: in float32 XLA's fusion is faster); otherwise XLA de
 a mixed tensor's channel order is restored by gathering whole rows (`row_gather`) of the output
 (below `permute_weight_from_m` rows; dY's columns in the backward) or of the weight. The custom VJP
 returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is
-no dW and nothing but the packed tensor itself is kept for the backward pass. `plan(qt, m, dtype,
+no dW and nothing but the packed tensor itself is kept for the backward pass (with `keep_weight`,
+inside a remat'd layer, the dense forward's transient weight instead). `plan(qt, m, dtype,
 impl, backward)` returns all these choices for one pass as an inspectable `Plan`, which
 `_forward` / `_backward` execute.
 
@@ -344,6 +345,21 @@ def _forward(x, qt: QuantizedTensor, impl: str):
   return _unpermute(cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=1), qt)
 
 
+def _keeps_weight(p: Plan) -> bool:
+  """Whether a forward pass by `p` makes the whole transient W_hat^T [N, K] in channel order, the
+  weight a kept-weight backward multiplies dY by."""
+  return p.dense and p.permute != "output"
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _forward_keeping_weight(x, qt: QuantizedTensor, impl: str):
+  """`_forward` by a plan that `_keeps_weight`: (y [M, N], its transient W_hat^T [N, K])."""
+  p = plan(qt, x.shape[0], x.dtype, impl)
+  x, qt = _after(x, qt)
+  w_t = _weight_rows(qt, x.dtype, p, impl)
+  return jnp.dot(w_t, x.T).T, w_t
+
+
 def _unpermute(y, qt: QuantizedTensor):
   """Bucket-order columns [M, N] -> channel order; scattered by perm rather than gathered by its
   inverse, which costs three more launches."""
@@ -384,13 +400,16 @@ def _backward(g, qt: QuantizedTensor, impl: str):
   return dx.astype(g.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _qmm(x, qt, impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmm(x, qt, impl, keep_weight):
   return _forward(x, qt, impl)
 
 
-def _qmm_fwd(x, qt, impl):
-  return _forward(x, qt, impl), qt
+def _qmm_fwd(x, qt, impl, keep_weight):
+  if keep_weight and _keeps_weight(plan(qt, x.shape[0], x.dtype, impl)):
+    y, w_t = _forward_keeping_weight(x, qt, impl)
+    return y, (qt, w_t)
+  return _forward(x, qt, impl), (qt, None)
 
 
 def _zero_cotangent(a):
@@ -410,20 +429,32 @@ def _after(a, qt):
   return jax.lax.platform_dependent(a, qt, cuda=barrier, rocm=barrier, default=lambda *a: a)
 
 
-def _qmm_bwd(impl, qt, g):
+def _qmm_bwd(impl, keep_weight, residuals, g):
+  qt, w_t = residuals
+  zeros = jax.tree_util.tree_map(_zero_cotangent, qt)
+  if w_t is not None:
+    return jnp.dot(g, w_t), zeros
   g, qt_b = _after(g, qt)
-  return _backward(g, qt_b, impl), jax.tree_util.tree_map(_zero_cotangent, qt)
+  return _backward(g, qt_b, impl), zeros
 
 
 _qmm.defvjp(_qmm_fwd, _qmm_bwd)
 
 
-def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, backend: str = "auto") -> jax.Array:
+def quantized_matmul(
+  x: jax.Array, qt: QuantizedTensor, *, backend: str = "auto", keep_weight: bool = False
+) -> jax.Array:
   """x [..., K] @ dequantize(qt) [K, N] -> [..., N] in x.dtype, accumulated in float32.
 
   Differentiable in x (the quantized base is frozen: its cotangent is zero).
   `backend`: 'auto' (Triton kernels on GPU, dequantize + XLA dot elsewhere), 'triton',
   'interpret' (the kernels in Pallas' interpreter, for tests) or 'xla'.
+  `keep_weight`: where the forward makes the whole transient weight (a dense plan in channel
+  order), keep it as the backward's residual rather than dequantizing again for dX. For calls
+  inside `jax.checkpoint` (a remat'd layer): there the residuals of the first forward are dropped
+  and the recomputed forward's live only through the layer's backward, so the backward reuses the
+  recomputation's weight at the cost of one layer's transient weights at a time. Outside remat it
+  would keep every layer's weight, in the compute dtype, from forward to backward.
   """
   k, n = qt.shape
   if x.shape[-1] != k:
@@ -439,11 +470,14 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, backend: str = "auto"
     row = P(axes, None)
     # check_vma=False: pallas_call's outputs carry no varying-axes annotation.
     local = jax.shard_map(
-      lambda x, qt: _qmm(x, qt, impl), in_specs=(row, P()), out_specs=row, check_vma=False
+      lambda x, qt: _qmm(x, qt, impl, keep_weight),
+      in_specs=(row, P()),
+      out_specs=row,
+      check_vma=False,
     )
     y = local(x, qt)
   else:
-    y = _qmm(x, qt, impl)
+    y = _qmm(x, qt, impl, keep_weight)
   return y.reshape(*lead, n)
 
 

@@ -118,6 +118,36 @@ def test_both_passes_tie_the_base_to_their_activation_on_gpus(qtensor):
     assert text.count("stablehlo.optimization_barrier") == barriers, platform
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_weight_serves_the_backward_and_lives_only_inside_remat(qtensor, backend):
+  """keep_weight: a forward whose plan makes the whole weight in channel order keeps it as the
+  residual for dX (still float64's gradient); under jax.checkpoint the first forward's residuals
+  are dropped, so at most the checkpoint's input is kept."""
+  m, (k, n) = 300, qtensor.shape
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32))
+  c = rng.normal(size=(m, n)).astype(np.float32)
+  w = np.asarray(quantize.dequantize(qtensor, jnp.float32), np.float64)
+  kept = quantized_ops._keeps_weight(quantized_ops.plan(qtensor, m, jnp.float32, backend))
+  assert kept or qtensor.perm is not None  # single-bucket tensors are dense at 300 rows
+
+  def residual_shapes(f):
+    y, vjp = jax.vjp(f, x)
+    floats = [a for a in jax.tree_util.tree_leaves(vjp) if jnp.issubdtype(a.dtype, jnp.floating)]
+    return y, vjp, {a.shape for a in floats if a.size >= k * n}
+
+  def f(x):
+    return quantized_matmul(x, qtensor, backend=backend, keep_weight=True)
+
+  y, vjp, shapes = residual_shapes(f)
+  assert shapes == ({(n, k)} if kept else set())
+  assert rel_err(y, np.asarray(x, np.float64) @ w) < TOL[jnp.float32]
+  assert rel_err(vjp(jnp.asarray(c))[0], c.astype(np.float64) @ w.T) < TOL[jnp.float32]
+  _, vjp, shapes = residual_shapes(jax.checkpoint(f))
+  assert shapes <= {(m, k)}  # at most x, to recompute from
+  assert rel_err(vjp(jnp.asarray(c))[0], c.astype(np.float64) @ w.T) < TOL[jnp.float32]
+
+
 def stored_bucket(rng, bits, k, n, tables, dq_block):
   """A random `Bucket` as the quantizer stores it, and its weights in float64 [k, n] (computed
   here from the stored fields). tables: 'channel' (float16 [n, 2^b]), 'indexed' (3 float16 tables

@@ -51,3 +51,18 @@ def test_device_stream_events_averaged_per_call(tmp_path):
     trace_kernels.Kernel("lut_matmul_2bit", 1.0, 22.0),
     trace_kernels.Kernel("loop_reduce_fusion", 1.0, 2.0),
   ]
+
+
+def test_idle_time_is_the_gaps_on_the_merged_timeline_without_the_gaps_between_calls():
+  """Two calls: kernels a (0-10) and b on a second stream (5-12) overlap, then c.1 after a 3 µs gap;
+  the host's 100 µs between the calls is left out; the second call has a 4 µs gap before c.2."""
+  events = [
+    (0.0, "a", 10.0),
+    (5.0, "b", 7.0),
+    (15.0, "c.1", 5.0),
+    (120.0, "a", 10.0),
+    (134.0, "c.2", 6.0),
+  ]
+  idle_us, before = trace_kernels.idle(events, calls=2)
+  assert idle_us == 3.5
+  assert before == [trace_kernels.Kernel("c", 1.0, 3.5)]

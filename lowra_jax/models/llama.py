@@ -221,12 +221,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Causal grouped-query self-attention with rotary embeddings."""
+  """Causal grouped-query self-attention with rotary embeddings (in_remat: see `QLoRALinear`)."""
 
   config: LlamaConfig
   dtype: Any
   lora: LoraConfig | None
   deterministic: bool
+  in_remat: bool = False
 
   def _proj(self, features: int, name: str) -> QLoRALinear:
     return QLoRALinear(
@@ -235,6 +236,7 @@ class Attention(nn.Module):
       dtype=self.dtype,
       lora=self.lora,
       deterministic=self.deterministic,
+      in_remat=self.in_remat,
       name=name,
     )
 
@@ -268,12 +270,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)) (in_remat: see `QLoRALinear`)."""
 
   config: LlamaConfig
   dtype: Any
   lora: LoraConfig | None
   deterministic: bool
+  in_remat: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -286,6 +289,7 @@ class MLP(nn.Module):
         dtype=self.dtype,
         lora=self.lora,
         deterministic=self.deterministic,
+        in_remat=self.in_remat,
         name=name,
       )
 
@@ -295,18 +299,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)) (in_remat: see `QLoRALinear`)."""
 
   config: LlamaConfig
   dtype: Any
   lora: LoraConfig | None
   deterministic: bool
+  in_remat: bool = False
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
     """Returns (x [B, T, d], the layer's updated (keys, values) or None); see `Attention`."""
     cfg = self.config
-    kw = {"dtype": self.dtype, "lora": self.lora, "deterministic": self.deterministic}
+    kw = {
+      "dtype": self.dtype,
+      "lora": self.lora,
+      "deterministic": self.deterministic,
+      "in_remat": self.in_remat,
+    }
     h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
     attn, kv_cache = Attention(cfg, name="self_attn", **kw)(h, cos, sin, mask, kv_cache, index)
     x = x + attn
@@ -330,9 +340,8 @@ class Layers(nn.Module):
     updated = []
     for i in range(self.config.num_layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
-      x, kv = layer(self.config, self.dtype, self.lora, self.deterministic, name=str(i))(
-        x, cos, sin, mask, kv, None if cache is None else cache.index
-      )
+      block = layer(self.config, self.dtype, self.lora, self.deterministic, self.remat, name=str(i))
+      x, kv = block(x, cos, sin, mask, kv, None if cache is None else cache.index)
       updated.append(kv)
     return x, (None if cache is None else updated)
 
