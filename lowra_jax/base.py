@@ -14,7 +14,9 @@ device calibrates as it quantizes), computed once and cached beside the saved ba
 (`workdir/calibration.safetensors`, reused while its identity matches); the calibration's identity
 is part of the saved base's. With `quant.rounding="gptq"` each projection's whole input covariance
 is computed again from the same blocks, one decoder layer at a time, as each quantizer pass reaches
-that layer (`layer_covariances`; held one layer at a time, never cached).
+that layer (`layer_covariances`; held one layer at a time, never cached), except for models whose
+covariances all fit `calibration.KEEP_ALL_BYTES`: those are kept once computed, one forward serves
+every LoftQ round, and the moments are their diagonals.
 """
 
 from __future__ import annotations
@@ -153,11 +155,14 @@ def saved_moments(config) -> dict[str, np.ndarray] | None:
   return h
 
 
-def moments(config, s: Settings, model: llama.Llama, blocks) -> dict[str, np.ndarray]:
+def moments(
+  config, s: Settings, model: llama.Llama, blocks, covariances=None
+) -> dict[str, np.ndarray]:
   """The calibration moments of this config: the workdir's cached ones when their identity
   matches, else `calibration.input_moments` of `calibration.spread(blocks, calib.sequences)`
   through the dense model read from the checkpoint one decoder layer at a time, with the cost
-  printed."""
+  printed; or the diagonals of `covariances` (`layer_covariances`' of the same blocks) when it
+  keeps them all."""
   wanted = json.loads(json.dumps(calibration_identity(config)))
   cached = calibration.load(calibration_path(config.workdir), wanted)
   if cached is not None:
@@ -165,8 +170,11 @@ def moments(config, s: Settings, model: llama.Llama, blocks) -> dict[str, np.nda
     return cached
   blocks = _calibration_blocks(s, blocks)
   t0 = time.perf_counter()
-  source = CheckpointSource(s.model.path)
-  h = calibration.input_moments(model, source, blocks, s.calib.batch_size, progress=True)
+  if covariances is not None and covariances.keeps_all:
+    h = covariances.diagonals()
+  else:
+    source = CheckpointSource(s.model.path)
+    h = calibration.input_moments(model, source, blocks, s.calib.batch_size, progress=True)
   tqdm.write(
     f"calibration: {len(blocks)} sequences x {blocks.shape[1] - 1} tokens through the "
     f"{s.model.dtype} model, layer by layer from the checkpoint, in "
@@ -178,7 +186,8 @@ def moments(config, s: Settings, model: llama.Llama, blocks) -> dict[str, np.nda
 def layer_covariances(s: Settings, model: llama.Llama, blocks):
   """For `quant.rounding="gptq"`: the input covariances of the calibration blocks, computed one
   decoder layer at a time from the checkpoint as the quantizer asks for them
-  (`calibration.LayerCovariances`: nothing cached, one layer's covariances held); else None."""
+  (`calibration.LayerCovariances`: one layer's covariances held, or all of them for a model whose
+  covariances fit `calibration.KEEP_ALL_BYTES`); else None."""
   if s.quant.rounding != "gptq":
     return None
   return calibration.LayerCovariances(
@@ -235,21 +244,21 @@ def prepare(
     saved, _ = load_quantized(base_dir)
     qparams, adapters, report = saved["qparams"], saved["adapters"], None
   elif s.quant.method != "none" and s.lora.init == "qlora":
-    if s.quant.calibration != "none":
-      h = moments(config, s, model, calib_blocks)
     cov = layer_covariances(s, model, calib_blocks)
+    if s.quant.calibration != "none":
+      h = moments(config, s, model, calib_blocks, cov)
     qparams, report = quantize_checkpoint(s.model.path, s.quant, importance=h, covariances=cov)
     adapters = lora.qlora_adapters(qparams, s.lora, key)
   elif s.quant.method != "none":  # LoftQ, the checkpoint read one tensor at a time
-    if s.quant.calibration != "none":
-      h = moments(config, s, model, calib_blocks)
     cov = layer_covariances(s, model, calib_blocks)
+    if s.quant.calibration != "none":
+      h = moments(config, s, model, calib_blocks, cov)
     qparams, adapters, report = loftq_checkpoint(s.model.path, s.quant, s.lora, key, h, cov)
   else:  # quant.method "none" (which takes no calibration): the dense base
     qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)
   if cov is not None:
-    seconds = f"{cov.seconds:.1f} s"
-    tqdm.write(f"gptq: input covariances, layer by layer as the quantizer asked: {seconds}")
+    how = "one forward, all kept" if cov.keeps_all else "layer by layer as the quantizer asked"
+    tqdm.write(f"gptq: input covariances, {how}: {cov.seconds:.1f} s")
   frozen, quant = lora.split_quantized(qparams)
   return Prepared(model, tokenizer, {"params": frozen, "quant": quant}, adapters, report, h)
 

@@ -19,7 +19,9 @@ one safetensors file whose metadata is the calibration's identity.
 
 GPTQ rounding (`QuantConfig.rounding="gptq"`) needs each projection's whole input covariance
 E[x x^T] as well: `input_moments(..., full=True)` returns all of them, `LayerCovariances` computes
-them layer by layer while the quantizer's pass 2 reads the kernels (one layer's held at a time):
+them layer by layer while the quantizer's pass 2 reads the kernels (one layer's held at a time,
+or, for models whose covariances take at most `KEEP_ALL_BYTES`, all of them once computed, whose
+diagonals are then the moments: one forward for both):
 
     cov = LayerCovariances(model, source, blocks, batch_size=8)
     qparams, _ = base.quantize_checkpoint(path, config, importance=h, covariances=cov)
@@ -232,6 +234,11 @@ def input_moments(
   return total
 
 
+# `LayerCovariances` keeps every layer's covariances when all of them take at most this many bytes
+# (pycode-llama-17m: 62 MB; a LLaMA-7B's, 28 GB, are computed again in each LoftQ round).
+KEEP_ALL_BYTES = 1 << 30
+
+
 class LayerCovariances(Mapping[str, jax.Array]):
   """{kernel path: float32 [in, in] E[x x^T] on the device} for every `QLoRALinear` of the model,
   computed when asked for, one decoder layer at a time: what `QuantConfig.rounding="gptq"` reads
@@ -243,13 +250,24 @@ class LayerCovariances(Mapping[str, jax.Array]):
   starts again from the embedding (each LoftQ round's pass 2 does: one forward per round). So
   ask in forward order, as a `CheckpointSource` iterates (`weights_source.forward_order`; a
   pytree's flattening puts layer 10 before layer 2, which costs a restart at each such step).
+  When every covariance fits in `keep_bytes` (`keeps_all`), every layer's is kept once computed:
+  one forward serves every round, and `diagonals()` the calibration moments.
   """
 
-  def __init__(self, model: llama.Llama, source, blocks: np.ndarray, batch_size: int):
+  def __init__(
+    self,
+    model: llama.Llama,
+    source,
+    blocks: np.ndarray,
+    batch_size: int,
+    keep_bytes: int = KEEP_ALL_BYTES,
+  ):
     self._start = lambda: _LayerForward(model, source, blocks, batch_size, full=True)
     self._config = model.config
-    self._keys = [p for p in source.shapes() if self._step_of(p) is not None]
+    shapes = source.shapes()
+    self._keys = [p for p in shapes if self._step_of(p) is not None]
     self._key_set = set(self._keys)
+    self.keeps_all = sum(4 * shapes[p][0] ** 2 for p in self._keys) <= keep_bytes
     self._forward: _LayerForward | None = None
     self._held: dict[str, jax.Array] = {}
     self.seconds = 0.0  # spent computing (the forwards included), for reports
@@ -265,17 +283,26 @@ class LayerCovariances(Mapping[str, jax.Array]):
   def __getitem__(self, path: str) -> jax.Array:
     if path not in self._key_set:
       raise KeyError(path)
+    if path in self._held:
+      return self._held[path]
     step = self._step_of(path)
     start = time.perf_counter()
     if self._forward is None or self._forward.done > step + 1:
       self._forward, self._held = None, {}
       self._forward = self._start()
     while self._forward.done <= step:
-      self._held = {}  # dropped before the next layer's are computed
-      self._held = {p: c / self._forward.tokens for p, c in self._forward.step().items()}
-      jax.block_until_ready(self._held)
+      if not self.keeps_all:
+        self._held = {}  # dropped before the next layer's are computed
+      layer = {p: c / self._forward.tokens for p, c in self._forward.step().items()}
+      self._held.update(jax.block_until_ready(layer))
     self.seconds += time.perf_counter() - start
     return self._held[path]
+
+  def diagonals(self) -> dict[str, np.ndarray]:
+    """{kernel path: float32 [in]}: every covariance's diagonal, the moments `input_moments` gives
+    for the same blocks (the same float32 sums of exact products, summed in another order); with
+    `keeps_all`, the covariances are kept for the quantizer's passes."""
+    return {p: np.asarray(jnp.diagonal(self[p]), np.float32) for p in self._keys}
 
   def __contains__(self, path) -> bool:
     return path in self._key_set

@@ -222,11 +222,13 @@ def test_input_sums_of_the_cast_inputs_equal_float64_numpy(dtype):
 def test_layer_covariances_are_computed_when_asked_for_one_layer_at_a_time():
   """`LayerCovariances` (GPTQ on a model read from its checkpoint): each kernel's E[x x^T] when
   asked for, as the float64 forward gives it (the test above's bound). Asked in the source's
-  order, it reads each layer once; asking for an earlier layer again runs the blocks from the
-  embedding again (reads again only up to that layer)."""
+  order, it reads each layer once; holding one layer's at a time (`keep_bytes` below what all
+  take), asking for an earlier layer again runs the blocks from the embedding again (reads again
+  only up to that layer)."""
   model, params = llama.load_pretrained(_need(PYCODE), dtype=jnp.float32)
   source = _Recording(CheckpointSource(PYCODE))
-  cov = calibration.LayerCovariances(model, source, _BLOCKS, batch_size=3)
+  cov = calibration.LayerCovariances(model, source, _BLOCKS, batch_size=3, keep_bytes=0)
+  assert not cov.keeps_all
   ref = _numpy_forward_moments(model.config, params, _BLOCKS[:, :-1], full=True)
   assert set(cov) == set(ref) and len(cov) == len(ref) and source.reads == [] and cov.seconds == 0
   assert "model/layers/0/self_attn/q_proj/kernel" in cov and "model/norm/scale" not in cov
@@ -243,11 +245,35 @@ def test_layer_covariances_are_computed_when_asked_for_one_layer_at_a_time():
   assert {int(p.split("/")[2]) for p in again[1:]} == {0, 1}
 
 
-def test_streamed_loftq_with_layer_covariances_equals_the_in_memory_loftq():
+def test_kept_covariances_take_one_forward_and_their_diagonals_are_the_moments():
+  """A model whose covariances fit `keep_bytes`: every layer's kept once computed, so asking
+  again (a second LoftQ round) reads nothing; their diagonals equal `input_moments` within the
+  float32 sums of the rows (the same exact products, summed in another order)."""
+  model, _ = llama.load_pretrained(_need(PYCODE), dtype=jnp.float32)
+  source = _Recording(CheckpointSource(PYCODE))
+  cov = calibration.LayerCovariances(model, source, _BLOCKS, batch_size=3)
+  assert cov.keeps_all
+  h = calibration.input_moments(model, CheckpointSource(PYCODE), _BLOCKS, batch_size=3)
+  diagonals = cov.diagonals()
+  reads = list(source.reads)
+  assert len(reads) == len(set(reads)) and reads[0] == "model/embed_tokens/embedding"
+  rows = _BLOCKS.shape[0] * (_BLOCKS.shape[1] - 1)
+  assert set(diagonals) == set(h)
+  for key, expected in h.items():
+    assert diagonals[key].dtype == np.float32
+    assert_close_at_scale(diagonals[key], expected, 2 * f32_sum_random(rows), err_msg=key)
+  first = "model/layers/0/self_attn/q_proj/kernel"
+  np.testing.assert_array_equal(np.diagonal(np.asarray(cov[first])), diagonals[first])
+  assert source.reads == reads
+
+
+@pytest.mark.parametrize("keep_bytes", [0, calibration.KEEP_ALL_BYTES])
+def test_streamed_loftq_with_layer_covariances_equals_the_in_memory_loftq(keep_bytes):
   """LoftQ (2 rounds, fit weighted by the inputs) with GPTQ rounding over the checkpoint, the
-  covariances computed layer by layer in each round (`base.loftq_checkpoint` with a
-  `LayerCovariances`, train.py's path), gives the base and adapters of `lora.init_lora` on the
-  dense params given every covariance at once, bit for bit."""
+  covariances computed layer by layer (`base.loftq_checkpoint` with a `LayerCovariances`,
+  train.py's path: in each round when one layer's are held, once when all are kept), gives the
+  base and adapters of `lora.init_lora` on the dense params given every covariance at once, bit
+  for bit."""
   from lowra_jax import base, lora
 
   model, params = llama.load_pretrained(_need(STORIES), dtype=jnp.float32)
@@ -257,14 +283,14 @@ def test_streamed_loftq_with_layer_covariances_equals_the_in_memory_loftq():
   adapters = lora.LoraConfig(init="loftq", rank=4, loftq_iters=2, loftq_weighting="inputs")
   key = jax.random.key(0)
   source = _Recording(CheckpointSource(STORIES))
-  cov = calibration.LayerCovariances(model, source, _BLOCKS, batch_size=3)
+  cov = calibration.LayerCovariances(model, source, _BLOCKS, batch_size=3, keep_bytes=keep_bytes)
   streamed = base.loftq_checkpoint(STORIES, quant, adapters, key, h, cov)
   reference = lora.init_lora(
     params, quant, adapters, key, progress=False, importance=h, covariances=full
   )
   _assert_identical(streamed[:2], reference[:2])
   embeddings = source.reads.count("model/embed_tokens/embedding")
-  assert embeddings == 2  # one forward per round's pass 2
+  assert embeddings == (1 if cov.keeps_all else 2)  # else one forward per round's pass 2
 
 
 def _whole_model_moments(model, params, blocks, batch_size) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tolerances import f32_sum_random, llama_terms
+from tolerances import assert_close_at_scale, f32_sum, f32_sum_random, llama_terms
 
 from lowra_jax.models import llama
 
@@ -234,8 +234,9 @@ def test_calibrated_run_caches_its_moments_and_refuses_a_base_of_other_calibrati
 
 
 def test_gptq_run_quantizes_with_layer_by_layer_covariances(need_data, tmp_path):
-  """quant.rounding='gptq': the cache holds the second moments only, and the saved base equals,
-  bit for bit, the in-memory quantizer's given the whole covariances at once
+  """quant.rounding='gptq': the cache holds the second moments only (of a model this small, the
+  covariances' diagonals: their one forward, all kept, serves the moments too), and the saved
+  base equals, bit for bit, the in-memory quantizer's given the whole covariances at once
   (`input_moments(full=True)`), which the run computes one decoder layer at a time instead."""
   from lowra_jax.quantize import QuantConfig, quantize_params
   from lowra_jax.quantize.serialize import load_quantized
@@ -243,17 +244,20 @@ def test_gptq_run_quantizes_with_layer_by_layer_covariances(need_data, tmp_path)
   workdir = tmp_path / "gptq"
   out = run(workdir, *CALIBRATED, "--config.quant.rounding=gptq")
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "gptq: input covariances, layer by layer" in out.stdout
+  assert "gptq: input covariances, one forward, all kept" in out.stdout
   cached = load_file(workdir / "calibration.safetensors")
-  h = _expected_moments(8, 3, full=False)
-  assert cached.keys() == h.keys() and all(cached[p].ndim == 1 for p in cached)
+  full = _expected_moments(8, 3, full=True)
+  assert cached.keys() == full.keys()
+  for path, c in full.items():  # float32 sums of 8 x 64 rows, another process's order
+    assert_close_at_scale(cached[path], np.diagonal(c), f32_sum(8 * 64), err_msg=path)
+  h = dict(cached)
   extra = json.loads((workdir / "base" / "tree.json").read_text())["extra"]
   assert extra["quant"]["rounding"] == "gptq"
   fields = extra["quant"].items()
   quant = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields})
   _, params = llama.load_pretrained(STORIES, dtype=np.float32)
   expected, _ = quantize_params(
-    params, quant, progress=False, importance=h, covariances=_expected_moments(8, 3, full=True)
+    params, quant, progress=False, importance=h, covariances=full
   )
   saved = load_quantized(workdir / "base")[0]["qparams"]
   got, want = jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(expected)
