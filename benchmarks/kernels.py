@@ -155,10 +155,11 @@ def tile_overrides(text: str) -> list[dict]:
   return overrides
 
 
-def sweep(m: int, overrides: list[dict]):
+def sweep(m: int, overrides: list[dict], forward_only: bool = False):
   """Kernel-only times of tile settings on 4096x11008, 2 bits, at M rows (pick `tiles_for` here).
 
-  overrides: `Tiles` overrides, each timed against the default tiles of that M."""
+  overrides: `Tiles` overrides, each timed against the default tiles of that M; forward_only:
+  the forward kernel's (--no-backward)."""
   from pallas_kernels import lut_matmul as lm
   from pallas_kernels import quantized_ops as qmm
 
@@ -167,7 +168,7 @@ def sweep(m: int, overrides: list[dict]):
   qt = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2))
   ops = [q.buckets[0] for q in quantized_copies(qt)]  # distinct buffers: no L2 reuse
   kp = ops[0].planes[0].shape[0]
-  for backward_pass, inp in ((False, (m, k)), (True, (m, n))):
+  for backward_pass, inp in ((False, (m, k)), (True, (m, n)))[: 1 if forward_only else 2]:
     a = jax.random.normal(jax.random.key(1), inp, jnp.bfloat16)
     base = qmm.tiles_for(m, kp, n, 64, backward_pass)
     name = "bwd" if backward_pass else "fwd"
@@ -416,7 +417,7 @@ def main():
   args = parser.parse_args()
   if args.sweep is not None:
     cli.positive("--sweep", args.sweep)
-    return sweep(args.sweep, tile_overrides(args.tiles))
+    return sweep(args.sweep, tile_overrides(args.tiles), args.no_backward)
   if args.report:
     for path in args.report:
       cli.existing("--report", path, "pass the files that --rows wrote")
