@@ -39,6 +39,16 @@ def level_words(levels: list) -> list:
   return [bits[j] | (bits[j + 1] << 16) for j in range(0, len(bits), 2)]
 
 
+def _fields(field: int, bits: int, high: int | None) -> tuple[tuple[int, int, int, int], list]:
+  """(`_selector` of the code's two low bits, masks of its higher bits) for a b-bit code in bits
+  [field * bits, +bits) of a packed byte; with `high` (3-bit codes), for a code whose two low
+  bits are the 2-bit field `field` and whose third bit is bit `high`."""
+  if high is None:
+    p = field * bits
+    return _selector(field, bits), [4 << p, 8 << p][: bits - 2]
+  return _selector(field, 2), [1 << high]
+
+
 def _selector(field: int, bits: int) -> tuple[int, int, int, int]:
   """(mask, mul, add, half) for the code in bits [field * bits, +bits) of a packed byte:
   s = (byte & mask) * mul + add has nibbles (2c, 2c + 1) at d's half `half` (0 low, 1 high),
@@ -62,37 +72,33 @@ def prmt_reference(a, b, s):
   return out
 
 
-def _lookup_reference(codes, field, bits, words):
+def _lookup_reference(codes, field, bits, words, high=None):
   """int32 [R, C]: the looked-up level's 16 bits (as a signed int16 value)."""
-  mask, mul, add, half = _selector(field, bits)
+  (mask, mul, add, half), highs = _fields(field, bits, high)
   s = (codes & mask) * mul + add
   words = [jnp.broadcast_to(w, codes.shape) for w in words]
   found = [prmt_reference(words[j], words[j + 1], s) for j in range(0, len(words), 2)]
-  p = field * bits
-  if bits >= 3:  # pick each pair of word pairs by bit 2
-    bit2 = (codes & (4 << p)) != 0
-    found = [jnp.where(bit2, found[j + 1], found[j]) for j in range(0, len(found), 2)]
-  if bits == 4:
-    found = [jnp.where((codes & (8 << p)) != 0, found[1], found[0])]
+  for bit in highs:  # pick each pair of word pairs by bit 2, then by bit 3
+    on = (codes & bit) != 0
+    found = [jnp.where(on, found[j + 1], found[j]) for j in range(0, len(found), 2)]
   if half == 0:
     return (found[0] << 16) >> 16  # sign-extended: the int16 value in an int32
   return found[0] >> 16
 
 
-def _asm(field: int, bits: int) -> str:
+def _asm(field: int, bits: int, high: int | None = None) -> str:
   """The PTX of one lookup: $0 the 16-bit level, $1 the packed byte, $2.. the level words."""
-  mask, mul, add, half = _selector(field, bits)
+  (mask, mul, add, half), highs = _fields(field, bits, high)
   take = "mov.b32 {l, h}, d; mov.b16 $0, " + ("h;" if half else "l;")
   head = f"and.b32 c, $1, {mask}; mad.lo.u32 s, c, {mul}, {add}; "
   if bits == 2:
     return "{ .reg .b32 c, s, d; .reg .b16 l, h; " + head + "prmt.b32 d, $2, $3, s; " + take + " }"
-  p = field * bits
   if bits == 3:
     return (
       "{ .reg .b32 c, s, d, d0, d1; .reg .pred p2; .reg .b16 l, h; "
       + head
       + "prmt.b32 d0, $2, $3, s; prmt.b32 d1, $4, $5, s; "
-      + f"and.b32 c, $1, {4 << p}; setp.ne.u32 p2, c, 0; selp.b32 d, d1, d0, p2; "
+      + f"and.b32 c, $1, {highs[0]}; setp.ne.u32 p2, c, 0; selp.b32 d, d1, d0, p2; "
       + take
       + " }"
     )
@@ -101,35 +107,42 @@ def _asm(field: int, bits: int) -> str:
     + head
     + "prmt.b32 d0, $2, $3, s; prmt.b32 d1, $4, $5, s; "
     + "prmt.b32 d2, $6, $7, s; prmt.b32 d3, $8, $9, s; "
-    + f"and.b32 c, $1, {4 << p}; setp.ne.u32 p2, c, 0; "
-    + f"and.b32 c, $1, {8 << p}; setp.ne.u32 p3, c, 0; "
+    + f"and.b32 c, $1, {highs[0]}; setp.ne.u32 p2, c, 0; "
+    + f"and.b32 c, $1, {highs[1]}; setp.ne.u32 p3, c, 0; "
     + "selp.b32 e0, d1, d0, p2; selp.b32 e1, d3, d2, p2; selp.b32 d, e1, e0, p3; "
     + take
     + " }"
   )
 
 
-def lookup(codes, field: int, bits: int, levels: list, *, interpret: bool):
+def lookup(
+  codes, field: int, bits: int, levels: list, *, interpret: bool, high: int | None = None
+):
   """levels[code] for the b-bit code in bits [field * bits, +bits) of each packed byte.
 
   Args:
-    codes: int32 [R, C], packed bytes (values 0..255).
+    codes: int32 [R, C], packed bytes (values 0..255), or words holding them.
     field: which code of the byte (0 .. 8 // bits - 1); bits: 2, 3 or 4 (`covers`).
     levels: 2^bits arrays [1, C] of one 16-bit dtype: each channel's levels.
     interpret: emulate the instruction in jnp (Pallas' interpreter) instead of inline PTX.
+    high: 3-bit codes only: the code's two low bits are the 2-bit field `field` (bits
+      [2 * field, +2)) and its third bit is bit `high` of `codes` (a 3-bit bucket's two planes
+      side by side in one word: no shifts to gather the code first).
   Returns:
     [R, C] in the levels' dtype.
   """
   dtype = levels[0].dtype
   if not covers(bits, dtype):
     raise ValueError(f"byte lookup needs 2- to 4-bit codes and 16-bit levels, not {bits}, {dtype}")
+  if high is not None and bits != 3:
+    raise ValueError(f"a code split over two fields (high={high}) must have 3 bits, not {bits}.")
   words = level_words(levels)
   if interpret:
-    found = _lookup_reference(codes, field, bits, words).astype(jnp.int16)
+    found = _lookup_reference(codes, field, bits, words, high).astype(jnp.int16)
     return jax.lax.bitcast_convert_type(found, dtype)
   args = [codes] + [jnp.broadcast_to(w, codes.shape) for w in words]
   (found,) = plgpu.elementwise_inline_asm(
-    _asm(field, bits),
+    _asm(field, bits, high),
     args=args,
     constraints=",".join(["=h"] + ["r"] * len(args)),
     pack=1,

@@ -227,15 +227,16 @@ class BucketView:
     bits = self.layout.bits
     scale = self.scale((r0 + i * self.layout.kp) // self.group, offset)
     levels = [c * scale for c in table]
+    if self.narrow and byte_lookup.covers(bits, dtype):
+      levels = [v.astype(dtype) for v in levels]
+      high = 8 + 2 * i if bits == 3 else None  # a 3-bit code's third bit (`packed`)
+      return byte_lookup.lookup(packed, i, bits, levels, interpret=self.interpret, high=high)
     if bits == 3:  # the code, gathered from bits 2i, 2i + 1 and 8 + 2i (`packed`)
       packed = ((packed >> 2 * i) & 3) | ((packed >> 6 + 2 * i) & 4)
       i = 0
     if not self.narrow:
       return select_levels(packed, levels, i * bits).astype(dtype)
-    levels = [v.astype(dtype) for v in levels]
-    if byte_lookup.covers(bits, dtype):
-      return byte_lookup.lookup(packed, i, bits, levels, interpret=self.interpret)
-    return select_levels(packed, levels, i * bits)
+    return select_levels(packed, [v.astype(dtype) for v in levels], i * bits)
 
 
 def bucket_view(refs, layout: Layout, *, group, n0, tiles, interpret):

@@ -56,8 +56,39 @@ def test_lookup_finds_every_codes_level(bits, dtype):
   np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_split_3bit_codes_are_read_from_both_fields(dtype):
+  """3-bit codes as the forward kernels hold them: the two low bits in 2-bit field f of the first
+  plane's byte (bits 0-7), the third bit at bit 8 + 2f; the other bits random (another row's).
+  Against numpy's levels[code, channel], bit for bit."""
+  rng = np.random.default_rng(3)
+  rows, cols = 16, 32
+  codes = rng.integers(0, 8, (4, rows, cols))
+  low = sum((codes[f] & 3) << (2 * f) for f in range(4))
+  high = sum(((codes[f] >> 2) << (8 + 2 * f)) | (rng.integers(0, 2, (rows, cols)) << (9 + 2 * f))
+             for f in range(4))
+  packed = (low | high | (rng.integers(0, 1 << 15, (rows, cols)) << 16)).astype(np.int32)
+  levels = np.asarray(jnp.asarray(rng.normal(size=(8, cols)), dtype))
+
+  def kernel(p_ref, l_ref, o_ref):
+    table = [l_ref[pl.ds(j, 1), :] for j in range(8)]
+    for f in range(4):
+      o_ref[f, :, :] = byte_lookup.lookup(
+        p_ref[...], f, 3, table, interpret=not ON_GPU, high=8 + 2 * f
+      )
+
+  got = pl.pallas_call(
+    kernel, out_shape=jax.ShapeDtypeStruct((4, rows, cols), dtype), interpret=not ON_GPU
+  )(jnp.asarray(packed), jnp.asarray(levels))
+  want = levels[codes, np.arange(cols)]
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+
+
 def test_lookup_rejects_what_it_does_not_cover():
   levels = [jnp.zeros((1, 4), jnp.float32)] * 4
   with pytest.raises(ValueError, match=r"2- to 4-bit codes and 16-bit levels"):
     byte_lookup.lookup(jnp.zeros((2, 4), jnp.int32), 0, 2, levels, interpret=True)
   assert not byte_lookup.covers(1, jnp.bfloat16) and byte_lookup.covers(4, jnp.float16)
+  with pytest.raises(ValueError, match=r"must have 3 bits, not 2"):
+    bf16 = [jnp.zeros((1, 4), jnp.bfloat16)] * 4
+    byte_lookup.lookup(jnp.zeros((2, 4), jnp.int32), 0, 2, bf16, interpret=True, high=9)
