@@ -8,7 +8,9 @@ place and one multiply-add moves two copies of it to the nibbles of one half of 
 for the field at bit 0, the high half for the others, whose code sits too high for the low one).
 A 4-bit code looks its two low bits up in four word pairs of 4 levels each with that selector and
 picks the pair by its two high bits (3 selects); a 3-bit code in two pairs, picked by its high bit
-(1 select).
+(1 select). A 3-bit code need not sit in one field: with `high`, its two low bits are a 2-bit
+field and its third bit any other bit of the word, both tested in place (the LUT kernels hold a
+3-bit bucket's two planes side by side in one word, so no shifts gather the code first).
 
 Per weight that is 3 instructions (2 bits), 6 (3 bits) or 10 (4 bits) instead of a select tree of
 3, 7 or 15 selects and 2, 3 or 4 bit tests, which makes the forward and transient-weight kernels
