@@ -65,8 +65,8 @@ def test_split_3bit_codes_are_read_from_both_fields(dtype):
   rows, cols = 16, 32
   codes = rng.integers(0, 8, (4, rows, cols))
   low = sum((codes[f] & 3) << (2 * f) for f in range(4))
-  high = sum(((codes[f] >> 2) << (8 + 2 * f)) | (rng.integers(0, 2, (rows, cols)) << (9 + 2 * f))
-             for f in range(4))
+  other = rng.integers(0, 2, (4, rows, cols))  # the second plane's bits of other rows
+  high = sum(((codes[f] >> 2) << (8 + 2 * f)) | (other[f] << (9 + 2 * f)) for f in range(4))
   packed = (low | high | (rng.integers(0, 1 << 15, (rows, cols)) << 16)).astype(np.int32)
   levels = np.asarray(jnp.asarray(rng.normal(size=(8, cols)), dtype))
 
@@ -89,6 +89,6 @@ def test_lookup_rejects_what_it_does_not_cover():
   with pytest.raises(ValueError, match=r"2- to 4-bit codes and 16-bit levels"):
     byte_lookup.lookup(jnp.zeros((2, 4), jnp.int32), 0, 2, levels, interpret=True)
   assert not byte_lookup.covers(1, jnp.bfloat16) and byte_lookup.covers(4, jnp.float16)
+  bf16 = [jnp.zeros((1, 4), jnp.bfloat16)] * 4
   with pytest.raises(ValueError, match=r"must have 3 bits, not 2"):
-    bf16 = [jnp.zeros((1, 4), jnp.bfloat16)] * 4
     byte_lookup.lookup(jnp.zeros((2, 4), jnp.int32), 0, 2, bf16, interpret=True, high=9)
