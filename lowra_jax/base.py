@@ -223,7 +223,7 @@ def loftq_checkpoint(
     iters=config.loftq_iters, sink=lambda p, leaf: leaves.append((p, leaf)),
     importance=importance, covariances=covariances, weighted=config.loftq_weighting == "inputs",
   )
-  return nest(leaves), lora.loftq_adapters(shapes, factors, config, rng), report
+  return lora.loftq_start(nest(leaves), shapes, factors, config, rng) + (report,)
 
 
 def prepare(

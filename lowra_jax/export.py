@@ -4,7 +4,8 @@
 
     base-hf/           the dequantized quantized base: what our quantized model computes with,
                        no adapters (HF LLaMA checkpoint: config.json, model.safetensors, tokenizer
-                       files); written once per run.
+                       files), a frozen LoftQ correction (init 'loftq_frozen') folded in; written
+                       once per run.
     adapter-step{N}/   the adapters at step N in PEFT format (adapter_config.json,
                        adapter_model.safetensors); base_model_name_or_path is base-hf/ (absolute).
     merged-step{N}/    (optional) an HF LLaMA checkpoint of base + adapters merged.

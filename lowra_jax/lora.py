@@ -2,7 +2,9 @@
 
 A model's variables live in three pytrees that are never mixed:
 
-* ``params`` -- frozen dense leftovers (embeddings, norms, head, biases) in the checkpoint dtype;
+* ``params`` -- frozen dense leftovers (embeddings, norms, head, biases) in the checkpoint dtype,
+  and with ``init="loftq_frozen"`` each adapted module's frozen LoftQ correction
+  ``{"correction_a": [in, rank], "correction_b": [rank, out]}`` (float32);
 * ``quant``  -- frozen `QuantizedTensor` kernels, consumed by `pallas_kernels.quantized_matmul`;
 * ``lora``   -- the adapters ``{"a": [in, rank], "b": [rank, out]}`` (float32), the only tree that
   `jax.grad` and the optimizer see.
@@ -38,8 +40,24 @@ from lowra_jax.quantize import (
 from pallas_kernels import quantized_matmul
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-INITS = ("qlora", "loftq")
+INITS = ("qlora", "loftq", "loftq_frozen")
+LOFTQ_INITS = ("loftq", "loftq_frozen")
+CORRECTION = ("correction_a", "correction_b")  # a frozen LoftQ correction's leaves in ``params``
 LOFTQ_WEIGHTINGS = ("none", "inputs")
+
+
+# LoftQ's factors trained as the adapters lower the fine-tuned perplexity below 2.5 code bits and
+# raise it from 3 bits up, where a frozen correction under fresh adapters does better (pycode-17m,
+# the sweep's protocol, 3 seeds: 4 bits 5.658 frozen against 5.830 trained, 3 bits 5.763 against
+# 5.814; a tie at 2.5; 2 bits 5.991 against 5.937, 1.5 bits 6.608 against 6.341; stories260K at
+# 4 bits disagrees, +0.13; docs/results.md "Frozen LoftQ correction").
+FROZEN_LOFTQ_FROM = 3.0
+
+
+def recommended_init(budget: float) -> str:
+  """The LowRA configs' adapter init at `budget` code bits: 'loftq_frozen' from
+  `FROZEN_LOFTQ_FROM`, else 'loftq'."""
+  return "loftq_frozen" if budget >= FROZEN_LOFTQ_FROM else "loftq"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +68,9 @@ class LoraConfig:
   targets: module names (the path component above ``kernel``) that get adapters.
   init: 'qlora' (A uniform in +-1/sqrt(in), B = 0: the model starts as its quantized base) or
   'loftq' (`loftq_iters` alternations of quantize(W - s A B) and a rank-r SVD of the residual,
-  so that base + adapters start close to the full-precision W).
+  so that base + adapters start close to the full-precision W) or 'loftq_frozen' (LoftQ's
+  factors become a frozen correction of the base, kept in ``params``, and the adapters start as
+  QLoRA's: they train from B = 0, as on a base that is closer to W).
   loftq_weighting: 'none' (the SVD minimises the residual's weight-space error) or 'inputs' (its
   error on the calibration's inputs, E||x (W - Q - s A B)||^2: needs quant.calibration, and
   takes the covariances under quant.rounding='gptq'; `loftq.low_rank`'s `weight`).
@@ -75,7 +95,7 @@ class LoraConfig:
       raise ValueError(
         f"loftq_weighting={self.loftq_weighting!r} — use one of {LOFTQ_WEIGHTINGS}."
       )
-    if self.init == "loftq" and self.loftq_iters < 1:
+    if self.init in LOFTQ_INITS and self.loftq_iters < 1:
       raise ValueError(f"loftq_iters={self.loftq_iters} — use >= 1 LoftQ rounds.")
 
   @property
@@ -135,14 +155,20 @@ class QLoRALinear(nn.Module):
       y = dense_matmul(x, kernel.astype(self.dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
-    if self.lora is not None and self.has_variable("lora", "a"):
-      a = self.get_variable("lora", "a").astype(self.dtype)
-      b = self.get_variable("lora", "b").astype(self.dtype)
+    if self.lora is None:
+      return y
+    if self.has_variable("params", "correction_a"):
+      y = y + self._low_rank(x, "params", "correction_a", "correction_b")
+    if self.has_variable("lora", "a"):
       h = nn.Dropout(self.lora.dropout, deterministic=self.deterministic)(x)
-      h = jnp.dot(h, a, preferred_element_type=jnp.float32).astype(self.dtype)
-      delta = jnp.dot(h, b, preferred_element_type=jnp.float32) * self.lora.scale
-      y = y + delta.astype(self.dtype)
+      y = y + self._low_rank(h, "lora", "a", "b")
     return y
+
+  def _low_rank(self, x: jax.Array, collection: str, a: str, b: str) -> jax.Array:
+    """(alpha / rank) * x @ a @ b in `dtype`, each product accumulated in float32."""
+    a, b = (self.get_variable(collection, name).astype(self.dtype) for name in (a, b))
+    h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(self.dtype)
+    return (jnp.dot(h, b, preferred_element_type=jnp.float32) * self.lora.scale).astype(self.dtype)
 
 
 def _partition(tree, keep) -> tuple[dict, dict]:
@@ -266,7 +292,8 @@ def init_lora(
   if quant_config.method == "none":  # the dense (bf16) LoRA reference
     if lora_config.init != "qlora":
       raise ValueError(
-        "LoRA init 'loftq' needs a quantized base — with quant method 'none' use init='qlora'."
+        f"LoRA init {lora_config.init!r} needs a quantized base — with quant method 'none' use "
+        "init='qlora'."
       )
     return params, qlora_adapters(params, lora_config, rng), None
   if lora_config.init == "qlora":
@@ -286,7 +313,45 @@ def init_lora(
     covariances=covariances,
     weighted=lora_config.loftq_weighting == "inputs",
   )
-  return qparams, loftq_adapters(shapes, factors, lora_config, rng), report
+  return loftq_start(qparams, shapes, factors, lora_config, rng) + (report,)
+
+
+def loftq_start(
+  qparams: dict,
+  shapes: dict[tuple[str, ...], tuple[int, int]],
+  factors: dict,
+  config: LoraConfig,
+  rng,
+) -> tuple[dict, dict]:
+  """(qparams, adapters) at the start of training from LoftQ's `factors` ({module path: (A, B)})
+  over its quantized base `qparams`: with init 'loftq' the factors are the adapters
+  (`loftq_adapters`); with 'loftq_frozen' they join `qparams` as frozen corrections and the
+  adapters are QLoRA's (`random_adapters`)."""
+  if config.init == "loftq_frozen":
+    corrections = {
+      (*p, name): f for p, pair in factors.items() for name, f in zip(CORRECTION, pair)
+    }
+    return merge_trees(qparams, _nest(corrections)), random_adapters(shapes, config.rank, rng)
+  return qparams, loftq_adapters(shapes, factors, config, rng)
+
+
+def split_corrections(params: dict) -> tuple[dict, dict[tuple[str, ...], tuple]]:
+  """(params without them, {module path: (correction_a [in, r], correction_b [r, out])}) of the
+  frozen LoftQ corrections in a nested params dict."""
+  found = {}
+
+  def visit(node, path):
+    out = {}
+    for key, value in node.items():
+      if isinstance(value, dict):
+        out[key] = visit(value, (*path, key))
+      elif key not in CORRECTION:
+        out[key] = value
+    if CORRECTION[0] in node:
+      found[path] = tuple(node[name] for name in CORRECTION)
+    return out
+
+  return visit(params, ()), found
 
 
 def loftq_adapters(
@@ -310,13 +375,19 @@ def merge_trees(a: dict, b: dict) -> dict:
 
 
 def merge_adapters(qparams: dict, adapters: dict, config: LoraConfig) -> dict:
-  """Dense params: every kernel dequantized, W_hat + (alpha / rank) A @ B where it has adapters.
+  """Dense params: every kernel dequantized, W_hat + (alpha / rank) A @ B where it has adapters,
+  and + (alpha / rank) correction_a @ correction_b where it has a frozen correction (whose leaves
+  are dropped: the result is a plain checkpoint's tree).
 
   Sums run in float32; every leaf comes back as a jax array in its original dtype (a
   `QuantizedTensor`'s `dtype`).
   """
+  qparams, corrections = split_corrections(qparams)
   dense = dequantize_params(qparams, jnp.float32)
   dtypes = jax.tree.map(lambda x: jnp.dtype(x.dtype), qparams, is_leaf=is_quantized)
+
+  def low_rank(a, b):
+    return config.scale * (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32))
 
   def merge(path, w, dtype):
     *module, leaf = (k.key for k in path)
@@ -324,7 +395,9 @@ def merge_adapters(qparams: dict, adapters: dict, config: LoraConfig) -> dict:
     for name in module:
       node = node.get(name, {})
     if leaf == "kernel" and "a" in node:
-      w = w + config.scale * (jnp.asarray(node["a"], jnp.float32) @ node["b"])
+      w = w + low_rank(node["a"], node["b"])
+    if leaf == "kernel" and tuple(module) in corrections:
+      w = w + low_rank(*corrections[tuple(module)])
     return jnp.asarray(w).astype(dtype)
 
   return jax.tree_util.tree_map_with_path(merge, dense, dtypes)

@@ -135,7 +135,7 @@ def _calibration_users(values: dict) -> str | None:
     fixes.append("--config.quant.rounding=nearest")
   if quant.get("refit"):
     fixes.append("--config.quant.refit=False")
-  if lora_values.get("init") == "loftq" and lora_values.get("loftq_weighting") == "inputs":
+  if lora_values.get("init") in lora.LOFTQ_INITS and lora_values.get("loftq_weighting") == "inputs":
     fixes.append("--config.lora.loftq_weighting=none")
   if method not in ("lowra", "lloyd") and calibration != "none":
     fixes.insert(0, "--config.quant.calibration=none")

@@ -72,14 +72,19 @@ def test_layer_matches_float64():
   qt = quantize_tensor(w, QuantConfig(method="nf", bits=4))
   lora = {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
   w_hat = np.asarray(dequantize(qt, jnp.float32), np.float64)
+  c_a, c_b = rng.standard_normal((k, r)), rng.standard_normal((r, n))
+  correction = {"correction_a": jnp.asarray(c_a, jnp.float32), "correction_b": c_b}
   for variables, kernel in [
     ({"params": {"kernel": w, "bias": bias}, "lora": lora}, w.astype(np.float64)),
     ({"params": {"bias": bias}, "quant": {"kernel": qt}, "lora": lora}, w_hat),
+    ({"params": {"bias": bias, **correction}, "quant": {"kernel": qt}, "lora": lora}, w_hat),
   ]:
     out = layer.apply(variables, jnp.asarray(x))
     ref = x @ kernel + bias + 2.0 * (x @ a) @ b
-    # float32 dots over K = 96 and the rank, after rounding a, b and bias to float32
-    assert_close_at_scale(out, ref, f32_sum(k + r + 3))
+    if "correction_a" in variables["params"]:  # a frozen LoftQ correction, same scale
+      ref = ref + 2.0 * (x @ c_a) @ c_b
+    # float32 dots over K = 96 and the rank (twice), after rounding a, b and bias to float32
+    assert_close_at_scale(out, ref, f32_sum(k + 2 * r + 4))
 
 
 def test_dense_matmul_gradients_match_float64():
@@ -214,6 +219,66 @@ def test_loftq_model_is_closer_to_full_precision(stories):
     logits = model.apply({"params": frozen, "quant": quant, "lora": lora}, tokens)
     gaps[init] = float(jnp.mean((logits - full) ** 2))
   assert gaps["loftq"] < 0.8 * gaps["qlora"]
+
+
+def test_frozen_loftq_correction_starts_where_loftq_does_and_is_never_trained(stories):
+  """init 'loftq_frozen': LoftQ's factors sit in params as a frozen correction, the adapters are
+  QLoRA's (B = 0); the model equals a float64-built dense model of W_hat + s·A0·B0, gradients
+  reach only the adapters, and merging folds both low-rank terms into the kernels."""
+  config, params = stories
+  kw = dict(rank=4, alpha=8.0, loftq_iters=2)
+  loftq = lora_lib.LoraConfig(init="loftq", **kw)
+  frozen_cfg = lora_lib.LoraConfig(init="loftq_frozen", **kw)
+  q_ref, factors, _ = lora_lib.init_lora(params, NF2, loftq, jax.random.key(0), progress=False)
+  qparams, adapters, _ = lora_lib.init_lora(
+    params, NF2, frozen_cfg, jax.random.key(0), progress=False
+  )
+  rest, corrections = lora_lib.split_corrections(qparams)
+  chex.assert_trees_all_equal_structs(rest, q_ref)
+  paths = lora_lib.target_paths(params, frozen_cfg)
+  assert sorted(corrections) == sorted(paths)
+  for path in paths:
+    node = factors
+    for part in path:
+      node = node[part]
+    np.testing.assert_array_equal(corrections[path][0], node["a"])
+    np.testing.assert_array_equal(corrections[path][1], node["b"])
+  assert all(float(jnp.abs(b).max()) == 0 for b in jax.tree.leaves(adapters)[1::2])
+
+  adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B != 0
+  dense = jax.tree.map(lambda x: np.asarray(x, np.float64), _dense_variables(rest))
+  merged_ref = jax.tree.map(np.copy, dense)
+  for path in paths:
+    node, merged, ad = dense, merged_ref, adapters
+    for part in path:
+      node, merged, ad = node[part], merged[part], ad[part]
+    a0, b0 = (np.asarray(f, np.float64) for f in corrections[path])
+    node["kernel"] = node["kernel"] + frozen_cfg.scale * a0 @ b0
+    a, b = (np.asarray(ad[name], np.float64) for name in ("a", "b"))
+    merged["kernel"] = node["kernel"] + frozen_cfg.scale * a @ b
+  frozen, quant = lora_lib.split_quantized(qparams)
+  model = llama.Llama(config, dtype=jnp.float32, lora=frozen_cfg)
+  tokens = _tokens(3)
+  logits = model.apply({"params": frozen, "quant": quant, "lora": adapters}, tokens)
+  ref = model.apply({"params": merged_ref}, jnp.asarray(tokens))
+  assert_close_at_scale(logits, ref, f32_sum(llama_terms(config, tokens.shape[1], 8)))
+  merged = lora_lib.merge_adapters(qparams, adapters, frozen_cfg)
+  chex.assert_trees_all_equal_structs(merged, _dense_variables(q_ref))
+  for path in paths:
+    got, want = merged, merged_ref
+    for part in path:
+      got, want = got[part], want[part]
+    assert_close_at_scale(got["kernel"], want["kernel"], f32_sum(2 * kw["rank"] + 2))
+
+  def loss(variables):
+    return lambda ad: jnp.mean(model.apply({**variables, "lora": ad}, tokens) ** 2)
+
+  grads = jax.grad(loss({"params": frozen, "quant": quant}))(adapters)
+  dense32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dense)  # W_hat + s·A0·B0
+  ref_grads = jax.grad(loss({"params": dense32}))(adapters)
+  chex.assert_trees_all_equal_structs(grads, adapters)
+  bound = f32_sum(llama_grad_terms(config, *tokens.shape, 8))
+  assert_trees_close_at_scale(grads, ref_grads, bound)
 
 
 def test_dropout_only_in_training(stories):
