@@ -11,7 +11,8 @@ base comes from its `base/`, the adapters from the newest checkpoint in its `che
 row is left out if there is none yet), onto this run's devices (`config.mesh`) whatever devices
 saved them. Prints one table: the dense base (unless `config.train.eval_dense` is False: it is
 read one tensor at a time onto the devices, where it must fit), the quantized base, the quantized
-base + LoftQ's initial adapters (LoftQ runs) and + the trained adapters.
+base + LoftQ's initial adapters (init 'loftq') or + its frozen correction (init 'loftq_frozen'),
+and + the trained adapters.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from lowra_jax import base, cli, preflight, reporting, run_config, sharding, train_lib
+from lowra_jax import base, cli, lora, preflight, reporting, run_config, sharding, train_lib
 from lowra_jax.checkpoint import latest_adapters
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.")
@@ -65,12 +66,16 @@ def main(argv) -> None:
   bits = reporting.base_bits(prep)
   code, total = reporting.bits_columns(bits, config.model.dtype)
   frozen = place(prep.frozen)
-  if bits is not None:
-    ppl, _ = perplexity(eval_step, frozen, None, blocks, batch, mesh)
+  if bits is not None:  # without a frozen LoftQ correction, if the base has one
+    alone = {**frozen, "params": lora.split_corrections(frozen["params"])[0]}
+    ppl, _ = perplexity(eval_step, alone, None, blocks, batch, mesh)
     rows.append(("quantized base", code, total, ppl))
   if s.lora.init == "loftq":  # LoftQ's initial adapters already correct the base (QLoRA's: B = 0)
     ppl, _ = perplexity(eval_step, frozen, place(prep.adapters), blocks, batch, mesh)
     rows.append(("+ LoftQ adapters (step 0)", code, total, ppl))
+  elif s.lora.init == "loftq_frozen":
+    ppl, _ = perplexity(eval_step, frozen, None, blocks, batch, mesh)
+    rows.append(("+ frozen LoftQ correction", code, total, ppl))
   tx = train_lib.make_optimizer(s.optim)
   trained = latest_adapters(Path(config.workdir) / "checkpoints", prep.adapters, tx, place=place)
   if trained is not None:

@@ -94,7 +94,11 @@ def main(argv) -> None:
   prep = base.prepare(config, s, inputs.tokenizer, base_dir, calib_blocks)
   code, total_bits = reporting.bits_columns(reporting.base_bits(prep), config.model.dtype)
   if lead:
-    tqdm.write(f"base: {code} code bits, {total_bits} total bits per quantized weight")
+    correction = reporting.correction_bits(prep)
+    frozen_correction = f" (+ {correction:.3f} of frozen LoftQ correction)" if correction else ""
+    tqdm.write(
+      f"base: {code} code bits, {total_bits} total bits per quantized weight{frozen_correction}"
+    )
 
   tx = train_lib.make_optimizer(s.optim)
   state = train_lib.TrainState.create(prep.adapters, tx)

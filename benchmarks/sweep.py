@@ -20,8 +20,7 @@ Methods, all with the default config's hyper-parameters (rank 16, AdamW 2e-4, 10
                 first decoder layers at 4 bits and the rest at 2 (LoftQ's mixed precision),
                 rounded to whole layers (configs/loftq_nf2.py + quant.layer_bits).
   lowra_loftq   LowRA at a code-bit budget + LoftQ adapters (configs/llama_1p5bit.py: channels at
-                1 or 2 bits up to 2 bits, at 1, 2 or 4 bits above; levels refitted below 2 bits;
-                from 3 bits LoftQ's factors a frozen correction under fresh adapters).
+                1 or 2 bits up to 2 bits, at 1, 2 or 4 bits above; levels refitted below 2 bits).
   lowra_qlora   LowRA at a code-bit budget + B = 0 adapters.
 Results: OUT/results.jsonl (one line per finished row), OUT/logs/<row>.log, train.py workdirs
 under --workdirs (default OUT/runs). On a GPU machine without network (benchmarks/gpu_setup.sh,
@@ -47,7 +46,6 @@ from pathlib import Path
 import numpy as np
 
 from lowra_jax import cli
-from lowra_jax.lora import recommended_init
 from lowra_jax.quantize.config import recommended_precisions, recommended_refit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,8 +143,7 @@ def method_flags(row: Row) -> list[str]:
       flags.append(f"--config.quant.layer_bits=(({pattern!r}, 4),)")
     return flags
   if row.method.startswith("lowra"):
-    init = recommended_init(row.bits) if row.method == "lowra_loftq" else "qlora"
-    flags = [f"--config.quant.budget={row.bits:g}", f"--config.lora.init={init}"]
+    flags = [f"--config.quant.budget={row.bits:g}", f"--config.lora.init={row.method[6:]}"]
     if recommended_precisions(row.bits) != recommended_precisions(1.5):  # the config's budget
       flags.append(f"--config.quant.precisions={recommended_precisions(row.bits)}".replace(" ", ""))
     if recommended_refit(row.bits) != recommended_refit(1.5):

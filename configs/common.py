@@ -20,7 +20,7 @@ from ml_collections.config_dict import placeholder
 from lowra_jax.calibration import CalibConfig
 from lowra_jax.data import DataConfig
 from lowra_jax.run_config import ModelConfig, TrainConfig
-from lowra_jax.lora import LoraConfig, recommended_init
+from lowra_jax.lora import LoraConfig
 from lowra_jax.quantize import QuantConfig, recommended_precisions, recommended_refit
 from lowra_jax.sharding import MeshConfig
 from lowra_jax.train_lib import OptimConfig
@@ -82,15 +82,12 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   "shape"``, `QuantConfig`'s default: one compiled kernel per weight shape, and a better base and
   fine-tuned model below 2 bits, "Bucket sizes per weight shape"). Channels at
   `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster decode, about the same
-  fine-tuned perplexity), above the paper's {1, 2, 4}. Adapters start from LoftQ
-  (`lora.recommended_init(budget)`): trained as the adapters below 3 bits, a frozen correction
-  under fresh adapters from 3 bits up ("Frozen LoftQ correction")."""
+  fine-tuned perplexity), above the paper's {1, 2, 4}."""
   c = base_config()
   c.quant.budget = budget
   c.quant.precisions = recommended_precisions(budget)
   c.quant.calibration = "kernel"
   c.quant.rounding = "gptq"
   c.quant.refit = recommended_refit(budget)
-  c.lora.init = recommended_init(budget)
   c.lora.loftq_weighting = "inputs"
   return c

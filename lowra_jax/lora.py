@@ -46,20 +46,6 @@ CORRECTION = ("correction_a", "correction_b")  # a frozen LoftQ correction's lea
 LOFTQ_WEIGHTINGS = ("none", "inputs")
 
 
-# LoftQ's factors trained as the adapters lower the fine-tuned perplexity below 2.5 code bits and
-# raise it from 3 bits up, where a frozen correction under fresh adapters does better (pycode-17m,
-# the sweep's protocol, 3 seeds: 4 bits 5.658 frozen against 5.830 trained, 3 bits 5.763 against
-# 5.814; a tie at 2.5; 2 bits 5.991 against 5.937, 1.5 bits 6.608 against 6.341; stories260K at
-# 4 bits disagrees, +0.13; docs/results.md "Frozen LoftQ correction").
-FROZEN_LOFTQ_FROM = 3.0
-
-
-def recommended_init(budget: float) -> str:
-  """The LowRA configs' adapter init at `budget` code bits: 'loftq_frozen' from
-  `FROZEN_LOFTQ_FROM`, else 'loftq'."""
-  return "loftq_frozen" if budget >= FROZEN_LOFTQ_FROM else "loftq"
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """Adapter settings.

@@ -74,17 +74,6 @@ def test_lowra_configs_refit_levels_below_2_bits_only():
     assert config.quant.bucket_sizes == "shape", name
 
 
-def test_lowra_configs_freeze_the_loftq_correction_from_3_bits():
-  """LoftQ's factors train as the adapters below 3 bits and become a frozen correction under
-  fresh adapters from 3 bits up (docs/results.md "Frozen LoftQ correction")."""
-  want = {"demo": "loftq", "llama_1p5bit": "loftq", "llama_2bit": "loftq", "llama_2p5bit": "loftq"}
-  for name, init in want.items():
-    assert load(ROOT / "configs" / f"{name}.py").lora.init == init, name
-  from configs.common import lowra_config
-
-  assert lowra_config(3.0).lora.init == lowra_config(4.0).lora.init == "loftq_frozen"
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_sections_hold_exactly_their_dataclass_fields(path):
   config = load(path)

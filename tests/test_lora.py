@@ -24,6 +24,8 @@ from tolerances import (
 )
 
 from lowra_jax import lora as lora_lib
+from lowra_jax import reporting
+from lowra_jax.base import Prepared
 from lowra_jax.loftq import get_kernel
 from lowra_jax.models import llama
 from lowra_jax.quantize import (
@@ -257,6 +259,10 @@ def test_frozen_loftq_correction_starts_where_loftq_does_and_is_never_trained(st
     a, b = (np.asarray(ad[name], np.float64) for name in ("a", "b"))
     merged["kernel"] = node["kernel"] + frozen_cfg.scale * a @ b
   frozen, quant = lora_lib.split_quantized(qparams)
+  prep = Prepared(None, None, {"params": frozen, "quant": quant}, adapters, None)
+  stored = sum(32 * (k + n) * kw["rank"] for k, n in paths.values())  # float32 [k, r] + [r, n]
+  quantized = sum(x.num_params for x in jax.tree.leaves(quant, is_leaf=is_quantized))
+  assert reporting.correction_bits(prep) == pytest.approx(stored / quantized, rel=1e-12)
   model = llama.Llama(config, dtype=jnp.float32, lora=frozen_cfg)
   tokens = _tokens(3)
   logits = model.apply({"params": frozen, "quant": quant, "lora": adapters}, tokens)

@@ -76,7 +76,6 @@ def _settings(row) -> dict:
     "pycode-loftq-2.5-s0",
     "stories-lowra_qlora-1.15-s0",
     "pycode-lowra_loftq-2.5-s0",
-    "pycode-lowra_loftq-4-s0",
     "pycode-lora_bf16-16-s0",
   ],
 )
@@ -98,9 +97,8 @@ def test_row_commands_build_valid_settings(key):
     assert quant.budget == 1.15 and s["init"] == "qlora" and quant.refit
     assert tuple(s["quant"]["precisions"]) == (1, 2)
     assert s["data"] == "wikitext" and s["model"].endswith("stories260K.bin")
-  elif row.method == "lowra_loftq":  # the LowRA configs' settings at the row's budget, not 1.5
-    init = {2.5: "loftq", 4: "loftq_frozen"}[quant.budget]
-    assert s["init"] == init and not quant.refit
+  elif row.method == "lowra_loftq":  # the LowRA configs' settings at 2.5 bits, not at 1.5
+    assert quant.budget == 2.5 and s["init"] == "loftq" and not quant.refit
     assert tuple(s["quant"]["precisions"]) == (1, 2, 4)
   else:
     assert quant.method == "none"
