@@ -1,0 +1,357 @@
+"""GEMV over 32-bit code words for decode sizes (M <= 4): x[M, K] @ W for 1- and 2-bit buckets.
+
+Word layout (`word_bucket`): a bucket's codes C[K_pad, Nb] as int32 words [G, wpg, Nb] (G scale
+groups of `group` rows, wpg = group * bits / 32 words each, channels contiguous), word q of a
+group holding its rows [R q, R q + R), R = 32 / bits, two adjacent rows (2p, 2p + 1) -- a *pair* --
+at bits a_p and a_p + 8:
+
+    word = sum_p C[R q + 2p] << a_p  |  C[R q + 2p + 1] << (a_p + 8)
+    a_p = (0, 2, 4, 6, 16, 18, 20, 22) at 2 bits,  (0, ..., 7, 16, ..., 23) at 1 bit.
+
+A pair lies in one channel and one scale group, so one byte permutation (PTX `prmt`) looks both
+codes up at once in the channel's levels held as float16 words (`level_words`: L0 | L1 << 16 and,
+at 2 bits, L2 | L3 << 16), and one float16x2 FMA multiplies them by the pair's activations. The
+selector s = 0x1010 + 0x22 (a + 256 b) of codes a, b takes two integer instructions: a mask and a
+multiply-add that also moves the pair down (`mad.hi` by 0x22 << (32 - a_p) from a_p >= 6; bits 1 to
+5 need a shift first). Per word: about 2.2 instructions a weight at M = 1 plus one FMA per pair
+and further row, against ~10 for the tensor-core kernels' byte lookups (`lut_matmul`). A word's
+products are summed in float16 (8 or 16 pairs), then in float32 with the group's scale.
+
+`word_gemv(x, buckets)` computes every bucket of a tensor in one launch, columns optionally in
+channel order (a mixed tensor's permutation), as partial sums over `splits` ranges of groups.
+Compiled kernels run the word's work as one inline PTX block; Pallas' interpreter (CPU tests)
+runs `pair_dot_reference`, the same arithmetic in jnp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from lowra_jax.quantize import packing
+from lowra_jax.quantize.qtensor import Bucket
+from lowra_jax.quantize.scaling import GroupScales
+from pallas_kernels import byte_lookup
+from pallas_kernels import lut_matmul as lm
+
+PAIR_BITS = {1: (*range(8), *range(16, 24)), 2: (0, 2, 4, 6, 16, 18, 20, 22)}
+MAX_ROWS = 4  # activation rows one program multiplies (a float16x2 FMA per pair and row)
+
+
+def rows_per_word(bits: int) -> int:
+  return 32 // bits
+
+
+def covers(bits: int, group: int) -> bool:
+  """Whether the word layout holds b-bit codes with this group size (whole words per group)."""
+  return bits in PAIR_BITS and group % rows_per_word(bits) == 0
+
+
+@flax.struct.dataclass
+class WordBucket:
+  """One precision bucket in the word layout (module docstring).
+
+  words: int32 [G, wpg, Nb]; level_words: int32 [bits, Nb], each channel's float16 levels in
+  pairs (row j: L_2j | L_2j+1 << 16); scales: the bucket's `GroupScales` [G, Nb], as stored."""
+
+  words: jax.Array
+  level_words: jax.Array
+  scales: GroupScales
+  bits: int = flax.struct.field(pytree_node=False, default=0)
+
+  @property
+  def num_channels(self) -> int:
+    return self.words.shape[2]
+
+
+def pack_words(codes: jax.Array, bits: int, group: int) -> jax.Array:
+  """codes uint8 [K_pad, Nb] (K_pad a multiple of `group`) -> int32 words [G, wpg, Nb]."""
+  k, n = codes.shape
+  r = rows_per_word(bits)
+  c = codes.astype(jnp.uint32).reshape(k // r, r, n)
+  word = jnp.zeros((k // r, n), jnp.uint32)
+  for p, at in enumerate(PAIR_BITS[bits]):
+    word = word | (c[:, 2 * p] << at) | (c[:, 2 * p + 1] << (at + 8))
+  return jax.lax.bitcast_convert_type(word, jnp.int32).reshape(k // group, group // r, n)
+
+
+def unpack_words(words: jax.Array, bits: int) -> jax.Array:
+  """Inverse of `pack_words`: int32 [G, wpg, Nb] -> uint8 [K_pad, Nb]."""
+  w = jax.lax.bitcast_convert_type(words, jnp.uint32).reshape(-1, words.shape[2])
+  mask = jnp.uint32((1 << bits) - 1)
+  rows = []
+  for at in PAIR_BITS[bits]:
+    rows += [(w >> at) & mask, (w >> (at + 8)) & mask]
+  return jnp.stack(rows, axis=1).reshape(-1, words.shape[2]).astype(jnp.uint8)
+
+
+def level_words(tables: jax.Array) -> jax.Array:
+  """float [Nb, 2^b] per-channel tables -> int32 [2^b / 2, Nb] of float16 pairs."""
+  h = jax.lax.bitcast_convert_type(tables.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+  pairs = h[:, 0::2] | (h[:, 1::2] << 16)
+  return jax.lax.bitcast_convert_type(pairs, jnp.int32).T
+
+
+def word_bucket(bucket: Bucket, group: int) -> WordBucket:
+  """A stored bucket in the word layout (traceable). The levels are rounded to float16."""
+  if not covers(bucket.bits, group):
+    raise ValueError(f"the word layout holds 1- or 2-bit codes in whole words per group, not "
+                     f"bits={bucket.bits} with group size {group}.")
+  codes = packing.unpack(bucket.planes, bucket.bits)
+  words = pack_words(codes, bucket.bits, group)
+  return WordBucket(words, level_words(bucket.channel_tables()), bucket.scales, bucket.bits)
+
+
+def x_pairs(x: jax.Array, group: int) -> jax.Array:
+  """x [M, K_pad] -> int32 [M, G, group / 2]: float16 pairs of adjacent inputs, per group."""
+  m, k = x.shape
+  h = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+  pairs = h[:, 0::2] | (h[:, 1::2] << 16)
+  return jax.lax.bitcast_convert_type(pairs, jnp.int32).reshape(m, k // group, group // 2)
+
+
+def _selector(at: int, bits: int) -> tuple[int, int, int, bool]:
+  """(shift, mask, mul, high) of the pair at bit `at`: with t = (word >> shift) & mask, the
+  prmt selector is t * mul + 0x1010 (low 32 bits), or its high 32 bits when `high` -- a
+  multiply-add that also shifts the pair down, with no shift first (from bit 6)."""
+  mask = ((1 << bits) - 1) * 0x0101
+  if at <= 1:
+    return 0, mask << at, 34 >> at, False
+  if at >= 6:
+    return 0, mask << at, 34 << (32 - at), True
+  return at, mask, 34, False
+
+
+def _lookup_pair(word, levels, at: int, bits: int, interpret: bool):
+  """int32 [R, C]: the float16 levels of the pair at bit `at` of each word (low half: the first
+  row's). word int32 [R, C]; levels: `bits` level words [1, C]."""
+  shift, mask, mul, high = _selector(at, bits)
+  table = [jnp.broadcast_to(v, word.shape) for v in (levels[0], levels[-1])]
+  if interpret:
+    t = jax.lax.shift_right_logical(word, shift) & jnp.uint32(mask).astype(jnp.int32)
+    # mad.hi's product t * (34 << (32 - at)) >> 32 is (t >> at) * 34: no bits below `at`
+    s = (jax.lax.shift_right_logical(t, at) * 34 if high else t * mul) + 0x1010
+    return byte_lookup.prmt_reference(*table, s)
+  get = f"shr.u32 t, $1, {shift}; " if shift else "mov.b32 t, $1; "
+  mad = f"and.b32 t, t, {mask:#x}; mad.{'hi' if high else 'lo'}.u32 s, t, {mul:#x}, 0x1010; "
+  return _asm("{ .reg .b32 t, s; " + get + mad + "prmt.b32 $0, $2, $3, s; }", word, *table)
+
+
+def _asm(code: str, *args, out="r", dtype=jnp.int32):
+  """One output of inline PTX `code` over int32 args of one shape ($0 the output)."""
+  (found,) = plgpu.elementwise_inline_asm(
+    code,
+    args=list(args),
+    constraints=",".join([f"={out}"] + ["r"] * len(args)),
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, dtype)],
+  )
+  return found
+
+
+def _halves(v):
+  """The two float16 halves of int32 words, as float32 (low, high)."""
+  h = [(jax.lax.shift_right_logical(v, 16 * i) & 0xFFFF).astype(jnp.uint16) for i in (0, 1)]
+  return [jax.lax.bitcast_convert_type(x, jnp.float16).astype(jnp.float32) for x in h]
+
+
+def _fma2(v, x, acc, interpret: bool):
+  """float16x2 v * x + acc (acc None: v * x), int32 words; the interpreter rounds each half's
+  float32 result to float16 (PTX rounds the fused result once: they may differ in the last
+  bit)."""
+  if interpret:
+    a, b = _halves(v), _halves(x)
+    c = _halves(acc) if acc is not None else (0.0, 0.0)
+    h = [(a[i] * b[i] + c[i]).astype(jnp.float16) for i in (0, 1)]
+    h = [jax.lax.bitcast_convert_type(y, jnp.uint16).astype(jnp.uint32) for y in h]
+    return jax.lax.bitcast_convert_type(h[0] | (h[1] << 16), jnp.int32)
+  x = jnp.broadcast_to(x, v.shape)
+  if acc is None:
+    return _asm("mul.rn.f16x2 $0, $1, $2;", v, x)
+  return _asm("fma.rn.f16x2 $0, $1, $2, $3;", v, x, acc)
+
+
+def _sum2(acc, interpret: bool):
+  """float32 [R, C]: the sum of the two float16 halves of each word."""
+  if interpret:
+    lo, hi = _halves(acc)
+    return lo + hi
+  code = (
+    "{ .reg .b16 l, h; .reg .f32 fl, fh; mov.b32 {l, h}, $1; "
+    "cvt.f32.f16 fl, l; cvt.f32.f16 fh, h; add.f32 $0, fl, fh; }"
+  )
+  return _asm(code, acc, out="f", dtype=jnp.float32)
+
+
+def word_dots(word, levels, xs, bits: int, interpret: bool):
+  """Per row of activations, each word's dot product with its pairs' activations, float32 [R, C].
+
+  word int32 [R, C]; levels: `bits` level words [1, C]; xs: per row, the 16 / bits pairs of
+  float16 activations of the word's rows, int32 [R, 1] each (row r's pair p at r * pairs + p).
+  Levels times activations are summed in float16 over the word, then converted."""
+  pairs = PAIR_BITS[bits]
+  accs = [None] * (len(xs) // len(pairs))
+  for p, at in enumerate(pairs):
+    v = _lookup_pair(word, levels, at, bits, interpret)
+    accs = [_fma2(v, xs[r * len(pairs) + p], a, interpret) for r, a in enumerate(accs)]
+  return [_sum2(a, interpret) for a in accs]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvTiles:
+  """block_g: scale groups per step; block_n: channels per program; splits: ranges of groups,
+  each a program's partial sum."""
+
+  block_g: int = 4
+  block_n: int = 128
+  splits: int = 1
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class WordLayout:
+  """Static layout of one bucket's operands: words, level words, scales (values, or int8 codes +
+  block absmax [G, ceil(Nb / dq_block)] + offset [1] when dq_block)."""
+
+  bits: int
+  groups: int
+  per_group: int  # words per group
+  nb: int
+  dq_block: int
+
+  @property
+  def num_refs(self) -> int:
+    return 2 + (3 if self.dq_block else 1)
+
+
+def operands(b: WordBucket) -> tuple[WordLayout, tuple[jax.Array, ...]]:
+  g, wpg, nb = b.words.shape
+  s = b.scales
+  layout = WordLayout(b.bits, g, wpg, nb, s.dq_block)
+  if s.dq_block:
+    scales = (s.codes, s.block_absmax, jnp.reshape(s.offset, (1,)))
+  else:
+    scales = (s.values,)
+  return layout, (b.words.reshape(g, wpg * nb), b.level_words, *scales)
+
+
+def _scale(refs, layout: WordLayout, g0, bg, n0, bn, n_ok):
+  """float32 [bg, bn]: the scales of groups [g0, g0 + bg) of channels [n0, n0 + bn)."""
+  rows, cols = pl.ds(g0, bg), pl.ds(n0, bn)
+  if not layout.dq_block:
+    return lm.masked_load(refs[2], rows, cols, n_ok)
+  codes_ref, absmax_ref, offset_ref = refs[2:]
+  codes = lm.masked_load(codes_ref, rows, cols, n_ok).astype(jnp.float32)
+  dq = layout.dq_block
+  if dq % bn == 0:  # one absmax block holds the program's channels
+    absmax = plgpu.load(absmax_ref.at[rows, pl.ds(n0 // dq, 1)])  # [bg, 1]
+  else:
+    index = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) // dq
+    absmax = plgpu.load(absmax_ref.at[g0 + jax.lax.broadcasted_iota(jnp.int32, (bg, 1), 0), index])
+  offset = plgpu.load(offset_ref.at[jnp.zeros((1, 1), jnp.int32)])
+  return offset + codes * (absmax * (1 / 127))
+
+
+def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, tiles, interpret):
+  """Channel block `block` of one bucket over group range `split`; written at output columns
+  offset + channel, or at c_ref[offset + channel] (int [1, N]) if given."""
+  bg, bn = tiles.block_g, tiles.block_n
+  n0 = block * bn
+  m = x_ref.shape[0] // layout.groups
+  n_ok = None if layout.nb % bn == 0 else lm.range_mask(n0, bn, layout.nb, 1)
+  cols = pl.ds(n0, bn)
+  words_ref, lv_ref = refs[:2]
+  levels = [lm.masked_load(lv_ref, pl.ds(j, 1), cols, n_ok) for j in range(layout.bits)]
+  npairs = len(PAIR_BITS[layout.bits])
+
+  def step(t, accs):
+    g0 = t * bg
+    sums = [jnp.zeros((bg, bn), jnp.float32) for _ in range(m)]
+    for j in range(layout.per_group):
+      view = words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)]
+      word = plgpu.load(view) if n_ok is None else plgpu.load(view, mask=n_ok, other=0)
+      xs = [
+        plgpu.load(x_ref.at[pl.ds(r * layout.groups + g0, bg), pl.ds(j * npairs + p, 1)])
+        for r in range(m)
+        for p in range(npairs)
+      ]
+      for r, d in enumerate(word_dots(word, levels, xs, layout.bits, interpret)):
+        sums[r] = sums[r] + d
+    scale = _scale(refs, layout, g0, bg, n0, bn, n_ok)
+    return tuple(a + s * scale for a, s in zip(accs, sums))
+
+  steps = layout.groups // bg
+  per_split = pl.cdiv(steps, tiles.splits)
+  lo = split * per_split
+  init = tuple(jnp.zeros((bg, bn), jnp.float32) for _ in range(m))
+  accs = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step, init)
+  out = [a.sum(axis=0, keepdims=True) for a in accs]  # [1, bn] per row
+  col_ids = pl.ds(offset + n0, bn)
+  if c_ref is not None:
+    view = c_ref.at[pl.ds(0, 1), col_ids]
+    if n_ok is None:
+      col_ids = plgpu.load(view).astype(jnp.int32)
+    else:  # masked-out lanes get a column past the end (no collisions in the interpreter)
+      col_ids = plgpu.load(view, mask=n_ok, other=o_ref.shape[2]).astype(jnp.int32)
+  for r in range(m):
+    row = pl.ds(r, 1) if c_ref is None else jnp.full((1, 1), r, jnp.int32)
+    plgpu.store(o_ref.at[split, row, col_ids], out[r], mask=n_ok)
+
+
+def _kernel(x_ref, *refs, layouts, tiles, permuted, interpret):
+  o_ref, (j, split) = refs[-1], (pl.program_id(0), pl.program_id(1))
+  c_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
+
+  def body(index, bucket_refs, local, offset):
+    _body(x_ref, bucket_refs, c_ref, o_ref, local, split, offset, layouts[index], tiles, interpret)
+
+  lm.by_channel_block(j, layouts, tiles.block_n, refs, body)
+
+
+def word_gemv(
+  x,
+  buckets,
+  *,
+  group: int,
+  tiles: GemvTiles = GemvTiles(),
+  columns=None,
+  interpret: bool = False,
+  out=None,
+):
+  """x [M, K_pad] (M <= 4) @ [W_1 | W_2 | ...] -> float32 partial sums [splits, M, sum Nb].
+
+  Args:
+    buckets: `WordBucket`s of one tensor (1 or 2 bits), computed in one launch.
+    group: the tensor's group size; tiles.block_g must divide its group count.
+    columns: optional int [sum Nb]: bucket-order column c is written at output column columns[c]
+      (a mixed tensor's `perm` gives channel order).
+    out: optional buffer the result is written into (aliased); NaN-poison it to test coverage.
+  """
+  m = x.shape[0]
+  if not 1 <= m <= MAX_ROWS:
+    raise ValueError(f"word_gemv multiplies 1 to {MAX_ROWS} rows, not {m}.")
+  checked = [operands(b) for b in buckets]
+  layouts = tuple(layout for layout, _ in checked)
+  if layouts[0].groups % tiles.block_g:
+    raise ValueError(f"block_g={tiles.block_g} must divide the {layouts[0].groups} groups.")
+  kernel = functools.partial(
+    _kernel, layouts=layouts, tiles=tiles, permuted=columns is not None, interpret=interpret
+  )
+  blocks = sum(pl.cdiv(lo.nb, tiles.block_n) for lo in layouts)
+  n = sum(lo.nb for lo in layouts)
+  shape = jax.ShapeDtypeStruct((tiles.splits, m, n), jnp.float32)
+  flat = [a for _, arrays in checked for a in arrays]
+  if columns is not None:
+    flat.append(columns.reshape(1, -1))
+  name = "word_gemv_" + "_".join(f"{lo.bits}bit" for lo in layouts)
+  t = lm.Tiles(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+  xp = x_pairs(x, group).reshape(-1, group // 2)  # [M * G, group / 2]
+  return lm.launch(kernel, (xp, *flat), shape, (blocks, tiles.splits), t,
+                   interpret, name, out)
