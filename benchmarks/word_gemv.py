@@ -139,10 +139,27 @@ def trace(shapes, precs, tiles_cfg) -> None:
         setattr(wg, k, v)
 
 
+def asm(shape: str, prec: str, tiles_cfg, out_dir: str) -> None:
+  """Registers and SASS opcode counts of the GEMV kernel at M = 1 (`kernel_asm`)."""
+  from kernel_asm import dump
+
+  _, qs = setup(shape, prec)
+  q = qs[0]
+  words = [wg.word_bucket(b, q.group_size) for b in q.buckets]
+  groups = q.buckets[0].scales.dequantize().shape[0]
+  tiles = tiles_for(groups, q.shape[1], **tiles_cfg)
+  x = jnp.zeros((1, q.shape[0]), jnp.bfloat16)
+  for s in dump(lambda a, ws: gemv(a, q, ws, tiles), (x, words), out_dir):
+    total = sum(n for _, n in s["opcodes"])
+    print(f"{s['name']}: {s['registers']} registers, {total} SASS instructions; {s['ptxas']}")
+    print("  " + ", ".join(f"{op} {n}" for op, n in s["opcodes"][:40]))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--trace", action="store_true", help="kernel µs from a trace, with ablations")
+  p.add_argument("--asm", default="", help="write PTX / SASS of the first shape's kernel here")
   p.add_argument("--shapes", default=",".join(SHAPES))
   p.add_argument("--precisions", default="2,mix1.5")
   p.add_argument("--ms", default="1")
@@ -159,6 +176,9 @@ def main():
     run(["4096x11008"], ["2"], [1], configs, bw)
     return
   configs = json.loads(args.tiles)
+  if args.asm:
+    asm(args.shapes.split(",")[0], args.precisions.split(",")[0], configs[0], args.asm)
+    return
   if args.trace:
     trace(args.shapes.split(","), args.precisions.split(","), configs[0])
     return
