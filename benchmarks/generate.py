@@ -18,6 +18,10 @@ fine-tuned inference). Each method runs in its own subprocess, so each peak memo
 `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
 dispatch setting in one call).
 
+`--layouts=planes,words` runs each quantized method also in the word layout
+(`quantize.to_word_layout`, converted on the device after quantizing: `word_gemv` at batch <= 4,
+XLA-dequantized weights above); rows say which.
+
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
 on stderr, all of them in the JSON row): what a step spends in the quantized matmuls' kernels and
@@ -55,7 +59,13 @@ from trace_kernels import check_gpu, grouped, kernels_of, print_kernels
 from lowra_jax import cli, lora
 from lowra_jax import generate as gen
 from lowra_jax.models import llama, shapes
-from lowra_jax.quantize import QuantConfig, bits_per_param, quantize_params, recommended_precisions
+from lowra_jax.quantize import (
+  QuantConfig,
+  bits_per_param,
+  quantize_params,
+  recommended_precisions,
+  to_word_layout,
+)
 from pallas_kernels import quantized_ops
 
 SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32)}  # tiny: CPU
@@ -150,6 +160,8 @@ def worker(args) -> None:
   """Measures one method at every batch size; prints one JSON row per batch on stdout."""
   start = time.perf_counter()
   model, variables = build(args.shape, args.worker, args.layers, args.tiled, args.lowra_fields)
+  if args.worker_layout == "words":
+    variables = jax.jit(to_word_layout, donate_argnums=0)(variables)
   jax.block_until_ready(variables)
   weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
   bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0
@@ -171,7 +183,7 @@ def worker(args) -> None:
     assert int(out.cache.index) == args.prompt + args.new
     seconds = median_seconds(context, decode, args.repeat)
     row = {
-      "method": args.worker,
+      "method": args.worker + (" (words)" if args.worker_layout == "words" else ""),
       "shape": args.shape,
       "batch": batch,
       "tokens_per_s": batch * args.new / seconds,
@@ -253,9 +265,14 @@ def main() -> None:
     default="",
     help='JSON overrides of the kernels\' Tuning, e.g. \'{"dense_from_m": 128}\'',
   )
+  parser.add_argument(
+    "--layouts", default="planes", help="planes,words: quantized methods in these layouts"
+  )
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--worker_layout", default="planes", help=argparse.SUPPRESS)
   args = parser.parse_args()
   methods = cli.parse_list(args.methods, "--methods", METHODS)
+  layouts = cli.parse_list(args.layouts, "--layouts", ("planes", "words"))
   args.batches = cli.parse_list(args.batches, "--batches", convert=int)
   cli.positive("--batches", *args.batches)
   for flag in ("prompt", "new", "repeat"):
@@ -289,12 +306,15 @@ def main() -> None:
     worker(args)
     return
   start, rows = time.perf_counter(), []
-  for method in methods:
+  runs = [(m, lay) for m in methods for lay in (layouts if METHODS[m] else layouts[:1])]
+  for method, layout in runs:
     cmd = [sys.executable, __file__, *sys.argv[1:], f"--worker={method}"]
-    out = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(
+      [*cmd, f"--worker_layout={layout}"], check=False, stdout=subprocess.PIPE, text=True
+    )
     rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode:
-      log(start, f"{method} failed (exit {out.returncode}); see its stderr above")
+      log(start, f"{method} ({layout}) failed (exit {out.returncode}); see its stderr above")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)

@@ -73,7 +73,7 @@ def run(shapes, precs, ms, configs, bw):
     k = w.shape[0]
     w_copies = rotate(lambda i: w + jnp.bfloat16(i * 1e-3), w.nbytes)
     words = [
-      [wg.word_bucket(b, q.group_size) for b in q.buckets] for q in qs
+      list(quantize.to_word_layout(q).buckets) for q in qs
     ]  # converted once
     ops = list(zip(qs, words))
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(words[0]))
@@ -114,7 +114,7 @@ def trace(shapes, precs, tiles_cfg) -> None:
 
   for shape, prec in itertools.product(shapes, precs):
     w, qs = setup(shape, prec)
-    words = [[wg.word_bucket(b, q.group_size) for b in q.buckets] for q in qs]
+    words = [list(quantize.to_word_layout(q).buckets) for q in qs]
     groups = qs[0].buckets[0].scales.dequantize().shape[0]
     tiles = tiles_for(groups, qs[0].shape[1], **tiles_cfg)
     x = jax.random.normal(jax.random.key(1), (1, w.shape[0]), jnp.bfloat16)
@@ -145,7 +145,7 @@ def asm(shape: str, prec: str, tiles_cfg, out_dir: str) -> None:
 
   _, qs = setup(shape, prec)
   q = qs[0]
-  words = [wg.word_bucket(b, q.group_size) for b in q.buckets]
+  words = list(quantize.to_word_layout(q).buckets)
   groups = q.buckets[0].scales.dequantize().shape[0]
   tiles = tiles_for(groups, q.shape[1], **tiles_cfg)
   x = jnp.zeros((1, q.shape[0]), jnp.bfloat16)

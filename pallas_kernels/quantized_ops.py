@@ -37,12 +37,14 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lowra_jax.quantize import QuantizedTensor, dequantize_buckets, dequantize_channels
+from lowra_jax.quantize.words import is_word_layout
 from lowra_jax.sharding import BATCH_AXES
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import byte_lookup
 from pallas_kernels import lut_dequantize as ld
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import row_gather as rg
+from pallas_kernels import word_gemv as wg
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
@@ -61,7 +63,8 @@ class Tuning:
   waves: programs per SM aimed at by `_target_splits`, (one-launch mixed forward, backward).
   decode, mid, large: forward `Tiles` of M <= 16, M <= 64 and above (block_k: the most a tensor
     gets; splits set per tensor); backward_above_16: (block_n, num_stages) of the backward above
-    M = 16. Levels are looked up in the activation dtype (`narrow`, byte permutations) only in the
+    M = 16. gemv: `word_gemv`'s tiles for tensors in the word layout (block_g: the most a tensor
+    gets), split to about `gemv_per_sm` programs per SM. Levels are looked up in the activation dtype (`narrow`, byte permutations) only in the
     forward up to M = 64: beyond, and in the backward, the float32 select tree feeds the tensor
     cores faster.
   """
@@ -75,6 +78,8 @@ class Tuning:
   mid: lm.Tiles
   large: lm.Tiles
   backward_above_16: tuple[int, int]
+  gemv: wg.GemvTiles
+  gemv_per_sm: int
 
 
 H200 = Tuning(
@@ -87,6 +92,8 @@ H200 = Tuning(
   mid=lm.Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=2),
   large=lm.Tiles(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=2),
   backward_above_16=(32, 3),
+  gemv=wg.GemvTiles(block_g=4, block_n=128, num_warps=4, num_stages=2),
+  gemv_per_sm=16,
 )
 # Per `jax.Device.device_kind`; other GPUs (and the CPU's interpreted kernels) use the H200's.
 TUNINGS = {"NVIDIA H200": H200}
@@ -268,7 +275,8 @@ class Plan:
     backward dY's columns); gather: "row_gather" (the Pallas kernel) or "xla" when permuting.
   Otherwise `buckets` holds per bucket its LUT kernel `Tiles` or None (that bucket dequantized
   for an XLA dot); one_launch: the forward of every bucket in one `lut_matmul_buckets` launch
-  (the buckets' tiles then share all but block_k).
+  (the buckets' tiles then share all but block_k); or, for a tensor in the word layout, `gemv`
+  holds the tiles of one `word_gemv` launch over all its buckets.
   """
 
   dense: bool
@@ -277,13 +285,19 @@ class Plan:
   gather: str | None = None
   buckets: tuple[lm.Tiles | None, ...] = ()
   one_launch: bool = False
+  gemv: wg.GemvTiles | None = None
 
 
 def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) -> Plan:
   """The `Plan` of x [m, K] @ W_hat (forward) or dY [m, N] @ W_hat^T (backward) in `dtype` with
-  the resolved implementation `impl` ("triton", "interpret" or "xla")."""
-  if _all_dense(qt, m, impl, dtype, backward):
-    if _dequantize_kernel(qt, impl, dtype):
+  the resolved implementation `impl` ("triton", "interpret" or "xla"). A tensor in the word
+  layout takes `word_gemv` in the forward up to `word_gemv.MAX_ROWS` rows, else the dense path
+  with a weight dequantized by XLA (the plane kernels do not read words)."""
+  words = is_word_layout(qt)
+  if words and not backward and impl in ("triton", "interpret") and m <= wg.MAX_ROWS:
+    return Plan(dense=False, gemv=_gemv_tiles(qt))
+  if words or _all_dense(qt, m, impl, dtype, backward):
+    if not words and _dequantize_kernel(qt, impl, dtype):
       return Plan(dense=True, weight="lut_dequantize")
     if qt.perm is None:
       return Plan(dense=True, weight="xla")
@@ -304,6 +318,19 @@ def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) 
   return Plan(dense=False, buckets=shared, one_launch=True)
 
 
+def _gemv_tiles(qt: QuantizedTensor) -> wg.GemvTiles:
+  """`Tuning.gemv` for this tensor: block_g the largest power of two up to the tuned one that
+  divides its group count, splits giving about `Tuning.gemv_per_sm` programs per SM."""
+  tune = tuning()
+  t, groups = tune.gemv, qt.buckets[0].words.shape[0]
+  block_g = t.block_g
+  while groups % block_g:
+    block_g //= 2
+  blocks = sum(-(-b.num_channels // t.block_n) for b in qt.buckets)
+  splits = max(1, min(groups // block_g, round(tune.gemv_per_sm * _num_sms() / blocks)))
+  return dataclasses.replace(t, block_g=block_g, splits=splits)
+
+
 # Jitted so that layers of identical shapes share one traced and lowered function.
 @functools.partial(jax.jit, static_argnums=2)
 def _forward(x, qt: QuantizedTensor, impl: str):
@@ -316,6 +343,16 @@ def _forward(x, qt: QuantizedTensor, impl: str):
       return _gather_rows(y_t, qt.inverse_perm(), p.gather, impl).T
     return jnp.dot(_weight_rows(qt, x.dtype, p, impl), x.T).T
   xp = jnp.pad(x, ((0, 0), (0, _round_up(k, qt.group_size) - k)))
+  if p.gemv is not None:
+    partial = wg.word_gemv(
+      xp,
+      qt.buckets,
+      group=qt.group_size,
+      tiles=p.gemv,
+      columns=qt.perm,
+      interpret=impl == "interpret",
+    )
+    return _sum_splits(partial, x.dtype)
   if p.one_launch:
     partial = lm.lut_matmul_buckets(
       xp,

@@ -1,26 +1,21 @@
-"""GEMV over 32-bit code words for decode sizes (M <= 4): x[M, K] @ W for 1- and 2-bit buckets.
+"""GEMV over 32-bit code words for decode sizes (M <= 4): x[M, K] @ W for 1- and 2-bit buckets in
+the word layout (`lowra_jax.quantize.words`).
 
-Word layout (`word_bucket`): a bucket's codes C[K_pad, Nb] as int32 words [G, wpg, Nb] (G scale
-groups of `group` rows, wpg = group * bits / 32 words each, channels contiguous), word q of a
-group holding its rows [R q, R q + R), R = 32 / bits, two adjacent rows (2p, 2p + 1) -- a *pair* --
-at bits a_p and a_p + 8:
-
-    word = sum_p C[R q + 2p] << a_p  |  C[R q + 2p + 1] << (a_p + 8)
-    a_p = (0, 2, 4, 6, 16, 18, 20, 22) at 2 bits,  (0, ..., 7, 16, ..., 23) at 1 bit.
-
-A pair lies in one channel and one scale group, so one byte permutation (PTX `prmt`) looks both
-codes up at once in the channel's levels held as float16 words (`level_words`: L0 | L1 << 16 and,
-at 2 bits, L2 | L3 << 16), and one float16x2 FMA multiplies them by the pair's activations. The
-selector s = 0x1010 + 0x22 (a + 256 b) of codes a, b takes two integer instructions: a mask and a
-multiply-add that also moves the pair down (`mad.hi` by 0x22 << (32 - a_p) from a_p >= 6; bits 1 to
-5 need a shift first). Per word: about 2.2 instructions a weight at M = 1 plus one FMA per pair
-and further row, against ~10 for the tensor-core kernels' byte lookups (`lut_matmul`). A word's
-products are summed in float16 (8 or 16 pairs), then in float32 with the group's scale.
+A word holds pairs of codes of one channel and scale group (rows 2p, 2p + 1 at bits a_p and
+a_p + 8), so one byte permutation (PTX `prmt`) looks a pair up at once in the channel's float16
+levels (two level words at 2 bits, one at 1 bit), and one float16x2 FMA per activation row
+multiplies it by the pair's activations. The selector s = 0x1010 + 0x22 (a + 256 b) of codes a, b
+takes two integer instructions: a mask and a multiply-add that also moves the pair down (`mad.hi`
+by 0x22 << (32 - a_p) from a_p >= 6; bits 2 to 5 need a shift first). A word's products are
+summed in float16 (8 or 16 pairs), then in float32 with the group's scale: about 2.2 instructions
+a weight at M = 1 plus one FMA per pair and further row, against ~10 for the tensor-core
+kernels' byte lookups (`lut_matmul`).
 
 `word_gemv(x, buckets)` computes every bucket of a tensor in one launch, columns optionally in
-channel order (a mixed tensor's permutation), as partial sums over `splits` ranges of groups.
-Compiled kernels run the word's work as one inline PTX block; Pallas' interpreter (CPU tests)
-runs `pair_dot_reference`, the same arithmetic in jnp.
+channel order (a mixed tensor's permutation), as partial sums over `splits` ranges of groups. A
+program owns `block_n` channels of one bucket and a range of groups, `block_g` groups a step.
+Compiled kernels run the per-pair work as inline PTX; Pallas' interpreter (CPU tests) runs the
+same arithmetic in jnp (`prmt` by `byte_lookup.prmt_reference`, float16 rounding per FMA).
 """
 
 from __future__ import annotations
@@ -28,84 +23,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lowra_jax.quantize import packing
-from lowra_jax.quantize.qtensor import Bucket
-from lowra_jax.quantize.scaling import GroupScales
+from lowra_jax.quantize.words import PAIR_BITS, WordBucket
 from pallas_kernels import byte_lookup
 from pallas_kernels import lut_matmul as lm
 
-PAIR_BITS = {1: (*range(8), *range(16, 24)), 2: (0, 2, 4, 6, 16, 18, 20, 22)}
 MAX_ROWS = 4  # activation rows one program multiplies (a float16x2 FMA per pair and row)
-
-
-def rows_per_word(bits: int) -> int:
-  return 32 // bits
-
-
-def covers(bits: int, group: int) -> bool:
-  """Whether the word layout holds b-bit codes with this group size (whole words per group)."""
-  return bits in PAIR_BITS and group % rows_per_word(bits) == 0
-
-
-@flax.struct.dataclass
-class WordBucket:
-  """One precision bucket in the word layout (module docstring).
-
-  words: int32 [G, wpg, Nb]; level_words: int32 [bits, Nb], each channel's float16 levels in
-  pairs (row j: L_2j | L_2j+1 << 16); scales: the bucket's `GroupScales` [G, Nb], as stored."""
-
-  words: jax.Array
-  level_words: jax.Array
-  scales: GroupScales
-  bits: int = flax.struct.field(pytree_node=False, default=0)
-
-  @property
-  def num_channels(self) -> int:
-    return self.words.shape[2]
-
-
-def pack_words(codes: jax.Array, bits: int, group: int) -> jax.Array:
-  """codes uint8 [K_pad, Nb] (K_pad a multiple of `group`) -> int32 words [G, wpg, Nb]."""
-  k, n = codes.shape
-  r = rows_per_word(bits)
-  c = codes.astype(jnp.uint32).reshape(k // r, r, n)
-  word = jnp.zeros((k // r, n), jnp.uint32)
-  for p, at in enumerate(PAIR_BITS[bits]):
-    word = word | (c[:, 2 * p] << at) | (c[:, 2 * p + 1] << (at + 8))
-  return jax.lax.bitcast_convert_type(word, jnp.int32).reshape(k // group, group // r, n)
-
-
-def unpack_words(words: jax.Array, bits: int) -> jax.Array:
-  """Inverse of `pack_words`: int32 [G, wpg, Nb] -> uint8 [K_pad, Nb]."""
-  w = jax.lax.bitcast_convert_type(words, jnp.uint32).reshape(-1, words.shape[2])
-  mask = jnp.uint32((1 << bits) - 1)
-  rows = []
-  for at in PAIR_BITS[bits]:
-    rows += [(w >> at) & mask, (w >> (at + 8)) & mask]
-  return jnp.stack(rows, axis=1).reshape(-1, words.shape[2]).astype(jnp.uint8)
-
-
-def level_words(tables: jax.Array) -> jax.Array:
-  """float [Nb, 2^b] per-channel tables -> int32 [2^b / 2, Nb] of float16 pairs."""
-  h = jax.lax.bitcast_convert_type(tables.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
-  pairs = h[:, 0::2] | (h[:, 1::2] << 16)
-  return jax.lax.bitcast_convert_type(pairs, jnp.int32).T
-
-
-def word_bucket(bucket: Bucket, group: int) -> WordBucket:
-  """A stored bucket in the word layout (traceable). The levels are rounded to float16."""
-  if not covers(bucket.bits, group):
-    raise ValueError(f"the word layout holds 1- or 2-bit codes in whole words per group, not "
-                     f"bits={bucket.bits} with group size {group}.")
-  codes = packing.unpack(bucket.planes, bucket.bits)
-  words = pack_words(codes, bucket.bits, group)
-  return WordBucket(words, level_words(bucket.channel_tables()), bucket.scales, bucket.bits)
 
 
 def x_pairs(x: jax.Array, group: int) -> jax.Array:

@@ -7,6 +7,7 @@ print(report.summary(), quantize.bits_per_param(qparams))
 dense = quantize.dequantize_params(qparams)
 
 report = quantize.quantize_stream(source, config, sink=lambda path, leaf, dense: ...)  # streamed
+decoding = quantize.to_word_layout(qparams)  # for `word_gemv` at batch <= 4 (decoding only)
 """
 
 from lowra_jax.quantize.codebooks import nf_levels
@@ -39,6 +40,7 @@ from lowra_jax.quantize.qtensor import (
   is_quantized,
 )
 from lowra_jax.quantize.scaling import GroupScales
+from lowra_jax.quantize.words import WordBucket, to_word_layout
 
 __all__ = [
   "BitsPerParam",
@@ -50,6 +52,7 @@ __all__ = [
   "QuantReport",
   "QuantizationError",
   "QuantizedTensor",
+  "WordBucket",
   "bits_per_param",
   "default_filter",
   "dequantize",
@@ -65,4 +68,5 @@ __all__ = [
   "recommended_precisions",
   "recommended_refit",
   "solve_budget",
+  "to_word_layout",
 ]

@@ -49,6 +49,11 @@ def _leaves(tree: dict, prefix: str = ""):
 def _encode(path: str, qt: QuantizedTensor, arrays: dict) -> dict:
   buckets = []
   for i, b in enumerate(qt.buckets):
+    if not isinstance(b, Bucket):
+      raise ValueError(
+        f"{path} is in the word layout, which is for decoding only: save the tensors as "
+        "quantized, before `to_word_layout`."
+      )
     key = f"{path}#b{i}"
     for j, plane in enumerate(b.planes):
       arrays[f"{key}.plane{j}"] = np.asarray(plane)

@@ -1,0 +1,147 @@
+"""The word layout (`quantize.words`) and `word_gemv`, against numpy and float64.
+
+The GEMV runs in Pallas' interpreter on CPU (its PTX emulated in jnp, float16 rounding included)
+and compiled through Triton when a GPU is present.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowra_jax import quantize
+from lowra_jax.quantize import serialize, words
+from pallas_kernels import quantized_matmul, quantized_ops
+from pallas_kernels import word_gemv as wg
+
+ON_GPU = jax.default_backend() == "gpu"
+F16_EPS = 2.0**-11  # float16 unit roundoff
+
+
+def words_numpy(codes: np.ndarray, bits: int, group: int) -> np.ndarray:
+  """The documented layout built bit by bit: pair p of word q at bits a_p and a_p + 8."""
+  k, n = codes.shape
+  r = 32 // bits
+  at = {1: [*range(8), *range(16, 24)], 2: [0, 2, 4, 6, 16, 18, 20, 22]}[bits]
+  out = np.zeros((k // r, n), np.uint64)
+  for q in range(k // r):
+    for p, a in enumerate(at):
+      out[q] |= codes[q * r + 2 * p].astype(np.uint64) << np.uint64(a)
+      out[q] |= codes[q * r + 2 * p + 1].astype(np.uint64) << np.uint64(a + 8)
+  return out.astype(np.uint32).view(np.int32).reshape(k // group, group // r, n)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_words_hold_the_codes_as_documented(bits):
+  rng = np.random.default_rng(bits)
+  codes = rng.integers(0, 1 << bits, (128, 24)).astype(np.uint8)
+  got = words.pack_words(jnp.asarray(codes), bits, 64)
+  np.testing.assert_array_equal(np.asarray(got), words_numpy(codes, bits, 64))
+  np.testing.assert_array_equal(np.asarray(words.unpack_words(got, bits)), codes)
+
+
+CONFIGS = {
+  "2 bits": dict(method="lloyd", bits=2),
+  "1 bit": dict(method="lloyd", bits=1),
+  "mixed 1.5": dict(method="lowra", budget=1.5, precisions=(1, 2)),
+  "nf2, plain scales": dict(method="nf", bits=2, double_quant=False),
+}
+
+
+def quantized(name, k=256, n=200, seed=0):
+  w = 0.02 * jax.random.t(jax.random.key(seed), 5.0, (k, n))
+  return quantize.quantize_tensor(w, quantize.QuantConfig(**CONFIGS[name]))
+
+
+def dense64(qt) -> np.ndarray:
+  """W [K, N] in float64 with float16-rounded levels: tables [code] * scale, from numpy."""
+  k = qt.shape[0]
+  cols = []
+  for b in qt.buckets:
+    codes = np.asarray(quantize.packing.unpack(b.planes, b.bits)).astype(np.int64)
+    tables = np.asarray(b.channel_tables(), np.float16).astype(np.float64)  # [Nb, 2^b]
+    scales = np.repeat(np.asarray(b.scales.dequantize(), np.float64), qt.group_size, axis=0)
+    cols.append(tables[np.arange(codes.shape[1]), codes] * scales)
+  w = np.concatenate(cols, axis=1)[:k]
+  if qt.perm is None:
+    return w
+  out = np.empty_like(w)
+  out[:, np.asarray(qt.perm)] = w
+  return out
+
+
+def gemv_bound(bits: int) -> float:
+  """|error| / (|x| @ |W|): float16 x (exact for these bf16 inputs), a float16 sum of each word's
+  16 / bits pairs (one rounding per FMA), then float32 sums."""
+  return (16 // bits + 2) * F16_EPS
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_word_gemv_matches_float64(name, m):
+  """Every bucket in one launch, channel order, ragged channels, split groups, NaN-poisoned."""
+  qt = quantized(name)
+  wq = quantize.to_word_layout(qt)
+  x = jax.random.normal(jax.random.key(m), (m, qt.shape[0]), jnp.bfloat16)
+  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=3)
+  n = qt.shape[1]
+  out = jnp.full((3, m, n), jnp.nan, jnp.float32)
+  got = wg.word_gemv(
+    x, wq.buckets, group=qt.group_size, tiles=tiles, columns=qt.perm, interpret=not ON_GPU, out=out
+  )
+  got = np.asarray(got, np.float64).sum(axis=0)
+  xd, wd = np.asarray(x, np.float64), dense64(qt)
+  err = np.abs(got - xd @ wd) / (np.abs(xd) @ np.abs(wd))
+  assert np.isfinite(got).all()
+  assert err.max() <= gemv_bound(min(b.bits for b in qt.buckets)), err.max()
+
+
+def test_word_layout_dequantizes_as_the_planes():
+  for name in CONFIGS:
+    qt = quantized(name)
+    wq = quantize.to_word_layout(qt)
+    assert all(isinstance(b, quantize.WordBucket) for b in wq.buckets)
+    before, after = quantize.bits_per_param(qt), quantize.bits_per_param(wq)
+    assert after.code == before.code
+    # Per-channel level words (at most 64 bits a channel) replace shared or indexed tables.
+    assert after.total <= before.total + 64 * qt.shape[1] / after.num_params
+    np.testing.assert_allclose(
+      np.asarray(quantize.dequantize(wq, jnp.float32)), dense64(qt), rtol=0, atol=1e-7
+    )
+
+
+def test_to_word_layout_leaves_what_it_cannot_hold():
+  w = 0.02 * jax.random.normal(jax.random.key(0), (128, 64))
+  four = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=4))
+  tree = {"a": four, "b": quantized("2 bits"), "c": jnp.ones(3)}
+  out = quantize.to_word_layout(tree)
+  assert out["a"] is four and out["c"] is tree["c"]
+  assert isinstance(out["b"].buckets[0], quantize.WordBucket)
+
+
+def test_quantized_matmul_takes_the_gemv_up_to_4_rows_then_dense():
+  """The plan, and results and gradients against float64 on both sides of the switch."""
+  qt = quantized("mixed 1.5")
+  wq = quantize.to_word_layout(qt)
+  impl = "triton" if ON_GPU else "interpret"
+  assert quantized_ops.plan(wq, 4, jnp.bfloat16, impl).gemv is not None
+  assert quantized_ops.plan(wq, 5, jnp.bfloat16, impl).dense
+  assert quantized_ops.plan(wq, 1, jnp.bfloat16, impl, backward=True).dense
+  wd = dense64(qt)
+  for m in (2, 8):
+    x = jax.random.normal(jax.random.key(m), (m, qt.shape[0]), jnp.float32)
+    y, vjp = jax.vjp(lambda z: quantized_matmul(z, wq, backend=impl), x)
+    xd = np.asarray(x, np.float64)
+    scale = np.abs(xd) @ np.abs(wd)
+    assert (np.abs(np.asarray(y) - xd @ wd) / scale).max() <= gemv_bound(1) + 2 * F16_EPS
+    g = np.ones((m, qt.shape[1]))
+    (dx,) = vjp(jnp.asarray(g, jnp.float32))
+    bound = qt.shape[1] * 2.0**-23 * (np.abs(g) @ np.abs(wd.T))
+    assert (np.abs(np.asarray(dx) - g @ wd.T) <= bound + 1e-30).all()
+
+
+def test_word_layout_is_not_saved(tmp_path):
+  wq = quantize.to_word_layout({"w": quantized("2 bits")})
+  with pytest.raises(ValueError, match="word layout"):
+    serialize.save_quantized(tmp_path / "base", wq)
+  assert not (tmp_path / "base").exists()
