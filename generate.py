@@ -11,7 +11,8 @@ adapters if there is none; `--noadapters`: the quantized base alone). Adapters a
 fly (exact). `--merge` instead re-quantizes W + (alpha / rank) A B with the run's QuantConfig (for
 LowRA the same bit budget), generates with that adapter-free model, and prints the perplexity of
 both on `config.eval_data` (capped by `config.train.eval_blocks`). One prompt streams its tokens
-to stdout; several are generated as one left-padded batch and printed in order.
+to stdout; several are generated as one left-padded batch and printed in order. Up to 4 prompts
+on a GPU decode from the base in the word layout (`generate.decode_layout`: faster at batch 1).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def main(argv) -> None:
     variables = merged_model(model, config, s, prep, adapters)
   else:
     variables = prep.frozen if adapters is None else {**prep.frozen, "lora": adapters}
+  variables = gen.decode_layout(variables, len(prompts))
   on_token = streamer(tok, prompts[0]) if len(prompts) == 1 else None
   if on_token is not None:
     print(tok.decode(prompts[0]), end="", flush=True)

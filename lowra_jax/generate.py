@@ -18,6 +18,10 @@ token; the loop carries the cache in place. Rows keep their own positions (slot 
 padding) and never attend to padding. Token j of the cache is sampled with `fold_in(key, j)`, so
 the same key, prompts and settings give the same tokens. Streaming (`on_token`) is a host callback
 inside the loop, traced only when asked for.
+
+`decode_layout(variables, batch)` puts the packed base in the word layout where the GPU kernels
+decode it faster (`quantize.to_word_layout`: batch <= 4 rows, 1- and 2-bit tensors): generate.py
+does so before generating.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import numpy as np
 from jax.experimental import io_callback
 
 from lowra_jax.models.llama import KVCache, Llama
+from lowra_jax.quantize import to_word_layout
+from pallas_kernels import backend as kernel_backend
+from pallas_kernels import word_gemv
 
 # Prompts are left-padded to a multiple of this many tokens where the cache has room, so prompts
 # of similar length share one compiled prefill.
@@ -52,6 +59,16 @@ class Sampling:
       raise ValueError(f"temperature={self.temperature} — use >= 0 (0: greedy).")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p={self.top_p} — use a mass in (0, 1] (1: off).")
+
+
+def decode_layout(variables: dict, batch: int) -> dict:
+  """`variables` with the packed base ("quant") in the word layout if `word_gemv` would decode
+  it: at most `word_gemv.MAX_ROWS` rows and the Pallas kernels (Triton on a GPU; "interpret"),
+  else unchanged. The prefill then multiplies weights dequantized by XLA."""
+  kernels = kernel_backend.resolve("auto") in ("triton", "interpret")
+  if "quant" not in variables or batch > word_gemv.MAX_ROWS or not kernels:
+    return variables
+  return {**variables, "quant": jax.jit(to_word_layout)(variables["quant"])}
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:

@@ -146,3 +146,19 @@ def test_word_layout_is_not_saved(tmp_path):
   with pytest.raises(ValueError, match="word layout"):
     serialize.save_quantized(tmp_path / "base", wq)
   assert not (tmp_path / "base").exists()
+
+
+def test_generation_decodes_from_words_only_where_word_gemv_runs():
+  from lowra_jax import generate as gen
+  from pallas_kernels import backend
+
+  variables = {"params": {"e": jnp.ones(2)}, "quant": {"w": quantized("2 bits")}}
+  assert gen.decode_layout(variables, 1) is variables or ON_GPU  # CPU 'auto': XLA, no kernels
+  backend.set_default("interpret")
+  try:
+    words_1 = gen.decode_layout(variables, 1)
+    assert isinstance(words_1["quant"]["w"].buckets[0], quantize.WordBucket)
+    assert words_1["params"] is variables["params"]
+    assert gen.decode_layout(variables, 5) is variables
+  finally:
+    backend.set_default("auto")
