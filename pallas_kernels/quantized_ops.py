@@ -64,8 +64,8 @@ class Tuning:
   decode, mid, large: forward `Tiles` of M <= 16, M <= 64 and above (block_k: the most a tensor
     gets; splits set per tensor); backward_above_16: (block_n, num_stages) of the backward above
     M = 16. gemv: `word_gemv`'s tiles for tensors in the word layout (block_g: the most a tensor
-    gets), split to about `gemv_per_sm` programs per SM. Levels are looked up in the activation dtype (`narrow`, byte permutations) only in the
-    forward up to M = 64: beyond, and in the backward, the float32 select tree feeds the tensor
+    gets), split to about `gemv_per_sm` programs per SM. Levels are looked up in the activation
+    dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and in the backward, the float32 select tree feeds the tensor
     cores faster.
   """
 
