@@ -65,8 +65,8 @@ class Tuning:
     gets; splits set per tensor); backward_above_16: (block_n, num_stages) of the backward above
     M = 16. gemv: `word_gemv`'s tiles for tensors in the word layout (block_g: the most a tensor
     gets), split to about `gemv_per_sm` programs per SM. Levels are looked up in the activation
-    dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and in the backward, the float32 select tree feeds the tensor
-    cores faster.
+    dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and in the
+    backward, the float32 select tree feeds the tensor cores faster.
   """
 
   dense_from_m: int
