@@ -295,7 +295,7 @@ def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) 
   with a weight dequantized by XLA (the plane kernels do not read words)."""
   words = is_word_layout(qt)
   if words and not backward and impl in ("triton", "interpret") and m <= wg.MAX_ROWS:
-    return Plan(dense=False, gemv=_gemv_tiles(qt))
+    return Plan(dense=False, gemv=gemv_tiles(qt))
   if words or _all_dense(qt, m, impl, dtype, backward):
     if not words and _dequantize_kernel(qt, impl, dtype):
       return Plan(dense=True, weight="lut_dequantize")
@@ -318,7 +318,7 @@ def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) 
   return Plan(dense=False, buckets=shared, one_launch=True)
 
 
-def _gemv_tiles(qt: QuantizedTensor) -> wg.GemvTiles:
+def gemv_tiles(qt: QuantizedTensor) -> wg.GemvTiles:
   """`Tuning.gemv` for this tensor: block_g the largest power of two up to the tuned one that
   divides its group count, splits giving about `Tuning.gemv_per_sm` programs per SM."""
   tune = tuning()
