@@ -133,13 +133,14 @@ def word_dots(word, levels, xs, bits: int, interpret: bool):
 @dataclasses.dataclass(frozen=True)
 class GemvTiles:
   """block_g: scale groups per step; block_n: channels per program; splits: ranges of groups,
-  each a program's partial sum."""
+  each a program's partial sum; prefetch: load the next step's words before this step's work."""
 
   block_g: int = 4
   block_n: int = 128
   splits: int = 1
   num_warps: int = 4
   num_stages: int = 2
+  prefetch: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,14 +197,19 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   cols = pl.ds(n0, bn)
   words_ref, lv_ref = refs[:2]
   levels = [lm.masked_load(lv_ref, pl.ds(j, 1), cols, n_ok) for j in range(layout.bits)]
-  npairs = len(PAIR_BITS[layout.bits])
+  npairs, wpg = len(PAIR_BITS[layout.bits]), layout.per_group
 
-  def step(t, accs):
+  def load_words(t):
+    g0 = t * bg
+    views = [words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)] for j in range(wpg)]
+    if n_ok is None:
+      return tuple(plgpu.load(v) for v in views)
+    return tuple(plgpu.load(v, mask=n_ok, other=0) for v in views)
+
+  def compute(t, words, accs):
     g0 = t * bg
     sums = [jnp.zeros((bg, bn), jnp.float32) for _ in range(m)]
-    for j in range(layout.per_group):
-      view = words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)]
-      word = plgpu.load(view) if n_ok is None else plgpu.load(view, mask=n_ok, other=0)
+    for j, word in enumerate(words):
       xs = [
         plgpu.load(x_ref.at[pl.ds(r * layout.groups + g0, bg), pl.ds(j * npairs + p, 1)])
         for r in range(m)
@@ -217,8 +223,18 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   steps = layout.groups // bg
   per_split = pl.cdiv(steps, tiles.splits)
   lo = split * per_split
+  hi = jnp.minimum(steps, lo + per_split)
   init = tuple(jnp.zeros((bg, bn), jnp.float32) for _ in range(m))
-  accs = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step, init)
+  if tiles.prefetch:  # step t loads step t + 1's words before its own work
+
+    def step(t, carry):
+      accs, words = carry
+      return compute(t, words, accs), load_words(jnp.minimum(t + 1, hi - 1))
+
+    first = load_words(jnp.minimum(lo, steps - 1))
+    accs, _ = jax.lax.fori_loop(lo, hi, step, (init, first))
+  else:
+    accs = jax.lax.fori_loop(lo, hi, lambda t, accs: compute(t, load_words(t), accs), init)
   out = [a.sum(axis=0, keepdims=True) for a in accs]  # [1, bn] per row
   col_ids = pl.ds(offset + n0, bn)
   if c_ref is not None:
