@@ -44,8 +44,8 @@ def gemv(x, wq, tiles):
 
 
 def tiles_for(wq, cfg: dict | None) -> wg.GemvTiles:
-  """The Tuning's tiles (`quantized_ops.gemv_tiles`), or `cfg`'s: block_n, block_g, warps,
-  per_sm (the programs per SM that set the splits) and optionally prefetch."""
+  """The Tuning's tiles (`quantized_ops.gemv_tiles`), or `cfg`'s: block_n, block_g, warps and
+  per_sm, the programs per SM that set the splits."""
   if cfg is None:
     return quantized_ops.gemv_tiles(wq)
   sms = getattr(jax.devices()[0], "core_count", 132) or 132
@@ -53,11 +53,7 @@ def tiles_for(wq, cfg: dict | None) -> wg.GemvTiles:
   blocks = sum(-(-b.num_channels // cfg["block_n"]) for b in wq.buckets)
   splits = max(1, min(groups // cfg["block_g"], round(cfg["per_sm"] * sms / blocks)))
   return wg.GemvTiles(
-    block_g=cfg["block_g"],
-    block_n=cfg["block_n"],
-    splits=splits,
-    num_warps=cfg["warps"],
-    prefetch=cfg.get("prefetch", False),
+    block_g=cfg["block_g"], block_n=cfg["block_n"], splits=splits, num_warps=cfg["warps"]
   )
 
 

@@ -133,14 +133,13 @@ def word_dots(word, levels, xs, bits: int, interpret: bool):
 @dataclasses.dataclass(frozen=True)
 class GemvTiles:
   """block_g: scale groups per step; block_n: channels per program; splits: ranges of groups,
-  each a program's partial sum; prefetch: load the next step's words before this step's work."""
+  each a program's partial sum."""
 
   block_g: int = 4
   block_n: int = 128
   splits: int = 1
   num_warps: int = 4
   num_stages: int = 2
-  prefetch: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,19 +196,14 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   cols = pl.ds(n0, bn)
   words_ref, lv_ref = refs[:2]
   levels = [lm.masked_load(lv_ref, pl.ds(j, 1), cols, n_ok) for j in range(layout.bits)]
-  npairs, wpg = len(PAIR_BITS[layout.bits]), layout.per_group
+  npairs = len(PAIR_BITS[layout.bits])
 
-  def load_words(t):
-    g0 = t * bg
-    views = [words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)] for j in range(wpg)]
-    if n_ok is None:
-      return tuple(plgpu.load(v) for v in views)
-    return tuple(plgpu.load(v, mask=n_ok, other=0) for v in views)
-
-  def compute(t, words, accs):
+  def step(t, accs):
     g0 = t * bg
     sums = [jnp.zeros((bg, bn), jnp.float32) for _ in range(m)]
-    for j, word in enumerate(words):
+    for j in range(layout.per_group):
+      view = words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)]
+      word = plgpu.load(view) if n_ok is None else plgpu.load(view, mask=n_ok, other=0)
       xs = [
         plgpu.load(x_ref.at[pl.ds(r * layout.groups + g0, bg), pl.ds(j * npairs + p, 1)])
         for r in range(m)
@@ -223,18 +217,8 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   steps = layout.groups // bg
   per_split = pl.cdiv(steps, tiles.splits)
   lo = split * per_split
-  hi = jnp.minimum(steps, lo + per_split)
   init = tuple(jnp.zeros((bg, bn), jnp.float32) for _ in range(m))
-  if tiles.prefetch:  # step t loads step t + 1's words before its own work
-
-    def step(t, carry):
-      accs, words = carry
-      return compute(t, words, accs), load_words(jnp.minimum(t + 1, hi - 1))
-
-    first = load_words(jnp.minimum(lo, steps - 1))
-    accs, _ = jax.lax.fori_loop(lo, hi, step, (init, first))
-  else:
-    accs = jax.lax.fori_loop(lo, hi, lambda t, accs: compute(t, load_words(t), accs), init)
+  accs = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step, init)
   out = [a.sum(axis=0, keepdims=True) for a in accs]  # [1, bn] per row
   col_ids = pl.ds(offset + n0, bn)
   if c_ref is not None:

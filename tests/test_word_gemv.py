@@ -83,7 +83,7 @@ def test_word_gemv_matches_float64(name, m):
   qt = quantized(name)
   wq = quantize.to_word_layout(qt)
   x = jax.random.normal(jax.random.key(m), (m, qt.shape[0]), jnp.bfloat16)
-  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=3, prefetch=m == 4)
+  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=3)
   n = qt.shape[1]
   out = jnp.full((3, m, n), jnp.nan, jnp.float32)
   got = wg.word_gemv(
