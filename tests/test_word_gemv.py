@@ -40,15 +40,15 @@ def test_words_hold_the_codes_as_documented(bits):
   np.testing.assert_array_equal(np.asarray(words.unpack_words(got, bits)), codes)
 
 
-CONFIGS = {
-  "2 bits": dict(method="lloyd", bits=2),
-  "1 bit": dict(method="lloyd", bits=1),
-  "mixed 1.5": dict(method="lowra", budget=1.5, precisions=(1, 2)),
+CONFIGS = {  # groups of 32 rows: 1 or 2 words a group, to keep the interpreted kernels short
+  "2 bits": dict(method="lloyd", bits=2, group_size=32),
+  "1 bit": dict(method="lloyd", bits=1, group_size=32),
+  "mixed 1.5": dict(method="lowra", budget=1.5, precisions=(1, 2), group_size=32),
   "nf2, plain scales": dict(method="nf", bits=2, double_quant=False),
 }
 
 
-def quantized(name, k=256, n=200, seed=0):
+def quantized(name, k=128, n=72, seed=0):
   w = 0.02 * jax.random.t(jax.random.key(seed), 5.0, (k, n))
   return quantize.quantize_tensor(w, quantize.QuantConfig(**CONFIGS[name]))
 
@@ -76,16 +76,17 @@ def gemv_bound(bits: int) -> float:
   return (16 // bits + 2) * F16_EPS
 
 
-@pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(
+  "name, m", [("2 bits", 4), ("1 bit", 1), ("mixed 1.5", 2), ("nf2, plain scales", 1)]
+)
 def test_word_gemv_matches_float64(name, m):
   """Every bucket in one launch, channel order, ragged channels, split groups, NaN-poisoned."""
   qt = quantized(name)
   wq = quantize.to_word_layout(qt)
   x = jax.random.normal(jax.random.key(m), (m, qt.shape[0]), jnp.bfloat16)
-  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=3)
+  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2)
   n = qt.shape[1]
-  out = jnp.full((3, m, n), jnp.nan, jnp.float32)
+  out = jnp.full((2, m, n), jnp.nan, jnp.float32)
   got = wg.word_gemv(
     x, wq.buckets, group=qt.group_size, tiles=tiles, columns=qt.perm, interpret=not ON_GPU, out=out
   )
