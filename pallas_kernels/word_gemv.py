@@ -11,6 +11,10 @@ summed in float16 (8 or 16 pairs), then in float32 with the group's scale: about
 a weight at M = 1 plus one FMA per pair and further row, against ~10 for the tensor-core
 kernels' byte lookups (`lut_matmul`).
 
+Activations are converted to float16 (`x_pairs`), so a word's partial sum overflows when 16 / bits
+products of |x| |level| exceed 65504 (levels are at most 1 in magnitude: |x| up to ~4000 at 2
+bits, ~2000 at 1 bit; inputs of LLaMA projections stay far below).
+
 `word_gemv(x, buckets)` computes every bucket of a tensor in one launch, columns optionally in
 channel order (a mixed tensor's permutation), as partial sums over `splits` ranges of groups. A
 program owns `block_n` channels of one bucket and a range of groups, `block_g` groups a step.
