@@ -13,7 +13,7 @@ kernels' byte lookups (`lut_matmul`).
 
 Activations are converted to float16 (`x_pairs`), so a word's partial sum overflows when 16 / bits
 products of |x| |level| exceed 65504 (levels are at most 1 in magnitude: |x| up to ~4000 at 2
-bits, ~2000 at 1 bit; inputs of LLaMA projections stay far below).
+bits, ~2000 at 1 bit): a limit to check on models with massive activations.
 
 `word_gemv(x, buckets)` computes every bucket of a tensor in one launch, columns optionally in
 channel order (a mixed tensor's permutation), as partial sums over `splits` ranges of groups. A
