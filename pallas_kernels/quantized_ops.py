@@ -15,9 +15,10 @@ a mixed tensor's channel order is restored by gathering whole rows (`row_gather`
 (below `permute_weight_from_m` rows; dY's columns in the backward) or of the weight. The custom VJP
 returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is
 no dW and nothing but the packed tensor itself is kept for the backward pass (with `keep_weight`,
-inside a remat'd layer, the dense forward's transient weight instead). `plan(qt, m, dtype,
-impl, backward)` returns all these choices for one pass as an inspectable `Plan`, which
-`_forward` / `_backward` execute.
+inside a remat'd layer, the dense forward's transient weight instead). A tensor in the word layout
+(`quantize.to_word_layout`, for decoding) takes `word_gemv` in the forward up to 4 rows and the
+dense path otherwise. `plan(qt, m, dtype, impl, backward)` returns all these choices for one pass
+as an inspectable `Plan`, which `_forward` / `_backward` execute.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
 split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
