@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lowra_jax.quantize.words import PAIR_BITS, WordBucket
+from lowra_jax.quantize.words import PAIR_BITS, WordBucket, float16_pairs
 from pallas_kernels import byte_lookup
 from pallas_kernels import lut_matmul as lm
 
@@ -42,9 +42,7 @@ MAX_ROWS = 4  # activation rows one program multiplies (a float16x2 FMA per pair
 def x_pairs(x: jax.Array, group: int) -> jax.Array:
   """x [M, K_pad] -> int32 [M, G, group / 2]: float16 pairs of adjacent inputs, per group."""
   m, k = x.shape
-  h = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
-  pairs = h[:, 0::2] | (h[:, 1::2] << 16)
-  return jax.lax.bitcast_convert_type(pairs, jnp.int32).reshape(m, k // group, group // 2)
+  return float16_pairs(x).reshape(m, k // group, group // 2)
 
 
 def _selector(at: int, bits: int) -> tuple[int, int, int, bool]:

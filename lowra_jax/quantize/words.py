@@ -65,10 +65,15 @@ def unpack_words(words: jax.Array, bits: int) -> jax.Array:
   return jnp.stack(rows, axis=1).reshape(-1, words.shape[2]).astype(jnp.uint8)
 
 
+def float16_pairs(a: jax.Array) -> jax.Array:
+  """[..., 2n] -> int32 [..., n]: adjacent elements as float16, the first in the low half."""
+  h = jax.lax.bitcast_convert_type(a.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(h[..., 0::2] | (h[..., 1::2] << 16), jnp.int32)
+
+
 def level_words(tables: jax.Array) -> jax.Array:
   """Per-channel tables [Nb, 2^b] -> int32 [2^b / 2, Nb]: float16 levels in pairs."""
-  h = jax.lax.bitcast_convert_type(tables.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
-  return jax.lax.bitcast_convert_type(h[:, 0::2] | (h[:, 1::2] << 16), jnp.int32).T
+  return float16_pairs(tables).T
 
 
 @flax.struct.dataclass
