@@ -306,7 +306,7 @@ def main() -> None:
     worker(args)
     return
   start, rows = time.perf_counter(), []
-  runs = [(m, lay) for m in methods for lay in (layouts if METHODS[m] else layouts[:1])]
+  runs = [(m, lay) for m in methods for lay in (layouts if METHODS[m] else ["planes"])]
   for method, layout in runs:
     cmd = [sys.executable, __file__, *sys.argv[1:], f"--worker={method}"]
     out = subprocess.run(

@@ -59,7 +59,7 @@ def _selector(at: int, bits: int) -> tuple[int, int, int, bool]:
 
 def _lookup_pair(word, levels, at: int, bits: int, interpret: bool):
   """int32 [R, C]: the float16 levels of the pair at bit `at` of each word (low half: the first
-  row's). word int32 [R, C]; levels: `bits` level words [1, C]."""
+  row's). word int32 [R, C]; levels: `bits` level words [R, C] (or [1, C])."""
   shift, mask, mul, high = _selector(at, bits)
   table = [jnp.broadcast_to(v, word.shape) for v in (levels[0], levels[-1])]
   if interpret:
@@ -121,9 +121,9 @@ def _sum2(acc, interpret: bool):
 def word_dots(word, levels, xs, bits: int, interpret: bool):
   """Per row of activations, each word's dot product with its pairs' activations, float32 [R, C].
 
-  word int32 [R, C]; levels: `bits` level words [1, C]; xs: per row, the 16 / bits pairs of
-  float16 activations of the word's rows, int32 [R, 1] each (row r's pair p at r * pairs + p).
-  Levels times activations are summed in float16 over the word, then converted."""
+  word int32 [R, C]; levels: `bits` level words [R, C] (or [1, C]); xs: per row, the 16 / bits
+  pairs of float16 activations of the word's rows, int32 [R, 1] each (row r's pair p at
+  r * pairs + p). Levels times activations are summed in float16 over the word, then converted."""
   pairs = PAIR_BITS[bits]
   accs = [None] * (len(xs) // len(pairs))
   for p, at in enumerate(pairs):
@@ -188,32 +188,59 @@ def _scale(refs, layout: WordLayout, g0, bg, n0, bn, n_ok):
   return offset + codes * (absmax * (1 / 127))
 
 
+def _columns(c_ref, o_ref, offset, n0, bn, n_ok):
+  """Output column ids [1, bn] of channels [n0, n0 + bn) of a bucket at `offset`: those positions,
+  or c_ref's entries there (int [1, N]) when given."""
+  col_ids = pl.ds(offset + n0, bn)
+  if c_ref is None:
+    return col_ids
+  view = c_ref.at[pl.ds(0, 1), col_ids]
+  if n_ok is None:
+    return plgpu.load(view).astype(jnp.int32)
+  # masked-out lanes get a column past the end (no collisions in the interpreter)
+  return plgpu.load(view, mask=n_ok, other=o_ref.shape[2]).astype(jnp.int32)
+
+
 def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, tiles, interpret):
   """Channel block `block` of one bucket over group range `split`; written at output columns
-  offset + channel, or at c_ref[offset + channel] (int [1, N]) if given."""
+  offset + channel, or at c_ref[offset + channel] (int [1, N]) if given.
+
+  Each step loads its level words as [block_g, block_n] tiles in the words' own layout: loaded
+  once as [1, block_n] and broadcast, they went through shared memory and barriers (a layout
+  conversion) before the first word could be loaded."""
   bg, bn = tiles.block_g, tiles.block_n
   n0 = block * bn
   m = x_ref.shape[0] // layout.groups
   n_ok = None if layout.nb % bn == 0 else lm.range_mask(n0, bn, layout.nb, 1)
-  cols = pl.ds(n0, bn)
   words_ref, lv_ref = refs[:2]
-  levels = [lm.masked_load(lv_ref, pl.ds(j, 1), cols, n_ok) for j in range(layout.bits)]
   npairs = len(PAIR_BITS[layout.bits])
+  col_ids = _columns(c_ref, o_ref, offset, n0, bn, n_ok)
+  channels = n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
 
   def step(t, accs):
     g0 = t * bg
-    sums = [jnp.zeros((bg, bn), jnp.float32) for _ in range(m)]
-    for j in range(layout.per_group):
-      view = words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)]
-      word = plgpu.load(view) if n_ok is None else plgpu.load(view, mask=n_ok, other=0)
-      xs = [
+    words = [
+      lm.masked_load(words_ref, pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn), n_ok)
+      for j in range(layout.per_group)
+    ]
+    xs = [
+      [
         plgpu.load(x_ref.at[pl.ds(r * layout.groups + g0, bg), pl.ds(j * npairs + p, 1)])
         for r in range(m)
         for p in range(npairs)
       ]
-      for r, d in enumerate(word_dots(word, levels, xs, layout.bits, interpret)):
-        sums[r] = sums[r] + d
+      for j in range(layout.per_group)
+    ]
+    # the level words in the words' own layout ([bg, bn], rows repeated): no layout conversion
+    levels = [
+      lm.masked_load(lv_ref, jnp.full((bg, 1), i, jnp.int32), channels, n_ok)
+      for i in range(layout.bits)
+    ]
     scale = _scale(refs, layout, g0, bg, n0, bn, n_ok)
+    sums = [jnp.zeros((bg, bn), jnp.float32) for _ in range(m)]
+    for word, x in zip(words, xs):
+      for r, d in enumerate(word_dots(word, levels, x, layout.bits, interpret)):
+        sums[r] = sums[r] + d
     return tuple(a + s * scale for a, s in zip(accs, sums))
 
   steps = layout.groups // bg
@@ -222,13 +249,6 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   init = tuple(jnp.zeros((bg, bn), jnp.float32) for _ in range(m))
   accs = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step, init)
   out = [a.sum(axis=0, keepdims=True) for a in accs]  # [1, bn] per row
-  col_ids = pl.ds(offset + n0, bn)
-  if c_ref is not None:
-    view = c_ref.at[pl.ds(0, 1), col_ids]
-    if n_ok is None:
-      col_ids = plgpu.load(view).astype(jnp.int32)
-    else:  # masked-out lanes get a column past the end (no collisions in the interpreter)
-      col_ids = plgpu.load(view, mask=n_ok, other=o_ref.shape[2]).astype(jnp.int32)
   for r in range(m):
     row = pl.ds(r, 1) if c_ref is None else jnp.full((1, 1), r, jnp.int32)
     plgpu.store(o_ref.at[split, row, col_ids], out[r], mask=n_ok)
