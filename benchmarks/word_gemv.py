@@ -102,8 +102,13 @@ def _loads_only(word, levels, xs, bits, interpret):
   return [word.astype(jnp.float32)] * (len(xs) // len(wg.PAIR_BITS[bits]))
 
 
+def _plain_loads(view, n_ok):
+  return wg.plgpu.load(view) if n_ok is None else wg.plgpu.load(view, mask=n_ok, other=0)
+
+
 ABLATIONS = {  # word_gemv functions replaced: what is left of the kernel's time
   "words": {},
+  "plain loads": {"_stream": _plain_loads},  # not volatile: the assembler may sink each word load
   "no lookup": {"_lookup_pair": lambda word, *a: word},  # the word as its pair: no selector, prmt
   "loads only": {"word_dots": _loads_only},  # words and scales loaded, nothing computed
 }

@@ -188,6 +188,13 @@ def _scale(refs, layout: WordLayout, g0, bg, n0, bn, n_ok):
   return offset + codes * (absmax * (1 / 127))
 
 
+def _stream(view, n_ok):
+  """A step's words: volatile loads, which the assembler keeps in order (it would otherwise move
+  each next to its first use and wait for memory once per word)."""
+  other = {} if n_ok is None else dict(mask=n_ok, other=0)
+  return plgpu.load(view, volatile=True, **other)
+
+
 def _columns(c_ref, o_ref, offset, n0, bn, n_ok):
   """Output column ids [1, bn] of channels [n0, n0 + bn) of a bucket at `offset`: those positions,
   or c_ref's entries there (int [1, N]) when given."""
@@ -205,9 +212,10 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   """Channel block `block` of one bucket over group range `split`; written at output columns
   offset + channel, or at c_ref[offset + channel] (int [1, N]) if given.
 
-  Each step loads its level words as [block_g, block_n] tiles in the words' own layout: loaded
-  once as [1, block_n] and broadcast, they went through shared memory and barriers (a layout
-  conversion) before the first word could be loaded."""
+  A step's words are loaded before any of its arithmetic (`_stream`): a program waits for memory
+  once a step, not once per word of a group. Its level words are loaded as [block_g, block_n]
+  tiles in the words' own layout: loaded once as [1, block_n] and broadcast, they went through
+  shared memory and barriers (a layout conversion) before the first word could be loaded."""
   bg, bn = tiles.block_g, tiles.block_n
   n0 = block * bn
   m = x_ref.shape[0] // layout.groups
@@ -220,12 +228,15 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   def step(t, accs):
     g0 = t * bg
     words = [
-      lm.masked_load(words_ref, pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn), n_ok)
+      _stream(words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)], n_ok)
       for j in range(layout.per_group)
     ]
     xs = [
       [
-        plgpu.load(x_ref.at[pl.ds(r * layout.groups + g0, bg), pl.ds(j * npairs + p, 1)])
+        plgpu.load(
+          x_ref.at[pl.ds(r * layout.groups + g0, bg), pl.ds(j * npairs + p, 1)],
+          volatile=j == r == p == 0,  # after the words: it anchors them before the arithmetic
+        )
         for r in range(m)
         for p in range(npairs)
       ]
