@@ -27,8 +27,11 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+from kernels import PRECISIONS, dims
 from word_gemv import setup, tiles_for
 
+from lowra_jax import cli
+from lowra_jax.quantize.words import is_word_layout
 from pallas_kernels import word_gemv as wg
 
 def triton_ir(args) -> tuple[str, int]:
@@ -38,6 +41,9 @@ def triton_ir(args) -> tuple[str, int]:
 
   _, _, wqs = setup(args.shape, args.precision)
   wq = wqs[0]
+  if not is_word_layout(wq):
+    raise cli.UserError(f"--precision={args.precision}: channels other than 1- and 2-bit, which "
+                        "the word layout does not hold — give 1, 2 or mix1.5")
   x = jax.random.normal(jax.random.key(1), (args.m, wq.shape[0]), jnp.bfloat16)
   tiles = tiles_for(wq, json.loads(args.tiles) if args.tiles else None)
   print(f"{args.shape} {args.precision} M={args.m}: {tiles}", flush=True)
@@ -75,8 +81,17 @@ def main() -> None:
   p.add_argument("--tiles", default="", help="JSON tile setting (word_gemv.py --tiles' keys)")
   p.add_argument("--out", default="", help="keep the IR, PTX and SASS here")
   args = p.parse_args()
-  import triton  # Triton's own package (not a dependency of the project): compiler and tools
-  from triton.backends.compiler import GPUTarget
+  dims(args.shape, "--shape")
+  if args.precision not in PRECISIONS:
+    raise cli.UserError(f"--precision: {args.precision!r} is not one of {', '.join(PRECISIONS)}")
+  cli.positive("--m", args.m)
+  if args.m > wg.MAX_ROWS:
+    raise cli.UserError(f"--m: the GEMV multiplies 1 to {wg.MAX_ROWS} rows, not {args.m}")
+  try:  # Triton's own package (not a dependency of the project): compiler and tools
+    import triton
+    from triton.backends.compiler import GPUTarget
+  except ImportError:
+    sys.exit("kernel_sass.py compiles with Triton's package, not installed: pip install triton")
 
   bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
   ir, warps = triton_ir(args)
@@ -108,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)
