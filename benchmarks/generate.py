@@ -39,7 +39,8 @@ a prefill; its contents do not change the cost), median of `--repeat` runs after
 (compilation): tokens/s = batch * new / seconds, no EOS (every step runs). `--prefill` also times
 the prefill of random prompts. Peak GB: the device's peak_bytes_in_use in the method's process
 after its batch (batches run in increasing order and memory grows with the batch, so this is the
-batch's own peak); n/a on CPU. Prints one markdown table last; `--out` writes the rows as JSON.
+batch's own peak); n/a on CPU. Prints one markdown table last; `--out` writes the rows as JSON,
+rewritten after each method (a run stopped by a time limit keeps the methods it finished).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -213,6 +215,14 @@ def worker(args) -> None:
     print(json.dumps(row), flush=True)
 
 
+def save_rows(path: str, rows: list[dict]) -> None:
+  """Writes `rows` as JSON to `path` through a temporary file (never a half-written file)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(rows, f, indent=1)
+  os.replace(tmp, path)
+
+
 def table(rows: list[dict], prefill: bool) -> str:
   bf16 = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "bf16"}
   head = "| method | code bits | batch | tokens/s | ratio vs bf16 | ms/step | peak GB |"
@@ -315,9 +325,8 @@ def main() -> None:
     rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode:
       log(start, f"{method} ({layout}) failed (exit {out.returncode}); see its stderr above")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=1)
+    if args.out:  # after each method: a run cut short keeps the methods it finished
+      save_rows(args.out, rows)
   layers = args.layers or (SHAPES[args.shape].num_layers if args.shape in SHAPES else 0)
   layers = f"{layers} layers{' (tiled)' if args.tiled else ''}, " if layers else ""
   print(
