@@ -87,11 +87,9 @@ def main() -> None:
   cli.positive("--m", args.m)
   if args.m > wg.MAX_ROWS:
     raise cli.UserError(f"--m: the GEMV multiplies 1 to {wg.MAX_ROWS} rows, not {args.m}")
-  try:  # Triton's own package (not a dependency of the project): compiler and tools
-    import triton
-    from triton.backends.compiler import GPUTarget
-  except ImportError:
-    sys.exit("kernel_sass.py compiles with Triton's package, not installed: pip install triton")
+  cli.require_modules("kernel_sass.py", "triton")  # Triton's package: not a project dependency
+  import triton
+  from triton.backends.compiler import GPUTarget
 
   bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
   ir, warps = triton_ir(args)
