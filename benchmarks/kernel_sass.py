@@ -32,13 +32,13 @@ from word_gemv import setup, tiles_for
 
 from lowra_jax import cli
 from lowra_jax.quantize.words import is_word_layout
+from pallas_kernels import loop_stages
 from pallas_kernels import word_gemv as wg
 
-def triton_ir(args) -> tuple[str, int]:
-  """The Triton IR of the GEMV's kernel, as Pallas lowers it for CUDA (no location info; no GPU
-  needed), and its warps."""
-  from jax._src.pallas.triton import lowering
 
+def triton_ir(args) -> tuple[str, wg.GemvTiles]:
+  """The Triton IR of the GEMV's kernel, as Pallas lowers it for CUDA (no location info; no GPU
+  needed), and its tiles."""
   _, _, wqs = setup(args.shape, args.precision)
   wq = wqs[0]
   if not is_word_layout(wq):
@@ -47,24 +47,14 @@ def triton_ir(args) -> tuple[str, int]:
   x = jax.random.normal(jax.random.key(1), (args.m, wq.shape[0]), jnp.bfloat16)
   tiles = tiles_for(wq, json.loads(args.tiles) if args.tiles else None)
   print(f"{args.shape} {args.precision} M={args.m}: {tiles}", flush=True)
-  modules, plain = [], lowering.lower_jaxpr_to_triton_module
-
-  def keep(*a, **k):
-    result = plain(*a, **k)
-    modules.append(result.module.operation.get_asm(enable_debug_info=False))
-    return result
 
   def gemv(a, wq):
     return wg.word_gemv(a, wq.buckets, group=wq.group_size, tiles=tiles, columns=wq.perm)
 
-  lowering.lower_jaxpr_to_triton_module = keep
-  try:
-    jax.jit(gemv).trace(x, wq).lower(lowering_platforms=("cuda",))
-  finally:
-    lowering.lower_jaxpr_to_triton_module = plain
+  modules = loop_stages.cuda_modules(gemv, x, wq)
   if len(modules) != 1:
     sys.exit(f"kernel_sass.py: expected one Triton module, Pallas lowered {len(modules)}")
-  return modules[0], tiles.num_warps
+  return modules[0], tiles
 
 
 def sass_opcodes(sass: str) -> list[str]:
@@ -92,14 +82,15 @@ def main() -> None:
   from triton.backends.compiler import GPUTarget
 
   bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-  ir, warps = triton_ir(args)
+  ir, tiles = triton_ir(args)
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or tmp
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "kernel.ttir")
     with open(path, "w") as f:
       f.write(ir)
-    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=options)
     for ext in ("ptx", "cubin"):
       with open(os.path.join(out, f"kernel.{ext}"), "w" if ext == "ptx" else "wb") as f:
         f.write(kernel.asm[ext])

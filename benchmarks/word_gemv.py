@@ -6,6 +6,7 @@ at decode sizes, on the GPU; its results checked against float64.
     python benchmarks/word_gemv.py --tiles JSON            # given tiles, e.g.
         '[{"block_n": 128, "block_g": 4, "warps": 4, "per_sm": 16}]'
     python benchmarks/word_gemv.py --trace --ms 1          # kernel µs from a profiler trace
+    python benchmarks/word_gemv.py --trace --tiles JSON    # ... also of further tile settings
 
 A grid row: µs per call (median of chained calls over L2-cold copies, `kernels.bench`) of bf16,
 of `quantized_matmul` on the stored planes and of `quantized_matmul` on the word layout (the
@@ -44,8 +45,9 @@ def gemv(x, wq, tiles):
 
 
 def tiles_for(wq, cfg: dict | None) -> wg.GemvTiles:
-  """The Tuning's tiles (`quantized_ops.gemv_tiles`), or `cfg`'s: block_n, block_g, warps and
-  per_sm, the programs per SM that set the splits."""
+  """The Tuning's tiles (`quantized_ops.gemv_tiles`), or `cfg`'s: block_n, block_g, warps,
+  per_sm (the programs per SM that set the splits) and optionally stages (`GemvTiles.num_stages`,
+  default 1)."""
   if cfg is None:
     return quantized_ops.gemv_tiles(wq)
   sms = getattr(jax.devices()[0], "core_count", 132) or 132
@@ -53,7 +55,8 @@ def tiles_for(wq, cfg: dict | None) -> wg.GemvTiles:
   blocks = sum(-(-b.num_channels // cfg["block_n"]) for b in wq.buckets)
   splits = max(1, min(groups // cfg["block_g"], round(cfg["per_sm"] * sms / blocks)))
   return wg.GemvTiles(
-    block_g=cfg["block_g"], block_n=cfg["block_n"], splits=splits, num_warps=cfg["warps"]
+    block_g=cfg["block_g"], block_n=cfg["block_n"], splits=splits, num_warps=cfg["warps"],
+    num_stages=cfg.get("stages", 1),
   )
 
 
@@ -102,7 +105,7 @@ def _loads_only(word, levels, xs, bits, interpret):
   return [word.astype(jnp.float32)] * (len(xs) // len(wg.PAIR_BITS[bits]))
 
 
-def _plain_loads(view, n_ok):
+def _plain_loads(view, n_ok, volatile):
   return wg.plgpu.load(view) if n_ok is None else wg.plgpu.load(view, mask=n_ok, other=0)
 
 
@@ -114,15 +117,14 @@ ABLATIONS = {  # word_gemv functions replaced: what is left of the kernel's time
 }
 
 
-def trace(shapes, precs, ms, cfg) -> None:
-  """Kernel µs of one call from a profiler trace (copies in turn), on the planes and on words,
-  whole and with parts left out (`ABLATIONS`)."""
+def trace(shapes, precs, ms, configs) -> None:
+  """Kernel µs of one call from a profiler trace (copies in turn), on the planes and on words:
+  whole and with parts left out (`ABLATIONS`) at the first tile setting, whole at the others."""
   from trace_kernels import check_gpu, grouped, kernels_of
 
   check_gpu("--trace")
   for shape, prec, m in itertools.product(shapes, precs, ms):
     w, qs, wqs = setup(shape, prec)
-    tiles = tiles_for(wqs[0], cfg)
     x = jax.random.normal(jax.random.key(1), (m, w.shape[0]), jnp.bfloat16)
     turn = itertools.count()
 
@@ -133,6 +135,7 @@ def trace(shapes, precs, ms, cfg) -> None:
       print(f"{shape:>11s} {prec:>6s} M={m} {label:>10s}: {kernels}", flush=True)
 
     report("planes", [functools.partial(forward, w_or_qt=q, backend="auto") for q in qs])
+    tiles = tiles_for(wqs[0], configs[0])
     for name, patch in ABLATIONS.items():
       saved = {k: getattr(wg, k) for k in patch}
       try:
@@ -142,6 +145,10 @@ def trace(shapes, precs, ms, cfg) -> None:
       finally:
         for k, v in saved.items():
           setattr(wg, k, v)
+    for cfg in configs[1:]:
+      tiles = tiles_for(wqs[0], cfg)
+      label = f"{json.dumps(cfg)} splits={tiles.splits}"
+      report(label, [functools.partial(gemv, wq=wq, tiles=tiles) for wq in wqs])
 
 
 def main():
@@ -157,7 +164,7 @@ def main():
   ms = [int(m) for m in args.ms.split(",")]
   configs = json.loads(args.tiles) if args.tiles else [None]
   if args.trace:
-    trace(shapes, precs, ms, configs[0])
+    trace(shapes, precs, ms, configs)
     return
   bw = copy_bandwidth()
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; copy {bw / 1e12:.2f} TB/s")

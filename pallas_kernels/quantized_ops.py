@@ -93,7 +93,7 @@ H200 = Tuning(
   mid=lm.Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=2),
   large=lm.Tiles(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=2),
   backward_above_16=(32, 3),
-  gemv=wg.GemvTiles(block_g=4, block_n=128, num_warps=4, num_stages=2),
+  gemv=wg.GemvTiles(block_g=4, block_n=128, num_warps=4, num_stages=1),
   gemv_per_sm=16,
 )
 # Per `jax.Device.device_kind`; other GPUs (and the CPU's interpreted kernels) use the H200's.
@@ -107,7 +107,7 @@ def tuning() -> Tuning:
 
 def override_tuning(overrides: dict) -> Tuning:
   """This device's `Tuning` with `overrides` (field -> value; lists as tuples, a dict for a
-  `Tiles` field replaces those of its fields) in its place from now on, for benchmarks' A/Bs
+  `Tiles` or `GemvTiles` field replaces those of its fields) in its place from now on, for benchmarks' A/Bs
   (`--tuning` JSON). Returns it. Call before tracing: jitted functions keep the plans they made."""
   base, fields = tuning(), [f.name for f in dataclasses.fields(Tuning)]
   values = {}
@@ -115,7 +115,7 @@ def override_tuning(overrides: dict) -> Tuning:
     if name not in fields:
       raise ValueError(f"Tuning has no field {name!r} — use one of {', '.join(fields)}.")
     old = getattr(base, name)
-    if isinstance(old, lm.Tiles):
+    if isinstance(old, (lm.Tiles, wg.GemvTiles)):
       value = dataclasses.replace(old, **value)
     values[name] = tuple(value) if isinstance(value, list) else value
   TUNINGS[jax.devices()[0].device_kind] = new = dataclasses.replace(base, **values)

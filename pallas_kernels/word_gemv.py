@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lowra_jax.quantize.words import PAIR_BITS, WordBucket, float16_pairs
-from pallas_kernels import byte_lookup
+from pallas_kernels import byte_lookup, loop_stages
 from pallas_kernels import lut_matmul as lm
 
 MAX_ROWS = 4  # activation rows one program multiplies (a float16x2 FMA per pair and row)
@@ -141,7 +141,7 @@ class GemvTiles:
   block_n: int = 128
   splits: int = 1
   num_warps: int = 4
-  num_stages: int = 2
+  num_stages: int = 1  # > 1: the step loop software-pipelined (`loop_stages`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +188,12 @@ def _scale(refs, layout: WordLayout, g0, bg, n0, bn, n_ok):
   return offset + codes * (absmax * (1 / 127))
 
 
-def _stream(view, n_ok):
-  """A step's words: volatile loads, which the assembler keeps in order (it would otherwise move
-  each next to its first use and wait for memory once per word)."""
+def _stream(view, n_ok, volatile: bool):
+  """A step's words. Not pipelined, volatile loads, which the assembler keeps in order (it would
+  otherwise move each next to its first use and wait for memory once per word); pipelined, plain
+  loads, which Triton turns into asynchronous copies issued steps ahead."""
   other = {} if n_ok is None else dict(mask=n_ok, other=0)
-  return plgpu.load(view, volatile=True, **other)
+  return plgpu.load(view, volatile=volatile, **other)
 
 
 def _columns(c_ref, o_ref, offset, n0, bn, n_ok):
@@ -225,17 +226,19 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   col_ids = _columns(c_ref, o_ref, offset, n0, bn, n_ok)
   channels = n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
 
+  volatile = tiles.num_stages == 1
+
   def step(t, accs):
     g0 = t * bg
     words = [
-      _stream(words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)], n_ok)
+      _stream(words_ref.at[pl.ds(g0, bg), pl.ds(j * layout.nb + n0, bn)], n_ok, volatile)
       for j in range(layout.per_group)
     ]
     xs = [
       [
         plgpu.load(
           x_ref.at[pl.ds(r * layout.groups + g0, bg), pl.ds(j * npairs + p, 1)],
-          volatile=j == r == p == 0,  # after the words: it anchors them before the arithmetic
+          volatile=volatile and j == r == p == 0,  # after the words: anchors them before the math
         )
         for r in range(m)
         for p in range(npairs)
@@ -311,6 +314,9 @@ def word_gemv(
   if columns is not None:
     flat.append(columns.reshape(1, -1))
   name = "word_gemv_" + "_".join(f"{lo.bits}bit" for lo in layouts)
+  if tiles.num_stages > 1 and not interpret:
+    name = f"word_gemv_s{tiles.num_stages}_" + name[len("word_gemv_"):]
+    loop_stages.pipelined(name, tiles.num_stages)
   t = lm.Tiles(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
   xp = x_pairs(x, group).reshape(-1, group // 2)  # [M * G, group / 2]
   return lm.launch(kernel, (xp, *flat), shape, (blocks, tiles.splits), t,

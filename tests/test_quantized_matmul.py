@@ -429,11 +429,14 @@ def test_plan_is_data_for_every_path():
 
 def test_override_tuning_replaces_fields_and_tiles(monkeypatch):
   """Benchmarks' `--tuning` JSON: plain fields replaced (lists as tuples), a `Tiles` field's
-  named fields only; the plans made afterwards follow it; an unknown field is refused."""
+  or `GemvTiles` field's named fields only; the plans made afterwards follow it; an unknown field is refused."""
   monkeypatch.setattr(quantized_ops, "TUNINGS", dict(quantized_ops.TUNINGS))
-  new = quantized_ops.override_tuning({"waves": [3, 5], "decode": {"block_n": 32}})
+  new = quantized_ops.override_tuning(
+    {"waves": [3, 5], "decode": {"block_n": 32}, "gemv": {"num_stages": 3}}
+  )
   assert quantized_ops.tuning() == new and new.waves == (3, 5)
   assert new.decode == dataclasses.replace(quantized_ops.H200.decode, block_n=32)
+  assert new.gemv == dataclasses.replace(quantized_ops.H200.gemv, num_stages=3)
   assert quantized_ops.tiles_for(1, 64, 256, 64, backward=False).block_n == 32
   with pytest.raises(ValueError, match="no field 'wave'"):
     quantized_ops.override_tuning({"wave": 1})

@@ -97,6 +97,26 @@ def test_word_gemv_matches_float64(name, m):
   assert err.max() <= gemv_bound(min(b.bits for b in qt.buckets)), err.max()
 
 
+@pytest.mark.parametrize("stages", [1, 3])
+def test_pipelined_gemv_marks_its_loop_for_triton(stages):
+  """Lowered for CUDA (no GPU needed): stages > 1 puts Triton's `tt.num_stages` on the step loop
+  and loads the words plainly (Triton then copies them asynchronously, steps ahead); 1 leaves the
+  loop unmarked and the words volatile."""
+  from pallas_kernels import loop_stages
+
+  qt = quantized("2 bits")
+  wq = quantize.to_word_layout(qt)
+  x = jnp.ones((1, qt.shape[0]), jnp.bfloat16)
+  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2, num_stages=stages)
+
+  def gemv(a, w):
+    return wg.word_gemv(a, w.buckets, group=qt.group_size, tiles=tiles, columns=w.perm)
+
+  (ir,) = loop_stages.cuda_modules(gemv, x, wq)
+  assert loop_stages.marked_loops(ir) == ([stages] if stages > 1 else [])
+  assert ("isVolatile = true" in ir) == (stages == 1)
+
+
 def test_word_layout_dequantizes_as_the_planes():
   for name in CONFIGS:
     qt = quantized(name)
