@@ -4,9 +4,9 @@
     python benchmarks/kernel_sass.py --shape=4096x11008 --precision=2 --m=1 [--out=DIR]
     python benchmarks/kernel_sass.py --tiles='{"block_n":64, "block_g":4, "warps":2, "per_sm":8}'
 
-Needs no GPU: lowers one `word_gemv` call of a quantized tensor (`benchmarks/word_gemv.py`'s
-setup; `--tiles` as its `--tiles`, default the Tuning's) for CUDA with Pallas' Triton lowering,
-keeps the kernel's Triton IR, compiles it for sm_90a with the installed Triton (`triton.compile`
+Needs no GPU: lowers one `word_gemv` call (`word_mma` above 4 rows: `--m=8`) of a quantized
+tensor (`benchmarks/word_gemv.py`'s setup; `--tiles` as its `--tiles`) for CUDA with Pallas'
+Triton lowering, keeps the kernel's Triton IR, compiles it for sm_90a with the installed Triton (`triton.compile`
 of a .ttir file; jaxlib links its own Triton, so what jax runs may differ slightly), and prints
 ptxas' resource line (registers, barriers, spills) and a histogram of the SASS opcodes: loads,
 integer, float16x2 and conversion instructions, what the per-pair arithmetic costs once compiled
@@ -34,6 +34,7 @@ from lowra_jax import cli
 from lowra_jax.quantize.words import is_word_layout
 from pallas_kernels import loop_stages
 from pallas_kernels import word_gemv as wg
+from pallas_kernels import word_mma as wm
 
 
 def triton_ir(args) -> tuple[str, wg.GemvTiles]:
@@ -45,11 +46,12 @@ def triton_ir(args) -> tuple[str, wg.GemvTiles]:
     raise cli.UserError(f"--precision={args.precision}: channels other than 1- and 2-bit, which "
                         "the word layout does not hold — give 1, 2 or mix1.5")
   x = jax.random.normal(jax.random.key(1), (args.m, wq.shape[0]), jnp.bfloat16)
-  tiles = tiles_for(wq, json.loads(args.tiles) if args.tiles else None)
+  tiles = tiles_for(wq, json.loads(args.tiles) if args.tiles else None, args.m)
   print(f"{args.shape} {args.precision} M={args.m}: {tiles}", flush=True)
 
   def gemv(a, wq):
-    return wg.word_gemv(a, wq.buckets, group=wq.group_size, tiles=tiles, columns=wq.perm)
+    kernel = wm.word_mma if args.m > wg.MAX_ROWS else wg.word_gemv
+    return kernel(a, wq.buckets, group=wq.group_size, tiles=tiles, columns=wq.perm)
 
   modules = loop_stages.cuda_modules(gemv, x, wq)
   if len(modules) != 1:
@@ -75,8 +77,8 @@ def main() -> None:
   if args.precision not in PRECISIONS:
     raise cli.UserError(f"--precision: {args.precision!r} is not one of {', '.join(PRECISIONS)}")
   cli.positive("--m", args.m)
-  if args.m > wg.MAX_ROWS:
-    raise cli.UserError(f"--m: the GEMV multiplies 1 to {wg.MAX_ROWS} rows, not {args.m}")
+  if args.m > wm.MAX_ROWS:
+    raise cli.UserError(f"--m: the word kernels multiply 1 to {wm.MAX_ROWS} rows, not {args.m}")
   cli.require_modules("kernel_sass.py", "triton")  # Triton's package: not a project dependency
   import triton
   from triton.backends.compiler import GPUTarget

@@ -2,6 +2,7 @@
 at decode sizes, on the GPU; its results checked against float64.
 
     python benchmarks/word_gemv.py --ms 1,4                # the grid, the Tuning's tiles
+    python benchmarks/word_gemv.py --ms 8,16,64            # M > 4: the tensor-core `word_mma`
     python benchmarks/word_gemv.py --sweep                 # tile settings on 4096x11008, M = 1
     python benchmarks/word_gemv.py --tiles JSON            # given tiles, e.g.
         '[{"block_n": 128, "block_g": 4, "warps": 4, "per_sm": 16}]'
@@ -31,29 +32,39 @@ from kernels import PRECISIONS, bench, copy_bandwidth, dims, forward, quantized_
 from lowra_jax import quantize
 from pallas_kernels import quantized_ops
 from pallas_kernels import word_gemv as wg
+from pallas_kernels import word_mma as wm
 
 SHAPES = ("4096x4096", "4096x11008", "11008x4096", "8192x28672")
+MMA_TILES = {"block_n": 128, "block_g": 1, "warps": 4, "per_sm": 4}  # untuned: M > 4
 
 
 def gemv(x, wq, tiles):
-  """x @ W of a word-layout tensor through one `word_gemv` launch, partial sums added."""
+  """x @ W of a word-layout tensor through one `word_gemv` launch (`word_mma` for `MmaTiles`),
+  partial sums added."""
   interpret = jax.default_backend() != "gpu"  # a CPU smoke run
-  out = wg.word_gemv(
+  kernel = wm.word_mma if isinstance(tiles, wm.MmaTiles) else wg.word_gemv
+  out = kernel(
     x, wq.buckets, group=wq.group_size, tiles=tiles, columns=wq.perm, interpret=interpret
   )
   return out[0] if out.shape[0] == 1 else out.sum(axis=0)
 
 
-def tiles_for(wq, cfg: dict | None) -> wg.GemvTiles:
-  """The Tuning's tiles (`quantized_ops.gemv_tiles`), or `cfg`'s: block_n, block_g, warps,
-  per_sm (the programs per SM that set the splits) and optionally stages (`GemvTiles.num_stages`,
-  default 1)."""
-  if cfg is None:
+def tiles_for(wq, cfg: dict | None, m: int = 1):
+  """Up to `word_gemv.MAX_ROWS` rows, the Tuning's `GemvTiles` (`quantized_ops.gemv_tiles`) or
+  `cfg`'s: block_n, block_g, warps, per_sm (the programs per SM that set the splits) and
+  optionally stages (`num_stages`, default 1). Above, `word_mma`'s `MmaTiles` from `cfg` or
+  `MMA_TILES` (block_g unused)."""
+  if cfg is None and m <= wg.MAX_ROWS:
     return quantized_ops.gemv_tiles(wq)
+  cfg = cfg or MMA_TILES
   sms = getattr(jax.devices()[0], "core_count", 132) or 132
   groups = wq.buckets[0].words.shape[0]
   blocks = sum(-(-b.num_channels // cfg["block_n"]) for b in wq.buckets)
-  splits = max(1, min(groups // cfg["block_g"], round(cfg["per_sm"] * sms / blocks)))
+  steps = groups // (cfg["block_g"] if m <= wg.MAX_ROWS else 1)
+  splits = max(1, min(steps, round(cfg["per_sm"] * sms / blocks)))
+  if m > wg.MAX_ROWS:
+    return wm.MmaTiles(block_n=cfg["block_n"], splits=splits, num_warps=cfg["warps"],
+                       num_stages=cfg.get("stages", 1))
   return wg.GemvTiles(
     block_g=cfg["block_g"], block_n=cfg["block_n"], splits=splits, num_warps=cfg["warps"],
     num_stages=cfg.get("stages", 1),
@@ -87,8 +98,8 @@ def run(shapes, precs, ms, configs, bw) -> None:
       t_bf16 = bench(forward, x, w_copies)
       t_planes = bench(functools.partial(forward, backend="auto"), x, qs)
       for cfg in configs:
-        tiles = tiles_for(wqs[0], cfg)
-        if wqs[0].buckets[0].words.shape[0] % tiles.block_g:
+        tiles = tiles_for(wqs[0], cfg, m)
+        if wqs[0].buckets[0].words.shape[0] % getattr(tiles, "block_g", 1):
           continue
         err = error(wqs[0], tiles, m)
         t = bench(lambda a, wq, t=tiles: gemv(a, wq, t), x, wqs)
@@ -112,7 +123,7 @@ def _plain_loads(view, n_ok, volatile):
 ABLATIONS = {  # word_gemv functions replaced: what is left of the kernel's time
   "words": {},
   "plain loads": {"_stream": _plain_loads},  # not volatile: the assembler may sink each word load
-  "no lookup": {"_lookup_pair": lambda word, *a: word},  # the word as its pair: no selector, prmt
+  "no lookup": {"lookup_pair": lambda word, *a: word},  # the word as its pair: no selector, prmt
   "loads only": {"word_dots": _loads_only},  # words and scales loaded, nothing computed
 }
 
@@ -135,7 +146,10 @@ def trace(shapes, precs, ms, configs) -> None:
       print(f"{shape:>11s} {prec:>6s} M={m} {label:>10s}: {kernels}", flush=True)
 
     report("planes", [functools.partial(forward, w_or_qt=q, backend="auto") for q in qs])
-    tiles = tiles_for(wqs[0], configs[0])
+    tiles = tiles_for(wqs[0], configs[0], m)
+    if m > wg.MAX_ROWS:  # word_mma: whole only
+      report("mma", [functools.partial(gemv, wq=wq, tiles=tiles) for wq in wqs])
+      continue
     for name, patch in ABLATIONS.items():
       saved = {k: getattr(wg, k) for k in patch}
       try:
@@ -146,7 +160,7 @@ def trace(shapes, precs, ms, configs) -> None:
         for k, v in saved.items():
           setattr(wg, k, v)
     for cfg in configs[1:]:
-      tiles = tiles_for(wqs[0], cfg)
+      tiles = tiles_for(wqs[0], cfg, m)
       label = f"{json.dumps(cfg)} splits={tiles.splits}"
       report(label, [functools.partial(gemv, wq=wq, tiles=tiles) for wq in wqs])
 

@@ -57,19 +57,27 @@ def _selector(at: int, bits: int) -> tuple[int, int, int, bool]:
   return at, mask, 34, False
 
 
-def _lookup_pair(word, levels, at: int, bits: int, interpret: bool):
+def lookup_pair(word, levels, at: int, bits: int, interpret: bool):
   """int32 [R, C]: the float16 levels of the pair at bit `at` of each word (low half: the first
   row's). word int32 [R, C]; levels: `bits` level words [R, C] (or [1, C])."""
   shift, mask, mul, high = _selector(at, bits)
-  table = [jnp.broadcast_to(v, word.shape) for v in (levels[0], levels[-1])]
   if interpret:
     t = jax.lax.shift_right_logical(word, shift) & jnp.uint32(mask).astype(jnp.int32)
     # mad.hi's product t * (34 << (32 - at)) >> 32 is (t >> at) * 34: no bits below `at`
     s = (jax.lax.shift_right_logical(t, at) * 34 if high else t * mul) + 0x1010
-    return byte_lookup.prmt_reference(*table, s)
+    return prmt(levels[0], levels[-1], s, interpret)
+  table = [jnp.broadcast_to(v, word.shape) for v in (levels[0], levels[-1])]
   get = f"shr.u32 t, $1, {shift}; " if shift else "mov.b32 t, $1; "
   mad = f"and.b32 t, t, {mask:#x}; mad.{'hi' if high else 'lo'}.u32 s, t, {mul:#x}, 0x1010; "
   return _asm("{ .reg .b32 t, s; " + get + mad + "prmt.b32 $0, $2, $3, s; }", word, *table)
+
+
+def prmt(a, b, s, interpret: bool):
+  """int32 [R, C]: PTX `prmt.b32` of the 8 bytes b:a by selectors s (a, b broadcast to s)."""
+  a, b = (jnp.broadcast_to(v, s.shape) for v in (a, b))
+  if interpret:
+    return byte_lookup.prmt_reference(a, b, s)
+  return _asm("prmt.b32 $0, $1, $2, $3;", a, b, s)
 
 
 def _asm(code: str, *args, out="r", dtype=jnp.int32):
@@ -127,7 +135,7 @@ def word_dots(word, levels, xs, bits: int, interpret: bool):
   pairs = PAIR_BITS[bits]
   accs = [None] * (len(xs) // len(pairs))
   for p, at in enumerate(pairs):
-    v = _lookup_pair(word, levels, at, bits, interpret)
+    v = lookup_pair(word, levels, at, bits, interpret)
     accs = [_fma2(v, xs[r * len(pairs) + p], a, interpret) for r, a in enumerate(accs)]
   return [_sum2(a, interpret) for a in accs]
 
@@ -171,7 +179,7 @@ def operands(b: WordBucket) -> tuple[WordLayout, tuple[jax.Array, ...]]:
   return layout, (b.words.reshape(g, wpg * nb), b.level_words, *scales)
 
 
-def _scale(refs, layout: WordLayout, g0, bg, n0, bn, n_ok):
+def scales(refs, layout: WordLayout, g0, bg, n0, bn, n_ok):
   """float32 [bg, bn]: the scales of groups [g0, g0 + bg) of channels [n0, n0 + bn)."""
   rows, cols = pl.ds(g0, bg), pl.ds(n0, bn)
   if not layout.dq_block:
@@ -196,7 +204,7 @@ def _stream(view, n_ok, volatile: bool):
   return plgpu.load(view, volatile=volatile, **other)
 
 
-def _columns(c_ref, o_ref, offset, n0, bn, n_ok):
+def columns(c_ref, o_ref, offset, n0, bn, n_ok):
   """Output column ids [1, bn] of channels [n0, n0 + bn) of a bucket at `offset`: those positions,
   or c_ref's entries there (int [1, N]) when given."""
   col_ids = pl.ds(offset + n0, bn)
@@ -223,7 +231,7 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   n_ok = None if layout.nb % bn == 0 else lm.range_mask(n0, bn, layout.nb, 1)
   words_ref, lv_ref = refs[:2]
   npairs = len(PAIR_BITS[layout.bits])
-  col_ids = _columns(c_ref, o_ref, offset, n0, bn, n_ok)
+  col_ids = columns(c_ref, o_ref, offset, n0, bn, n_ok)
   channels = n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
 
   volatile = tiles.num_stages == 1
@@ -250,7 +258,7 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
       lm.masked_load(lv_ref, jnp.full((bg, 1), i, jnp.int32), channels, n_ok)
       for i in range(layout.bits)
     ]
-    scale = _scale(refs, layout, g0, bg, n0, bn, n_ok)
+    scale = scales(refs, layout, g0, bg, n0, bn, n_ok)
     sums = [jnp.zeros((bg, bn), jnp.float32) for _ in range(m)]
     for word, x in zip(words, xs):
       for r, d in enumerate(word_dots(word, levels, x, layout.bits, interpret)):

@@ -185,3 +185,43 @@ def test_generation_decodes_from_words_only_where_word_gemv_runs():
     assert gen.decode_layout(variables, 5) is variables
   finally:
     backend.set_default("auto")
+
+
+@pytest.mark.parametrize("name, m", [("2 bits", 5), ("mixed 1.5", 19), ("nf2, plain scales", 8)])
+def test_word_mma_matches_float64(name, m):
+  """The tensor-core kernel (5 <= M <= 64): every bucket in one launch, channel order, ragged
+  channels, split groups, NaN-poisoned; float16 levels and activations, float32 sums."""
+  from pallas_kernels import word_mma as wm
+
+  qt = quantized(name)
+  wq = quantize.to_word_layout(qt)
+  x = jax.random.normal(jax.random.key(m), (m, qt.shape[0]), jnp.bfloat16)
+  n = qt.shape[1]
+  out = jnp.full((2, m, n), jnp.nan, jnp.float32)
+  tiles = wm.MmaTiles(block_n=64, splits=2)
+  got = wm.word_mma(
+    x, wq.buckets, group=qt.group_size, tiles=tiles, columns=qt.perm, interpret=not ON_GPU, out=out
+  )
+  got = np.asarray(got, np.float64).sum(axis=0)
+  xd, wd = np.asarray(x, np.float64), dense64(qt)
+  err = np.abs(got - xd @ wd) / (np.abs(xd) @ np.abs(wd))
+  assert np.isfinite(got).all()
+  # float16 x and levels are exact here (bf16 inputs, float16 tables); float32 sums over K
+  assert err.max() <= 4 * qt.shape[0] * 2.0**-24, err.max()
+
+
+def test_word_mma_lowers_to_one_dot_per_group():
+  """Lowered for CUDA (no GPU needed): one `tt.dot` in the group loop, float16 operands."""
+  from pallas_kernels import loop_stages
+  from pallas_kernels import word_mma as wm
+
+  qt = quantized("mixed 1.5")
+  wq = quantize.to_word_layout(qt)
+  x = jnp.ones((8, qt.shape[0]), jnp.bfloat16)
+
+  def mma(a, w):
+    return wm.word_mma(a, w.buckets, group=qt.group_size, columns=w.perm)
+
+  (ir,) = loop_stages.cuda_modules(mma, x, wq)
+  dots = [line for line in ir.splitlines() if "tt.dot" in line]
+  assert len(dots) == len(wq.buckets) and all("xf16" in d for d in dots), dots
