@@ -4,13 +4,14 @@
     python benchmarks/kernel_sass.py --shape=4096x11008 --precision=2 --m=1 [--out=DIR]
     python benchmarks/kernel_sass.py --tiles='{"block_n":64, "block_g":4, "warps":2, "per_sm":8}'
 
-Needs no GPU: lowers one `word_gemv` call (`word_mma` above 4 rows: `--m=8`) of a quantized
-tensor (`benchmarks/word_gemv.py`'s setup; `--tiles` as its `--tiles`) for CUDA with Pallas'
-Triton lowering, keeps the kernel's Triton IR, compiles it for sm_90a with the installed Triton (`triton.compile`
-of a .ttir file; jaxlib links its own Triton, so what jax runs may differ slightly), and prints
-ptxas' resource line (registers, barriers, spills) and a histogram of the SASS opcodes: loads,
-integer, float16x2 and conversion instructions, what the per-pair arithmetic costs once compiled
-and where the assembler placed the loads. `--out` keeps the IR, PTX, cubin and SASS.
+Needs no GPU: lowers one `word_gemv` call (`word_mma` above 4 rows: `--m=8`) of a quantized tensor
+(`benchmarks/word_gemv.py`'s setup; `--tiles` as its `--tiles`) for CUDA with Pallas' Triton
+lowering, keeps the kernel's Triton IR, compiles it for sm_90a with the installed Triton
+(`triton.compile` of a .ttir file; jaxlib links its own Triton, so what jax runs may differ
+slightly), and prints ptxas' resource line (registers, barriers, spills) and a histogram of the
+SASS opcodes: loads, integer, float16x2 and conversion instructions, what the per-pair arithmetic
+costs once compiled and where the assembler placed the loads. `--out` keeps the IR, PTX, cubin and
+SASS.
 """
 
 from __future__ import annotations

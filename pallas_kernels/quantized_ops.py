@@ -108,8 +108,8 @@ def tuning() -> Tuning:
 def override_tuning(overrides: dict) -> Tuning:
   """This device's `Tuning` with `overrides` (field -> value; lists as tuples, a dict for a
   `Tiles` or `GemvTiles` field replaces those of its fields) in its place from now on, for
-  benchmarks' A/Bs
-  (`--tuning` JSON). Returns it. Call before tracing: jitted functions keep the plans they made."""
+  benchmarks' A/Bs (`--tuning` JSON). Returns it. Call before tracing: jitted functions keep the
+  plans they made."""
   base, fields = tuning(), [f.name for f in dataclasses.fields(Tuning)]
   values = {}
   for name, value in overrides.items():
