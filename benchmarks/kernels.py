@@ -10,12 +10,15 @@ cache. Also: packed bytes / time against the measured device copy bandwidth.
     python benchmarks/kernels.py --shapes 4096x11008 --rows runs/kernels/b.jsonl
     python benchmarks/kernels.py --precisions 3,mix3.0 --ms 1,16 --rows runs/kernels/c.jsonl
     python benchmarks/kernels.py --layouts words --ms 1,4 --no-backward --rows runs/kernels/w.jsonl
+    python benchmarks/kernels.py --layouts words --ms 8,16,32,64 --no-backward \
+      --tuning '{"word_max_rows": 64}' --rows runs/kernels/w.jsonl
     python benchmarks/kernels.py --report runs/kernels/*.jsonl --figure docs/figures/kernels.png
 
 `--layouts=words` times the forward of tensors converted to the decode word layout
-(`quantize.to_word_layout`, what generate.py decodes from up to 4 prompts) where it has its own
-kernel (`word_gemv`: M <= 4, precisions whose channels all have 1 or 2 bits); rows say their
-layout. Each row is appended to the --rows file as it is measured, so a run cut short keeps what
+(`quantize.to_word_layout`, what generate.py decodes from) where it has its own kernels
+(`word_gemv` up to M = 4, `word_mma` up to `quantized_ops.word_rows()`; precisions whose channels
+all have 1 or 2 bits); rows say their layout. `--tuning` overrides fields of the kernels' `Tuning`
+(e.g. '{"word_max_rows": 64}': `word_mma` up to 64 rows). Each row is appended to the --rows file as it is measured, so a run cut short keeps what
 it measured; split a run that must fit a time limit by shape (or by M for the 70B shape) and
 merge the files with --report, which prints the table, forward + backward at M >= 4096 and the
 issue's targets (met or not; a decode target takes the faster layout of each row, as decoding
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 
 from lowra_jax import cli, quantize
 from lowra_jax.quantize.words import convertible
-from pallas_kernels import quantized_matmul, word_gemv
+from pallas_kernels import quantized_matmul, quantized_ops
 
 L2_BYTES = 60 * 2**20
 SHAPES = ("4096x4096", "4096x11008", "11008x4096", "8192x28672")  # LLaMA-7B, then 70B
@@ -167,7 +170,6 @@ def sweep(m: int, overrides: list[dict], forward_only: bool = False):
   overrides: `Tiles` overrides, each timed against the default tiles of that M; forward_only:
   the forward kernel's (--no-backward)."""
   from pallas_kernels import lut_matmul as lm
-  from pallas_kernels import quantized_ops as qmm
 
   k, n = 4096, 11008
   w = (0.02 * jax.random.t(jax.random.key(0), 5.0, (k, n))).astype(jnp.bfloat16)
@@ -176,7 +178,7 @@ def sweep(m: int, overrides: list[dict], forward_only: bool = False):
   kp = ops[0].planes[0].shape[0]
   for backward_pass, inp in ((False, (m, k)), (True, (m, n)))[: 1 if forward_only else 2]:
     a = jax.random.normal(jax.random.key(1), inp, jnp.bfloat16)
-    base = qmm.tiles_for(m, kp, n, 64, backward_pass)
+    base = quantized_ops.tiles_for(m, kp, n, 64, backward_pass)
     name = "bwd" if backward_pass else "fwd"
     print(f"M={m} default {name} tiles: {base}")
     for kw in [{}, *overrides]:
@@ -254,7 +256,7 @@ def measure(args) -> None:
         a = jax.random.normal(key, (m, k if direction == "fwd" else n), jnp.bfloat16)
         t_bf16 = bench(op, a, w_copies, iters, reps)
         for (prec, layout), qs in q_copies.items():
-          if layout == "words" and (direction != "fwd" or m > word_gemv.MAX_ROWS):
+          if layout == "words" and (direction != "fwd" or m > quantized_ops.word_rows()):
             continue  # the dense path, as for the planes: nothing of the layout's own
           t_xla = bench(functools.partial(op, backend="xla"), a, qs, iters, reps)
           t_ours = bench(functools.partial(op, backend="auto"), a, qs, iters, reps)
@@ -425,7 +427,12 @@ def main():
   )
   parser.add_argument("--no-backward", action="store_true")
   parser.add_argument(
-    "--layouts", default="planes", help="planes,words: also the decode word layout (M <= 4, fwd)"
+    "--layouts", default="planes", help="planes,words: also the decode word layout (fwd)"
+  )
+  parser.add_argument(
+    "--tuning",
+    default="",
+    help='JSON overrides of the kernels\' Tuning, e.g. \'{"word_max_rows": 64}\'',
   )
   parser.add_argument(
     "--rows", type=Path, default=Path("runs/kernels/rows.jsonl"), help="appended to as measured"
@@ -466,6 +473,9 @@ def main():
       plot(rows, args.figure)
     print(report(rows))
     return
+  if args.tuning:
+    with cli.user_errors("--tuning: ", (ValueError, TypeError)):
+      quantized_ops.override_tuning(json.loads(args.tuning))
   grid(args)
   if args.rows.exists():
     raise cli.UserError(

@@ -20,8 +20,8 @@ the same key, prompts and settings give the same tokens. Streaming (`on_token`) 
 inside the loop, traced only when asked for.
 
 `decode_layout(variables, batch)` puts the packed base in the word layout where the GPU kernels
-decode it faster (`quantize.to_word_layout`: batch <= 4 rows, 1- and 2-bit tensors): generate.py
-does so before generating.
+decode it faster (`quantize.to_word_layout`: batch <= `quantized_ops.word_rows()` rows, 1- and
+2-bit tensors): generate.py does so before generating.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from jax.experimental import io_callback
 from lowra_jax.models.llama import KVCache, Llama
 from lowra_jax.quantize import to_word_layout
 from pallas_kernels import backend as kernel_backend
-from pallas_kernels import word_gemv
+from pallas_kernels import quantized_ops
 
 # Prompts are left-padded to a multiple of this many tokens where the cache has room, so prompts
 # of similar length share one compiled prefill.
@@ -62,11 +62,12 @@ class Sampling:
 
 
 def decode_layout(variables: dict, batch: int) -> dict:
-  """`variables` with the packed base ("quant") in the word layout if `word_gemv` would decode
-  it: at most `word_gemv.MAX_ROWS` rows and the Pallas kernels (Triton on a GPU; "interpret"),
-  else unchanged. The prefill then multiplies weights dequantized by XLA."""
+  """`variables` with the packed base ("quant") in the word layout if the word kernels would
+  decode it: at most `quantized_ops.word_rows()` rows (`word_gemv`, then `word_mma`) and the
+  Pallas kernels (Triton on a GPU; "interpret"), else unchanged. The prefill then multiplies
+  weights dequantized by XLA."""
   kernels = kernel_backend.resolve("auto") in ("triton", "interpret")
-  if "quant" not in variables or batch > word_gemv.MAX_ROWS or not kernels:
+  if "quant" not in variables or batch > quantized_ops.word_rows() or not kernels:
     return variables
   return {**variables, "quant": jax.jit(to_word_layout)(variables["quant"])}
 

@@ -16,8 +16,8 @@ a mixed tensor's channel order is restored by gathering whole rows (`row_gather`
 returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is
 no dW and nothing but the packed tensor itself is kept for the backward pass (with `keep_weight`,
 inside a remat'd layer, the dense forward's transient weight instead). A tensor in the word layout
-(`quantize.to_word_layout`, for decoding) takes `word_gemv` in the forward up to 4 rows and the
-dense path otherwise. `plan(qt, m, dtype, impl, backward)` returns all these choices for one pass
+(`quantize.to_word_layout`, for decoding) takes `word_gemv` in the forward up to 4 rows,
+`word_mma` up to `word_rows()` (the Tuning's `word_max_rows`) and the dense path otherwise. `plan(qt, m, dtype, impl, backward)` returns all these choices for one pass
 as an inspectable `Plan`, which `_forward` / `_backward` execute.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
@@ -46,6 +46,7 @@ from pallas_kernels import lut_dequantize as ld
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import row_gather as rg
 from pallas_kernels import word_gemv as wg
+from pallas_kernels import word_mma as wm
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
@@ -65,7 +66,10 @@ class Tuning:
   decode, mid, large: forward `Tiles` of M <= 16, M <= 64 and above (block_k: the most a tensor
     gets; splits set per tensor); backward_above_16: (block_n, num_stages) of the backward above
     M = 16. gemv: `word_gemv`'s tiles for tensors in the word layout (block_g: the most a tensor
-    gets), split to about `gemv_per_sm` programs per SM. Levels are looked up in the activation
+    gets), split to about `gemv_per_sm` programs per SM. word_max_rows: up to this M a tensor in
+    the word layout takes the word kernels (`word_gemv` up to 4 rows, then `word_mma`, whose
+    `mma` tiles are split to about `mma_per_sm` programs per SM), above it the dense path; 4
+    until `word_mma` is measured on the GPU. Levels are looked up in the activation
     dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and in the
     backward, the float32 select tree feeds the tensor cores faster.
   """
@@ -81,6 +85,9 @@ class Tuning:
   backward_above_16: tuple[int, int]
   gemv: wg.GemvTiles
   gemv_per_sm: int
+  word_max_rows: int
+  mma: wm.MmaTiles
+  mma_per_sm: int
 
 
 H200 = Tuning(
@@ -95,6 +102,9 @@ H200 = Tuning(
   backward_above_16=(32, 3),
   gemv=wg.GemvTiles(block_g=4, block_n=128, num_warps=4, num_stages=1),
   gemv_per_sm=16,
+  word_max_rows=4,
+  mma=wm.MmaTiles(block_n=128, num_warps=4, num_stages=1),
+  mma_per_sm=4,
 )
 # Per `jax.Device.device_kind`; other GPUs (and the CPU's interpreted kernels) use the H200's.
 TUNINGS = {"NVIDIA H200": H200}
@@ -105,9 +115,14 @@ def tuning() -> Tuning:
   return TUNINGS.get(jax.devices()[0].device_kind, H200)
 
 
+def word_rows() -> int:
+  """The most rows a tensor in the word layout is multiplied by its own kernels (`plan`)."""
+  return min(max(tuning().word_max_rows, wg.MAX_ROWS), wm.MAX_ROWS)
+
+
 def override_tuning(overrides: dict) -> Tuning:
   """This device's `Tuning` with `overrides` (field -> value; lists as tuples, a dict for a
-  `Tiles` or `GemvTiles` field replaces those of its fields) in its place from now on, for
+  `Tiles`, `GemvTiles` or `MmaTiles` field replaces those of its fields) in its place from now on, for
   benchmarks' A/Bs (`--tuning` JSON). Returns it. Call before tracing: jitted functions keep the
   plans they made."""
   base, fields = tuning(), [f.name for f in dataclasses.fields(Tuning)]
@@ -116,7 +131,7 @@ def override_tuning(overrides: dict) -> Tuning:
     if name not in fields:
       raise ValueError(f"Tuning has no field {name!r} — use one of {', '.join(fields)}.")
     old = getattr(base, name)
-    if isinstance(old, (lm.Tiles, wg.GemvTiles)):
+    if isinstance(old, (lm.Tiles, wg.GemvTiles, wm.MmaTiles)):
       value = dataclasses.replace(old, **value)
     values[name] = tuple(value) if isinstance(value, list) else value
   TUNINGS[jax.devices()[0].device_kind] = new = dataclasses.replace(base, **values)
@@ -278,7 +293,8 @@ class Plan:
   Otherwise `buckets` holds per bucket its LUT kernel `Tiles` or None (that bucket dequantized
   for an XLA dot); one_launch: the forward of every bucket in one `lut_matmul_buckets` launch
   (the buckets' tiles then share all but block_k); or, for a tensor in the word layout, `gemv`
-  holds the tiles of one `word_gemv` launch over all its buckets.
+  holds the tiles of one `word_gemv` launch over all its buckets, or `mma` those of one
+  `word_mma` launch.
   """
 
   dense: bool
@@ -288,16 +304,21 @@ class Plan:
   buckets: tuple[lm.Tiles | None, ...] = ()
   one_launch: bool = False
   gemv: wg.GemvTiles | None = None
+  mma: wm.MmaTiles | None = None
 
 
 def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) -> Plan:
   """The `Plan` of x [m, K] @ W_hat (forward) or dY [m, N] @ W_hat^T (backward) in `dtype` with
   the resolved implementation `impl` ("triton", "interpret" or "xla"). A tensor in the word
-  layout takes `word_gemv` in the forward up to `word_gemv.MAX_ROWS` rows, else the dense path
-  with a weight dequantized by XLA (the plane kernels do not read words)."""
+  layout takes `word_gemv` in the forward up to `word_gemv.MAX_ROWS` rows, `word_mma` up to
+  `word_rows()` (power-of-two group sizes), else the dense path with a weight dequantized by XLA
+  (the plane kernels do not read words)."""
   words = is_word_layout(qt)
-  if words and not backward and impl in ("triton", "interpret") and m <= wg.MAX_ROWS:
-    return Plan(dense=False, gemv=gemv_tiles(qt))
+  if words and not backward and impl in ("triton", "interpret"):
+    if m <= wg.MAX_ROWS:
+      return Plan(dense=False, gemv=gemv_tiles(qt))
+    if m <= word_rows() and not qt.group_size & (qt.group_size - 1):
+      return Plan(dense=False, mma=mma_tiles(qt))
   if words or _all_dense(qt, m, impl, dtype, backward):
     if not words and _dequantize_kernel(qt, impl, dtype):
       return Plan(dense=True, weight="lut_dequantize")
@@ -333,6 +354,15 @@ def gemv_tiles(qt: QuantizedTensor) -> wg.GemvTiles:
   return dataclasses.replace(t, block_g=block_g, splits=splits)
 
 
+def mma_tiles(qt: QuantizedTensor) -> wm.MmaTiles:
+  """`Tuning.mma` for this tensor, splits giving about `Tuning.mma_per_sm` programs per SM."""
+  tune = tuning()
+  groups = qt.buckets[0].words.shape[0]
+  blocks = sum(-(-b.num_channels // tune.mma.block_n) for b in qt.buckets)
+  splits = max(1, min(groups, round(tune.mma_per_sm * _num_sms() / blocks)))
+  return dataclasses.replace(tune.mma, splits=splits)
+
+
 # Jitted so that layers of identical shapes share one traced and lowered function.
 @functools.partial(jax.jit, static_argnums=2)
 def _forward(x, qt: QuantizedTensor, impl: str):
@@ -352,6 +382,12 @@ def _forward(x, qt: QuantizedTensor, impl: str):
       group=qt.group_size,
       tiles=p.gemv,
       columns=qt.perm,
+      interpret=impl == "interpret",
+    )
+    return _sum_splits(partial, x.dtype)
+  if p.mma is not None:
+    partial = wm.word_mma(
+      xp, qt.buckets, group=qt.group_size, tiles=p.mma, columns=qt.perm,
       interpret=impl == "interpret",
     )
     return _sum_splits(partial, x.dtype)

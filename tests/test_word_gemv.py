@@ -142,16 +142,24 @@ def test_to_word_layout_leaves_what_it_cannot_hold():
   assert isinstance(out["b"].buckets[0], quantize.WordBucket)
 
 
-def test_quantized_matmul_takes_the_gemv_up_to_4_rows_then_dense():
-  """The plan, and results and gradients against float64 on both sides of the switch."""
+@pytest.mark.parametrize("word_max_rows", [4, 16])
+def test_quantized_matmul_takes_the_word_kernels_up_to_word_rows_then_dense(
+  word_max_rows, monkeypatch
+):
+  """The plan (`word_gemv` up to 4 rows, `word_mma` up to the Tuning's `word_max_rows`), and
+  results and gradients against float64 on both sides of each switch."""
+  monkeypatch.setattr(quantized_ops, "TUNINGS", dict(quantized_ops.TUNINGS))
+  quantized_ops.override_tuning({"word_max_rows": word_max_rows})
   qt = quantized("mixed 1.5")
   wq = quantize.to_word_layout(qt)
   impl = "triton" if ON_GPU else "interpret"
   assert quantized_ops.plan(wq, 4, jnp.bfloat16, impl).gemv is not None
-  assert quantized_ops.plan(wq, 5, jnp.bfloat16, impl).dense
+  at_5 = quantized_ops.plan(wq, 5, jnp.bfloat16, impl)
+  assert at_5.dense if word_max_rows == 4 else at_5.mma is not None
+  assert quantized_ops.plan(wq, word_max_rows + 1, jnp.bfloat16, impl).dense
   assert quantized_ops.plan(wq, 1, jnp.bfloat16, impl, backward=True).dense
   wd = dense64(qt)
-  for m in (2, 8):
+  for m in (2, 8, word_max_rows + 1):
     x = jax.random.normal(jax.random.key(m), (m, qt.shape[0]), jnp.float32)
     y, vjp = jax.vjp(lambda z: quantized_matmul(z, wq, backend=impl), x)
     xd = np.asarray(x, np.float64)
@@ -171,7 +179,7 @@ def test_word_layout_is_not_saved(tmp_path):
   assert not (tmp_path / "base").exists()
 
 
-def test_generation_decodes_from_words_only_where_word_gemv_runs():
+def test_generation_decodes_from_words_only_where_word_kernels_run():
   from lowra_jax import generate as gen
   from pallas_kernels import backend
 
