@@ -35,7 +35,6 @@ from pallas_kernels import word_gemv as wg
 from pallas_kernels import word_mma as wm
 
 SHAPES = ("4096x4096", "4096x11008", "11008x4096", "8192x28672")
-MMA_TILES = {"block_n": 128, "block_g": 1, "warps": 4, "per_sm": 4}  # untuned: M > 4
 
 
 def gemv(x, wq, tiles):
@@ -50,13 +49,11 @@ def gemv(x, wq, tiles):
 
 
 def tiles_for(wq, cfg: dict | None, m: int = 1):
-  """Up to `word_gemv.MAX_ROWS` rows, the Tuning's `GemvTiles` (`quantized_ops.gemv_tiles`) or
-  `cfg`'s: block_n, block_g, warps, per_sm (the programs per SM that set the splits) and
-  optionally stages (`num_stages`, default 1). Above, `word_mma`'s `MmaTiles` from `cfg` or
-  `MMA_TILES` (block_g unused)."""
-  if cfg is None and m <= wg.MAX_ROWS:
-    return quantized_ops.gemv_tiles(wq)
-  cfg = cfg or MMA_TILES
+  """The Tuning's tiles for m rows (`word_gemv`'s up to 4, `quantized_ops.gemv_tiles`; then
+  `word_mma`'s, `quantized_ops.mma_tiles`), or `cfg`'s: block_n, block_g (unused above 4 rows),
+  warps, per_sm (the programs per SM that set the splits), optionally stages (default 1)."""
+  if cfg is None:
+    return quantized_ops.gemv_tiles(wq) if m <= wg.MAX_ROWS else quantized_ops.mma_tiles(wq, m)
   sms = getattr(jax.devices()[0], "core_count", 132) or 132
   groups = wq.buckets[0].words.shape[0]
   blocks = sum(-(-b.num_channels // cfg["block_n"]) for b in wq.buckets)

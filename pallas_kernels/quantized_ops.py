@@ -67,9 +67,11 @@ class Tuning:
     gets; splits set per tensor); backward_above_16: (block_n, num_stages) of the backward above
     M = 16. gemv: `word_gemv`'s tiles for tensors in the word layout (block_g: the most a tensor
     gets), split to about `gemv_per_sm` programs per SM. word_max_rows: up to this M a tensor in
-    the word layout takes the word kernels (`word_gemv` up to 4 rows, then `word_mma`, whose
-    `mma` tiles are split to about `mma_per_sm` programs per SM), above it the dense path; 4
-    until `word_mma` is measured on the GPU. Levels are looked up in the activation
+    the word layout takes the word kernels (`word_gemv` up to 4 rows, then `word_mma`), above it
+    the dense path; 4 until `word_mma` is measured on the GPU. mma: (up to M rows, `word_mma`
+    tiles, programs per SM the splits aim at) in increasing M: block_n 256 needs 176 registers a
+    thread (2 programs of 4 warps per SM) and spills at M = 64, where block_n 128 needs 193
+    (`benchmarks/kernel_sass.py --m=M`; untimed). Levels are looked up in the activation
     dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and in the
     backward, the float32 select tree feeds the tensor cores faster.
   """
@@ -86,8 +88,7 @@ class Tuning:
   gemv: wg.GemvTiles
   gemv_per_sm: int
   word_max_rows: int
-  mma: wm.MmaTiles
-  mma_per_sm: int
+  mma: tuple[tuple[int, wm.MmaTiles, int], ...]
 
 
 H200 = Tuning(
@@ -103,8 +104,7 @@ H200 = Tuning(
   gemv=wg.GemvTiles(block_g=4, block_n=128, num_warps=4, num_stages=1),
   gemv_per_sm=16,
   word_max_rows=4,
-  mma=wm.MmaTiles(block_n=128, num_warps=4, num_stages=1),
-  mma_per_sm=4,
+  mma=((16, wm.MmaTiles(block_n=256, num_warps=4), 2), (64, wm.MmaTiles(block_n=128), 2)),
 )
 # Per `jax.Device.device_kind`; other GPUs (and the CPU's interpreted kernels) use the H200's.
 TUNINGS = {"NVIDIA H200": H200}
@@ -318,7 +318,7 @@ def plan(qt: QuantizedTensor, m: int, dtype, impl: str, backward: bool = False) 
     if m <= wg.MAX_ROWS:
       return Plan(dense=False, gemv=gemv_tiles(qt))
     if m <= word_rows() and not qt.group_size & (qt.group_size - 1):
-      return Plan(dense=False, mma=mma_tiles(qt))
+      return Plan(dense=False, mma=mma_tiles(qt, m))
   if words or _all_dense(qt, m, impl, dtype, backward):
     if not words and _dequantize_kernel(qt, impl, dtype):
       return Plan(dense=True, weight="lut_dequantize")
@@ -354,13 +354,13 @@ def gemv_tiles(qt: QuantizedTensor) -> wg.GemvTiles:
   return dataclasses.replace(t, block_g=block_g, splits=splits)
 
 
-def mma_tiles(qt: QuantizedTensor) -> wm.MmaTiles:
-  """`Tuning.mma` for this tensor, splits giving about `Tuning.mma_per_sm` programs per SM."""
-  tune = tuning()
+def mma_tiles(qt: QuantizedTensor, m: int) -> wm.MmaTiles:
+  """`Tuning.mma`'s tiles for m rows of this tensor, split to about its programs per SM."""
+  _, tiles, per_sm = next(entry for entry in tuning().mma if m <= entry[0])
   groups = qt.buckets[0].words.shape[0]
-  blocks = sum(-(-b.num_channels // tune.mma.block_n) for b in qt.buckets)
-  splits = max(1, min(groups, round(tune.mma_per_sm * _num_sms() / blocks)))
-  return dataclasses.replace(tune.mma, splits=splits)
+  blocks = sum(-(-b.num_channels // tiles.block_n) for b in qt.buckets)
+  splits = max(1, min(groups, round(per_sm * _num_sms() / blocks)))
+  return dataclasses.replace(tiles, splits=splits)
 
 
 # Jitted so that layers of identical shapes share one traced and lowered function.
