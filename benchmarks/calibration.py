@@ -2,7 +2,8 @@
 
 For every budget: LowRA with `calibration="none"` (weight-space error), "kernel" and "model" (error
 weighted by the input second moments of `--sequences` blocks of networkx_train, normalised per
-kernel or not: `QuantConfig.calibration`), each with the `--rounding`s asked for ("gptq": codes by
+kernel or not: `QuantConfig.calibration`; "fisher": "model" with each output channel's errors
+also weighted by its output gradients' second moment), each with the `--rounding`s asked for ("gptq": codes by
 error feedback through the inputs' covariances, `QuantConfig.rounding`; "gptq+refit": then each
 channel's levels refitted to those codes, `QuantConfig.refit`), perplexity of the
 quantized base over networkx_eval; NF-k rows as the reference. Each row is appended to `--out`
@@ -12,6 +13,7 @@ quantized base over networkx_eval; NF-k rows as the reference. Each row is appen
     python benchmarks/calibration.py --calibrations=kernel --rounding=nearest,gptq --out=FILE
     python benchmarks/calibration.py --budgets=2.5 --nf= --eval_blocks=64 --out=/tmp/c.jsonl
     python benchmarks/calibration.py --bucket_sizes=tensor,shape --out=FILE   # QuantConfig's
+    python benchmarks/calibration.py --calibrations=kernel,fisher --out=FILE
 """
 
 from __future__ import annotations
@@ -125,6 +127,10 @@ def main() -> None:
   moments = calibration.input_moments(model, source, calib, batch_size=8)
   calib_s = time.perf_counter() - t0
   print(f"calibration: {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
+  if "fisher" in args.calibrations.split(","):  # the output gradients too (whole model)
+    t0 = time.perf_counter()
+    moments.update(calibration.output_gradients(model, params, calib, batch_size=8))
+    print(f"output gradients: {time.perf_counter() - t0:.1f} s", flush=True)
   covariances = calibration.LayerCovariances(model, source, calib, batch_size=8)  # gptq rows
   eval_step = train_lib.make_eval_step(model)
 

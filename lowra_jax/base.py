@@ -7,10 +7,11 @@ model-wide budget) and initialises the adapters, or loads both
 from the base `save` wrote into the workdir; `identity(config)` is what a saved base must
 match to be reused; `load_dense` reads the dense params (eval.py's dense reference).
 
-With `quant.calibration` "kernel" or "model" the quantizer weighs errors by each projection's
-input second moments (`calibration.input_moments` of `config.calib` blocks through the dense
-model, read from the checkpoint one decoder layer at a time, so that a model larger than the
-device calibrates as it quantizes), computed once and cached beside the saved base
+With `quant.calibration` "kernel", "model" or "fisher" the quantizer weighs errors by each
+projection's input second moments (`calibration.input_moments` of `config.calib` blocks through
+the dense model, read from the checkpoint one decoder layer at a time, so that a model larger than
+the device calibrates as it quantizes; "fisher" also by its output gradients' second moments, from
+the whole dense model's forward and backward), computed once and cached beside the saved base
 (`workdir/calibration.safetensors`, reused while its identity matches); the calibration's identity
 is part of the saved base's. With `quant.rounding="gptq"` each projection's whole input covariance
 is computed again from the same blocks, one decoder layer at a time, as each quantizer pass reaches
@@ -118,6 +119,8 @@ def calibration_identity(config) -> dict:
     "sequences": calib.sequences,
     "batch_size": calib.batch_size,
   }
+  if config.quant.calibration == "fisher":
+    identity["output_gradients"] = True
   return identity
 
 
@@ -162,7 +165,8 @@ def moments(
   matches, else `calibration.input_moments` of `calibration.spread(blocks, calib.sequences)`
   through the dense model read from the checkpoint one decoder layer at a time, with the cost
   printed; or the diagonals of `covariances` (`layer_covariances`' of the same blocks) when it
-  keeps them all."""
+  keeps them all. With `quant.calibration="fisher"` also the output gradients' second moments
+  (`calibration.output_gradients`: the whole dense model on the device, forward and backward)."""
   wanted = json.loads(json.dumps(calibration_identity(config)))
   cached = calibration.load(calibration_path(config.workdir), wanted)
   if cached is not None:
@@ -180,6 +184,16 @@ def moments(
     f"{s.model.dtype} model, layer by layer from the checkpoint, in "
     f"{time.perf_counter() - t0:.1f} s"
   )
+  if s.quant.calibration == "fisher":
+    t0 = time.perf_counter()
+    params = load_dense(s, jax.device_put)
+    g = calibration.output_gradients(model, params, blocks, s.calib.batch_size, progress=True)
+    del params
+    tqdm.write(
+      f"calibration: output gradients of the same sequences, forward and backward through the "
+      f"whole {s.model.dtype} model, in {time.perf_counter() - t0:.1f} s"
+    )
+    h = {**h, **g}
   return h
 
 

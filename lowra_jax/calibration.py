@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
@@ -232,6 +233,64 @@ def input_moments(
     for path, s in forward.step().items():
       total[path] = np.asarray(s / forward.tokens, np.float32)
   return total
+
+
+def _projection_outputs(model: llama.Llama, params, tokens: jax.Array) -> dict[str, tuple]:
+  """{kernel path: output shape} of every `QLoRALinear` call of the model on `tokens`."""
+  shapes: dict[str, tuple] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if isinstance(context.module, QLoRALinear) and context.method_name == "__call__":
+      shapes["/".join(context.module.path) + "/kernel"] = y.shape
+    return y
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda p, t: model.apply({"params": p}, t), params, tokens)
+  return shapes
+
+
+@partial(jax.jit, static_argnames="model")
+def _squared_output_gradients(params, blocks, *, model: llama.Llama) -> dict[str, jax.Array]:
+  """{kernel path: float32 [out]}: the sums over the tokens of `blocks` int [B, T + 1] of
+  (dL/dy)^2, L the summed next-token loss, y each projection's output at that token."""
+  inputs, targets = blocks[:, :-1], blocks[:, 1:]
+  shapes = _projection_outputs(model, params, inputs)
+
+  def loss(perturbations):  # zeros added to the outputs: their gradients are dL/dy
+    def interceptor(next_fun, args, kwargs, context):
+      y = next_fun(*args, **kwargs)
+      if isinstance(context.module, QLoRALinear) and context.method_name == "__call__":
+        y = y + perturbations["/".join(context.module.path) + "/kernel"].astype(y.dtype)
+      return y
+
+    with nn.intercept_methods(interceptor):
+      logits = model.apply({"params": params}, inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+
+  zeros = {k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}
+  grads = jax.grad(loss)(zeros)
+  return {k: jnp.sum(jnp.square(g), axis=(0, 1)) for k, g in grads.items()}
+
+
+def output_gradients(
+  model: llama.Llama, params, blocks: np.ndarray, batch_size: int, *, progress: bool = False
+) -> dict[str, np.ndarray]:
+  """{`pipeline.output_key(kernel path)`: float32 [out]}: for every projection (and an untied
+  head), g_n = E[(dL/dy_n)^2] over every token of `blocks` [n, T + 1], L the blocks' summed
+  next-token loss through the dense model and y that projection's output (in the compute dtype):
+  the output-side weights of `QuantConfig.calibration="fisher"`. Unlike `input_moments` this runs
+  the whole model forward and backward (`params`, its dense tree, on the device at once), a
+  batch of `batch_size` blocks at a time (a smaller last batch is one more compile)."""
+  model = model.clone(lora=None, remat=False)
+  blocks = np.asarray(blocks).astype(np.int32)
+  total: dict[str, jax.Array] = {}
+  batches = range(0, len(blocks), batch_size)
+  for i in tqdm(batches, "calibration: output gradients", disable=not progress):
+    sums = _squared_output_gradients(params, jnp.asarray(blocks[i : i + batch_size]), model=model)
+    total = {k: total[k] + v if k in total else v for k, v in sums.items()}
+  tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+  return {pipeline.output_key(k): np.asarray(v / tokens, np.float32) for k, v in total.items()}
 
 
 # `LayerCovariances` keeps every layer's covariances when all of them take at most this many bytes

@@ -534,3 +534,61 @@ def test_calibration_needs_a_fitted_method():
     QuantConfig(calibration="hessian")
   with pytest.raises(ValueError, match="sequences=0"):
     calibration.CalibConfig(sequences=0)
+
+
+def _unit_outputs(params) -> dict[str, np.ndarray]:
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {
+    pipeline.output_key(pipeline.path_str(p)): np.ones(x.shape[1], np.float32)
+    for p, x in flat
+    if pipeline.path_str(p).endswith("/kernel")
+  }
+
+
+def test_output_gradients_of_the_head_equal_float64_numpy():
+  """For the untied head, dL/dlogits = softmax - one-hot exactly (L the summed loss): g of the
+  head from float64 numpy on the model's float32 logits; every projection present, >= 0."""
+  model, params, *_ = tiny_model(quant=QuantConfig(method="nf", bits=4))
+  assert not CONFIG.tie_word_embeddings
+  blocks = np.random.default_rng(1).integers(0, 64, size=(5, 17))
+  g = calibration.output_gradients(model, params, blocks, batch_size=2)  # 2 + 2 + 1 blocks
+  logits = np.asarray(model.apply({"params": params}, jnp.asarray(blocks[:, :-1])), np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  # the logits of two float32 forwards differ by up to `llama_terms`' bound at their scale, and
+  # exp turns an absolute logit error into a relative one of p (twice: p and its normaliser)
+  logit_err = 2 * f32_sum_random(llama_terms(CONFIG, 16)) * np.abs(logits).max()
+  err = 2 * (logit_err + 8 * 2.0**-24 * np.abs(logits).max()) * p
+  d = p.copy()
+  d[np.arange(5)[:, None], np.arange(16)[None, :], blocks[:, 1:]] -= 1.0
+  want = np.square(d).reshape(-1, 64).mean(axis=0)
+  bound = (2 * np.abs(d) * err + err**2).reshape(-1, 64).mean(axis=0)
+  got = g[pipeline.output_key("lm_head/kernel")]
+  assert (np.abs(got - want) <= bound).all(), np.abs(got - want).max()
+  outputs = _unit_outputs(params)
+  assert set(g) == set(outputs)
+  assert all(g[k].shape == v.shape and (g[k] >= 0).all() for k, v in outputs.items())
+
+
+def test_fisher_weights_the_solver_by_output_importance():
+  """Unit output importance packs what "model" packs; a kernel whose outputs matter 100x more
+  draws bits; missing output importance is a one-line error."""
+  _, params, *_ = tiny_model(quant=QuantConfig(method="nf", bits=4))
+  h = _unit_moments(params)
+  unit = {**h, **_unit_outputs(params)}
+  loud = "model/layers/0/self_attn/v_proj/kernel"
+  louder = {**unit, pipeline.output_key(loud): unit[pipeline.output_key(loud)] * 100.0}
+
+  def quantize(mode, importance):
+    cfg = QuantConfig(budget=1.5, calibration=mode, bucket_multiple=1, bucket_sizes="tensor")
+    qparams, report = quantize_params(params, cfg, progress=False, importance=importance)
+    return qparams, {r.path: r.code_bits for r in report.layers}
+
+  model_bits, model_mode = quantize("model", h)
+  fisher_bits, fisher = quantize("fisher", unit)
+  assert _tree_bytes(fisher_bits) == _tree_bytes(model_bits) and fisher == model_mode
+  _, loud_bits = quantize("fisher", louder)
+  assert loud_bits[loud] > fisher[loud] + 0.5
+  with pytest.raises(QuantizationError) as e:
+    quantize("fisher", h)
+  assert "output gradients' second moments" in str(e.value) and "\n" not in str(e.value)

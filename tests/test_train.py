@@ -16,7 +16,13 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tolerances import assert_close_at_scale, f32_sum, f32_sum_random, llama_terms
+from tolerances import (
+  assert_close_at_scale,
+  f32_sum,
+  f32_sum_random,
+  llama_grad_terms,
+  llama_terms,
+)
 
 from lowra_jax.models import llama
 
@@ -231,6 +237,35 @@ def test_calibrated_run_caches_its_moments_and_refuses_a_base_of_other_calibrati
   assert extra["calibration"]["sequences"] == 8 and extra["quant"]["calibration"] == "kernel"
   out = run(workdir, *CALIBRATED, "--config.calib.sequences=16", "--config.train.resume=True")
   assert out.returncode != 0 and "other model/quant/calib/lora/seed settings" in out.stderr
+
+
+def test_fisher_run_caches_the_output_gradients_beside_the_moments(need_data, tmp_path):
+  """quant.calibration='fisher': the cache holds each kernel's input moments and its output
+  gradients' second moments (`calibration.output_gradients` of the same blocks), the identity
+  says so, and the run's base is that of those statistics."""
+  from lowra_jax import calibration, data
+  from lowra_jax.models.tokenizer import load_tokenizer
+  from lowra_jax.quantize import pipeline
+
+  workdir = tmp_path / "fisher"
+  fisher = [a.replace("calibration=kernel", "calibration=fisher") for a in CALIBRATED]
+  out = run(workdir, *fisher)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "calibration: output gradients of the same sequences" in out.stdout
+  cached = load_file(workdir / "calibration.safetensors")
+  moments = _expected_moments(8, 3, full=False)
+  text = data.DataConfig(name="text", path=str(TINYSTORIES), max_documents=300, seq_len=64)
+  blocks = data.load(text, load_tokenizer(STORIES.parent)).blocks
+  model, params = llama.load_pretrained(STORIES, dtype=np.float32)
+  grads = calibration.output_gradients(model, params, calibration.spread(blocks, 8), 3)
+  assert cached.keys() == moments.keys() | grads.keys()
+  assert grads.keys() == {pipeline.output_key(p) for p in moments}
+  # another process's float32 gradients (squared: twice their relative error), summed over tokens
+  bound = 4 * f32_sum_random(llama_grad_terms(model.config, 3, 64)) + f32_sum(8 * 64)
+  for path, g in grads.items():
+    assert_close_at_scale(cached[path], g, bound, err_msg=path)
+  extra = json.loads((workdir / "base" / "tree.json").read_text())["extra"]
+  assert extra["calibration"]["output_gradients"] and extra["quant"]["calibration"] == "fisher"
 
 
 def test_gptq_run_quantizes_with_layer_by_layer_covariances(need_data, tmp_path):

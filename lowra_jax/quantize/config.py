@@ -36,8 +36,8 @@ def recommended_refit(budget: float) -> bool:
 
 Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
-Calibration = Literal["none", "kernel", "model"]
-CALIBRATIONS = ("none", "kernel", "model")
+Calibration = Literal["none", "kernel", "model", "fisher"]
+CALIBRATIONS = ("none", "kernel", "model", "fisher")
 Rounding = Literal["nearest", "gptq"]
 ROUNDINGS = ("nearest", "gptq")
 Solver = Literal["auto", "greedy", "milp"]
@@ -91,7 +91,13 @@ class QuantConfig:
   `kernel`: h divided by its mean over the kernel's rows, so rows are weighted by their relative
   input energy while kernels are compared in weight-space units, as with `none`.
   `model`: h as measured, so the solver compares the layers' expected squared *output* errors
-  (for uncorrelated inputs) across the model."""
+  (for uncorrelated inputs) across the model.
+  `fisher`: as `model`, and each output channel n's errors also multiplied by g_n = E[(dL/dy_n)^2],
+  the squared gradient of the calibration data's next-token loss with respect to that
+  projection's output (`calibration.output_gradients`, handed over as importance[
+  `output_key(path)`]): the solver then compares the diagonal second-order estimate of the loss
+  increase, sum_kn h_k g_n dW_kn^2, across channels and layers. It needs the dense model's
+  forward and backward at once (the whole model in device memory)."""
   rounding: Rounding = "nearest"
   """How codes are chosen once the tables, scales and precisions are fixed. `nearest`: each weight's
   nearest level. `gptq`: row by row (inputs of largest second moment first), each row's rounding

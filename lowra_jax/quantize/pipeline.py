@@ -511,14 +511,43 @@ def _solve(fits: dict[str, _Fitted], ks: dict[str, int], config: QuantConfig):
 def _fit_pass(
   source, config, filter_fn, progress, importance
 ) -> tuple[dict[str, _Fitted], dict[str, int]]:
-  """Pass 1 of LowRA: the fits (tables, per-channel errors) of every selected kernel."""
+  """Pass 1 of LowRA: the fits (tables, per-channel errors) of every selected kernel; with
+  `calibration="fisher"` each channel's errors times its output importance g_n."""
   fits, ks = {}, {}
   for path, leaf in tqdm(source, "pass 1/2: fit", len(source), disable=not progress):
     if filter_fn(path, leaf):
       _check_leaf(path, leaf)
       h = _moments(importance, config, path, leaf.shape[0])
-      fits[path], ks[path] = _fit(leaf, config, path, h), leaf.shape[0]
+      fitted = _fit(leaf, config, path, h)
+      if config.calibration == "fisher":
+        g = _output_importance(importance, path, leaf.shape[1])
+        fitted = _Fitted(fitted.tables, fitted.errors * g[:, None])
+      fits[path], ks[path] = fitted, leaf.shape[0]
   return fits, ks
+
+
+def output_key(path: str) -> str:
+  """The importance key of the output gradients' second moments of the kernel at `path`."""
+  return path + ":output"
+
+
+def _output_importance(importance, path: str, n: int) -> np.ndarray:
+  """importance[output_key(path)] as float32 [n], checked: present, finite, >= 0."""
+  key = output_key(path)
+  g = None if importance is None else importance.get(key)
+  if g is None:
+    raise QuantizationError(
+      f"calibration='fisher' needs the output gradients' second moments of {path!r} "
+      f"(importance[{key!r}], `calibration.output_gradients`) — compute them or use "
+      "calibration='model'."
+    )
+  g = np.asarray(g, np.float32)
+  if g.shape != (n,) or not np.isfinite(g).all() or (g < 0).any():
+    raise QuantizationError(
+      f"output importance of {path!r}: expected {n} finite values >= 0, got {g.shape} — "
+      "recompute them for this model (`calibration.output_gradients`)."
+    )
+  return g
 
 
 def _moments(importance, config: QuantConfig, path: str, k: int) -> jax.Array | None:
