@@ -76,15 +76,21 @@ def gemv_bound(bits: int) -> float:
   return (16 // bits + 2) * F16_EPS
 
 
+# the compiled kernels also with their loops pipelined (Triton only: the interpreter has no loads
+# to pipeline; the CPU checks the marked IR, test_pipelined_gemv_marks_its_loop_for_triton)
+STAGES = [1, 3] if ON_GPU else [1]
+
+
+@pytest.mark.parametrize("stages", STAGES)
 @pytest.mark.parametrize(
   "name, m", [("2 bits", 4), ("1 bit", 1), ("mixed 1.5", 2), ("nf2, plain scales", 1)]
 )
-def test_word_gemv_matches_float64(name, m):
+def test_word_gemv_matches_float64(name, m, stages):
   """Every bucket in one launch, channel order, ragged channels, split groups, NaN-poisoned."""
   qt = quantized(name)
   wq = quantize.to_word_layout(qt)
   x = jax.random.normal(jax.random.key(m), (m, qt.shape[0]), jnp.bfloat16)
-  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2)
+  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2, num_stages=stages)
   n = qt.shape[1]
   out = jnp.full((2, m, n), jnp.nan, jnp.float32)
   got = wg.word_gemv(
@@ -195,8 +201,9 @@ def test_generation_decodes_from_words_only_where_word_kernels_run():
     backend.set_default("auto")
 
 
+@pytest.mark.parametrize("stages", STAGES)
 @pytest.mark.parametrize("name, m", [("2 bits", 5), ("mixed 1.5", 19), ("nf2, plain scales", 8)])
-def test_word_mma_matches_float64(name, m):
+def test_word_mma_matches_float64(name, m, stages):
   """The tensor-core kernel (5 <= M <= 64): every bucket in one launch, channel order, ragged
   channels, split groups, NaN-poisoned; float16 levels and activations, float32 sums."""
   from pallas_kernels import word_mma as wm
@@ -206,7 +213,7 @@ def test_word_mma_matches_float64(name, m):
   x = jax.random.normal(jax.random.key(m), (m, qt.shape[0]), jnp.bfloat16)
   n = qt.shape[1]
   out = jnp.full((2, m, n), jnp.nan, jnp.float32)
-  tiles = wm.MmaTiles(block_n=64, splits=2)
+  tiles = wm.MmaTiles(block_n=64, splits=2, num_stages=stages)
   got = wm.word_mma(
     x, wq.buckets, group=qt.group_size, tiles=tiles, columns=qt.perm, interpret=not ON_GPU, out=out
   )
