@@ -4,10 +4,10 @@ Triton pipelines a loop's loads into shared memory (`cp.async`, issued `stages -
 ahead, no registers held) for loads that feed a `dot`, and for every load of a loop that carries
 the `tt.num_stages` attribute (what `tl.range(..., num_stages=)` sets in Triton's own language).
 Pallas lowers `fori_loop` to a plain `scf.for` and has no way to set it, so a GEMV without `dot`
-waits for each step's loads. `pipelined(name, stages)` marks the loops of the kernels whose
-`pallas_call` name starts with `name`: the Triton lowering is wrapped once, and the module of such
-a kernel gets the attribute on each `scf.for` before it is serialized. `cuda_modules` shows the
-IR a function's kernels are compiled from.
+waits for each step's loads. `pipelined(name, stages)` (or `kernel_name`) marks the loops of the
+kernels whose `pallas_call` is named `name`: the Triton lowering is wrapped once, and the module of
+such a kernel gets the attribute on each `scf.for` before it is serialized. `cuda_modules` shows
+the IR a function's kernels are compiled from.
 
 The wrapper uses a private entry point of JAX's Pallas Triton lowering
 (`lower_jaxpr_to_triton_module`); where that is missing, `pipelined` returns False and the
@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 
-_stages: dict[str, int] = {}  # pallas_call name prefix -> loop stages
+_stages: dict[str, int] = {}  # pallas_call name -> loop stages
 
 
 def _lowering():
@@ -51,9 +51,7 @@ def _mark(module, stages: int) -> int:
 
 
 def _stages_for(jaxpr) -> int:
-  name = getattr(getattr(jaxpr, "debug_info", None), "func_name", "") or ""
-  found = [s for prefix, s in _stages.items() if name.startswith(prefix)]
-  return max(found, default=1)
+  return _stages.get(getattr(getattr(jaxpr, "debug_info", None), "func_name", ""), 1)
 
 
 def install() -> bool:
@@ -79,8 +77,8 @@ def install() -> bool:
 
 
 def pipelined(name: str, stages: int) -> bool:
-  """Kernels whose name starts with `name` get their loops pipelined `stages` deep (1: not
-  pipelined) when lowered from now on; False where this JAX's lowering cannot be wrapped."""
+  """Kernels named `name` get their loops pipelined `stages` deep (1: not pipelined) when
+  lowered from now on; False where this JAX's lowering cannot be wrapped."""
   if not install():
     logging.getLogger("lowra_jax").warning(
       "loop_stages: this JAX has no Pallas Triton lowering to wrap; loops are not pipelined."
@@ -88,6 +86,17 @@ def pipelined(name: str, stages: int) -> bool:
     return False
   _stages[name] = stages
   return True
+
+
+def kernel_name(family: str, variant: str, stages: int, interpret: bool) -> str:
+  """The `pallas_call` name of a kernel of `family` ("word_gemv") and `variant` ("2bit_1bit"):
+  with stages > 1 (compiled, not interpreted) tagged "family_s{stages}_variant" and registered
+  for pipelining (`pipelined`)."""
+  if stages <= 1 or interpret:
+    return f"{family}_{variant}"
+  name = f"{family}_s{stages}_{variant}"
+  pipelined(name, stages)
+  return name
 
 
 def cuda_modules(fn, *args) -> list[str]:

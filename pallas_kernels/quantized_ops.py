@@ -16,9 +16,10 @@ a mixed tensor's channel order is restored by gathering whole rows (`row_gather`
 returns only dX = dY @ W_hat^T the same ways (`lut_matmul_t`) -- the base is frozen, so there is
 no dW and nothing but the packed tensor itself is kept for the backward pass (with `keep_weight`,
 inside a remat'd layer, the dense forward's transient weight instead). A tensor in the word layout
-(`quantize.to_word_layout`, for decoding) takes `word_gemv` in the forward up to 4 rows,
-`word_mma` up to `word_rows()` (the Tuning's `word_max_rows`) and the dense path otherwise. `plan(qt, m, dtype, impl, backward)` returns all these choices for one pass
-as an inspectable `Plan`, which `_forward` / `_backward` execute.
+(`quantize.to_word_layout`, for decoding) takes `word_gemv` in the forward up to 4 rows, `word_mma`
+up to `word_rows()` (the Tuning's `word_max_rows`) and the dense path otherwise. `plan(qt, m,
+dtype, impl, backward)` returns all these choices for one pass as an inspectable `Plan`, which
+`_forward` / `_backward` execute.
 
 Under a device mesh (traced inside `jax.set_mesh`, see `lowra_jax.sharding`) the rows of x are
 split over the mesh's batch axes with `shard_map`: each device runs the same per-bucket kernels on
@@ -122,9 +123,9 @@ def word_rows() -> int:
 
 def override_tuning(overrides: dict) -> Tuning:
   """This device's `Tuning` with `overrides` (field -> value; lists as tuples, a dict for a
-  `Tiles`, `GemvTiles` or `MmaTiles` field replaces those of its fields) in its place from now on, for
-  benchmarks' A/Bs (`--tuning` JSON). Returns it. Call before tracing: jitted functions keep the
-  plans they made."""
+  `Tiles`, `GemvTiles` or `MmaTiles` field replaces those of its fields) in its place from now
+  on, for benchmarks' A/Bs (`--tuning` JSON). Returns it. Call before tracing: jitted functions
+  keep the plans they made."""
   base, fields = tuning(), [f.name for f in dataclasses.fields(Tuning)]
   values = {}
   for name, value in overrides.items():

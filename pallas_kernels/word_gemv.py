@@ -321,10 +321,8 @@ def word_gemv(
   flat = [a for _, arrays in checked for a in arrays]
   if columns is not None:
     flat.append(columns.reshape(1, -1))
-  name = "word_gemv_" + "_".join(f"{lo.bits}bit" for lo in layouts)
-  if tiles.num_stages > 1 and not interpret:
-    name = f"word_gemv_s{tiles.num_stages}_" + name[len("word_gemv_"):]
-    loop_stages.pipelined(name, tiles.num_stages)
+  variant = "_".join(f"{lo.bits}bit" for lo in layouts)
+  name = loop_stages.kernel_name("word_gemv", variant, tiles.num_stages, interpret)
   t = lm.Tiles(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
   xp = x_pairs(x, group).reshape(-1, group // 2)  # [M * G, group / 2]
   return lm.launch(kernel, (xp, *flat), shape, (blocks, tiles.splits), t,

@@ -155,10 +155,8 @@ def word_mma(
   flat = [a for _, arrays in checked for a in arrays]
   if columns is not None:
     flat.append(columns.reshape(1, -1))
-  name = "word_mma_" + "_".join(f"{lo.bits}bit" for lo in layouts)
-  if tiles.num_stages > 1 and not interpret:
-    name = f"word_mma_s{tiles.num_stages}_" + name[len("word_mma_"):]
-    loop_stages.pipelined(name, tiles.num_stages)
+  variant = "_".join(f"{lo.bits}bit" for lo in layouts)
+  name = loop_stages.kernel_name("word_mma", variant, tiles.num_stages, interpret)
   t = lm.Tiles(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
   xt = jnp.pad(x.astype(jnp.float16), ((0, m_pad - m), (0, 0))).T  # [K_pad, M_pad]
   return lm.launch(kernel, (xt, *flat), shape, (blocks, tiles.splits), t, interpret, name, out)
