@@ -276,14 +276,34 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
     plgpu.store(o_ref.at[split, row, col_ids], out[r], mask=n_ok)
 
 
-def _kernel(x_ref, *refs, layouts, tiles, permuted, interpret):
-  o_ref, (j, split) = refs[-1], (pl.program_id(0), pl.program_id(1))
-  c_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
+def launch_buckets(family, body, x, buckets, m: int, tiles, columns, interpret: bool, out):
+  """One launch of `body` over every bucket's channel blocks (`tiles.block_n`) and
+  `tiles.splits` group ranges -> float32 partial sums [splits, m, sum Nb]: program (j, split)
+  runs body(x_ref, bucket_refs, c_ref, o_ref, block, split, offset, layout) for the bucket whose
+  blocks include j (c_ref: `columns` as int [1, N], or None). Shared by `word_gemv` and
+  `word_mma` (`family`: the kernel's name; `x`: its activation operand)."""
+  checked = [operands(b) for b in buckets]
+  layouts = tuple(layout for layout, _ in checked)
+  permuted = columns is not None
 
-  def body(index, bucket_refs, local, offset):
-    _body(x_ref, bucket_refs, c_ref, o_ref, local, split, offset, layouts[index], tiles, interpret)
+  def kernel(x_ref, *refs):
+    o_ref, (j, split) = refs[-1], (pl.program_id(0), pl.program_id(1))
+    c_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
 
-  lm.by_channel_block(j, layouts, tiles.block_n, refs, body)
+    def run(index, bucket_refs, local, offset):
+      body(x_ref, bucket_refs, c_ref, o_ref, local, split, offset, layouts[index])
+
+    lm.by_channel_block(j, layouts, tiles.block_n, refs, run)
+
+  blocks = sum(pl.cdiv(lo.nb, tiles.block_n) for lo in layouts)
+  shape = jax.ShapeDtypeStruct((tiles.splits, m, sum(lo.nb for lo in layouts)), jnp.float32)
+  flat = [a for _, arrays in checked for a in arrays]
+  if permuted:
+    flat.append(columns.reshape(1, -1))
+  variant = "_".join(f"{lo.bits}bit" for lo in layouts)
+  name = loop_stages.kernel_name(family, variant, tiles.num_stages, interpret)
+  t = lm.Tiles(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+  return lm.launch(kernel, (x, *flat), shape, (blocks, tiles.splits), t, interpret, name, out)
 
 
 def word_gemv(
@@ -308,22 +328,9 @@ def word_gemv(
   m = x.shape[0]
   if not 1 <= m <= MAX_ROWS:
     raise ValueError(f"word_gemv multiplies 1 to {MAX_ROWS} rows, not {m}.")
-  checked = [operands(b) for b in buckets]
-  layouts = tuple(layout for layout, _ in checked)
-  if layouts[0].groups % tiles.block_g:
-    raise ValueError(f"block_g={tiles.block_g} must divide the {layouts[0].groups} groups.")
-  kernel = functools.partial(
-    _kernel, layouts=layouts, tiles=tiles, permuted=columns is not None, interpret=interpret
-  )
-  blocks = sum(pl.cdiv(lo.nb, tiles.block_n) for lo in layouts)
-  n = sum(lo.nb for lo in layouts)
-  shape = jax.ShapeDtypeStruct((tiles.splits, m, n), jnp.float32)
-  flat = [a for _, arrays in checked for a in arrays]
-  if columns is not None:
-    flat.append(columns.reshape(1, -1))
-  variant = "_".join(f"{lo.bits}bit" for lo in layouts)
-  name = loop_stages.kernel_name("word_gemv", variant, tiles.num_stages, interpret)
-  t = lm.Tiles(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+  groups = buckets[0].words.shape[0]
+  if groups % tiles.block_g:
+    raise ValueError(f"block_g={tiles.block_g} must divide the {groups} groups.")
+  body = functools.partial(_body, tiles=tiles, interpret=interpret)
   xp = x_pairs(x, group).reshape(-1, group // 2)  # [M * G, group / 2]
-  return lm.launch(kernel, (xp, *flat), shape, (blocks, tiles.splits), t,
-                   interpret, name, out)
+  return launch_buckets("word_gemv", body, xp, buckets, m, tiles, columns, interpret, out)

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lowra_jax.quantize.words import PAIR_BITS, rows_per_word
-from pallas_kernels import loop_stages
+from lowra_jax.quantize.words import PAIR_BITS
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import word_gemv as wg
 
@@ -108,17 +107,6 @@ def _body(xt_ref, refs, c_ref, o_ref, block, split, offset, layout, tiles, m, in
   plgpu.store(o_ref.at[split, rows, cols.reshape(bn, 1)], acc, mask=ok)
 
 
-def _kernel(xt_ref, *refs, layouts, tiles, permuted, m, interpret):
-  o_ref, (j, split) = refs[-1], (pl.program_id(0), pl.program_id(1))
-  c_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
-
-  def body(index, bucket_refs, local, offset):
-    _body(xt_ref, bucket_refs, c_ref, o_ref, local, split, offset, layouts[index], tiles, m,
-          interpret)
-
-  lm.by_channel_block(j, layouts, tiles.block_n, refs, body)
-
-
 def word_mma(
   x,
   buckets,
@@ -143,20 +131,7 @@ def word_mma(
     raise ValueError(f"word_mma multiplies 1 to {MAX_ROWS} rows, not {m}.")
   if group & (group - 1):
     raise ValueError(f"word_mma needs a power-of-two group size, not {group}.")
-  checked = [wg.operands(b) for b in buckets]
-  layouts = tuple(layout for layout, _ in checked)
   m_pad = -(-m // 16) * 16
-  kernel = functools.partial(
-    _kernel, layouts=layouts, tiles=tiles, permuted=columns is not None, m=m, interpret=interpret
-  )
-  blocks = sum(pl.cdiv(lo.nb, tiles.block_n) for lo in layouts)
-  n = sum(lo.nb for lo in layouts)
-  shape = jax.ShapeDtypeStruct((tiles.splits, m, n), jnp.float32)
-  flat = [a for _, arrays in checked for a in arrays]
-  if columns is not None:
-    flat.append(columns.reshape(1, -1))
-  variant = "_".join(f"{lo.bits}bit" for lo in layouts)
-  name = loop_stages.kernel_name("word_mma", variant, tiles.num_stages, interpret)
-  t = lm.Tiles(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+  body = functools.partial(_body, tiles=tiles, m=m, interpret=interpret)
   xt = jnp.pad(x.astype(jnp.float16), ((0, m_pad - m), (0, 0))).T  # [K_pad, M_pad]
-  return lm.launch(kernel, (xt, *flat), shape, (blocks, tiles.splits), t, interpret, name, out)
+  return wg.launch_buckets("word_mma", body, xt, buckets, m, tiles, columns, interpret, out)
