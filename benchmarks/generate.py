@@ -20,7 +20,8 @@ dispatch setting in one call).
 
 `--layouts=planes,words` runs each quantized method also in the word layout
 (`quantize.to_word_layout`, converted on the device after quantizing: `word_gemv` at batch <= 4,
-XLA-dequantized weights above); rows say which.
+`word_mma` up to `quantized_ops.word_rows()` (`--tuning='{"word_max_rows": 64}'`), XLA-dequantized
+weights above); rows say which.
 
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
