@@ -2,15 +2,15 @@
 and 2-bit buckets in the word layout (`lowra_jax.quantize.words`), as `word_gemv` reads them.
 
 A program owns `block_n` channels of one bucket and a range of scale groups, one group a step.
-Each thread looks a channel's pairs up as `word_gemv` does (a mask, a multiply-add and one `prmt`
-per pair: the pair's two float16 levels), splits each pair into its two float16 halves and joins
-the group's `group` levels into the channel's row of W^T [block_n, group], K in order (the joins
-build a bit-reversed tree, so the leaves are taken in bit-reversed row order). One `dot` of that
-tile with the group's activations x^T [group, M_pad] (float16, M padded to a multiple of 16) gives
-float32 [block_n, M_pad], scaled by the group's scales [block_n] and accumulated: the float16 FMAs
-of `word_gemv`, one per pair and row of x, become tensor-core work independent of M, and products
-are summed in float32. Levels (at most 1 in magnitude) and activations are float16; activations
-must be below 65504 in magnitude.
+Its threads look a group's pairs up for their channels, vectorised over the pairs: each pair's
+word shifted by the pair's bit, masked, a multiply-add into the `prmt` selector and one `prmt`
+(the pair's two float16 levels, as `word_gemv` looks them up), then each pair split into its two
+halves, interleaved along K: W^T [block_n, group]. One tensor-core `dot` of that tile with the
+group's activations x^T [group, M_pad] (float16, M padded to a power of two >= 16) gives float32
+[block_n, M_pad], scaled by the group's scales and accumulated: `word_gemv`'s float16x2 FMA per
+pair and row of x becomes tensor-core work independent of M, and products are summed in float32.
+Levels (at most 1 in magnitude) and activations are float16; activations must be below 65504 in
+magnitude.
 
 `word_mma(x, buckets)` computes every bucket of a tensor in one launch, columns optionally in
 channel order, as partial sums over `splits` ranges of groups, like `word_gemv`. Pallas'
@@ -131,7 +131,7 @@ def word_mma(
     raise ValueError(f"word_mma multiplies 1 to {MAX_ROWS} rows, not {m}.")
   if group & (group - 1):
     raise ValueError(f"word_mma needs a power-of-two group size, not {group}.")
-  m_pad = -(-m // 16) * 16
+  m_pad = max(16, 1 << (m - 1).bit_length())  # Triton tiles: powers of two
   body = functools.partial(_body, tiles=tiles, m=m, interpret=interpret)
   xt = jnp.pad(x.astype(jnp.float16), ((0, m_pad - m), (0, 0))).T  # [K_pad, M_pad]
   return wg.launch_buckets("word_mma", body, xt, buckets, m, tiles, columns, interpret, out)
