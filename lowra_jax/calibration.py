@@ -52,7 +52,7 @@ from lowra_jax.quantize import pipeline
 
 @dataclasses.dataclass(frozen=True)
 class CalibConfig:
-  """Calibration data for `QuantConfig.calibration` "kernel" / "model" (config section ``calib``).
+  """Calibration data for `QuantConfig.calibration` other than "none" (config section ``calib``).
 
   sequences: blocks of seq_len tokens run through the dense model, evenly spaced over the data
   (all of them when it has fewer). batch_size: blocks per forward pass. split: the split of

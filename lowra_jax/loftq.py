@@ -172,7 +172,7 @@ def loftq(
   weighted: bool = False,
 ) -> tuple[dict, dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """Run LoftQ on the ``kernel`` leaves at the module paths `targets` (`importance`: input second
-  moments for `quant_config.calibration` "kernel" or "model", `covariances`: input covariances for
+  moments for `quant_config.calibration` other than "none", `covariances`: input covariances for
   `rounding="gptq"`, as `quantize_params` takes them; `weighted`: the residual's factors weighted
   by them, `low_rank`'s `weight`: by the covariances when given, else by the second moments).
 
