@@ -642,7 +642,9 @@ def quantize_stream(
     dense: compute each quantized kernel's dequantization for the sink.
     progress: show progress bars.
     importance: unless `config.calibration` is "none", {path: float32 [in]} input second moments
-      of every selected kernel (`calibration.input_moments`); not read otherwise.
+      of every selected kernel (`calibration.input_moments`); for "fisher" also
+      {`output_key(path)`: float32 [out]}, its outputs' squared loss gradients
+      (`calibration.output_gradients`); not read otherwise.
     covariances: for `rounding="gptq"`, {path: float32 [in, in]} input covariances E[x x^T] of
       every selected kernel, read in pass 2 in source order, one at a time
       (`calibration.input_moments(full=True)`, or `calibration.LayerCovariances`, which computes
