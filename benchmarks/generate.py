@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import synthetic
+from kernels import add_tuning_flag, apply_tuning
 from trace_kernels import check_gpu, grouped, kernels_of, print_kernels
 from lowra_jax import cli, lora
 from lowra_jax import generate as gen
@@ -69,7 +70,6 @@ from lowra_jax.quantize import (
   recommended_precisions,
   to_word_layout,
 )
-from pallas_kernels import quantized_ops
 
 SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32)}  # tiny: CPU
 BUNDLED = {
@@ -271,11 +271,7 @@ def main() -> None:
   parser.add_argument("--prefill", action="store_true", help="also time the prefill")
   parser.add_argument("--trace", action="store_true", help="kernels of one step (profiler)")
   parser.add_argument("--out", default="", help="write the rows as JSON here")
-  parser.add_argument(
-    "--tuning",
-    default="",
-    help='JSON overrides of the kernels\' Tuning, e.g. \'{"dense_from_m": 128}\'',
-  )
+  add_tuning_flag(parser)
   parser.add_argument(
     "--layouts", default="planes", help="planes,words: quantized methods in these layouts"
   )
@@ -310,9 +306,7 @@ def main() -> None:
     cli.output_file("--out", args.out)
   if args.trace:
     check_gpu("--trace")
-  if args.tuning:
-    with cli.user_errors("--tuning: ", (ValueError, TypeError)):
-      quantized_ops.override_tuning(json.loads(args.tuning))
+  apply_tuning(args.tuning)
   if args.worker:
     worker(args)
     return

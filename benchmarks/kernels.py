@@ -18,11 +18,11 @@ cache. Also: packed bytes / time against the measured device copy bandwidth.
 (`quantize.to_word_layout`, what generate.py decodes from) where it has its own kernels
 (`word_gemv` up to M = 4, `word_mma` up to `quantized_ops.word_rows()`; precisions whose channels
 all have 1 or 2 bits); rows say their layout. `--tuning` overrides fields of the kernels' `Tuning`
-(e.g. '{"word_max_rows": 64}': `word_mma` up to 64 rows). Each row is appended to the --rows file as it is measured, so a run cut short keeps what
-it measured; split a run that must fit a time limit by shape (or by M for the 70B shape) and
-merge the files with --report, which prints the table, forward + backward at M >= 4096 and the
-issue's targets (met or not; a decode target takes the faster layout of each row, as decoding
-does), and can plot speed-up against M.
+(e.g. '{"word_max_rows": 64}': `word_mma` up to 64 rows). Each row is appended to the --rows file
+as it is measured, so a run cut short keeps what it measured; split a run that must fit a time
+limit by shape (or by M for the 70B shape) and merge the files with --report, which prints the
+table, forward + backward at M >= 4096 and the issue's targets (met or not; a decode target takes
+the faster layout of each row, as decoding does), and can plot speed-up against M.
 """
 
 from __future__ import annotations
@@ -75,6 +75,23 @@ def grid(args) -> tuple[list[str], list[str], list[int]]:
   ms = cli.parse_list(args.ms, "--ms", convert=int)
   cli.positive("--ms", *ms)
   return shapes, cli.parse_list(args.precisions, "--precisions", PRECISIONS), ms
+
+
+def add_tuning_flag(parser) -> None:
+  """--tuning: JSON overrides of the kernels' per-GPU `Tuning` (`apply_tuning`)."""
+  parser.add_argument(
+    "--tuning",
+    default="",
+    help='JSON overrides of the kernels\' Tuning, e.g. \'{"word_max_rows": 64}\'',
+  )
+
+
+def apply_tuning(text: str) -> None:
+  """`quantized_ops.override_tuning` of the --tuning JSON (nothing if empty); bad input: one
+  line."""
+  if text:
+    with cli.user_errors("--tuning: ", (ValueError, TypeError)):
+      quantized_ops.override_tuning(json.loads(text))
 
 
 def bench(fn, x, operands, iters: int = 10, reps: int = 5) -> float:
@@ -429,11 +446,7 @@ def main():
   parser.add_argument(
     "--layouts", default="planes", help="planes,words: also the decode word layout (fwd)"
   )
-  parser.add_argument(
-    "--tuning",
-    default="",
-    help='JSON overrides of the kernels\' Tuning, e.g. \'{"word_max_rows": 64}\'',
-  )
+  add_tuning_flag(parser)
   parser.add_argument(
     "--rows", type=Path, default=Path("runs/kernels/rows.jsonl"), help="appended to as measured"
   )
@@ -473,9 +486,7 @@ def main():
       plot(rows, args.figure)
     print(report(rows))
     return
-  if args.tuning:
-    with cli.user_errors("--tuning: ", (ValueError, TypeError)):
-      quantized_ops.override_tuning(json.loads(args.tuning))
+  apply_tuning(args.tuning)
   grid(args)
   if args.rows.exists():
     raise cli.UserError(
