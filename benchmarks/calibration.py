@@ -127,9 +127,9 @@ def main() -> None:
   moments = calibration.input_moments(model, source, calib, batch_size=8)
   calib_s = time.perf_counter() - t0
   print(f"calibration: {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
-  if "fisher" in args.calibrations.split(","):  # the output gradients too (whole model)
+  if "fisher" in args.calibrations.split(","):  # the output gradients too
     t0 = time.perf_counter()
-    moments.update(calibration.output_gradients(model, params, calib, batch_size=8))
+    moments.update(calibration.output_gradients(model, source, calib, batch_size=8))
     print(f"output gradients: {time.perf_counter() - t0:.1f} s", flush=True)
   covariances = calibration.LayerCovariances(model, source, calib, batch_size=8)  # gptq rows
   eval_step = train_lib.make_eval_step(model)

@@ -11,7 +11,8 @@ With `quant.calibration` "kernel", "model" or "fisher" the quantizer weighs erro
 projection's input second moments (`calibration.input_moments` of `config.calib` blocks through
 the dense model, read from the checkpoint one decoder layer at a time, so that a model larger than
 the device calibrates as it quantizes; "fisher" also by its output gradients' second moments, from
-the whole dense model's forward and backward), computed once and cached beside the saved base
+a forward and a backward through the dense model, also one decoder layer at a time), computed once
+and cached beside the saved base
 (`workdir/calibration.safetensors`, reused while its identity matches); the calibration's identity
 is part of the saved base's. With `quant.rounding="gptq"` each projection's whole input covariance
 is computed again from the same blocks, one decoder layer at a time, as each quantizer pass reaches
@@ -166,7 +167,7 @@ def moments(
   through the dense model read from the checkpoint one decoder layer at a time, with the cost
   printed; or the diagonals of `covariances` (`layer_covariances`' of the same blocks) when it
   keeps them all. With `quant.calibration="fisher"` also the output gradients' second moments
-  (`calibration.output_gradients`: the whole dense model on the device, forward and backward)."""
+  (`calibration.output_gradients`: forward and backward, one decoder layer at a time)."""
   wanted = json.loads(json.dumps(calibration_identity(config)))
   cached = calibration.load(calibration_path(config.workdir), wanted)
   if cached is not None:
@@ -174,10 +175,10 @@ def moments(
     return cached
   blocks = _calibration_blocks(s, blocks)
   t0 = time.perf_counter()
+  source = CheckpointSource(s.model.path)
   if covariances is not None and covariances.keeps_all:
     h = covariances.diagonals()
   else:
-    source = CheckpointSource(s.model.path)
     h = calibration.input_moments(model, source, blocks, s.calib.batch_size, progress=True)
   tqdm.write(
     f"calibration: {len(blocks)} sequences x {blocks.shape[1] - 1} tokens through the "
@@ -186,12 +187,11 @@ def moments(
   )
   if s.quant.calibration == "fisher":
     t0 = time.perf_counter()
-    params = load_dense(s, jax.device_put)
-    g = calibration.output_gradients(model, params, blocks, s.calib.batch_size, progress=True)
-    del params
+    g = calibration.output_gradients(model, source, blocks, s.calib.batch_size, progress=True)
     tqdm.write(
       f"calibration: output gradients of the same sequences, forward and backward through the "
-      f"whole {s.model.dtype} model, in {time.perf_counter() - t0:.1f} s"
+      f"{s.model.dtype} model, layer by layer from the checkpoint, in "
+      f"{time.perf_counter() - t0:.1f} s"
     )
     h = {**h, **g}
   return h

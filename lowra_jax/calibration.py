@@ -17,6 +17,13 @@ uncorrelated. The result is keyed by the kernel's '/'-joined params path (`quant
 so it can come from any source that produces one vector per path. `save` / `load` cache it as
 one safetensors file whose metadata is the calibration's identity.
 
+`QuantConfig.calibration="fisher"` also weighs each projection's output channels by g_n =
+E[(dL/dy_n)^2], the squared gradient of the blocks' next-token loss with respect to that output:
+`output_gradients` streams a forward and a backward through the model the same way (each layer
+read two or three times), keyed `pipeline.output_key(path)` beside the moments:
+
+    h |= output_gradients(model, source, blocks, batch_size=8)
+
 GPTQ rounding (`QuantConfig.rounding="gptq"`) needs each projection's whole input covariance
 E[x x^T] as well: `input_moments(..., full=True)` returns all of them, `LayerCovariances` computes
 them layer by layer while the quantizer's pass 2 reads the kernels (one layer's held at a time,
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -107,6 +115,17 @@ def _recorder(sums: dict, full: bool):
   return interceptor
 
 
+def _stacks(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+  """`rows` [n, ...] as batches: [n // batch_size, batch_size, ...], then the smaller rest
+  [1, n % batch_size, ...] (absent when it is empty)."""
+  whole = len(rows) // batch_size * batch_size
+  return [
+    part.reshape(-1, len(part) if len(part) < batch_size else batch_size, *rows.shape[1:])
+    for part in (rows[:whole], rows[whole:])
+    if len(part)
+  ]
+
+
 @partial(jax.jit, static_argnames=("config", "dtype"))
 def _embed(embedding, tokens, *, config: llama.LlamaConfig, dtype):
   """The model's token embedding of `tokens` [..., T]: [..., T, d] in `dtype`."""
@@ -165,17 +184,29 @@ class _LayerForward:
     self.paths = list(source.shapes())
     tokens = np.asarray(blocks)[:, :-1].astype(np.int32)
     self.tokens = tokens.size
-    whole = len(tokens) // batch_size * batch_size
-    stacks = [  # [batches, batch_size, T], then the smaller last batch [1, r, T]
-      part.reshape(-1, len(part) if len(part) < batch_size else batch_size, tokens.shape[1])
-      for part in (tokens[:whole], tokens[whole:])
-      if len(part)
-    ]
     embedding = jax.device_put(source.read("model/embed_tokens/embedding"))
     static = {"config": self.config, "dtype": self.dtype}
-    self.hidden = [_embed(embedding, stack, **static) for stack in stacks]
+    self.hidden = [_embed(embedding, stack, **static) for stack in _stacks(tokens, batch_size)]
     self.done = 0  # steps taken
     self.steps = self.config.num_layers + (0 if self.config.tie_word_embeddings else 1)
+
+  def layer(self, i: int) -> dict:
+    """Decoder layer i's params tree (its tensors only), read from the source onto the device."""
+    prefix = f"model/layers/{i}/"
+    leaves = [p for p in self.paths if p.startswith(prefix)]
+    return pipeline.nest((p[len(prefix) :], jax.device_put(self.source.read(p))) for p in leaves)
+
+  def snapshot(self) -> list[np.ndarray]:
+    """Host copies of the hidden states (the next step's inputs)."""
+    return [np.asarray(x) for x in self.hidden]
+
+  def drop(self) -> None:
+    """Frees the hidden states' device memory (a `resume` brings some back)."""
+    self.hidden = []
+
+  def resume(self, done: int, hidden: list[np.ndarray]) -> None:
+    """Continues from `hidden` (a `snapshot` taken after `done` steps)."""
+    self.done, self.hidden = done, [jax.device_put(x) for x in hidden]
 
   def step(self) -> dict[str, jax.Array]:
     """Takes the next step; {kernel path: float32 [in] (`full`: [in, in])} on the device, the
@@ -185,14 +216,12 @@ class _LayerForward:
     if i == self.config.num_layers:  # an untied head (a tied one is `embed.attend`)
       scale = jax.device_put(self.source.read("model/norm/scale"))
       return {"lm_head/kernel": sum(_head_input(scale, x, **static) for x in self.hidden)}
-    prefix = f"model/layers/{i}/"
-    leaves = [p for p in self.paths if p.startswith(prefix)]
-    layer = pipeline.nest((p[len(prefix) :], jax.device_put(self.source.read(p))) for p in leaves)
+    layer = self.layer(i)
     total: dict[str, jax.Array] = {}
     for j, x in enumerate(self.hidden):
       self.hidden[j], sums = _layer(layer, x, **static)
       total = {k: total[k] + v if k in total else v for k, v in sums.items()}
-    return {prefix + k: v for k, v in total.items()}
+    return {f"model/layers/{i}/{k}": v for k, v in total.items()}
 
 
 def input_moments(
@@ -235,62 +264,165 @@ def input_moments(
   return total
 
 
-def _projection_outputs(model: llama.Llama, params, tokens: jax.Array) -> dict[str, tuple]:
-  """{kernel path: output shape} of every `QLoRALinear` call of the model on `tokens`."""
-  shapes: dict[str, tuple] = {}
+def _perturber(perturbations: dict | None, shapes: dict):
+  """An `nn.intercept_methods` interceptor recording each QLoRALinear call's output shape in
+  `shapes` under its kernel's path (relative to the module applied) and, with `perturbations`,
+  adding perturbations[path] (float32, that shape) to the output: zeros whose gradients are
+  dL/dy, y the output in the compute dtype."""
 
   def interceptor(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     if isinstance(context.module, QLoRALinear) and context.method_name == "__call__":
-      shapes["/".join(context.module.path) + "/kernel"] = y.shape
+      path = "/".join(context.module.path) + "/kernel"
+      shapes[path] = y.shape
+      if perturbations is not None:
+        y = y + perturbations[path].astype(y.dtype)
     return y
 
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda p, t: model.apply({"params": p}, t), params, tokens)
-  return shapes
+  return interceptor
 
 
-@partial(jax.jit, static_argnames="model")
-def _squared_output_gradients(params, blocks, *, model: llama.Llama) -> dict[str, jax.Array]:
-  """{kernel path: float32 [out]}: the sums over the tokens of `blocks` int [B, T + 1] of
-  (dL/dy)^2, L the summed next-token loss, y each projection's output at that token."""
-  inputs, targets = blocks[:, :-1], blocks[:, 1:]
-  shapes = _projection_outputs(model, params, inputs)
+@partial(jax.jit, static_argnames=("config", "dtype"))
+def _head_backward(head, hidden, targets, *, config: llama.LlamaConfig, dtype):
+  """Where the backward pass starts: L = the summed next-token loss of the logits of `hidden`
+  [n, B, T, d] (the last layer's outputs) against `targets` int [n, B, T], through the final
+  norm (head["norm"]) and the untied head (head["lm_head"], a `QLoRALinear`'s params) or the
+  tied embedding's `attend` (head["embed_tokens"]). Returns (dL/dhidden [n, B, T, d] in hidden's
+  dtype, {"lm_head/kernel": float32 [vocab], the sum over the tokens of (dL/dy)^2, y the head's
+  output in the compute dtype} or {} for a tied head)."""
+  norm = llama.RMSNorm(config.rms_norm_eps, dtype)
+  if "lm_head" in head:
+    proj = QLoRALinear(config.vocab_size, dtype=dtype, lora=None)
+    project = lambda h: proj.apply({"params": head["lm_head"]}, h)  # noqa: E731
+  else:
+    embed = nn.Embed(config.vocab_size, config.hidden_size, dtype=dtype)
+    params = {"params": head["embed_tokens"]}
+    project = lambda h: embed.apply(params, h, method="attend")  # noqa: E731
 
-  def loss(perturbations):  # zeros added to the outputs: their gradients are dL/dy
-    def interceptor(next_fun, args, kwargs, context):
-      y = next_fun(*args, **kwargs)
-      if isinstance(context.module, QLoRALinear) and context.method_name == "__call__":
-        y = y + perturbations["/".join(context.module.path) + "/kernel"].astype(y.dtype)
-      return y
+  def one(x, t):  # one batch
+    y, to_input = jax.vjp(lambda x: project(norm.apply({"params": head["norm"]}, x)), x)
+    loss = lambda y: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+      y.astype(jnp.float32), t
+    ).sum()
+    dy = jax.grad(loss)(y)
+    return to_input(dy)[0], jnp.sum(jnp.square(dy.astype(jnp.float32)), axis=(0, 1))
 
-    with nn.intercept_methods(interceptor):
-      logits = model.apply({"params": params}, inputs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+  dx, g = jax.lax.map(lambda a: one(*a), (hidden, targets))
+  return dx, ({"lm_head/kernel": jnp.sum(g, axis=0)} if "lm_head" in head else {})
 
-  zeros = {k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}
-  grads = jax.grad(loss)(zeros)
-  return {k: jnp.sum(jnp.square(g), axis=(0, 1)) for k, g in grads.items()}
+
+@partial(jax.jit, static_argnames=("config", "dtype"), donate_argnums=2)
+def _layer_backward(params, hidden, cotangent, *, config: llama.LlamaConfig, dtype):
+  """One plain `llama.DecoderLayer` (its params) backward, batch by batch: `hidden` [n, B, T, d]
+  its inputs, `cotangent` [n, B, T, d] dL/d(its outputs) (donated). Returns (dL/d(its inputs)
+  [n, B, T, d], {path in the layer: float32 [out], the sum over the tokens of (dL/dy)^2, y that
+  projection's output in the compute dtype})."""
+  n, b, t, _ = hidden.shape
+  cos, sin = llama.rotary_tables(config, jnp.broadcast_to(jnp.arange(t), (b, t)))
+  mask, _ = llama.attention_mask_of(jnp.ones((b, t), bool))
+  layer = llama.DecoderLayer(config, dtype, lora=None, deterministic=True)
+
+  def apply(x, perturbations):
+    with nn.intercept_methods(_perturber(perturbations, {})):
+      return layer.apply({"params": params}, x, cos, sin, mask)[0]
+
+  shapes: dict = {}
+  with nn.intercept_methods(_perturber(None, shapes)):
+    jax.eval_shape(lambda x: layer.apply({"params": params}, x, cos, sin, mask), hidden[0])
+
+  def body(i, carry):
+    cotangent, sums = carry
+    zeros = {k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}
+    _, to_inputs = jax.vjp(apply, hidden[i], zeros)
+    dx, dy = to_inputs(cotangent[i])
+    sums = {k: v + jnp.sum(jnp.square(dy[k]), axis=(0, 1)) for k, v in sums.items()}
+    return cotangent.at[i].set(dx), sums
+
+  sums = {k: jnp.zeros(v[-1], jnp.float32) for k, v in shapes.items()}
+  return jax.lax.fori_loop(0, n, body, (cotangent, sums))
 
 
 def output_gradients(
-  model: llama.Llama, params, blocks: np.ndarray, batch_size: int, *, progress: bool = False
+  model: llama.Llama,
+  source,
+  blocks: np.ndarray,
+  batch_size: int,
+  *,
+  progress: bool = False,
+  segment: int | None = None,
 ) -> dict[str, np.ndarray]:
   """{`pipeline.output_key(kernel path)`: float32 [out]}: for every projection (and an untied
-  head), g_n = E[(dL/dy_n)^2] over every token of `blocks` [n, T + 1], L the blocks' summed
-  next-token loss through the dense model and y that projection's output (in the compute dtype):
-  the output-side weights of `QuantConfig.calibration="fisher"`. Unlike `input_moments` this runs
-  the whole model forward and backward (`params`, its dense tree, on the device at once), a
-  batch of `batch_size` blocks at a time (a smaller last batch is one more compile)."""
-  model = model.clone(lora=None, remat=False)
+  head), g_n = E[(dL/dy_n)^2] over every token of `blocks`, L the blocks' summed next-token loss
+  through the dense model and y that projection's output in the compute dtype: the output-side
+  weights of `QuantConfig.calibration="fisher"`.
+
+  Streamed like `input_moments`, so a model larger than the device calibrates from its
+  checkpoint: a forward one decoder layer at a time keeps the hidden states at the start of
+  every `segment`-th layer on the host; the head starts the backward (dL/dhidden); then, segment
+  by segment from the last, the forward is run again from the segment's start keeping each
+  layer's inputs on the host, and the layers' backward runs from the segment's last to its first
+  (`jax.vjp` of each layer on each batch, zero perturbations added to its projections' outputs).
+  Each decoder layer's tensors are read two or three times, the head's once; the device holds
+  one layer's weights, the hidden states and their gradients; the host ceil(L / segment) +
+  segment copies of the hidden states (default segment ceil(sqrt(L))).
+
+  Args:
+    model, source, batch_size: as `input_moments`'.
+    blocks: int [n, T + 1] token blocks; each block's first T tokens are the input, the last T
+      the targets.
+    progress: a tqdm bar over the layers' forward and backward steps.
+    segment: decoder layers per stretch recomputed in the backward (1: every layer's inputs are
+      kept from the first forward, none recomputed).
+  """
+  config = model.config
+  layers, static = config.num_layers, {"config": config, "dtype": model.dtype}
+  segment = segment or max(1, math.isqrt(layers - 1) + 1)
   blocks = np.asarray(blocks).astype(np.int32)
+  forward = _LayerForward(model, source, blocks, batch_size, full=False)
+  starts = list(range(0, layers, segment))
+  steps = 2 * layers + 1 + sum(min(segment, layers - a) - 1 for a in starts)
+  bar = tqdm(total=steps, desc="calibration: output gradients", unit="layer", disable=not progress)
+  saved = {}
+  for i in range(layers):
+    if i % segment == 0:
+      saved[i] = forward.snapshot()
+    forward.step()
+    bar.update()
+  paths = [p for p in source.shapes() if p.startswith("lm_head/")] or [
+    "model/embed_tokens/embedding"
+  ]
+  head = pipeline.nest(
+    (p.removeprefix("model/"), jax.device_put(source.read(p))) for p in paths + ["model/norm/scale"]
+  )
   total: dict[str, jax.Array] = {}
-  batches = range(0, len(blocks), batch_size)
-  for i in tqdm(batches, "calibration: output gradients", disable=not progress):
-    sums = _squared_output_gradients(params, jnp.asarray(blocks[i : i + batch_size]), model=model)
+  cotangents = []
+  for x, targets in zip(forward.hidden, _stacks(blocks[:, 1:], batch_size)):
+    dx, sums = _head_backward(head, x, targets, **static)
+    cotangents.append(dx)
     total = {k: total[k] + v if k in total else v for k, v in sums.items()}
-  tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-  return {pipeline.output_key(k): np.asarray(v / tokens, np.float32) for k, v in total.items()}
+  del head
+  bar.update()
+  for start in reversed(starts):
+    inputs = [saved.pop(start)]
+    forward.resume(start, inputs[0])
+    for _ in range(start + 1, min(start + segment, layers)):
+      forward.step()
+      inputs.append(forward.snapshot())
+      bar.update()
+    forward.drop()  # the segment's last outputs: the next segment's saved inputs
+    for i in reversed(range(start, start + len(inputs))):
+      params, hidden = forward.layer(i), inputs.pop()
+      for j, x in enumerate(hidden):
+        cotangents[j], sums = _layer_backward(params, jax.device_put(x), cotangents[j], **static)
+        for k, v in sums.items():
+          k = f"model/layers/{i}/{k}"
+          total[k] = total[k] + v if k in total else v
+      del params  # before the next layer's are read
+      bar.update()
+  bar.close()
+  return {
+    pipeline.output_key(k): np.asarray(v / forward.tokens, np.float32) for k, v in total.items()
+  }
 
 
 # `LayerCovariances` keeps every layer's covariances when all of them take at most this many bytes

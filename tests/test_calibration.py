@@ -10,10 +10,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from test_stream import _assert_identical, _need
 from tiny_model import CONFIG, tiny_model
-from tolerances import assert_close_at_scale, f32_sum, f32_sum_random, llama_terms
+from tolerances import (
+  assert_close_at_scale,
+  f32_sum,
+  f32_sum_random,
+  llama_grad_terms,
+  llama_terms,
+)
 
 from lowra_jax import calibration
 from lowra_jax.models import llama
@@ -551,7 +558,7 @@ def test_output_gradients_of_the_head_equal_float64_numpy():
   model, params, *_ = tiny_model(quant=QuantConfig(method="nf", bits=4))
   assert not CONFIG.tie_word_embeddings
   blocks = np.random.default_rng(1).integers(0, 64, size=(5, 17))
-  g = calibration.output_gradients(model, params, blocks, batch_size=2)  # 2 + 2 + 1 blocks
+  g = calibration.output_gradients(model, _TreeSource(params), blocks, batch_size=2)  # 2, 2, 1
   logits = np.asarray(model.apply({"params": params}, jnp.asarray(blocks[:, :-1])), np.float64)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
@@ -568,6 +575,93 @@ def test_output_gradients_of_the_head_equal_float64_numpy():
   outputs = _unit_outputs(params)
   assert set(g) == set(outputs)
   assert all(g[k].shape == v.shape and (g[k] >= 0).all() for k, v in outputs.items())
+
+
+def _whole_model_output_gradients(model, params, blocks, batch_size) -> dict[str, np.ndarray]:
+  """The reference of `output_gradients`: `jax.grad` of the whole model's summed loss at once with
+  respect to zeros added to every `QLoRALinear` output, batch by batch, squared and summed over
+  the tokens in float64."""
+
+  @jax.jit
+  def squared(params, blocks):
+    inputs, targets = blocks[:, :-1], blocks[:, 1:]
+    shapes: dict = {}
+    with nn.intercept_methods(calibration._perturber(None, shapes)):
+      jax.eval_shape(lambda: model.apply({"params": params}, inputs))
+
+    def loss(perturbations):
+      with nn.intercept_methods(calibration._perturber(perturbations, {})):
+        logits = model.apply({"params": params}, inputs)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+
+    grads = jax.grad(loss)({k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()})
+    return {k: jnp.sum(jnp.square(g), axis=(0, 1)) for k, g in grads.items()}
+
+  blocks = np.asarray(blocks).astype(np.int32)
+  total: dict = {}
+  for lo in range(0, len(blocks), batch_size):
+    for key, v in squared(params, jnp.asarray(blocks[lo : lo + batch_size])).items():
+      total[key] = total.get(key, 0.0) + np.asarray(v, np.float64)
+  tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+  return {pipeline.output_key(k): v / tokens for k, v in total.items()}
+
+
+@pytest.mark.parametrize("segment", [1, 3, None])
+@pytest.mark.parametrize("path", [PYCODE, STORIES], ids=["pycode", "stories"])
+def test_streamed_output_gradients_equal_the_whole_models_gradient(path, segment):
+  """float32 compute, from the checkpoint (untied head: pycode, tied: stories260K), a layer at a
+  time with every layer's inputs kept (segment 1), recomputed by stretches of 3, or of the
+  default ceil(sqrt(L)), against the whole model's `jax.grad` in one program per batch. Two
+  float32 evaluations of a gradient differ by `f32_sum_random` of the terms along the forward
+  and backward; squared, twice that; the sums over the tokens add `f32_sum` of their count."""
+  model, params = llama.load_pretrained(_need(path), dtype=jnp.float32)
+  source = CheckpointSource(path)
+  g = calibration.output_gradients(model, source, _BLOCKS, batch_size=3, segment=segment)
+  ref = _whole_model_output_gradients(model, params, _BLOCKS, batch_size=3)
+  assert set(g) == set(ref) == {
+    pipeline.output_key(p) for p in source.shapes() if p.endswith("/kernel")
+  }
+  t = _BLOCKS.shape[1] - 1
+  bound = 4 * f32_sum_random(llama_grad_terms(model.config, 3, t)) + f32_sum(_BLOCKS.size)
+  for key, expected in ref.items():
+    assert g[key].dtype == np.float32 and g[key].shape == expected.shape
+    assert_close_at_scale(g[key], expected, bound, err_msg=key)
+
+
+def test_streamed_output_gradients_hold_one_layer_on_the_device():
+  """What `output_gradients` reads, in order, and what the device holds at each read. pycode's 8
+  layers in segments of 3 ([0, 3), [3, 6), [6, 8)): the embedding and each layer (the forward);
+  the head and final norm; then per segment from the last, the forward again from its first
+  layer up to the one before its last, and the backward from its last layer to its first. At
+  every read the device holds no more than the hidden states and their gradients (bf16 each)
+  and the tensors read so far of the layer being read: an earlier layer's weights still alive
+  would add more than the slack, half the smallest layer."""
+  model = llama.Llama(CheckpointSource(_need(PYCODE)).config, dtype=jnp.bfloat16)
+  config = model.config
+  source = _Recording(CheckpointSource(PYCODE))
+  calibration.output_gradients(model, source, _BLOCKS, batch_size=7, segment=3)
+  shapes = source.shapes()
+  assert config.num_layers == 8
+
+  def group(p):
+    return int(p.split("/")[2]) if p.startswith("model/layers/") else None
+
+  def layer(i):
+    return [p for p in shapes if group(p) == i]
+
+  backward = [6, 7, 6, 3, 4, 5, 4, 3, 0, 1, 2, 1, 0]
+  order = [["model/embed_tokens/embedding"], *map(layer, range(8))]
+  order += [["lm_head/kernel", "model/norm/scale"], *map(layer, backward)]
+  assert source.reads == [p for paths in order for p in paths]
+
+  hidden = _BLOCKS.shape[0] * (_BLOCKS.shape[1] - 1) * config.hidden_size * 2  # bf16
+  slack = min(sum(source.nbytes[p] for p in layer(i)) for i in range(8)) // 2
+  held, current = 0, None
+  for p, live in zip(source.reads, source.live):
+    held, current = (held, current) if group(p) == current else (0, group(p))
+    allowed = (0 if p == "model/embed_tokens/embedding" else 2 * hidden) + held
+    assert live <= allowed + slack, (p, live, allowed)
+    held += source.nbytes[p]
 
 
 def test_fisher_weights_the_solver_by_output_importance():

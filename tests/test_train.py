@@ -245,6 +245,7 @@ def test_fisher_run_caches_the_output_gradients_beside_the_moments(need_data, tm
   says so, and the run's base is that of those statistics."""
   from lowra_jax import calibration, data
   from lowra_jax.models.tokenizer import load_tokenizer
+  from lowra_jax.models.weights_source import CheckpointSource
   from lowra_jax.quantize import pipeline
 
   workdir = tmp_path / "fisher"
@@ -256,8 +257,10 @@ def test_fisher_run_caches_the_output_gradients_beside_the_moments(need_data, tm
   moments = _expected_moments(8, 3, full=False)
   text = data.DataConfig(name="text", path=str(TINYSTORIES), max_documents=300, seq_len=64)
   blocks = data.load(text, load_tokenizer(STORIES.parent)).blocks
-  model, params = llama.load_pretrained(STORIES, dtype=np.float32)
-  grads = calibration.output_gradients(model, params, calibration.spread(blocks, 8), 3)
+  model = llama.Llama(CheckpointSource(STORIES).config, dtype=np.float32)
+  grads = calibration.output_gradients(
+    model, CheckpointSource(STORIES), calibration.spread(blocks, 8), 3
+  )
   assert cached.keys() == moments.keys() | grads.keys()
   assert grads.keys() == {pipeline.output_key(p) for p in moments}
   # another process's float32 gradients (squared: twice their relative error), summed over tokens

@@ -96,8 +96,8 @@ class QuantConfig:
   the squared gradient of the calibration data's next-token loss with respect to that
   projection's output (`calibration.output_gradients`, handed over as importance[
   `output_key(path)`]): the solver then compares the diagonal second-order estimate of the loss
-  increase, sum_kn h_k g_n dW_kn^2, across channels and layers. It needs the dense model's
-  forward and backward at once (the whole model in device memory)."""
+  increase, sum_kn h_k g_n dW_kn^2, across channels and layers. Computing g takes a forward and
+  a backward through the dense model, streamed one decoder layer at a time as the moments are."""
   rounding: Rounding = "nearest"
   """How codes are chosen once the tables, scales and precisions are fixed. `nearest`: each weight's
   nearest level. `gptq`: row by row (inputs of largest second moment first), each row's rounding
