@@ -7,6 +7,7 @@
     python benchmarks/quant_stream.py --shape=tiny                 # seconds on CPU (smoke test)
     python benchmarks/quant_stream.py --shape=7b --loftq=5         # + LoftQ's rounds (rank 16)
     python benchmarks/quant_stream.py --shape=7b --calibrate=256 --gptq
+    python benchmarks/quant_stream.py --shape=7b --calibrate=256 --gptq --fisher
 
 Weights come from `weights_source.SyntheticSource` (deterministic random bf16 of the named shape,
 drawn on the device one tensor at a time; nothing to download) or a checkpoint. They go through
@@ -21,7 +22,10 @@ included (one fresh process). Prints last a table: passes' seconds, host peak RS
 LowRA with `calibration="kernel"`; with `--gptq`, `rounding="gptq"` (GPTQ's error feedback when
 encoding) on the whole input covariances, computed one decoder layer at a time during pass 2
 (`calibration.LayerCovariances`; their seconds printed, part of the quantization's); with
-`--refit` as well, each channel's levels refitted to its GPTQ codes (`QuantConfig.refit`). LowRA's
+`--refit` as well, each channel's levels refitted to its GPTQ codes (`QuantConfig.refit`); with
+`--fisher`, `calibration="fisher"`: the output gradients' second moments of the same blocks too
+(`calibration.output_gradients`, a forward and a backward layer by layer; seconds printed and
+counted in the calibration's). LowRA's
 channel precisions are the configs' (`quantize.recommended_precisions`: {1, 2} up to 2 bits).
 `--loftq=T`: LoftQ initialisation as train.py streams it (`loftq.loftq_stream`, rank-16 adapters
 on every projection; LowRA: two passes per round), with each round's seconds and error.
@@ -85,6 +89,7 @@ def parse_args():
   parser.add_argument("--calibrate", type=int, default=0, help="calibration blocks (0: none)")
   parser.add_argument("--gptq", action="store_true", help="with --calibrate: GPTQ rounding")
   parser.add_argument("--refit", action="store_true", help="with --gptq: refit the levels")
+  parser.add_argument("--fisher", action="store_true", help="with --calibrate: fisher weighting")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args()
   if args.layers:
@@ -95,6 +100,8 @@ def parse_args():
       raise cli.UserError("--calibrate: synthetic shapes with --method=lowra only — drop it")
   if args.gptq and not args.calibrate:
     raise cli.UserError("--gptq feeds errors back through calibration covariances — add --calibrate=N")
+  if args.fisher and not args.calibrate:
+    raise cli.UserError("--fisher weighs by calibration gradients — add --calibrate=N")
   if args.refit and not args.gptq:
     raise cli.UserError("--refit refits the levels to GPTQ's codes — add --gptq")
   if args.loftq:
@@ -108,7 +115,7 @@ def parse_args():
 
 def main():
   args = parse_args()
-  calibrated = "kernel" if args.calibrate else "none"
+  calibrated = ("fisher" if args.fisher else "kernel") if args.calibrate else "none"
   with cli.user_errors(f"--{'budget' if args.method == 'lowra' else 'bits'}: "):
     quant = QuantConfig(
       method=args.method,
@@ -131,6 +138,7 @@ def main():
   timed = TimedSource(source)
   label = f"lowra {args.budget:g}" if args.method == "lowra" else f"nf{args.bits}"
   label += " gptq" if args.gptq else ""
+  label += " fisher" if args.fisher else ""
   label += " + refit" if args.refit else ""
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {name}, {label}", flush=True)
 
@@ -141,6 +149,12 @@ def main():
     tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.calibrate, 513))
     begin = time.perf_counter()
     moments = calibration.input_moments(model, source, tokens, 8, progress=not args.no_progress)
+    if args.fisher:
+      fisher_begin = time.perf_counter()
+      moments |= calibration.output_gradients(
+        model, source, tokens, 8, progress=not args.no_progress
+      )
+      fisher_s = time.perf_counter() - fisher_begin
     calibrate_s = time.perf_counter() - begin
   covariances = None
   if args.gptq:
@@ -180,6 +194,7 @@ def main():
     print(
       f"calibration: {args.calibrate} x 512 tokens in {calibrate_s:.1f} s "
       f"({calibrate_s / total:.0%} of the quantization's {total:.1f} s)"
+      + (f", output gradients {fisher_s:.1f} s of it" if args.fisher else "")
     )
   if args.gptq:
     print(

@@ -63,6 +63,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     (["--shape=tiny", "--loftq=-1"], "-1"),
     (["--shape=tiny", "--calibrate=2", "--method=nf"], "--calibrate"),
     (["--shape=tiny", "--gptq"], "--calibrate=N"),
+    (["--shape=tiny", "--fisher"], "add --calibrate=N"),
     (["--shape=tiny", "--calibrate=2", "--refit"], "add --gptq"),
     (["--shape=tiny", "--loftq=1", f"--save={tmp_path / 'new'}"], "--save"),
   ]
@@ -94,12 +95,13 @@ def test_loftq_rounds_report_the_in_memory_errors():
 
 
 def test_gptq_rounding_runs_on_calibration_covariances():
-  """`--calibrate=2 --gptq --refit`: covariances of 2 blocks, then LowRA with GPTQ rounding and
-  refitted levels, end to end (both tested against float64 numpy in test_gptq.py)."""
-  proc = _start("--shape=tiny", "--calibrate=2", "--gptq", "--refit", "--no_progress")
+  """`--calibrate=2 --gptq --refit --fisher`: covariances and output gradients of 2 blocks, then
+  LowRA weighted by both with GPTQ rounding and refitted levels, end to end (each tested against
+  float64 numpy or the whole model's gradient in test_gptq.py and test_calibration.py)."""
+  proc = _start("--shape=tiny", "--calibrate=2", "--gptq", "--refit", "--fisher", "--no_progress")
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr[-3000:]
-  assert "calibration: 2 x 512 tokens in" in stdout
+  assert "calibration: 2 x 512 tokens in" in stdout and "output gradients" in stdout
   header, _, row = stdout.strip().splitlines()[-3:]
   cells = {k.strip(): v.strip() for k, v in zip(header.split("|")[1:-1], row.split("|")[1:-1])}
-  assert cells["method"] == "lowra 1.5 gptq + refit" and float(cells["code bits"]) <= 1.5
+  assert cells["method"] == "lowra 1.5 gptq fisher + refit" and float(cells["code bits"]) <= 1.5
