@@ -46,7 +46,11 @@ from pathlib import Path
 import numpy as np
 
 from lowra_jax import cli
-from lowra_jax.quantize.config import recommended_precisions, recommended_refit
+from lowra_jax.quantize.config import (
+  recommended_calibration,
+  recommended_precisions,
+  recommended_refit,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NF_BITS = (4, 3, 2)
@@ -148,6 +152,8 @@ def method_flags(row: Row) -> list[str]:
       flags.append(f"--config.quant.precisions={recommended_precisions(row.bits)}".replace(" ", ""))
     if recommended_refit(row.bits) != recommended_refit(1.5):
       flags.append(f"--config.quant.refit={recommended_refit(row.bits)}")
+    if recommended_calibration(row.bits) != recommended_calibration(1.5):
+      flags.append(f"--config.quant.calibration={recommended_calibration(row.bits)}")
     return flags
   return []
 

@@ -74,6 +74,17 @@ def test_lowra_configs_refit_levels_below_2_bits_only():
     assert config.quant.bucket_sizes == "shape", name
 
 
+def test_lowra_configs_weigh_by_output_gradients_below_2_bits_only():
+  """Fisher weighting helps fine-tuning below 2 bits; where 1-bit channels compete with 3- or
+  4-bit ones it costs the base (docs/results.md)."""
+  want = {"demo": "fisher", "llama_1p5bit": "fisher", "llama_2bit": "kernel"}
+  want["llama_2p5bit"] = "kernel"
+  for name, calibration in want.items():
+    config = load(ROOT / "configs" / f"{name}.py")
+    assert config.quant.calibration == calibration, name
+    assert config.lora.loftq_weighting == "inputs", name
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_sections_hold_exactly_their_dataclass_fields(path):
   config = load(path)

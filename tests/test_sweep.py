@@ -95,10 +95,12 @@ def test_row_commands_build_valid_settings(key):
     assert quant.bits_for("model/layers/2/mlp/up_proj/kernel") == 2
   elif row.method == "lowra_qlora":
     assert quant.budget == 1.15 and s["init"] == "qlora" and quant.refit
+    assert quant.calibration == "fisher"
     assert tuple(s["quant"]["precisions"]) == (1, 2)
     assert s["data"] == "wikitext" and s["model"].endswith("stories260K.bin")
   elif row.method == "lowra_loftq":  # the LowRA configs' settings at 2.5 bits, not at 1.5
     assert quant.budget == 2.5 and s["init"] == "loftq" and not quant.refit
+    assert quant.calibration == "kernel"
     assert tuple(s["quant"]["precisions"]) == (1, 2, 4)
   else:
     assert quant.method == "none"

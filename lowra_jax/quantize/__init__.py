@@ -15,6 +15,7 @@ from lowra_jax.quantize.config import (
   DECODE_PRECISIONS,
   QuantConfig,
   QuantizationError,
+  recommended_calibration,
   recommended_precisions,
   recommended_refit,
 )
@@ -65,6 +66,7 @@ __all__ = [
   "quantize_params",
   "quantize_stream",
   "quantize_tensor",
+  "recommended_calibration",
   "recommended_precisions",
   "recommended_refit",
   "solve_budget",

@@ -34,6 +34,19 @@ def recommended_refit(budget: float) -> bool:
   """Whether the LowRA configs refit the levels to GPTQ's codes at `budget` code bits."""
   return budget < REFIT_BELOW
 
+
+# Output-gradient weighting (`QuantConfig.calibration="fisher"`) lowers the fine-tuned perplexity
+# below 2 code bits, where every channel has 1 or 2 bits (pycode-17m, the sweep's protocol:
+# -0.08 at 1.5 bits and -0.10 at 1.15 over 3 seeds each); at 2 bits with {1, 2} it changes no
+# precision; where 1-bit channels share a budget with 3- or 4-bit ones (2.5 bits with {1, 2, 4})
+# its base is 26 % worse (docs/results.md "Output-gradient (Fisher) weighting").
+FISHER_BELOW = 2.0
+
+
+def recommended_calibration(budget: float) -> str:
+  """The LowRA configs' `QuantConfig.calibration` at `budget` code bits."""
+  return "fisher" if budget < FISHER_BELOW else "kernel"
+
 Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
 Calibration = Literal["none", "kernel", "model", "fisher"]
