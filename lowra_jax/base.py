@@ -235,7 +235,7 @@ def loftq_checkpoint(
   factors, report = loftq.loftq_stream(
     source, quant, targets=set(shapes), rank=config.rank, scale=config.scale,
     iters=config.loftq_iters, sink=lambda p, leaf: leaves.append((p, leaf)),
-    importance=importance, covariances=covariances, weighting=config.loftq_weighting,
+    importance=importance, covariances=covariances, weighted=config.loftq_weighting == "inputs",
   )
   return lora.loftq_start(nest(leaves), shapes, factors, config, rng) + (report,)
 

@@ -35,7 +35,6 @@ from lowra_jax.quantize import (
   quantize_and_dequantize,
   quantize_stream,
 )
-from lowra_jax.quantize.pipeline import output_key
 
 Path = tuple[str, ...]
 
@@ -78,24 +77,14 @@ EXACT_SVD_MAX = 2048
 and LoftQ needs one per kernel per round)."""
 
 
-def low_rank(
-  r: jax.Array, rank: int, weight=None, column_weight=None
-) -> tuple[jax.Array, jax.Array]:
+def low_rank(r: jax.Array, rank: int, weight=None) -> tuple[jax.Array, jax.Array]:
   """Rank-`rank` factors of r [K, N] float32: A [K, rank], B [rank, N] with A B the SVD truncation
   (exact up to `EXACT_SVD_MAX` on the smaller side, else `randomized_low_rank`'s).
 
   weight: None (A B minimises ||r - A B||_F), or the input second moments of the kernel's rows,
   [K] (h) or a covariance [K, K] (H): then A B minimises E||x (r - A B)||^2 = ||L^T (r - A B)||_F
   for L L^T = H + 1 % of its mean diagonal (h: L = diag(sqrt(h + 1 % mean h))), i.e.
-  A = L^-T trunc(L^T r)'s left factor (`weighted_low_rank`).
-  column_weight: None, or g [N], the second moments of the loss gradient with respect to the
-  kernel's outputs: A B then minimises ||L^T (r - A B) E||_F for E = diag(sqrt(g + 1 % mean g)),
-  the diagonal-Fisher estimate of the loss increase (sum h_k g_n d_kn^2 for moments h), by
-  truncating r E and dividing B's columns by E."""
-  if column_weight is not None:
-    e = _damped_root(jnp.asarray(column_weight, jnp.float32))
-    a, b = low_rank(r * e, rank, weight)
-    return a, b / e
+  A = L^-T trunc(L^T r)'s left factor (`weighted_low_rank`)."""
   if weight is not None:
     return weighted_low_rank(r, rank, jnp.asarray(weight, jnp.float32))
   if min(r.shape) <= EXACT_SVD_MAX:
@@ -106,56 +95,34 @@ def low_rank(
 LOW_RANK_DAMP = 0.01
 
 
-def _damp(diagonal: jax.Array) -> jax.Array:
-  """What the weights `diagonal` get added: `LOW_RANK_DAMP` of their mean (1 if that is 0)."""
-  mean = jnp.mean(diagonal)
-  return jnp.where(mean > 0, LOW_RANK_DAMP * mean, 1.0)
-
-
-def _damped_root(moments: jax.Array) -> jax.Array:
-  """sqrt(moments + `_damp`): the scaling of one side of the residual by its second moments."""
-  return jnp.sqrt(moments + _damp(moments))
-
-
 def weighted_low_rank(r: jax.Array, rank: int, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`low_rank` of r weighted by its rows' input moments `weight` ([K] or [K, K]; see there)."""
+  diag = weight if weight.ndim == 1 else jnp.diagonal(weight)
+  mean = jnp.mean(diag)
+  damp = jnp.where(mean > 0, LOW_RANK_DAMP * mean, 1.0)
   if weight.ndim == 1:
-    d = _damped_root(weight)
+    d = jnp.sqrt(weight + damp)
     a, b = low_rank(d[:, None] * r, rank)
     return a / d[:, None], b
-  damp = _damp(jnp.diagonal(weight))
   lower = jnp.linalg.cholesky(weight + damp * jnp.eye(weight.shape[0], dtype=weight.dtype))
   dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
   a, b = low_rank(dot(lower.T, r), rank)
   return jax.scipy.linalg.solve_triangular(lower.T, a, lower=False), b
 
 
-def _weights(importance, covariances, path: str, weighting: str) -> tuple:
-  """(rows, columns): what `low_rank` weighs the residual of the kernel at `path` by, for
-  `LoraConfig.loftq_weighting`: "none" (None, None); "inputs" its input covariance [K, K] when
-  `covariances` are given (GPTQ rounding), else its moments h [K], and None; "fisher" those and
-  its output gradients' second moments g [N] (importance[`output_key(path)`])."""
-  if weighting == "none":
-    return None, None
+def _row_weight(importance, covariances, path: str, weighted: bool):
+  """The input moments weighting the residual of the kernel at `path` (None unless `weighted`):
+  its covariance [K, K] when `covariances` are given (GPTQ rounding), else its h [K]."""
+  if not weighted:
+    return None
   if covariances is not None:
-    rows = covariances[path]
-  elif importance is not None and path in importance:
-    rows = importance[path]
-  else:
+    return covariances[path]
+  if importance is None or path not in importance:
     raise ValueError(
-      f"lora.loftq_weighting={weighting!r} weighs LoftQ's residual by the calibration's input "
-      f"moments of {path!r} — set quant.calibration='kernel' (or 'model', 'fisher'), or "
-      "lora.loftq_weighting='none'."
+      "lora.loftq_weighting='inputs' weighs LoftQ's residual by the calibration's input moments "
+      f"of {path!r} — set quant.calibration='kernel' (or 'model'), or lora.loftq_weighting='none'."
     )
-  if weighting == "inputs":
-    return rows, None
-  columns = importance.get(output_key(path)) if importance is not None else None
-  if columns is None:
-    raise ValueError(
-      "lora.loftq_weighting='fisher' weighs LoftQ's residual by the output gradients' second "
-      f"moments of {path!r} — set quant.calibration='fisher', or lora.loftq_weighting='inputs'."
-    )
-  return rows, columns
+  return importance[path]
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -202,12 +169,12 @@ def loftq(
   progress: bool = True,
   importance=None,
   covariances=None,
-  weighting: str = "none",
+  weighted: bool = False,
 ) -> tuple[dict, dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """Run LoftQ on the ``kernel`` leaves at the module paths `targets` (`importance`: input second
   moments for `quant_config.calibration` other than "none", `covariances`: input covariances for
-  `rounding="gptq"`, as `quantize_params` takes them; `weighting`: `LoraConfig.loftq_weighting`,
-  what the residual's factors are weighted by, `_weights`).
+  `rounding="gptq"`, as `quantize_params` takes them; `weighted`: the residual's factors weighted
+  by them, `low_rank`'s `weight`: by the covariances when given, else by the second moments).
 
   Returns:
     (qparams, factors, report): the final quantized params, {path: (A [in, rank] f32,
@@ -235,7 +202,7 @@ def loftq(
       p: low_rank(
         (w32[p] - base[p]) / scale,
         rank,
-        *_weights(importance, covariances, "/".join(p) + "/kernel", weighting),
+        _row_weight(importance, covariances, "/".join(p) + "/kernel", weighted),
       )
       for p in base
     }
@@ -256,7 +223,7 @@ def loftq_stream(
   progress: bool = True,
   importance=None,
   covariances=None,
-  weighting: str = "none",
+  weighted: bool = False,
 ) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], LoftQReport]:
   """`loftq` over a weights source (`quantize_stream`'s), one tensor at a time: one pass for nf and
   lloyd, two per round for lowra (module docstring).
@@ -270,7 +237,7 @@ def loftq_stream(
   if quant_config.method == "lowra":
     return _rounds_stream(
       source, quant_config, targets, rank, scale, iters, sink, progress, importance,
-      covariances, weighting,
+      covariances, weighted,
     )
   selected = default_filter(quant_config)
   factors: dict[Path, tuple[jax.Array, jax.Array]] = {}
@@ -300,8 +267,8 @@ def loftq_stream(
         qt, base, report = quantize(path, shifted)
         if t == 0:
           quant_sq += float(_sq_err(w32, base))
-        weights = _weights(importance, covariances, path, weighting)
-        a, b = low_rank((w32 - base) / scale, rank, *weights)
+        weight = _row_weight(importance, covariances, path, weighted)
+        a, b = low_rank((w32 - base) / scale, rank, weight)
         round_sq[t] += float(_sq_err(w32, base + scale * (a @ b)))
         shifted = (w32 - scale * (a @ b)).astype(leaf.dtype)
       factors[module] = (a, b)
@@ -336,7 +303,7 @@ class _Shifted:
 
 def _rounds_stream(
   source, quant_config, targets, rank, scale, iters, sink, progress, importance, covariances,
-  weighting,
+  weighted,
 ):
   """`loftq_stream` for a model-wide budget: round t quantizes the source shifted by round t-1's
   factors (`quantize_stream`, dense reconstructions on) and takes each target's new factors from
@@ -354,8 +321,8 @@ def _rounds_stream(
         if t == 0:
           norm += float(jnp.sum(jnp.square(w32)))
           quant_sq += float(_sq_err(w32, dense))
-        weights = _weights(importance, covariances, path, weighting)
-        a, b = low_rank((w32 - dense) / scale, rank, *weights)
+        weight = _row_weight(importance, covariances, path, weighted)
+        a, b = low_rank((w32 - dense) / scale, rank, weight)
         round_sq[t] += float(_sq_err(w32, dense + scale * (a @ b)))
         new[module] = (a, b)
       if t == iters - 1:

@@ -43,7 +43,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 INITS = ("qlora", "loftq", "loftq_frozen")
 LOFTQ_INITS = ("loftq", "loftq_frozen")
 CORRECTION = ("correction_a", "correction_b")  # a frozen LoftQ correction's leaves in ``params``
-LOFTQ_WEIGHTINGS = ("none", "inputs", "fisher")
+LOFTQ_WEIGHTINGS = ("none", "inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +57,9 @@ class LoraConfig:
   so that base + adapters start close to the full-precision W) or 'loftq_frozen' (LoftQ's
   factors become a frozen correction of the base, kept in ``params``, and the adapters start as
   QLoRA's: they train from B = 0, as on a base that is closer to W).
-  loftq_weighting: 'none' (the SVD minimises the residual's weight-space error), 'inputs' (its
+  loftq_weighting: 'none' (the SVD minimises the residual's weight-space error) or 'inputs' (its
   error on the calibration's inputs, E||x (W - Q - s A B)||^2: needs quant.calibration, and
-  takes the covariances under quant.rounding='gptq'; `loftq.low_rank`'s `weight`) or 'fisher'
-  (that error with each output channel's also weighted by its output gradients' second moment,
-  the diagonal-Fisher loss increase: needs quant.calibration='fisher'; `column_weight`).
+  takes the covariances under quant.rounding='gptq'; `loftq.low_rank`'s `weight`).
   """
 
   rank: int = 16
@@ -299,7 +297,7 @@ def init_lora(
     progress=progress,
     importance=importance,
     covariances=covariances,
-    weighting=lora_config.loftq_weighting,
+    weighted=lora_config.loftq_weighting == "inputs",
   )
   return loftq_start(qparams, shapes, factors, lora_config, rng) + (report,)
 

@@ -135,9 +135,7 @@ def _calibration_users(values: dict) -> str | None:
     fixes.append("--config.quant.rounding=nearest")
   if quant.get("refit"):
     fixes.append("--config.quant.refit=False")
-  loftq_weighting = lora_values.get("loftq_weighting")
-  weighs = lora_values.get("init") in lora.LOFTQ_INITS and loftq_weighting != "none"
-  if weighs:
+  if lora_values.get("init") in lora.LOFTQ_INITS and lora_values.get("loftq_weighting") == "inputs":
     fixes.append("--config.lora.loftq_weighting=none")
   if method not in ("lowra", "lloyd") and calibration != "none":
     fixes.insert(0, "--config.quant.calibration=none")
@@ -147,11 +145,6 @@ def _calibration_users(values: dict) -> str | None:
     return (
       "config.quant: calibration is 'none', and GPTQ rounding and LoftQ's input-weighted fit need "
       f"it — add {' '.join(fixes)} (or calibrate)."
-    )
-  if weighs and loftq_weighting == "fisher" and calibration != "fisher":
-    return (
-      "config.lora: loftq_weighting='fisher' weighs LoftQ's fit by the output gradients — add "
-      "--config.quant.calibration=fisher (or --config.lora.loftq_weighting=inputs)."
     )
   return None
 

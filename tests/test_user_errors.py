@@ -159,16 +159,6 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
       "need it — add --config.quant.rounding=nearest --config.quant.refit=False "
       "--config.lora.loftq_weighting=none (or calibrate)",
     ),
-    "fisher LoftQ without its calibration": (
-      [
-        "train.py",
-        "--config=configs/llama_1p5bit.py",
-        f"--config.workdir={fresh}",
-        "--config.lora.loftq_weighting=fisher",
-      ],
-      "loftq_weighting='fisher' weighs LoftQ's fit by the output gradients — add "
-      "--config.quant.calibration=fisher",
-    ),
     "no calibration sequences": (
       train + ["--config.quant.calibration=model", "--config.calib.sequences=0"],
       "sequences=0",
@@ -251,7 +241,6 @@ CASE_NAMES = [
   "LowRA config switched to NF",
   "budget above the config's precisions",
   "weighted LoftQ without a calibration",
-  "fisher LoftQ without its calibration",
   "no calibration sequences",
   "llama2.c model, bad targets",
 ]
