@@ -69,10 +69,10 @@ class Tuning:
     M = 16. gemv: `word_gemv`'s tiles for tensors in the word layout (block_g: the most a tensor
     gets), split to about `gemv_per_sm` programs per SM. word_max_rows: up to this M a tensor in
     the word layout takes the word kernels (`word_gemv` up to 4 rows, then `word_mma`), above it
-    the dense path; 4 until `word_mma` is measured on the GPU. mma: (up to M rows, `word_mma`
-    tiles, programs per SM the splits aim at) in increasing M: block_n 256 needs 176 registers a
-    thread (2 programs of 4 warps per SM) and spills at M = 64, where block_n 128 needs 193
-    (`benchmarks/kernel_sass.py --m=M`; untimed). Levels are looked up in the activation
+    the dense path; 4: `word_mma` was no faster than the plane kernels at M = 8-64 on the H200
+    (docs/results.md). mma: (up to M rows, `word_mma` tiles, programs per SM the splits aim at)
+    in increasing M: block_n 256 needs 176 registers a thread (2 programs of 4 warps per SM) and
+    spills at M = 64, where block_n 128 needs 193 (`benchmarks/kernel_sass.py --m=M`). Levels are looked up in the activation
     dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and in the
     backward, the float32 select tree feeds the tensor cores faster.
   """
