@@ -124,13 +124,14 @@ def main() -> None:
   t0 = time.perf_counter()
   calib = calibration.spread(train, args.sequences)
   source = CheckpointSource(args.model)
-  moments = calibration.input_moments(model, source, calib, batch_size=8)
+  fisher = "fisher" in args.calibrations.split(",")
+  if fisher:  # the output gradients too, in the same pass
+    moments = calibration.output_gradients(model, source, calib, batch_size=8, moments=True)
+  else:
+    moments = calibration.input_moments(model, source, calib, batch_size=8)
   calib_s = time.perf_counter() - t0
-  print(f"calibration: {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
-  if "fisher" in args.calibrations.split(","):  # the output gradients too
-    t0 = time.perf_counter()
-    moments.update(calibration.output_gradients(model, source, calib, batch_size=8))
-    print(f"output gradients: {time.perf_counter() - t0:.1f} s", flush=True)
+  what = "input moments and output gradients" if fisher else "input moments"
+  print(f"calibration: {what}, {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
   covariances = calibration.LayerCovariances(model, source, calib, batch_size=8)  # gptq rows
   eval_step = train_lib.make_eval_step(model)
 

@@ -24,8 +24,8 @@ encoding) on the whole input covariances, computed one decoder layer at a time d
 (`calibration.LayerCovariances`; their seconds printed, part of the quantization's); with
 `--refit` as well, each channel's levels refitted to its GPTQ codes (`QuantConfig.refit`); with
 `--fisher`, `calibration="fisher"`: the output gradients' second moments of the same blocks too
-(`calibration.output_gradients`, a forward and a backward layer by layer; seconds printed and
-counted in the calibration's). LowRA's
+(`calibration.output_gradients`, a forward and a backward layer by layer, whose first forward
+sums the input moments as well: one pass for both, its seconds the calibration's). LowRA's
 channel precisions are the configs' (`quantize.recommended_precisions`: {1, 2} up to 2 bits).
 `--loftq=T`: LoftQ initialisation as train.py streams it (`loftq.loftq_stream`, rank-16 adapters
 on every projection; LowRA: two passes per round), with each round's seconds and error.
@@ -148,13 +148,12 @@ def main():
     model = llama.Llama(config, dtype=jax.numpy.bfloat16)
     tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.calibrate, 513))
     begin = time.perf_counter()
-    moments = calibration.input_moments(model, source, tokens, 8, progress=not args.no_progress)
-    if args.fisher:
-      fisher_begin = time.perf_counter()
-      moments |= calibration.output_gradients(
-        model, source, tokens, 8, progress=not args.no_progress
+    if args.fisher:  # the moments from the gradients' first forward
+      moments = calibration.output_gradients(
+        model, source, tokens, 8, progress=not args.no_progress, moments=True
       )
-      fisher_s = time.perf_counter() - fisher_begin
+    else:
+      moments = calibration.input_moments(model, source, tokens, 8, progress=not args.no_progress)
     calibrate_s = time.perf_counter() - begin
   covariances = None
   if args.gptq:
@@ -194,7 +193,7 @@ def main():
     print(
       f"calibration: {args.calibrate} x 512 tokens in {calibrate_s:.1f} s "
       f"({calibrate_s / total:.0%} of the quantization's {total:.1f} s)"
-      + (f", output gradients {fisher_s:.1f} s of it" if args.fisher else "")
+      + (", input moments and output gradients in one pass" if args.fisher else "")
     )
   if args.gptq:
     print(

@@ -167,7 +167,8 @@ def moments(
   through the dense model read from the checkpoint one decoder layer at a time, with the cost
   printed; or the diagonals of `covariances` (`layer_covariances`' of the same blocks) when it
   keeps them all. With `quant.calibration="fisher"` also the output gradients' second moments
-  (`calibration.output_gradients`: forward and backward, one decoder layer at a time)."""
+  (`calibration.output_gradients`: forward and backward, one decoder layer at a time, whose
+  first forward gives the input moments too)."""
   wanted = json.loads(json.dumps(calibration_identity(config)))
   cached = calibration.load(calibration_path(config.workdir), wanted)
   if cached is not None:
@@ -176,24 +177,24 @@ def moments(
   blocks = _calibration_blocks(s, blocks)
   t0 = time.perf_counter()
   source = CheckpointSource(s.model.path)
-  if covariances is not None and covariances.keeps_all:
-    h = covariances.diagonals()
+  kept = covariances is not None and covariances.keeps_all
+  if s.quant.calibration == "fisher":  # the moments from the gradients' first forward
+    h = calibration.output_gradients(
+      model, source, blocks, s.calib.batch_size, progress=True, moments=not kept
+    )
+    what = "input moments and output gradients (forward and backward)"
   else:
-    h = calibration.input_moments(model, source, blocks, s.calib.batch_size, progress=True)
+    h = {} if kept else calibration.input_moments(
+      model, source, blocks, s.calib.batch_size, progress=True
+    )
+    what = "input moments"
+  if kept:
+    h |= covariances.diagonals()
   tqdm.write(
-    f"calibration: {len(blocks)} sequences x {blocks.shape[1] - 1} tokens through the "
+    f"calibration: {what} of {len(blocks)} sequences x {blocks.shape[1] - 1} tokens through the "
     f"{s.model.dtype} model, layer by layer from the checkpoint, in "
     f"{time.perf_counter() - t0:.1f} s"
   )
-  if s.quant.calibration == "fisher":
-    t0 = time.perf_counter()
-    g = calibration.output_gradients(model, source, blocks, s.calib.batch_size, progress=True)
-    tqdm.write(
-      f"calibration: output gradients of the same sequences, forward and backward through the "
-      f"{s.model.dtype} model, layer by layer from the checkpoint, in "
-      f"{time.perf_counter() - t0:.1f} s"
-    )
-    h = {**h, **g}
   return h
 
 

@@ -350,11 +350,13 @@ def output_gradients(
   *,
   progress: bool = False,
   segment: int | None = None,
+  moments: bool = False,
 ) -> dict[str, np.ndarray]:
   """{`pipeline.output_key(kernel path)`: float32 [out]}: for every projection (and an untied
   head), g_n = E[(dL/dy_n)^2] over every token of `blocks`, L the blocks' summed next-token loss
   through the dense model and y that projection's output in the compute dtype: the output-side
-  weights of `QuantConfig.calibration="fisher"`.
+  weights of `QuantConfig.calibration="fisher"`; with `moments`, also `input_moments`' h of the
+  same blocks under the kernel paths, summed by the first forward (no forward of its own).
 
   Streamed like `input_moments`, so a model larger than the device calibrates from its
   checkpoint: a forward one decoder layer at a time keeps the hidden states at the start of
@@ -373,6 +375,8 @@ def output_gradients(
     progress: a tqdm bar over the layers' forward and backward steps.
     segment: decoder layers per stretch recomputed in the backward (1: every layer's inputs are
       kept from the first forward, none recomputed).
+    moments: also return the input moments (as `input_moments(model, source, blocks,
+      batch_size)` would).
   """
   config = model.config
   layers, static = config.num_layers, {"config": config, "dtype": model.dtype}
@@ -382,12 +386,16 @@ def output_gradients(
   starts = list(range(0, layers, segment))
   steps = 2 * layers + 1 + sum(min(segment, layers - a) - 1 for a in starts)
   bar = tqdm(total=steps, desc="calibration: output gradients", unit="layer", disable=not progress)
-  saved = {}
+  saved, sums_in = {}, {}
   for i in range(layers):
     if i % segment == 0:
       saved[i] = forward.snapshot()
-    forward.step()
+    sums_in |= forward.step()
     bar.update()
+  if moments and forward.done < forward.steps:  # an untied head's input
+    sums_in |= forward.step()
+  h = {k: np.asarray(v / forward.tokens, np.float32) for k, v in sums_in.items()} if moments else {}
+  del sums_in
   paths = [p for p in source.shapes() if p.startswith("lm_head/")] or [
     "model/embed_tokens/embedding"
   ]
@@ -420,7 +428,7 @@ def output_gradients(
       del params  # before the next layer's are read
       bar.update()
   bar.close()
-  return {
+  return h | {
     pipeline.output_key(k): np.asarray(v / forward.tokens, np.float32) for k, v in total.items()
   }
 

@@ -628,6 +628,25 @@ def test_streamed_output_gradients_equal_the_whole_models_gradient(path, segment
     assert_close_at_scale(g[key], expected, bound, err_msg=key)
 
 
+@pytest.mark.parametrize("path", [PYCODE, STORIES], ids=["pycode", "stories"])
+def test_output_gradients_with_moments_also_give_the_forwards_input_moments(path):
+  """`moments=True`: the input moments summed by the first forward, against the float64 numpy
+  forward (the bound of `test_layer_by_layer_moments_equal_a_float64_numpy_forward`), for an
+  untied head (pycode: its input too) and a tied one; the output gradients unchanged."""
+  model, params = llama.load_pretrained(_need(path), dtype=jnp.float32)
+  source = CheckpointSource(path)
+  both = calibration.output_gradients(model, source, _BLOCKS, batch_size=3, moments=True)
+  g = calibration.output_gradients(model, source, _BLOCKS, batch_size=3)
+  ref = _numpy_forward_moments(model.config, params, _BLOCKS[:, :-1])
+  assert set(both) == set(ref) | set(g)
+  bound = 2 * f32_sum_random(llama_terms(model.config, _BLOCKS.shape[1] - 1))
+  for key, expected in ref.items():
+    assert both[key].dtype == np.float32 and both[key].shape == expected.shape
+    assert_close_at_scale(both[key], expected, bound, err_msg=key)
+  for key, v in g.items():
+    np.testing.assert_array_equal(both[key], v, err_msg=key)
+
+
 def test_streamed_output_gradients_hold_one_layer_on_the_device():
   """What `output_gradients` reads, in order, and what the device holds at each read. pycode's 8
   layers in segments of 3 ([0, 3), [3, 6), [6, 8)): the embedding and each layer (the forward);

@@ -227,7 +227,7 @@ def test_calibrated_run_caches_its_moments_and_refuses_a_base_of_other_calibrati
   workdir = tmp_path / "calibrated"
   out = run(workdir, *CALIBRATED)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "calibration: 8 sequences x 64 tokens" in out.stdout
+  assert "calibration: input moments of 8 sequences x 64 tokens" in out.stdout
   cached = load_file(workdir / "calibration.safetensors")
   expected = _expected_moments(8, 3, full=False)
   assert cached.keys() == expected.keys()
@@ -252,9 +252,11 @@ def test_fisher_run_caches_the_output_gradients_beside_the_moments(need_data, tm
   fisher = [a.replace("calibration=kernel", "calibration=fisher") for a in CALIBRATED]
   out = run(workdir, *fisher)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "calibration: output gradients of the same sequences" in out.stdout
+  assert "calibration: input moments and output gradients (forward and backward) of 8" in out.stdout
   cached = load_file(workdir / "calibration.safetensors")
   moments = _expected_moments(8, 3, full=False)
+  for path in moments:  # from the gradients' first forward: the same sums
+    np.testing.assert_array_equal(cached[path], moments[path], err_msg=path)
   text = data.DataConfig(name="text", path=str(TINYSTORIES), max_documents=300, seq_len=64)
   blocks = data.load(text, load_tokenizer(STORIES.parent)).blocks
   model = llama.Llama(CheckpointSource(STORIES).config, dtype=np.float32)
