@@ -76,9 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
 def lowra_config(budget: float) -> ml_collections.ConfigDict:
   """`base_config` with a LowRA base at `budget` code bits per weight, calibrated: errors weighed
   per kernel by the inputs' second moments on the training data (``quant.calibration="kernel"``;
-  below 2 bits "fisher", `quantize.recommended_calibration`: the raw moments and each output
-  channel's loss-gradient second moments, fine-tuned -0.08 to -0.10 ppl, "Output-gradient
-  (Fisher) weighting"),
+  below 2 bits and between 2 and 4 "fisher", `quantize.recommended_calibration`: the raw moments
+  and each output channel's loss-gradient second moments, fine-tuned -0.03 to -0.10 ppl,
+  "Output-gradient (Fisher) weighting"),
   codes rounded by GPTQ's error feedback through the inputs' covariances
   (``quant.rounding="gptq"``) and LoftQ's rank-r fit of the residual weighed by the same inputs
   (``lora.loftq_weighting="inputs"``). Each lowers the fine-tuned perplexity at every budget of the
@@ -90,7 +90,8 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   "shape"``, `QuantConfig`'s default: one compiled kernel per weight shape, and a better base and
   fine-tuned model below 2 bits, "Bucket sizes per weight shape"). Channels at
   `quantize.recommended_precisions(budget)`: up to 2 bits {1, 2} (faster decode, about the same
-  fine-tuned perplexity), above the paper's {1, 2, 4}."""
+  fine-tuned perplexity), above {2, 4} (no 1-bit channels: with fisher, better than the paper's
+  {1, 2, 4})."""
   c = base_config()
   c.quant.budget = budget
   c.quant.precisions = recommended_precisions(budget)

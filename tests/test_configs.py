@@ -50,19 +50,19 @@ def test_config_builds_valid_settings(path):
 
 
 def test_lowra_configs_leave_4bit_channels_out_up_to_2_bits():
-  """Up to 2 bits the LowRA configs decode without 4-bit channels; above, the paper's {1, 2, 4},
-  or {1, 2, 3, 4} where a config asks for 3-bit channels."""
+  """Up to 2 bits the LowRA configs decode without 4-bit channels; above, without 1-bit ones:
+  {2, 4}, or {2, 3, 4} where a config asks for 3-bit channels."""
   want = {
     "demo": (1, 2),
     "llama_1p5bit": (1, 2),
     "llama_2bit": (1, 2),
-    "llama_2p5bit": (1, 2, 3, 4),
+    "llama_2p5bit": (2, 3, 4),
   }
   for name, precisions in want.items():
     assert tuple(load(ROOT / "configs" / f"{name}.py").quant.precisions) == precisions, name
   from configs.common import lowra_config
 
-  assert tuple(lowra_config(3.0).quant.precisions) == (1, 2, 4)
+  assert tuple(lowra_config(3.0).quant.precisions) == (2, 4)
 
 
 def test_lowra_configs_refit_levels_below_2_bits_only():
@@ -74,15 +74,20 @@ def test_lowra_configs_refit_levels_below_2_bits_only():
     assert config.quant.bucket_sizes == "shape", name
 
 
-def test_lowra_configs_weigh_by_output_gradients_below_2_bits_only():
-  """Fisher weighting helps fine-tuning below 2 bits; where 1-bit channels compete with 3- or
-  4-bit ones it costs the base (docs/results.md)."""
+def test_lowra_configs_weigh_by_output_gradients_where_precisions_differ():
+  """Fisher weighting helps fine-tuning below 2 bits ({1, 2}) and between 2 and 4 ({2, 4});
+  at exactly 2 bits and from 4 every channel has one precision, and "kernel" saves the backward
+  (docs/results.md)."""
   want = {"demo": "fisher", "llama_1p5bit": "fisher", "llama_2bit": "kernel"}
-  want["llama_2p5bit"] = "kernel"
+  want["llama_2p5bit"] = "fisher"
   for name, calibration in want.items():
     config = load(ROOT / "configs" / f"{name}.py")
     assert config.quant.calibration == calibration, name
     assert config.lora.loftq_weighting == "inputs", name
+  from configs.common import lowra_config
+
+  for budget, calibration in [(1.15, "fisher"), (2.0, "kernel"), (3.0, "fisher"), (4.0, "kernel")]:
+    assert lowra_config(budget).quant.calibration == calibration, budget
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

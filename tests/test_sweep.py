@@ -100,8 +100,8 @@ def test_row_commands_build_valid_settings(key):
     assert s["data"] == "wikitext" and s["model"].endswith("stories260K.bin")
   elif row.method == "lowra_loftq":  # the LowRA configs' settings at 2.5 bits, not at 1.5
     assert quant.budget == 2.5 and s["init"] == "loftq" and not quant.refit
-    assert quant.calibration == "kernel"
-    assert tuple(s["quant"]["precisions"]) == (1, 2, 4)
+    assert quant.calibration == "fisher"
+    assert tuple(s["quant"]["precisions"]) == (2, 4)
   else:
     assert quant.method == "none"
   assert s["train"]["eval_blocks"] == 0 and s["train"]["resume"]

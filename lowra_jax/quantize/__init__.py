@@ -14,6 +14,7 @@ from lowra_jax.quantize.codebooks import nf_levels
 from lowra_jax.quantize.config import (
   DECODE_PRECISIONS,
   QuantConfig,
+  WIDE_PRECISIONS,
   QuantizationError,
   recommended_calibration,
   recommended_precisions,
@@ -53,6 +54,7 @@ __all__ = [
   "QuantReport",
   "QuantizationError",
   "QuantizedTensor",
+  "WIDE_PRECISIONS",
   "WordBucket",
   "bits_per_param",
   "default_filter",

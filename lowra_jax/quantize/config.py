@@ -15,12 +15,18 @@ PACKABLE_BITS = (1, 2, 3, 4)
 # "Channel precisions {1, 2}").
 DECODE_PRECISIONS = (1, 2)
 PAPER_PRECISIONS = (1, 2, 4)
+# Above 2 bits the LowRA configs leave the 1-bit channels out: {2, 4} with "fisher" calibration
+# fine-tunes lower than the paper's {1, 2, 4} with "kernel" (pycode-17m, the sweep's protocol:
+# -0.026 ppl at 2.5 bits over 3 seeds, -0.027 at 3 bits), with fewer total bits; with 1-bit
+# channels beside 4-bit ones, fisher makes the base worse (docs/results.md "Output-gradient
+# (Fisher) weighting").
+WIDE_PRECISIONS = (2, 4)
 
 
 def recommended_precisions(budget: float) -> tuple[int, ...]:
   """`lowra` channel precisions for `budget` code bits (the LowRA configs'): `DECODE_PRECISIONS`
-  up to their largest, else the paper's."""
-  return DECODE_PRECISIONS if budget <= max(DECODE_PRECISIONS) else PAPER_PRECISIONS
+  up to their largest, else `WIDE_PRECISIONS`."""
+  return DECODE_PRECISIONS if budget <= max(DECODE_PRECISIONS) else WIDE_PRECISIONS
 
 
 # Refitted levels (`QuantConfig.refit`) lower the fine-tuned perplexity below 2 code bits and raise
@@ -36,16 +42,15 @@ def recommended_refit(budget: float) -> bool:
 
 
 # Output-gradient weighting (`QuantConfig.calibration="fisher"`) lowers the fine-tuned perplexity
-# below 2 code bits, where every channel has 1 or 2 bits (pycode-17m, the sweep's protocol:
-# -0.08 at 1.5 bits and -0.10 at 1.15 over 3 seeds each); at 2 bits with {1, 2} it changes no
-# precision; where 1-bit channels share a budget with 3- or 4-bit ones (2.5 bits with {1, 2, 4})
-# its base is 26 % worse (docs/results.md "Output-gradient (Fisher) weighting").
-FISHER_BELOW = 2.0
-
-
+# wherever the recommended precisions give it a choice: below 2 code bits ({1, 2}; pycode-17m, the
+# sweep's protocol: -0.08 at 1.5 bits and -0.10 at 1.15 over 3 seeds each) and between 2 and 4
+# ({2, 4}: above). At exactly 2 bits every channel gets 2 bits and from 4 bits every channel 4:
+# fisher would change nothing there and cost a backward pass of calibration.
 def recommended_calibration(budget: float) -> str:
   """The LowRA configs' `QuantConfig.calibration` at `budget` code bits."""
-  return "fisher" if budget < FISHER_BELOW else "kernel"
+  low, high = max(DECODE_PRECISIONS), max(WIDE_PRECISIONS)
+  return "fisher" if budget < low or low < budget < high else "kernel"
+
 
 Method = Literal["nf", "lloyd", "lowra", "none"]
 Weighting = Literal["absmax2", "absmax", "none"]
