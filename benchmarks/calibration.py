@@ -3,10 +3,11 @@
 For every budget: LowRA with `calibration="none"` (weight-space error), "kernel" and "model" (error
 weighted by the input second moments of `--sequences` blocks of networkx_train, normalised per
 kernel or not: `QuantConfig.calibration`; "fisher": "model" with each output channel's errors
-also weighted by its output gradients' second moment), each with the `--rounding`s asked for ("gptq": codes by
-error feedback through the inputs' covariances, `QuantConfig.rounding`; "gptq+refit": then each
-channel's levels refitted to those codes, `QuantConfig.refit`), perplexity of the
-quantized base over networkx_eval; NF-k rows as the reference. Each row is appended to `--out`
+also weighted by its output gradients' second moment over `--gradient_sequences` of the blocks),
+each with the `--rounding`s asked for ("gptq": codes by error feedback through the inputs'
+covariances, `QuantConfig.rounding`; "gptq+refit": then each channel's levels refitted to those
+codes, `QuantConfig.refit`), perplexity of the quantized base over networkx_eval; NF-k rows as
+the reference. Each row is appended to `--out`
 (JSONL) as it is measured and printed as a table at the end.
 
     python benchmarks/calibration.py --out=runs/calibration.jsonl            # 1.5, 2, 2.5, 3
@@ -82,6 +83,12 @@ def main() -> None:
     "--bucket_sizes", default="shape", help="tensor, shape, role (comma-separated; QuantConfig's)"
   )
   p.add_argument("--sequences", type=int, default=256, help="calibration blocks")
+  p.add_argument(
+    "--gradient_sequences",
+    type=int,
+    default=calibration.CalibConfig.gradient_sequences,
+    help="of those, the blocks whose output gradients 'fisher' weighs by",
+  )
   p.add_argument("--seq_len", type=int, default=512)
   p.add_argument("--eval_blocks", type=int, default=0, help="0: every eval block")
   p.add_argument("--out", required=True, help="JSONL, appended")
@@ -125,12 +132,13 @@ def main() -> None:
   calib = calibration.spread(train, args.sequences)
   source = CheckpointSource(args.model)
   fisher = "fisher" in args.calibrations.split(",")
-  if fisher:  # the output gradients too, in the same pass
-    moments = calibration.output_gradients(model, source, calib, batch_size=8, moments=True)
+  if fisher:
+    moments = calibration.fisher_moments(model, source, calib, 8, args.gradient_sequences)
   else:
     moments = calibration.input_moments(model, source, calib, batch_size=8)
   calib_s = time.perf_counter() - t0
-  what = "input moments and output gradients" if fisher else "input moments"
+  some = len(calibration.spread(calib, args.gradient_sequences))
+  what = f"input moments and output gradients of {some}" if fisher else "input moments"
   print(f"calibration: {what}, {len(calib)} x {args.seq_len} tokens in {calib_s:.1f} s", flush=True)
   covariances = calibration.LayerCovariances(model, source, calib, batch_size=8)  # gptq rows
   eval_step = train_lib.make_eval_step(model)
@@ -149,6 +157,8 @@ def main() -> None:
     else:
       row = measure(name, cfg, args.model, moments, covariances, eval_fn)
     row.update(calibration_s=calib_s, sequences=len(calib), backend=jax.default_backend())
+    if cfg is not None and cfg.calibration == "fisher":
+      row.update(gradient_sequences=some)
     results.append(row)
     with out.open("a") as f:
       f.write(json.dumps(row) + "\n")

@@ -23,9 +23,10 @@ LowRA with `calibration="kernel"`; with `--gptq`, `rounding="gptq"` (GPTQ's erro
 encoding) on the whole input covariances, computed one decoder layer at a time during pass 2
 (`calibration.LayerCovariances`; their seconds printed, part of the quantization's); with
 `--refit` as well, each channel's levels refitted to its GPTQ codes (`QuantConfig.refit`); with
-`--fisher`, `calibration="fisher"`: the output gradients' second moments of the same blocks too
-(`calibration.output_gradients`, a forward and a backward layer by layer, whose first forward
-sums the input moments as well: one pass for both, its seconds the calibration's). LowRA's
+`--fisher`, `calibration="fisher"`: the output gradients' second moments of
+`--gradient_sequences` of those blocks too (`calibration.fisher_moments`: a forward and a backward
+layer by layer, whose first forward sums the input moments as well when they are all the blocks;
+its seconds the calibration's). LowRA's
 channel precisions are the configs' (`quantize.recommended_precisions`: {1, 2} up to 2 bits).
 `--loftq=T`: LoftQ initialisation as train.py streams it (`loftq.loftq_stream`, rank-16 adapters
 on every projection; LowRA: two passes per round), with each round's seconds and error.
@@ -90,6 +91,12 @@ def parse_args():
   parser.add_argument("--gptq", action="store_true", help="with --calibrate: GPTQ rounding")
   parser.add_argument("--refit", action="store_true", help="with --gptq: refit the levels")
   parser.add_argument("--fisher", action="store_true", help="with --calibrate: fisher weighting")
+  parser.add_argument(
+    "--gradient_sequences",
+    type=int,
+    default=calibration.CalibConfig.gradient_sequences,
+    help="with --fisher: of the --calibrate blocks, those whose output gradients are taken",
+  )
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args()
   if args.layers:
@@ -148,13 +155,14 @@ def main():
     model = llama.Llama(config, dtype=jax.numpy.bfloat16)
     tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.calibrate, 513))
     begin = time.perf_counter()
-    if args.fisher:  # the moments from the gradients' first forward
-      moments = calibration.output_gradients(
-        model, source, tokens, 8, progress=not args.no_progress, moments=True
+    if args.fisher:
+      moments = calibration.fisher_moments(
+        model, source, tokens, 8, args.gradient_sequences, progress=not args.no_progress
       )
     else:
       moments = calibration.input_moments(model, source, tokens, 8, progress=not args.no_progress)
     calibrate_s = time.perf_counter() - begin
+    some = len(calibration.spread(tokens, args.gradient_sequences))
   covariances = None
   if args.gptq:
     covariances = calibration.LayerCovariances(model, source, tokens, 8)
@@ -193,7 +201,7 @@ def main():
     print(
       f"calibration: {args.calibrate} x 512 tokens in {calibrate_s:.1f} s "
       f"({calibrate_s / total:.0%} of the quantization's {total:.1f} s)"
-      + (", input moments and output gradients in one pass" if args.fisher else "")
+      + (f", input moments and output gradients of {some} blocks" if args.fisher else "")
     )
   if args.gptq:
     print(

@@ -122,6 +122,7 @@ def calibration_identity(config) -> dict:
   }
   if config.quant.calibration == "fisher":
     identity["output_gradients"] = True
+    identity["gradient_sequences"] = calib.gradient_sequences
   return identity
 
 
@@ -167,8 +168,8 @@ def moments(
   through the dense model read from the checkpoint one decoder layer at a time, with the cost
   printed; or the diagonals of `covariances` (`layer_covariances`' of the same blocks) when it
   keeps them all. With `quant.calibration="fisher"` also the output gradients' second moments
-  (`calibration.output_gradients`: forward and backward, one decoder layer at a time, whose
-  first forward gives the input moments too)."""
+  of `calib.gradient_sequences` of the blocks (`calibration.fisher_moments`: forward and
+  backward, one decoder layer at a time)."""
   wanted = json.loads(json.dumps(calibration_identity(config)))
   cached = calibration.load(calibration_path(config.workdir), wanted)
   if cached is not None:
@@ -178,11 +179,15 @@ def moments(
   t0 = time.perf_counter()
   source = CheckpointSource(s.model.path)
   kept = covariances is not None and covariances.keeps_all
-  if s.quant.calibration == "fisher":  # the moments from the gradients' first forward
-    h = calibration.output_gradients(
-      model, source, blocks, s.calib.batch_size, progress=True, moments=not kept
+  if s.quant.calibration == "fisher":
+    h = calibration.fisher_moments(
+      model, source, blocks, s.calib.batch_size, s.calib.gradient_sequences, progress=True,
+      moments=not kept,
     )
-    what = "input moments and output gradients (forward and backward)"
+    some = len(calibration.spread(blocks, s.calib.gradient_sequences))
+    what = "input moments and output gradients (forward and backward" + (
+      ")" if some == len(blocks) else f" of {some})"
+    )
   else:
     h = {} if kept else calibration.input_moments(
       model, source, blocks, s.calib.batch_size, progress=True

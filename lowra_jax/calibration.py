@@ -63,19 +63,23 @@ class CalibConfig:
   """Calibration data for `QuantConfig.calibration` other than "none" (config section ``calib``).
 
   sequences: blocks of seq_len tokens run through the dense model, evenly spaced over the data
-  (all of them when it has fewer). batch_size: blocks per forward pass. split: the split of
-  ``config.data.path`` to read; None: the training split (``config.data.split``).
+  (all of them when it has fewer). gradient_sequences: with ``quant.calibration="fisher"``, how
+  many of those blocks (evenly spaced) give the output gradients (`fisher_moments`; the
+  backward's cost grows with them, the input moments still come from all). batch_size: blocks
+  per forward pass. split: the split of ``config.data.path`` to read; None: the training split
+  (``config.data.split``).
   """
 
   sequences: int = 256
+  gradient_sequences: int = 256
   batch_size: int = 8
   split: str | None = None
 
   def __post_init__(self):
-    if self.sequences < 1 or self.batch_size < 1:
+    if min(self.sequences, self.gradient_sequences, self.batch_size) < 1:
       raise ValueError(
-        f"sequences={self.sequences}, batch_size={self.batch_size} — use values >= 1, "
-        "e.g. sequences=256, batch_size=8."
+        f"sequences={self.sequences}, gradient_sequences={self.gradient_sequences}, "
+        f"batch_size={self.batch_size} — use values >= 1, e.g. 256, 16 and 8."
       )
 
 
@@ -431,6 +435,29 @@ def output_gradients(
   return h | {
     pipeline.output_key(k): np.asarray(v / forward.tokens, np.float32) for k, v in total.items()
   }
+
+
+def fisher_moments(
+  model: llama.Llama,
+  source,
+  blocks: np.ndarray,
+  batch_size: int,
+  gradient_sequences: int,
+  *,
+  progress: bool = False,
+  moments: bool = True,
+) -> dict[str, np.ndarray]:
+  """What `QuantConfig.calibration="fisher"` weighs by: `output_gradients` of
+  `spread(blocks, gradient_sequences)` and, with `moments`, `input_moments` of all of `blocks`
+  (from the gradients' first forward when those are all the blocks, else one forward of its
+  own)."""
+  some = spread(blocks, gradient_sequences)
+  if len(some) == len(blocks):
+    return output_gradients(model, source, blocks, batch_size, progress=progress, moments=moments)
+  g = output_gradients(model, source, some, batch_size, progress=progress)
+  if moments:
+    g |= input_moments(model, source, blocks, batch_size, progress=progress)
+  return g
 
 
 # `LayerCovariances` keeps every layer's covariances when all of them take at most this many bytes

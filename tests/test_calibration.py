@@ -541,6 +541,8 @@ def test_calibration_needs_a_fitted_method():
     QuantConfig(calibration="hessian")
   with pytest.raises(ValueError, match="sequences=0"):
     calibration.CalibConfig(sequences=0)
+  with pytest.raises(ValueError, match="gradient_sequences=0"):
+    calibration.CalibConfig(gradient_sequences=0)
 
 
 def _unit_outputs(params) -> dict[str, np.ndarray]:
@@ -645,6 +647,32 @@ def test_output_gradients_with_moments_also_give_the_forwards_input_moments(path
     assert_close_at_scale(both[key], expected, bound, err_msg=key)
   for key, v in g.items():
     np.testing.assert_array_equal(both[key], v, err_msg=key)
+
+
+def test_fisher_moments_take_gradients_of_a_spread_subset_and_moments_of_every_block():
+  """`fisher_moments` with `gradient_sequences` below the block count: the output gradients of
+  `spread(blocks, 3)` against the whole model's `jax.grad` of those blocks, the input moments of
+  all 7 blocks against the float64 numpy forward (the two tests above' bounds); with as many as
+  there are blocks, `output_gradients(moments=True)` of all of them."""
+  model, params = llama.load_pretrained(_need(STORIES), dtype=jnp.float32)
+  source = CheckpointSource(STORIES)
+  both = calibration.fisher_moments(model, source, _BLOCKS, 3, gradient_sequences=3)
+  some = calibration.spread(_BLOCKS, 3)
+  grads = _whole_model_output_gradients(model, params, some, batch_size=3)
+  moments = _numpy_forward_moments(model.config, params, _BLOCKS[:, :-1])
+  assert set(both) == set(grads) | set(moments)
+  t = _BLOCKS.shape[1] - 1
+  bound = 4 * f32_sum_random(llama_grad_terms(model.config, 3, t)) + f32_sum(some.size)
+  for key, expected in grads.items():
+    assert_close_at_scale(both[key], expected, bound, err_msg=key)
+  bound = 2 * f32_sum_random(llama_terms(model.config, t))
+  for key, expected in moments.items():
+    assert_close_at_scale(both[key], expected, bound, err_msg=key)
+  every = calibration.fisher_moments(model, source, _BLOCKS, 3, gradient_sequences=7)
+  once = calibration.output_gradients(model, source, _BLOCKS, 3, moments=True)
+  assert set(every) == set(once)
+  for key, v in once.items():
+    np.testing.assert_array_equal(every[key], v, err_msg=key)
 
 
 def test_streamed_output_gradients_hold_one_layer_on_the_device():
