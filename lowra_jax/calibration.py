@@ -71,7 +71,7 @@ class CalibConfig:
   """
 
   sequences: int = 256
-  gradient_sequences: int = 256
+  gradient_sequences: int = 16
   batch_size: int = 8
   split: str | None = None
 
