@@ -7,8 +7,8 @@ also weighted by its output gradients' second moment over `--gradient_sequences`
 each with the `--rounding`s asked for ("gptq": codes by error feedback through the inputs'
 covariances, `QuantConfig.rounding`; "gptq+refit": then each channel's levels refitted to those
 codes, `QuantConfig.refit`), perplexity of the quantized base over networkx_eval; NF-k rows as
-the reference. Each row is appended to `--out`
-(JSONL) as it is measured and printed as a table at the end.
+the reference. Each row is appended to `--out` (JSONL) as it is measured and printed as a table
+at the end.
 
     python benchmarks/calibration.py --out=runs/calibration.jsonl            # 1.5, 2, 2.5, 3
     python benchmarks/calibration.py --calibrations=kernel --rounding=nearest,gptq --out=FILE
