@@ -18,10 +18,11 @@ fine-tuned inference). Each method runs in its own subprocess, so each peak memo
 `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
 dispatch setting in one call).
 
-`--layouts=planes,words` runs each quantized method also in the word layout
+`--layouts=planes,words,fused` runs each quantized method also in the word layout
 (`quantize.to_word_layout`, converted on the device after quantizing: `word_gemv` at batch <= 4,
 `word_mma` up to `quantized_ops.word_rows()` (`--tuning='{"word_max_rows": 64}'`), XLA-dequantized
-weights above); rows say which.
+weights above) and, `fused`, with the q/k/v and gate/up kernels fused into one each
+(`generate.word_form`: what generation decodes from up to 4 prompts); rows say which.
 
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -68,7 +70,6 @@ from lowra_jax.quantize import (
   bits_per_param,
   quantize_params,
   recommended_precisions,
-  to_word_layout,
 )
 
 SHAPES = shapes.SHAPES | {"tiny": llama.LlamaConfig(512, 256, 688, 4, 8, 4, 32)}  # tiny: CPU
@@ -163,8 +164,10 @@ def worker(args) -> None:
   """Measures one method at every batch size; prints one JSON row per batch on stdout."""
   start = time.perf_counter()
   model, variables = build(args.shape, args.worker, args.layers, args.tiled, args.lowra_fields)
-  if args.worker_layout == "words":
-    variables = jax.jit(to_word_layout, donate_argnums=0)(variables)
+  layout = args.worker_layout
+  if layout in ("words", "fused"):
+    convert = functools.partial(gen.word_form, fuse=layout == "fused")
+    variables["quant"] = jax.jit(convert, donate_argnums=0)(variables["quant"])
   jax.block_until_ready(variables)
   weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
   bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0
@@ -186,7 +189,7 @@ def worker(args) -> None:
     assert int(out.cache.index) == args.prompt + args.new
     seconds = median_seconds(context, decode, args.repeat)
     row = {
-      "method": args.worker + (" (words)" if args.worker_layout == "words" else ""),
+      "method": args.worker + ("" if layout == "planes" else f" ({layout})"),
       "shape": args.shape,
       "batch": batch,
       "tokens_per_s": batch * args.new / seconds,
@@ -273,13 +276,13 @@ def main() -> None:
   parser.add_argument("--out", default="", help="write the rows as JSON here")
   add_tuning_flag(parser)
   parser.add_argument(
-    "--layouts", default="planes", help="planes,words: quantized methods in these layouts"
+    "--layouts", default="planes", help="planes,words,fused: quantized methods in these layouts"
   )
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   parser.add_argument("--worker_layout", default="planes", help=argparse.SUPPRESS)
   args = parser.parse_args()
   methods = cli.parse_list(args.methods, "--methods", METHODS)
-  layouts = cli.parse_list(args.layouts, "--layouts", ("planes", "words"))
+  layouts = cli.parse_list(args.layouts, "--layouts", ("planes", "words", "fused"))
   args.batches = cli.parse_list(args.batches, "--batches", convert=int)
   cli.positive("--batches", *args.batches)
   for flag in ("prompt", "new", "repeat"):

@@ -16,7 +16,9 @@ A model's variables live in three pytrees that are never mixed:
 
 A `QLoRALinear` computes ``y = x @ W (+ bias) + (alpha / rank) * dropout(x) @ A @ B`` where W comes
 from ``quant`` when the module has a quantized kernel there and from ``params`` otherwise, and the
-adapter term is present when ``lora`` holds one for the module.
+adapter term is present when ``lora`` holds one for the module. Sibling projections whose kernels
+were fused for decoding (`quantize.fusion`) get ``x @ W`` as ``base``, their slice of the fused
+kernel's output (`fused_outputs`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lowra_jax.quantize import (
   QuantConfig,
   QuantReport,
   dequantize_params,
+  fused_name,
   is_quantized,
   quantize_params,
 )
@@ -131,9 +134,12 @@ class QLoRALinear(nn.Module):
   in_remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, base: jax.Array | None = None) -> jax.Array:
+    """base: x @ W already computed ([..., features] in `dtype`, a fused kernel's slice)."""
     x = x.astype(self.dtype)
-    if self.has_variable("quant", "kernel"):
+    if base is not None:
+      y = base
+    elif self.has_variable("quant", "kernel"):
       y = quantized_matmul(x, self.get_variable("quant", "kernel"), keep_weight=self.in_remat)
     else:
       init = nn.initializers.lecun_normal()
@@ -155,6 +161,18 @@ class QLoRALinear(nn.Module):
     a, b = (self.get_variable(collection, name).astype(self.dtype) for name in (a, b))
     h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(self.dtype)
     return (jnp.dot(h, b, preferred_element_type=jnp.float32) * self.lora.scale).astype(self.dtype)
+
+
+def fused_outputs(
+  module: nn.Module, x: jax.Array, names: tuple[str, ...], widths: tuple[int, ...], dtype
+) -> list[jax.Array | None]:
+  """x @ W of each sibling projection in `names` ([..., width] in `dtype`) from their fused kernel
+  in `module`'s ``quant`` collection (`quantize.fusion.fuse_siblings`), or Nones without one."""
+  name = fused_name(names)
+  if not module.has_variable("quant", name):
+    return [None] * len(names)
+  y = quantized_matmul(x.astype(dtype), module.get_variable("quant", name))
+  return jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
 
 
 def _partition(tree, keep) -> tuple[dict, dict]:

@@ -38,10 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowra_jax.lora import LoraConfig, QLoRALinear
+from lowra_jax.lora import LoraConfig, QLoRALinear, fused_outputs
 from lowra_jax.models import weights
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# Sibling projections that read one input, by parent module: their quantized kernels may be fused
+# into one for decoding (`quantize.fuse_siblings`, `generate.decode_layout`).
+FUSED_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +254,11 @@ class Attention(nn.Module):
     cfg = self.config
     b, t, _ = x.shape
     heads, kv, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = self._proj(heads * dim, "q_proj")(x).reshape(b, t, heads, dim)
-    k = self._proj(kv * dim, "k_proj")(x).reshape(b, t, kv, dim)
-    v = self._proj(kv * dim, "v_proj")(x).reshape(b, t, kv, dim)
+    names = FUSED_PROJECTIONS["self_attn"]
+    fused = fused_outputs(self, x, names, (heads * dim, kv * dim, kv * dim), self.dtype)
+    q = self._proj(heads * dim, "q_proj")(x, fused[0]).reshape(b, t, heads, dim)
+    k = self._proj(kv * dim, "k_proj")(x, fused[1]).reshape(b, t, kv, dim)
+    v = self._proj(kv * dim, "v_proj")(x, fused[2]).reshape(b, t, kv, dim)
     q = apply_rotary(q, cos, sin).reshape(b, t, kv, heads // kv, dim)
     k = apply_rotary(k, cos, sin)
     if kv_cache is not None:
@@ -293,8 +298,10 @@ class MLP(nn.Module):
         name=name,
       )
 
-    gate = proj(cfg.intermediate_size, "gate_proj")(x)
-    up = proj(cfg.intermediate_size, "up_proj")(x)
+    width = cfg.intermediate_size
+    fused = fused_outputs(self, x, FUSED_PROJECTIONS["mlp"], (width, width), self.dtype)
+    gate = proj(width, "gate_proj")(x, fused[0])
+    up = proj(width, "up_proj")(x, fused[1])
     return proj(cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
 
 

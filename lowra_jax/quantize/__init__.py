@@ -30,6 +30,7 @@ from lowra_jax.quantize.pipeline import (
   quantize_stream,
   quantize_tensor,
 )
+from lowra_jax.quantize.fusion import concat_channels, fuse_siblings, fused_name
 from lowra_jax.quantize.precision import solve_budget
 from lowra_jax.quantize.qtensor import (
   BitsPerParam,
@@ -57,11 +58,14 @@ __all__ = [
   "WIDE_PRECISIONS",
   "WordBucket",
   "bits_per_param",
+  "concat_channels",
   "default_filter",
   "dequantize",
   "dequantize_buckets",
   "dequantize_channels",
   "dequantize_params",
+  "fuse_siblings",
+  "fused_name",
   "is_quantized",
   "nf_levels",
   "quantize_and_dequantize",

@@ -1,0 +1,102 @@
+"""Fused sibling projections (`quantize.fusion`), against float64 numpy and the unfused model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_word_gemv import dense64, gemv_bound, quantized
+from tiny_model import tiny_model
+
+from lowra_jax import generate as gen
+from lowra_jax import quantize
+from lowra_jax.models import llama
+from pallas_kernels import backend, quantized_matmul
+
+PIECES = [("mixed 1.5", 72, 0), ("mixed 1.5", 40, 1), ("2 bits", 24, 2)]  # name, N, seed
+
+
+def pieces():
+  return [quantized(name, n=n, seed=seed) for name, n, seed in PIECES]
+
+
+@pytest.mark.parametrize("layout", ["planes", "words"])
+def test_concat_channels_dequantizes_to_the_pieces_side_by_side(layout):
+  parts = pieces()
+  if layout == "words":
+    parts = [quantize.to_word_layout(p) for p in parts]
+  fused = quantize.concat_channels(parts)
+  assert fused.shape == (128, 136)
+  want = np.concatenate([dense64(p) for p in pieces()], axis=1)
+  got = np.asarray(quantize.dequantize(fused, jnp.float32), np.float64)
+  np.testing.assert_allclose(got, want, rtol=2.0**-23, atol=0)  # float32 level * scale
+  np.testing.assert_array_equal(
+    fused.channel_bits(), np.concatenate([p.channel_bits() for p in parts])
+  )
+
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.parametrize("impl", ["interpret"] + (["triton"] if ON_GPU else []))
+@pytest.mark.parametrize("m", [1, 4])
+def test_fused_word_gemv_matches_float64(m, impl):
+  """All buckets of three tensors in one `word_gemv` launch, columns in the pieces' order."""
+  fused = quantize.concat_channels([quantize.to_word_layout(p) for p in pieces()])
+  w = np.concatenate([dense64(p) for p in pieces()], axis=1)
+  x = jax.random.normal(jax.random.key(m), (m, w.shape[0])).astype(jnp.bfloat16)
+  y = quantized_matmul(x, fused, backend=impl).astype(jnp.float32)
+  x64 = np.asarray(x, np.float64)
+  scale = np.abs(x64) @ np.abs(w)
+  bf16_out = 2.0**-8 * np.abs(x64 @ w)  # the output's rounding to x's dtype
+  assert (np.abs(np.asarray(y, np.float64) - x64 @ w) <= gemv_bound(1) * scale + bf16_out).all()
+
+
+def test_concat_channels_rejects_other_input_widths():
+  with pytest.raises(ValueError, match="one input width, group size"):
+    quantize.concat_channels([quantized("2 bits"), quantized("2 bits", k=96)])
+
+
+def test_fuse_siblings_moves_kernels_and_keeps_the_rest():
+  q, k, v = pieces()
+  bias = jnp.ones(72)
+  tree = {
+    "0": {
+      "self_attn": {
+        "q_proj": {"kernel": q, "bias": bias},
+        "k_proj": {"kernel": k},
+        "v_proj": {"kernel": v},
+        "o_proj": {"kernel": q},
+      },
+      "mlp": {"gate_proj": {"kernel": q}, "up_proj": {"kernel": quantized("2 bits", k=96)}},
+    }
+  }
+  out = quantize.fuse_siblings(tree, llama.FUSED_PROJECTIONS)
+  attn = out["0"]["self_attn"]
+  assert sorted(attn) == ["o_proj", "q_proj", "q_proj+k_proj+v_proj"]
+  assert attn["q_proj"] == {"bias": bias} and attn["o_proj"]["kernel"] is q
+  assert attn["q_proj+k_proj+v_proj"].shape == (128, 136)
+  assert out["0"]["mlp"] == tree["0"]["mlp"]  # gate and up read inputs of different widths
+
+
+LOWRA = quantize.QuantConfig(method="lowra", budget=1.5, precisions=(1, 2), group_size=32)
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_model_with_fused_projections_matches_unfused(tokens):
+  """The tiny model with non-zero adapters, decode-sized (4 rows: `word_gemv`) and prefill-sized
+  (64 rows: weights dequantized by XLA) inputs: the fused kernels give the unfused logits up to
+  float32 summation order (the split ranges differ with the launch's width)."""
+  model, _, _, variables, adapters, batch = tiny_model(quant=LOWRA)
+  inputs = batch["inputs"][:, :tokens]
+  backend.set_default("interpret")
+  try:
+    fused = gen.decode_layout(variables, 4)
+    unfused = gen.decode_layout(variables, 4, fuse=False)
+    layer = fused["quant"]["model"]["layers"]["0"]
+    assert set(layer["self_attn"]) == {"o_proj", "q_proj+k_proj+v_proj"}
+    assert set(layer["mlp"]) == {"down_proj", "gate_proj+up_proj"}
+    got, want = (model.apply(v | {"lora": adapters}, inputs) for v in (fused, unfused))
+  finally:
+    backend.set_default("auto")
+  want = np.asarray(want, np.float64)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=1e-5 * abs(want).max())
