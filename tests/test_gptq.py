@@ -33,14 +33,14 @@ def _output_error(w, w_hat, cov):
   return float(np.trace(d.T @ cov.astype(np.float64) @ d))
 
 
-def _gptq_reference(w, cov, qt):
+def _gptq_reference(w, cov, qt, damp):
   """float64 numpy GPTQ with the tensor's own tables, scales and bucket order: rows by
-  decreasing H_kk, U = upper Cholesky factor of (H + 1 % mean(diag H) I)^-1, nearest level of
+  decreasing H_kk, U = upper Cholesky factor of (H + damp mean(diag H) I)^-1, nearest level of
   each channel's table, w_j -= U_ij (w_i - q_i) / U_ii. Returns the codes per bucket [K, Nb]."""
   k, n = w.shape
   perm = np.arange(n) if qt.perm is None else np.asarray(qt.perm, np.int64)
   wb = np.asarray(w, np.float64)[:, perm]
-  h = cov.astype(np.float64) + pipeline.GPTQ_DAMP * np.mean(np.diag(cov)) * np.eye(k)
+  h = cov.astype(np.float64) + damp * np.mean(np.diag(cov)) * np.eye(k)
   order = np.argsort(-np.diag(cov), kind="stable")
   u = np.linalg.cholesky(np.linalg.inv(h[np.ix_(order, order)])).T
   wb = wb[order]
@@ -63,8 +63,12 @@ def _gptq_reference(w, cov, qt):
 
 @pytest.mark.parametrize(
   "kw,k",
-  [(dict(method="lloyd", bits=2), 128), (dict(budget=1.5), 100), (dict(budget=2.0), 320)],
-  ids=["lloyd2", "lowra1.5", "lowra2-blocks"],
+  [
+    (dict(method="lloyd", bits=2), 128),
+    (dict(budget=1.5), 100),
+    (dict(budget=2.0, gptq_damp=0.01), 320),
+  ],
+  ids=["lloyd2", "lowra1.5", "lowra2-blocks-damp0.01"],
 )
 def test_gptq_codes_match_float64_numpy_and_cut_the_output_error(kw, k):
   """Same tables, scales and buckets as nearest rounding; codes as float64 GPTQ picks them (a
@@ -79,7 +83,7 @@ def test_gptq_codes_match_float64_numpy_and_cut_the_output_error(kw, k):
   for b, c in zip(qt.buckets, near.buckets, strict=True):
     np.testing.assert_array_equal(np.asarray(b.tables), np.asarray(c.tables))
     np.testing.assert_array_equal(np.asarray(b.scales.dequantize()), np.asarray(c.scales.dequantize()))
-  ref_codes = _gptq_reference(w, cov, qt)
+  ref_codes = _gptq_reference(w, cov, qt, kw.get("gptq_damp", QuantConfig().gptq_damp))
   got = [np.asarray(packing.unpack(b.planes, b.bits))[:k] for b in qt.buckets]
   agree = np.mean(np.concatenate([(g == r).ravel() for g, r in zip(got, ref_codes, strict=True)]))
   assert agree >= 0.99, agree

@@ -175,9 +175,20 @@ def _absmax(w, *, group_size: int):
   return scaling.group_absmax(scaling.pad_rows(w.astype(jnp.float32), group_size), group_size)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "dense", "refit_levels"))
+@functools.partial(
+  jax.jit, static_argnames=("group_size", "dense", "refit_levels", "gptq_damp")
+)
 def _encode(
-  w, perm, scale, tables, cov=None, *, group_size: int, dense: bool, refit_levels: int = 0
+  w,
+  perm,
+  scale,
+  tables,
+  cov=None,
+  *,
+  group_size: int,
+  dense: bool,
+  refit_levels: int = 0,
+  gptq_damp: float = 0.1,
 ):
   """Codes and exact errors of the stored format.
 
@@ -191,6 +202,7 @@ def _encode(
     dense: also return the dequantized kernel.
     refit_levels: 0, or (with `cov`) the most levels a channel has: its tables are then refitted
       to the codes (`_refit_tables`, `QuantConfig.refit`).
+    gptq_damp: `QuantConfig.gptq_damp` (with `cov`).
 
   Returns:
     codes uint8 [K_pad, N] (permuted), squared error float32 [N] (permuted), (`dense`) the
@@ -202,7 +214,7 @@ def _encode(
   if cov is None:
     codes = mapping.nearest_codes(_normalised(wp, se).T, tables)
   else:
-    codes = _gptq_codes(wp, se, tables, cov).T
+    codes = _gptq_codes(wp, se, tables, cov, gptq_damp).T
     if refit_levels:
       tables, codes = _refit_tables(wp, se, codes, cov, tables, refit_levels)
   w_hat = mapping.lookup(tables, codes).T * se
@@ -267,20 +279,15 @@ def _normalised(w, se):
   return jnp.where(se != 0, w / jnp.where(se != 0, se, 1.0), 0.0)
 
 
-# Of the mean diagonal, added to H's diagonal. GPTQ's own 0.01 fits the calibration blocks more
-# closely and fine-tunes worse: 0.1 gave pycode-17m -0.045 / -0.014 / -0.008 ppl at 1.5 / 2 / 2.5
-# bits (docs/results.md, "GPTQ's damping").
-GPTQ_DAMP = 0.1
-
-
 GPTQ_BLOCK = 128  # rows rounded between two whole-kernel updates (GPTQ's lazy batch updates)
 
 
-def _gptq_codes(wp, se, tables, cov):
+def _gptq_codes(wp, se, tables, cov, damp: float):
   """uint8 [K_pad, N] codes chosen by GPTQ's row-by-row error feedback.
 
   wp: float32 [K_pad, N] weights (padding rows 0), se: float32 [K_pad, N] their scales, tables:
-  float32 [N, 16]; cov: float32 [K, K] input covariance H. Rows are rounded in order of
+  float32 [N, 16]; cov: float32 [K, K] input covariance H; damp: the multiple of H's mean
+  diagonal added to its diagonal. Rows are rounded in order of
   decreasing H_kk; with U the upper Cholesky factor of (H + damp I)^-1 in that order, rounding
   row i to q_i feeds e = (w_i - q_i) / U_ii into the remaining rows as w_j -= U_ij e. Rows with
   H_kk = 0 (inputs never seen) and padding rows get H_kk = 1 and no coupling: nearest levels.
@@ -291,7 +298,7 @@ def _gptq_codes(wp, se, tables, cov):
   diag = jnp.diagonal(h)
   live = diag > 0
   h = jnp.where(live[:, None] & live[None, :], h, 0.0)
-  h = h + jnp.diag(jnp.where(live, GPTQ_DAMP * jnp.sum(diag) / jnp.maximum(live.sum(), 1), 1.0))
+  h = h + jnp.diag(jnp.where(live, damp * jnp.sum(diag) / jnp.maximum(live.sum(), 1), 1.0))
   order = jnp.argsort(-jnp.where(live, diag, -1.0), stable=True)
   h = h[order][:, order]
   # H = V V^T with V upper (the Cholesky factor of H with rows and columns reversed, reversed
@@ -414,6 +421,7 @@ def _encode_and_pack(
     group_size=cfg.group_size,
     dense=dense,
     refit_levels=2 ** max(present) if refit else 0,
+    gptq_damp=cfg.gptq_damp,
   )
   codes, err = np.asarray(codes), np.asarray(err)
   if refit:  # per-channel tables (`validate`: no shared ones), float16 values
