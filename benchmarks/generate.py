@@ -21,8 +21,8 @@ dispatch setting in one call).
 `--layouts=planes,words,fused` runs each quantized method also in the word layout
 (`quantize.to_word_layout`, converted on the device after quantizing: `word_gemv` at batch <= 4,
 `word_mma` up to `quantized_ops.word_rows()` (`--tuning='{"word_max_rows": 64}'`), XLA-dequantized
-weights above) and, `fused`, with the q/k/v and gate/up kernels fused into one each
-(`generate.word_form`: what generation decodes from up to 4 prompts); rows say which.
+weights above) and, `fused`, with the q/k/v and gate/up kernels (and adapters) fused into one
+each (`generate.word_form`: what generation decodes from up to 4 prompts); rows say which.
 
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
@@ -167,7 +167,8 @@ def worker(args) -> None:
   layout = args.worker_layout
   if layout in ("words", "fused"):
     convert = functools.partial(gen.word_form, fuse=layout == "fused")
-    variables["quant"] = jax.jit(convert, donate_argnums=0)(variables["quant"])
+    parts = {k: variables.pop(k) for k in ("quant", "lora") if k in variables}
+    variables |= jax.jit(convert, donate_argnums=0)(parts)
   jax.block_until_ready(variables)
   weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
   bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0

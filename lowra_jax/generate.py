@@ -21,9 +21,9 @@ inside the loop, traced only when asked for.
 
 `decode_layout(variables, batch)` puts the packed base in the word layout where the GPU kernels
 decode it faster (`quantize.to_word_layout`: batch <= `quantized_ops.word_rows()` rows, 1- and
-2-bit tensors) and fuses the kernels of sibling projections (q/k/v, gate/up:
-`quantize.fuse_siblings` by `llama.FUSED_PROJECTIONS`) into one launch each: generate.py does so
-before generating.
+2-bit tensors) and fuses the kernels and adapters of sibling projections (q/k/v, gate/up:
+`fusion.fuse_for_decoding` by `llama.FUSED_PROJECTIONS`) into one launch each: generate.py does
+so before generating.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from lowra_jax import fusion
 from lowra_jax.models.llama import FUSED_PROJECTIONS, KVCache, Llama
-from lowra_jax.quantize import fuse_siblings, to_word_layout
+from lowra_jax.quantize import to_word_layout
 from pallas_kernels import backend as kernel_backend
 from pallas_kernels import quantized_ops
 
@@ -67,19 +68,21 @@ def decode_layout(variables: dict, batch: int, fuse: bool = True) -> dict:
   """`variables` with the packed base ("quant") in the word layout if the word kernels would
   decode it: at most `quantized_ops.word_rows()` rows (`word_gemv`, then `word_mma`) and the
   Pallas kernels (Triton on a GPU; "interpret"), else unchanged. The prefill then multiplies
-  weights dequantized by XLA. `fuse`: also fuse sibling projections' kernels (module docstring)."""
+  weights dequantized by XLA. `fuse`: also fuse sibling projections' kernels and adapters
+  (module docstring)."""
   kernels = kernel_backend.resolve("auto") in ("triton", "interpret")
   if "quant" not in variables or batch > quantized_ops.word_rows() or not kernels:
     return variables
-  convert = jax.jit(functools.partial(word_form, fuse=fuse))
-  return {**variables, "quant": convert(variables["quant"])}
+  parts = {k: variables[k] for k in ("quant", "lora") if k in variables}  # what changes
+  return {**variables, **jax.jit(functools.partial(word_form, fuse=fuse))(parts)}
 
 
-def word_form(quant, fuse: bool = True):
-  """The packed base (a ``quant`` tree) in the word layout, with sibling projections' kernels fused
-  when `fuse` (traceable; `decode_layout` applies it where it pays)."""
-  words = to_word_layout(quant)
-  return fuse_siblings(words, FUSED_PROJECTIONS) if fuse else words
+def word_form(variables: dict, fuse: bool = True) -> dict:
+  """`variables` (at least "quant") with the packed base in the word layout and, when `fuse`,
+  sibling projections' kernels and adapters ("lora") fused (`fusion.fuse_for_decoding`).
+  Traceable; `decode_layout` applies it where it pays."""
+  out = {**variables, "quant": to_word_layout(variables["quant"])}
+  return fusion.fuse_for_decoding(out, FUSED_PROJECTIONS) if fuse else out
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:

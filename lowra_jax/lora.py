@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowra_jax import loftq
+from lowra_jax.fusion import fused_name
 from lowra_jax.quantize import (
   QuantConfig,
   QuantReport,
   dequantize_params,
-  fused_name,
   is_quantized,
   quantize_params,
 )
@@ -157,21 +157,36 @@ class QLoRALinear(nn.Module):
     return y
 
   def _low_rank(self, x: jax.Array, collection: str, a: str, b: str) -> jax.Array:
-    """(alpha / rank) * x @ a @ b in `dtype`, each product accumulated in float32."""
-    a, b = (self.get_variable(collection, name).astype(self.dtype) for name in (a, b))
-    h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(self.dtype)
-    return (jnp.dot(h, b, preferred_element_type=jnp.float32) * self.lora.scale).astype(self.dtype)
+    a, b = (self.get_variable(collection, name) for name in (a, b))
+    return adapter_term(x, a, b, self.lora.scale, self.dtype)
+
+
+def adapter_term(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype) -> jax.Array:
+  """scale * x @ a @ b in `dtype`, each product accumulated in float32."""
+  a, b = a.astype(dtype), b.astype(dtype)
+  h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(dtype)
+  return (jnp.dot(h, b, preferred_element_type=jnp.float32) * scale).astype(dtype)
 
 
 def fused_outputs(
-  module: nn.Module, x: jax.Array, names: tuple[str, ...], widths: tuple[int, ...], dtype
+  module: nn.Module,
+  x: jax.Array,
+  names: tuple[str, ...],
+  widths: tuple[int, ...],
+  dtype,
+  lora: LoraConfig | None,
 ) -> list[jax.Array | None]:
   """x @ W of each sibling projection in `names` ([..., width] in `dtype`) from their fused kernel
-  in `module`'s ``quant`` collection (`quantize.fusion.fuse_siblings`), or Nones without one."""
+  in `module`'s ``quant`` collection, plus their fused adapters' terms where ``lora`` holds them
+  (`fusion.fuse_for_decoding`: decoding only, no dropout); Nones without a fused kernel."""
   name = fused_name(names)
   if not module.has_variable("quant", name):
     return [None] * len(names)
-  y = quantized_matmul(x.astype(dtype), module.get_variable("quant", name))
+  x = x.astype(dtype)
+  y = quantized_matmul(x, module.get_variable("quant", name))
+  if lora is not None and module.has_variable("lora", name):
+    adapters = module.get_variable("lora", name)
+    y = y + adapter_term(x, adapters["a"], adapters["b"], lora.scale, dtype)
   return jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
 
 

@@ -1,4 +1,5 @@
-"""Fused sibling projections (`quantize.fusion`), against float64 numpy and the unfused model."""
+"""Fused sibling projections (`quantize.concat_channels`, `lowra_jax.fusion`), against float64
+numpy and the unfused model."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import pytest
 from test_word_gemv import dense64, gemv_bound, quantized
 from tiny_model import tiny_model
 
+from lowra_jax import fusion, quantize
 from lowra_jax import generate as gen
-from lowra_jax import quantize
 from lowra_jax.models import llama
 from pallas_kernels import backend, quantized_matmul
 
@@ -56,10 +57,11 @@ def test_concat_channels_rejects_other_input_widths():
     quantize.concat_channels([quantized("2 bits"), quantized("2 bits", k=96)])
 
 
-def test_fuse_siblings_moves_kernels_and_keeps_the_rest():
-  q, k, v = pieces()
+def test_fusion_moves_kernels_and_adapters_and_keeps_the_rest():
+  q, k, v = (quantize.to_word_layout(p) for p in pieces())
   bias = jnp.ones(72)
-  tree = {
+  other = quantize.to_word_layout(quantized("2 bits", k=96))
+  quant = {
     "0": {
       "self_attn": {
         "q_proj": {"kernel": q, "bias": bias},
@@ -67,15 +69,37 @@ def test_fuse_siblings_moves_kernels_and_keeps_the_rest():
         "v_proj": {"kernel": v},
         "o_proj": {"kernel": q},
       },
-      "mlp": {"gate_proj": {"kernel": q}, "up_proj": {"kernel": quantized("2 bits", k=96)}},
+      "mlp": {"gate_proj": {"kernel": q}, "up_proj": {"kernel": other}},
     }
   }
-  out = quantize.fuse_siblings(tree, llama.FUSED_PROJECTIONS)
-  attn = out["0"]["self_attn"]
+  rng = np.random.default_rng(0)
+  lora = {
+    "0": {
+      name: {"a": rng.normal(size=(128, r)).astype(np.float32), "b": rng.normal(size=(r, n))}
+      for name, r, n in [("q_proj", 2, 72), ("k_proj", 3, 40), ("v_proj", 2, 24)]
+    }
+  }
+  lora = jax.tree.map(lambda a: np.asarray(a, np.float32), lora)
+  lora["0"] = {"self_attn": lora["0"], "mlp": {"gate_proj": {"a": 0, "b": 0}}}
+  out = fusion.fuse_for_decoding({"quant": quant, "lora": lora}, llama.FUSED_PROJECTIONS)
+  attn = out["quant"]["0"]["self_attn"]
   assert sorted(attn) == ["o_proj", "q_proj", "q_proj+k_proj+v_proj"]
   assert attn["q_proj"] == {"bias": bias} and attn["o_proj"]["kernel"] is q
   assert attn["q_proj+k_proj+v_proj"].shape == (128, 136)
-  assert out["0"]["mlp"] == tree["0"]["mlp"]  # gate and up read inputs of different widths
+  assert out["quant"]["0"]["mlp"] == quant["0"]["mlp"]  # gate and up read inputs of two widths
+  assert out["lora"]["0"]["mlp"] == lora["0"]["mlp"]  # adapters fused only with their kernels
+  (fused,) = out["lora"]["0"]["self_attn"].values()
+  x = rng.normal(size=(3, 128))
+  pairs = [lora["0"]["self_attn"][n] for n in llama.FUSED_PROJECTIONS["self_attn"]]
+  want = np.concatenate([x @ p["a"] @ p["b"] for p in pairs], axis=1)
+  a, b = (np.asarray(fused[n], np.float64) for n in "ab")
+  np.testing.assert_allclose(x @ a @ b, want, rtol=1e-12)  # exact copies and exact zeros
+
+
+def test_planes_are_not_fused():
+  quant = {"mlp": {n: {"kernel": quantized("2 bits")} for n in ("gate_proj", "up_proj")}}
+  out = fusion.fuse_for_decoding({"quant": quant}, llama.FUSED_PROJECTIONS)
+  assert out["quant"] == quant
 
 
 LOWRA = quantize.QuantConfig(method="lowra", budget=1.5, precisions=(1, 2), group_size=32)
@@ -87,15 +111,17 @@ def test_model_with_fused_projections_matches_unfused(tokens):
   (64 rows: weights dequantized by XLA) inputs: the fused kernels give the unfused logits up to
   float32 summation order (the split ranges differ with the launch's width)."""
   model, _, _, variables, adapters, batch = tiny_model(quant=LOWRA)
+  variables = variables | {"lora": adapters}
   inputs = batch["inputs"][:, :tokens]
   backend.set_default("interpret")
   try:
     fused = gen.decode_layout(variables, 4)
     unfused = gen.decode_layout(variables, 4, fuse=False)
-    layer = fused["quant"]["model"]["layers"]["0"]
-    assert set(layer["self_attn"]) == {"o_proj", "q_proj+k_proj+v_proj"}
-    assert set(layer["mlp"]) == {"down_proj", "gate_proj+up_proj"}
-    got, want = (model.apply(v | {"lora": adapters}, inputs) for v in (fused, unfused))
+    for tree in ("quant", "lora"):
+      layer = fused[tree]["model"]["layers"]["0"]
+      assert set(layer["self_attn"]) == {"o_proj", "q_proj+k_proj+v_proj"}
+      assert set(layer["mlp"]) == {"down_proj", "gate_proj+up_proj"}
+    got, want = (model.apply(v, inputs) for v in (fused, unfused))
   finally:
     backend.set_default("auto")
   want = np.asarray(want, np.float64)

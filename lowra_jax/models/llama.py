@@ -43,7 +43,7 @@ from lowra_jax.models import weights
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # Sibling projections that read one input, by parent module: their quantized kernels may be fused
-# into one for decoding (`quantize.fuse_siblings`, `generate.decode_layout`).
+# into one for decoding, with their adapters (`fusion.fuse_for_decoding`, `generate.decode_layout`).
 FUSED_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
@@ -255,7 +255,8 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     heads, kv, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     names = FUSED_PROJECTIONS["self_attn"]
-    fused = fused_outputs(self, x, names, (heads * dim, kv * dim, kv * dim), self.dtype)
+    widths = (heads * dim, kv * dim, kv * dim)
+    fused = fused_outputs(self, x, names, widths, self.dtype, self.lora)
     q = self._proj(heads * dim, "q_proj")(x, fused[0]).reshape(b, t, heads, dim)
     k = self._proj(kv * dim, "k_proj")(x, fused[1]).reshape(b, t, kv, dim)
     v = self._proj(kv * dim, "v_proj")(x, fused[2]).reshape(b, t, kv, dim)
@@ -299,7 +300,7 @@ class MLP(nn.Module):
       )
 
     width = cfg.intermediate_size
-    fused = fused_outputs(self, x, FUSED_PROJECTIONS["mlp"], (width, width), self.dtype)
+    fused = fused_outputs(self, x, FUSED_PROJECTIONS["mlp"], (width, width), self.dtype, self.lora)
     gate = proj(width, "gate_proj")(x, fused[0])
     up = proj(width, "up_proj")(x, fused[1])
     return proj(cfg.hidden_size, "down_proj")(nn.silu(gate) * up)

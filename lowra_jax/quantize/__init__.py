@@ -30,13 +30,13 @@ from lowra_jax.quantize.pipeline import (
   quantize_stream,
   quantize_tensor,
 )
-from lowra_jax.quantize.fusion import concat_channels, fuse_siblings, fused_name
 from lowra_jax.quantize.precision import solve_budget
 from lowra_jax.quantize.qtensor import (
   BitsPerParam,
   Bucket,
   QuantizedTensor,
   bits_per_param,
+  concat_channels,
   dequantize,
   dequantize_buckets,
   dequantize_channels,
@@ -64,8 +64,6 @@ __all__ = [
   "dequantize_buckets",
   "dequantize_channels",
   "dequantize_params",
-  "fuse_siblings",
-  "fused_name",
   "is_quantized",
   "nf_levels",
   "quantize_and_dequantize",

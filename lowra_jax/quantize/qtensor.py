@@ -1,8 +1,8 @@
 """`QuantizedTensor`: a packed low-bit kernel W[K, N] as a pytree, and its dequantization.
 
-Output channels are grouped by precision into buckets (ascending bits). Bucket j holds Nb_j
-channels; concatenating the buckets' columns gives W[:, perm] (perm: int [N], None when there is a
-single bucket). Per bucket:
+Output channels are grouped by precision into buckets (ascending bits; `concat_channels`' fused
+tensors excepted). Bucket j holds Nb_j channels; concatenating the buckets' columns gives
+W[:, perm] (perm: int [N], None when there is a single bucket). Per bucket:
   planes   uint8 [K_pad * w / 8, Nb] per plane width w (see `packing`), K_pad = K rounded up to the
            group size (padding rows are zero weights; they are stored and counted);
   tables   [T, 2**bits]: T = Nb float16 tables (one per channel), C float16 tables shared through
@@ -16,6 +16,7 @@ on it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -111,6 +112,37 @@ class QuantizedTensor:
     out = np.empty_like(sorted_bits)
     out[np.asarray(self.perm)] = sorted_bits
     return out
+
+
+def concat_channels(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:
+  """[W_1 | W_2 | ...] as one `QuantizedTensor` [K, sum N_i] (traceable): the buckets of every
+  tensor in turn, each with its own levels and scales (codes and bits unchanged; the buckets are
+  then not sorted by precision), and a permutation that puts every bucket column at its channel
+  of the concatenation. Every tensor must have the same K, group size and dtype; output channel
+  c of tensor i is channel N_1 + ... + N_{i-1} + c of the result. For decoding sibling
+  projections in one launch (`lowra_jax.fusion`)."""
+  first = tensors[0]
+  for t in tensors[1:]:
+    if (t.shape[0], t.group_size, t.dtype) != (first.shape[0], first.group_size, first.dtype):
+      raise ValueError(
+        f"concat_channels needs one input width, group size and dtype, not {first.shape} "
+        f"(group {first.group_size}, {first.dtype}) and {t.shape} (group {t.group_size}, "
+        f"{t.dtype})."
+      )
+  widths = [t.shape[1] for t in tensors]
+  offsets = np.cumsum([0, *widths[:-1]])
+  perm = None
+  if any(t.perm is not None for t in tensors):
+    total = sum(widths)
+    dtype = jnp.int16 if total <= np.iinfo(np.int16).max else jnp.int32
+    parts = [
+      (jnp.arange(n, dtype=jnp.int32) if t.perm is None else t.perm.astype(jnp.int32)) + int(o)
+      for t, n, o in zip(tensors, widths, offsets, strict=True)
+    ]
+    perm = jnp.concatenate(parts).astype(dtype)
+  buckets = tuple(b for t in tensors for b in t.buckets)
+  shape = (first.shape[0], sum(widths))
+  return QuantizedTensor(buckets, perm, shape, first.group_size, first.dtype)
 
 
 def dequantize_buckets(qt: QuantizedTensor, dtype=None) -> jax.Array:
