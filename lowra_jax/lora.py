@@ -17,8 +17,8 @@ A model's variables live in three pytrees that are never mixed:
 A `QLoRALinear` computes ``y = x @ W (+ bias) + (alpha / rank) * dropout(x) @ A @ B`` where W comes
 from ``quant`` when the module has a quantized kernel there and from ``params`` otherwise, and the
 adapter term is present when ``lora`` holds one for the module. Sibling projections whose kernels
-were fused for decoding (`quantize.fusion`) get ``x @ W`` as ``base``, their slice of the fused
-kernel's output (`fused_outputs`).
+(and adapters) were fused for decoding (`fusion.fuse_for_decoding`) get their slice of the fused
+output as ``base`` (`fused_outputs`).
 """
 
 from __future__ import annotations
