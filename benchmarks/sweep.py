@@ -50,6 +50,7 @@ from lowra_jax.quantize.config import (
   recommended_calibration,
   recommended_precisions,
   recommended_refit,
+  recommended_rounding,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +155,8 @@ def method_flags(row: Row) -> list[str]:
       flags.append(f"--config.quant.refit={recommended_refit(row.bits)}")
     if recommended_calibration(row.bits) != recommended_calibration(1.5):
       flags.append(f"--config.quant.calibration={recommended_calibration(row.bits)}")
+    if recommended_rounding(row.bits) != recommended_rounding(1.5):
+      flags.append(f"--config.quant.rounding={recommended_rounding(row.bits)}")
     return flags
   return []
 

@@ -26,6 +26,7 @@ from lowra_jax.quantize import (
   recommended_calibration,
   recommended_precisions,
   recommended_refit,
+  recommended_rounding,
 )
 from lowra_jax.sharding import MeshConfig
 from lowra_jax.train_lib import OptimConfig
@@ -80,7 +81,8 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   and each output channel's loss-gradient second moments, fine-tuned -0.03 to -0.10 ppl,
   "Output-gradient (Fisher) weighting"),
   codes rounded by GPTQ's error feedback through the inputs' covariances
-  (``quant.rounding="gptq"``) and LoftQ's rank-r fit of the residual weighed by the same inputs
+  (``quant.rounding="gptq"``; below 4 bits, `quantize.recommended_rounding`: at 4 bits it fine-tunes
+  worse than nearest rounding) and LoftQ's rank-r fit of the residual weighed by the same inputs
   (``lora.loftq_weighting="inputs"``). Each lowers the fine-tuned perplexity at every budget of the
   sweep's A/B but one (GPTQ ties at 1.5 bits; docs/results.md "Calibration: fine-tuned A/B"); GPTQ
   doubles the quantization time (7B shape: 73 s against 36 s, "LoftQ and calibration on the 7B
@@ -96,7 +98,7 @@ def lowra_config(budget: float) -> ml_collections.ConfigDict:
   c.quant.budget = budget
   c.quant.precisions = recommended_precisions(budget)
   c.quant.calibration = recommended_calibration(budget)
-  c.quant.rounding = "gptq"
+  c.quant.rounding = recommended_rounding(budget)
   c.quant.refit = recommended_refit(budget)
   c.lora.loftq_weighting = "inputs"
   return c

@@ -74,6 +74,16 @@ def test_lowra_configs_refit_levels_below_2_bits_only():
     assert config.quant.bucket_sizes == "shape", name
 
 
+def test_lowra_configs_round_by_gptq_below_4_bits_only():
+  """GPTQ's feedback helps fine-tuning up to 2.5 bits and hurts at 4 (docs/results.md)."""
+  from configs.common import lowra_config
+
+  assert [lowra_config(b).quant.rounding for b in (1.15, 2.5, 3.0, 4.0)] == [
+    "gptq", "gptq", "gptq", "nearest"
+  ]
+  run_config.settings(lowra_config(4.0))  # valid: nearest rounding, calibration, weighted LoftQ
+
+
 def test_lowra_configs_weigh_by_output_gradients_where_precisions_differ():
   """Fisher weighting helps fine-tuning below 2 bits ({1, 2}) and between 2 and 4 ({2, 4});
   at exactly 2 bits and from 4 every channel has one precision, and "kernel" saves the backward

@@ -19,6 +19,7 @@ from lowra_jax.quantize.config import (
   recommended_calibration,
   recommended_precisions,
   recommended_refit,
+  recommended_rounding,
 )
 from lowra_jax.quantize.pipeline import (
   LayerReport,
@@ -73,6 +74,7 @@ __all__ = [
   "recommended_calibration",
   "recommended_precisions",
   "recommended_refit",
+  "recommended_rounding",
   "solve_budget",
   "to_word_layout",
 ]

@@ -42,6 +42,18 @@ def recommended_refit(budget: float) -> bool:
   return budget < REFIT_BELOW
 
 
+# GPTQ's error feedback (`QuantConfig.rounding="gptq"`) lowers the fine-tuned perplexity up to 2.5
+# code bits and raises it at 4, where every channel has 4 bits (pycode-17m, the sweep's protocol:
+# -0.05 at 2.5 bits; +0.028 at 4 bits against nearest rounding with the same calibration and
+# LoftQ fit; docs/results.md "GPTQ at 4 bits"). 3 bits are not measured either way.
+GPTQ_BELOW = 4.0
+
+
+def recommended_rounding(budget: float) -> str:
+  """The LowRA configs' `QuantConfig.rounding` at `budget` code bits."""
+  return "gptq" if budget < GPTQ_BELOW else "nearest"
+
+
 # Output-gradient weighting (`QuantConfig.calibration="fisher"`) lowers the fine-tuned perplexity
 # wherever the recommended precisions give it a choice: below 2 code bits ({1, 2}; pycode-17m, the
 # sweep's protocol: -0.08 at 1.5 bits and -0.10 at 1.15 over 3 seeds each) and between 2 and 4
