@@ -45,7 +45,7 @@ def recommended_refit(budget: float) -> bool:
 # GPTQ's error feedback (`QuantConfig.rounding="gptq"`) lowers the fine-tuned perplexity up to 2.5
 # code bits and raises it at 4, where every channel has 4 bits (pycode-17m, the sweep's protocol:
 # -0.05 at 2.5 bits; +0.028 at 4 bits against nearest rounding with the same calibration and
-# LoftQ fit; docs/results.md "GPTQ at 4 bits"). 3 bits are not measured either way.
+# LoftQ fit; docs/results.md "Calibration: fine-tuned A/B"). 3 bits are not measured either way.
 GPTQ_BELOW = 4.0
 
 
