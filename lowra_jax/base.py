@@ -18,7 +18,8 @@ is part of the saved base's. With `quant.rounding="gptq"` each projection's whol
 is computed again from the same blocks, one decoder layer at a time, as each quantizer pass reaches
 that layer (`layer_covariances`; held one layer at a time, never cached), except for models whose
 covariances all fit `calibration.KEEP_ALL_BYTES`: those are kept once computed, one forward serves
-every LoftQ round, and the moments are their diagonals.
+every LoftQ round, and the moments are their diagonals. With `quant.gptq_sequential` the blocks
+reach each layer through the quantized ones before it (two forwards of each layer per pass).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def layer_covariances(s: Settings, model: llama.Llama, blocks):
   if s.quant.rounding != "gptq":
     return None
   return calibration.LayerCovariances(
-    model, CheckpointSource(s.model.path), _calibration_blocks(s, blocks), s.calib.batch_size
+    model, CheckpointSource(s.model.path), _calibration_blocks(s, blocks), s.calib.batch_size,
+    sequential=s.quant.gptq_sequential,
   )
 
 
@@ -277,7 +279,11 @@ def prepare(
   else:  # quant.method "none" (which takes no calibration): the dense base
     qparams, adapters, report = lora.init_lora(load_dense(s), s.quant, s.lora, key)
   if cov is not None:
-    how = "one forward, all kept" if cov.keeps_all else "layer by layer as the quantizer asked"
+    how = (
+      "one forward, all kept" if cov.keeps_all
+      else "through the quantized layers, two forwards of each per pass" if cov.sequential
+      else "layer by layer as the quantizer asked"
+    )
     tqdm.write(f"gptq: input covariances, {how}: {cov.seconds:.1f} s")
   frozen, quant = lora.split_quantized(qparams)
   return Prepared(model, tokenizer, {"params": frozen, "quant": quant}, adapters, report, h)

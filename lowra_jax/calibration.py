@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from lowra_jax.lora import QLoRALinear
 from lowra_jax.models import llama
-from lowra_jax.quantize import pipeline
+from lowra_jax.quantize import QuantizationError, pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +137,13 @@ def _embed(embedding, tokens, *, config: llama.LlamaConfig, dtype):
   return embed.apply({"params": {"embedding": embedding}}, tokens)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "full"), donate_argnums=1)
-def _layer(params, hidden, *, config: llama.LlamaConfig, dtype, full: bool):
+@partial(jax.jit, static_argnames=("config", "dtype", "full", "advance"), donate_argnums=1)
+def _layer(params, hidden, *, config: llama.LlamaConfig, dtype, full: bool, advance: bool = True):
   """One plain `llama.DecoderLayer` (its params) on each batch of `hidden` [n, B, T, d] (donated:
   updated in place), with the rotary tables and causal mask `llama.Llama` uses for unpadded tokens
-  at positions 0..T-1. Returns (its outputs [n, B, T, d], {path in the layer: float32 [in] (`full`:
-  [in, in]), the `_input_sums` of that projection's input added over the batches in float32})."""
+  at positions 0..T-1. Returns (its outputs [n, B, T, d] (`advance=False`: `hidden` as it was),
+  {path in the layer: float32 [in] (`full`: [in, in]), the `_input_sums` of that projection's
+  input added over the batches in float32})."""
   n, b, t, _ = hidden.shape
   cos, sin = llama.rotary_tables(config, jnp.broadcast_to(jnp.arange(t), (b, t)))
   mask, _ = llama.attention_mask_of(jnp.ones((b, t), bool))
@@ -157,7 +158,8 @@ def _layer(params, hidden, *, config: llama.LlamaConfig, dtype, full: bool):
   def body(i, carry):  # one batch after the other, as separate calls would run them
     hidden, sums = carry
     y, batch_sums = apply(hidden[i])
-    return hidden.at[i].set(y), {k: v + batch_sums[k] for k, v in sums.items()}
+    hidden = hidden.at[i].set(y) if advance else hidden
+    return hidden, {k: v + batch_sums[k] for k, v in sums.items()}
 
   shapes = jax.eval_shape(apply, hidden[0])[1]
   sums = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
@@ -183,7 +185,14 @@ class _LayerForward:
   with an untied head, the step after the last layer is the final norm (the head's input).
   """
 
-  def __init__(self, model: llama.Llama, source, blocks: np.ndarray, batch_size: int, full: bool):
+  def __init__(
+    self,
+    model: llama.Llama,
+    source,
+    blocks: np.ndarray,
+    batch_size: int,
+    full: bool,
+  ):
     self.config, self.dtype, self.source, self.full = model.config, model.dtype, source, full
     self.paths = list(source.shapes())
     tokens = np.asarray(blocks)[:, :-1].astype(np.int32)
@@ -194,11 +203,13 @@ class _LayerForward:
     self.done = 0  # steps taken
     self.steps = self.config.num_layers + (0 if self.config.tie_word_embeddings else 1)
 
-  def layer(self, i: int) -> dict:
-    """Decoder layer i's params tree (its tensors only), read from the source onto the device."""
+  def layer(self, i: int, kernels: Mapping[str, jax.Array] = {}) -> dict:  # noqa: B006
+    """Decoder layer i's params tree (its tensors only), read from the source onto the device;
+    those in `kernels` ({path: value}) instead of the source's."""
     prefix = f"model/layers/{i}/"
     leaves = [p for p in self.paths if p.startswith(prefix)]
-    return pipeline.nest((p[len(prefix) :], jax.device_put(self.source.read(p))) for p in leaves)
+    read = lambda p: kernels[p] if p in kernels else self.source.read(p)  # noqa: E731
+    return pipeline.nest((p[len(prefix) :], jax.device_put(read(p))) for p in leaves)
 
   def snapshot(self) -> list[np.ndarray]:
     """Host copies of the hidden states (the next step's inputs)."""
@@ -212,20 +223,30 @@ class _LayerForward:
     """Continues from `hidden` (a `snapshot` taken after `done` steps)."""
     self.done, self.hidden = done, [jax.device_put(x) for x in hidden]
 
-  def step(self) -> dict[str, jax.Array]:
+  def step(self, advance: bool = True) -> dict[str, jax.Array]:
     """Takes the next step; {kernel path: float32 [in] (`full`: [in, in])} on the device, the
-    `_input_sums` of each of its projections' inputs over every token of the blocks."""
+    `_input_sums` of each of its projections' inputs over every token of the blocks.
+    `advance=False`: the sums only; the hidden states stay this step's inputs (`done` as it was)."""
     static = {"config": self.config, "dtype": self.dtype, "full": self.full}
-    i, self.done = self.done, self.done + 1
+    i = self.done
+    self.done += advance
     if i == self.config.num_layers:  # an untied head (a tied one is `embed.attend`)
       scale = jax.device_put(self.source.read("model/norm/scale"))
       return {"lm_head/kernel": sum(_head_input(scale, x, **static) for x in self.hidden)}
     layer = self.layer(i)
     total: dict[str, jax.Array] = {}
     for j, x in enumerate(self.hidden):
-      self.hidden[j], sums = _layer(layer, x, **static)
+      self.hidden[j], sums = _layer(layer, x, **static, advance=advance)
       total = {k: total[k] + v if k in total else v for k, v in sums.items()}
     return {f"model/layers/{i}/{k}": v for k, v in total.items()}
+
+  def advance(self, kernels: Mapping[str, jax.Array]) -> None:
+    """Moves the hidden states through the next decoder layer, without the sums; its kernels in
+    `kernels` instead of the source's."""
+    layer = self.layer(self.done, kernels)
+    for j, x in enumerate(self.hidden):
+      self.hidden[j], _ = _layer(layer, x, config=self.config, dtype=self.dtype, full=False)
+    self.done += 1
 
 
 def input_moments(
@@ -478,6 +499,15 @@ class LayerCovariances(Mapping[str, jax.Array]):
   pytree's flattening puts layer 10 before layer 2, which costs a restart at each such step).
   When every covariance fits in `keep_bytes` (`keeps_all`), every layer's is kept once computed:
   one forward serves every round, and `diagonals()` the calibration moments.
+
+  `sequential` (`QuantConfig.gptq_sequential`): the blocks reach layer i through layers 0..i-1 as
+  quantized, as GPTQ's paper runs them, so that each layer's rounding answers the errors of the
+  layers before it. The quantizer reports each kernel it has encoded (`quantized`); layer i's
+  covariances are computed with its own dense kernels (nothing of it is quantized yet), and the
+  blocks move on through layer i when layer i + 1 is asked for, with the kernels reported by then:
+  two forwards of each layer per quantizer pass, and nothing kept across passes (`keeps_all` is
+  False: each LoftQ round runs from the embedding again). A reported kernel is held on the device
+  until the blocks have passed its layer, then dropped (one layer's at a time).
   """
 
   def __init__(
@@ -487,13 +517,17 @@ class LayerCovariances(Mapping[str, jax.Array]):
     blocks: np.ndarray,
     batch_size: int,
     keep_bytes: int = KEEP_ALL_BYTES,
+    sequential: bool = False,
   ):
+    self._kernels: dict[str, jax.Array] = {}  # `quantized`'s, until the blocks pass their layer
+    self._reported: set[int] = set()  # layers `quantized` reported since the blocks' start
     self._start = lambda: _LayerForward(model, source, blocks, batch_size, full=True)
     self._config = model.config
     shapes = source.shapes()
     self._keys = [p for p in shapes if self._step_of(p) is not None]
     self._key_set = set(self._keys)
-    self.keeps_all = sum(4 * shapes[p][0] ** 2 for p in self._keys) <= keep_bytes
+    self.sequential = sequential
+    self.keeps_all = not sequential and sum(4 * shapes[p][0] ** 2 for p in self._keys) <= keep_bytes
     self._forward: _LayerForward | None = None
     self._held: dict[str, jax.Array] = {}
     self.seconds = 0.0  # spent computing (the forwards included), for reports
@@ -513,6 +547,10 @@ class LayerCovariances(Mapping[str, jax.Array]):
       return self._held[path]
     step = self._step_of(path)
     start = time.perf_counter()
+    if self.sequential:
+      self._sequential_at(step)
+      self.seconds += time.perf_counter() - start
+      return self._held[path]
     if self._forward is None or self._forward.done > step + 1:
       self._forward, self._held = None, {}
       self._forward = self._start()
@@ -523,6 +561,35 @@ class LayerCovariances(Mapping[str, jax.Array]):
       self._held.update(jax.block_until_ready(layer))
     self.seconds += time.perf_counter() - start
     return self._held[path]
+
+  def _sequential_at(self, step: int) -> None:
+    """Holds step's covariances, the blocks having gone through every earlier layer with the
+    kernels `quantized` reported; a step behind the blocks starts them from the embedding again
+    (a new quantizer pass: what was reported before is dropped)."""
+    if self._forward is None or self._forward.done > step:
+      if early := sorted(i for i in self._reported if i < step):
+        raise QuantizationError(
+          f"gptq_sequential: layer {step}'s covariances asked for after layer "
+          f"{self._forward.done}'s, behind quantized layer {early[-1]} — quantize a source in "
+          "forward order (`weights_source.forward_order`, as `base.quantize_checkpoint` reads)."
+        )
+      self._forward, self._held, self._kernels, self._reported = self._start(), {}, {}, set()
+    while self._forward.done < step:
+      passed, self._held = f"model/layers/{self._forward.done}/", {}
+      self._forward.advance(self._kernels)
+      for p in [p for p in self._kernels if p.startswith(passed)]:
+        del self._kernels[p]
+    if not self._held:
+      sums = self._forward.step(advance=False)
+      self._held = jax.block_until_ready({p: c / self._forward.tokens for p, c in sums.items()})
+
+  def quantized(self, path: str, kernel) -> None:
+    """With `sequential`: from now on the model's kernel at `path` is `kernel` (float32 [in, out]:
+    the quantized one's dequantization, plus LoftQ's scaled factors when it has them), the one the
+    blocks go through to later layers. Nothing without `sequential`."""
+    if self.sequential and path in self._key_set:
+      self._kernels[path] = jnp.asarray(kernel, jnp.float32)
+      self._reported.add(self._step_of(path))
 
   def diagonals(self) -> dict[str, np.ndarray]:
     """{kernel path: float32 [in]}: every covariance's diagonal, the moments `input_moments` gives

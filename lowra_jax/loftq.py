@@ -272,6 +272,8 @@ def loftq_stream(
         round_sq[t] += float(_sq_err(w32, base + scale * (a @ b)))
         shifted = (w32 - scale * (a @ b)).astype(leaf.dtype)
       factors[module] = (a, b)
+      if quant_config.gptq_sequential:  # what the next layers' inputs go through
+        covariances.quantized(path, base + scale * (a @ b))
     layers += report.layers
     seconds = {k: seconds.get(k, 0.0) + v for k, v in report.seconds.items()}
     sink(path, qt)
@@ -325,6 +327,8 @@ def _rounds_stream(
         a, b = low_rank((w32 - dense) / scale, rank, weight)
         round_sq[t] += float(_sq_err(w32, dense + scale * (a @ b)))
         new[module] = (a, b)
+        if quant_config.gptq_sequential:  # what the next layers' inputs go through
+          covariances.quantized(path, dense + scale * (a @ b))
       if t == iters - 1:
         sink(path, leaf)
 

@@ -133,6 +133,8 @@ def _calibration_users(values: dict) -> str | None:
   fixes = []
   if quant.get("rounding") == "gptq":
     fixes.append("--config.quant.rounding=nearest")
+  if quant.get("gptq_sequential"):
+    fixes.append("--config.quant.gptq_sequential=False")
   if quant.get("refit"):
     fixes.append("--config.quant.refit=False")
   if lora_values.get("init") in lora.LOFTQ_INITS and lora_values.get("loftq_weighting") == "inputs":

@@ -4,6 +4,7 @@ what the layer-by-layer pass reads and holds, the weighted objective, 'none' as 
 == in memory with moments, bad input in one line."""
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ from lowra_jax.models import llama
 from lowra_jax.models.weights_source import CheckpointSource
 from lowra_jax.quantize import QuantConfig, QuantizationError, quantize_params, quantize_stream
 from lowra_jax.quantize import pipeline
+from lowra_jax.quantize.qtensor import dequantize, is_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / ".." / "shared" / "data" / "models"
@@ -733,3 +735,95 @@ def test_fisher_weights_the_solver_by_output_importance():
   with pytest.raises(QuantizationError) as e:
     quantize("fisher", h)
   assert "output gradients' second moments" in str(e.value) and "\n" not in str(e.value)
+
+
+class _Asked(Mapping):
+  """A `LayerCovariances` read through, keeping the last value handed out for each path."""
+
+  def __init__(self, cov):
+    self.cov, self.asked, self.sequential = cov, {}, cov.sequential
+
+  def __getitem__(self, path):
+    value = self.cov[path]
+    self.asked[path] = np.asarray(value, np.float64)
+    return value
+
+  def __iter__(self):
+    return iter(self.cov)
+
+  def __len__(self):
+    return len(self.cov)
+
+  def quantized(self, path, kernel):
+    self.cov.quantized(path, kernel)
+
+
+@pytest.mark.parametrize("loftq_rounds", [0, 2], ids=["plain", "loftq2"])
+def test_sequential_covariances_come_through_the_quantized_layers_before(loftq_rounds):
+  """`gptq_sequential`: the covariances GPTQ used for layer i (the last quantizer pass's, with
+  LoftQ) are the float64 numpy forward's through layers 0..i-1 as quantized — their
+  dequantization, plus the scaled factors with LoftQ — and layer i itself dense (the float32
+  forward's bound, as above). (The head is not quantized by default: nothing asks for its.)"""
+  from lowra_jax.loftq import loftq_stream
+
+  model, params = llama.load_pretrained(_need(PYCODE), dtype=jnp.float32)
+  h = calibration.input_moments(model, CheckpointSource(PYCODE), _BLOCKS, batch_size=3)
+  config = QuantConfig(budget=1.5, calibration="kernel", rounding="gptq", gptq_sequential=True)
+  layer_cov = calibration.LayerCovariances(
+    model, CheckpointSource(PYCODE), _BLOCKS, batch_size=3, sequential=True
+  )
+  assert not layer_cov.keeps_all
+  cov, kernels, scale = _Asked(layer_cov), {}, 2.0
+  if loftq_rounds:
+    targets = {tuple(p.split("/")[:-1]) for p in cov if p.startswith("model/")}
+    leaves = []
+    factors, _ = loftq_stream(
+      CheckpointSource(PYCODE), config, targets=targets, rank=4, scale=scale,
+      iters=loftq_rounds, sink=lambda p, leaf: leaves.append((p, leaf)), progress=False,
+      importance=h, covariances=cov, weighted=True,
+    )
+    qparams = pipeline.nest(leaves)
+  else:
+    factors = {}
+    qparams, _ = quantize_params(params, config, progress=False, importance=h, covariances=cov)
+  flat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_quantized)[0]
+  for key, leaf in flat:
+    path = pipeline.path_str(key)
+    if is_quantized(leaf):
+      kernel = np.asarray(dequantize(leaf, jnp.float32), np.float64)
+      a, b = factors.get(tuple(path.split("/")[:-1]), (None, None))
+      kernels[path] = kernel if a is None else kernel + scale * np.asarray(a @ b, np.float64)
+  assert set(cov.asked) == set(kernels) == {p for p in cov if p.startswith("model/")}
+  rows = _BLOCKS.shape[0] * (_BLOCKS.shape[1] - 1)
+  bound = 2 * f32_sum_random(llama_terms(model.config, _BLOCKS.shape[1] - 1) + rows)
+  dense = _numpy_forward_moments(model.config, params, _BLOCKS[:, :-1], full=True)
+  for i in range(model.config.num_layers):
+    upstream = {p: k for p, k in kernels.items() if p.startswith("model/layers/")
+                and int(p.split("/")[2]) < i}
+    mixed = jax.tree_util.tree_map_with_path(
+      lambda key, x: upstream.get(pipeline.path_str(key), x), params
+    )
+    ref = _numpy_forward_moments(model.config, mixed, _BLOCKS[:, :-1], full=True)
+    prefix = f"model/layers/{i}/"
+    for path in [p for p in ref if p.startswith(prefix)]:
+      assert_close_at_scale(cov.asked[path], ref[path], bound, err_msg=path)
+    if i:  # not what the dense model gives
+      path = prefix + "self_attn/q_proj/kernel"
+      assert np.abs(cov.asked[path] - dense[path]).max() > 100 * bound * np.abs(dense[path]).max()
+
+
+def test_sequential_covariances_refuse_what_they_cannot_follow():
+  """One line each: sequential GPTQ with covariances that do not follow the quantizer, or asked
+  for out of forward order (an earlier layer after a later quantized one)."""
+  model, params = llama.load_pretrained(_need(PYCODE), dtype=jnp.float32)
+  full = calibration.input_moments(model, CheckpointSource(PYCODE), _BLOCKS, 3, full=True)
+  config = QuantConfig(budget=2.0, calibration="kernel", rounding="gptq", gptq_sequential=True)
+  with pytest.raises(QuantizationError, match="needs covariances that follow the quantized"):
+    h = {path: np.diagonal(c) for path, c in full.items()}
+    quantize_params(params, config, progress=False, importance=h, covariances=full)
+  cov = calibration.LayerCovariances(model, CheckpointSource(PYCODE), _BLOCKS, 3, sequential=True)
+  q0, q2 = "model/layers/0/self_attn/q_proj/kernel", "model/layers/2/self_attn/q_proj/kernel"
+  cov.quantized(q0, np.zeros(cov[q0].shape))
+  cov[q2]
+  with pytest.raises(QuantizationError, match="layer 1's covariances asked for after layer 2's"):
+    cov["model/layers/1/mlp/up_proj/kernel"]

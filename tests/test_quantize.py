@@ -293,6 +293,7 @@ def test_default_filter_skips_embeddings_norms_head_and_vectors():
     (dict(weighting="abs"), r"unknown weighting"),
     (dict(bucket_multiple=0), r"bucket_multiple=0 — use >= 1"),
     (dict(gptq_damp=0.0), r"gptq_damp=0.0 — use a positive multiple"),
+    (dict(gptq_sequential=True), r"gptq_sequential=True orders GPTQ's covariances"),
     (dict(bucket_sizes="layer"), r"unknown bucket_sizes 'layer'"),
     (dict(method="lowra", layer_bits=(("q", 4),)), r"layer_bits applies to methods"),
     (dict(method="nf", layer_bits=(("q", 5),)), r"\(regex, bits\) pair"),

@@ -143,6 +143,13 @@ class QuantConfig:
   """With `rounding="gptq"`: the multiple of H's mean diagonal added to its diagonal. GPTQ's own
   0.01 fits the calibration blocks more closely and fine-tunes worse: 0.1 gave pycode-17m -0.045 /
   -0.014 / -0.008 ppl at 1.5 / 2 / 2.5 bits (docs/results.md, "GPTQ's damping")."""
+  gptq_sequential: bool = False
+  """With `rounding="gptq"`: each decoder layer's input covariances come from calibration blocks
+  that went through the layers before it as quantized (with LoftQ: the base plus its scaled
+  factors), as GPTQ's paper runs them, so each layer's rounding answers the errors upstream;
+  False: through the dense model. Needs covariances that follow the quantizer
+  (`calibration.LayerCovariances(sequential=True)`, which `base.prepare` makes): two forwards of
+  each layer per quantizer pass, none kept across LoftQ rounds."""
   refit: bool = False
   """With `rounding="gptq"`: once the codes are chosen, refit each channel's levels to them by
   least squares through the input covariance H (levels L minimising (w - Z L)^T H (w - Z L),
@@ -268,6 +275,11 @@ def validate(cfg: QuantConfig) -> None:
   if not (math.isfinite(cfg.gptq_damp) and cfg.gptq_damp > 0):
     raise QuantizationError(
       f"gptq_damp={cfg.gptq_damp} — use a positive multiple of H's mean diagonal (default 0.1)."
+    )
+  if cfg.gptq_sequential and cfg.rounding != "gptq":
+    raise QuantizationError(
+      "gptq_sequential=True orders GPTQ's covariances through the quantized layers — use it with "
+      "rounding='gptq', or set gptq_sequential=False."
     )
   if cfg.refit and (cfg.rounding != "gptq" or cfg.method == "nf" or cfg.lut_clusters):
     raise QuantizationError(

@@ -590,6 +590,11 @@ def _covariance(covariances, config: QuantConfig, path: str, k: int) -> jax.Arra
       "E[x x^T]}} (`calibration.input_moments(full=True)`, or `calibration.LayerCovariances` "
       "for a model read from its checkpoint) or use rounding='nearest'."
     )
+  if config.gptq_sequential and not getattr(covariances, "sequential", False):
+    raise QuantizationError(
+      "gptq_sequential=True needs covariances that follow the quantized layers — pass "
+      "`calibration.LayerCovariances(..., sequential=True)`, or set gptq_sequential=False."
+    )
   cov = jnp.asarray(covariances[path], jnp.float32)
   if cov.shape != (k, k) or not bool(jnp.isfinite(cov).all()):
     raise QuantizationError(
@@ -659,7 +664,9 @@ def quantize_stream(
     covariances: for `rounding="gptq"`, {path: float32 [in, in]} input covariances E[x x^T] of
       every selected kernel, read in pass 2 in source order, one at a time
       (`calibration.input_moments(full=True)`, or `calibration.LayerCovariances`, which computes
-      them one decoder layer at a time); not read otherwise.
+      them one decoder layer at a time); not read otherwise. With `gptq_sequential`, a
+      `LayerCovariances(sequential=True)`, told each kernel's dequantization once it is encoded
+      (`quantized(path, w_hat)`, before the sink sees it).
 
   Returns:
     the `QuantReport`, layers in the order of their path components.
@@ -694,7 +701,11 @@ def quantize_stream(
       fitted, bits = _fit(w, config, path, h), np.full(w.shape[1], config.bits_for(path))
       seconds["fit"] += time.perf_counter() - t0
     cov = _covariance(covariances, config, path, w.shape[0])
-    qt, err, w_hat = _encode_and_pack(w, config, fitted, bits, seconds, dense, h, cov)
+    qt, err, w_hat = _encode_and_pack(
+      w, config, fitted, bits, seconds, dense or config.gptq_sequential, h, cov
+    )
+    if config.gptq_sequential:  # the sink may replace it (LoftQ: with its factors)
+      covariances.quantized(path, w_hat)
     values, counts = np.unique(bits, return_counts=True)
     layers.append(
       LayerReport(
@@ -707,7 +718,7 @@ def quantize_stream(
         channels_per_bits=dict(zip(values.tolist(), counts.tolist())),
       )
     )
-    sink(path, qt, w_hat)
+    sink(path, qt, w_hat if dense else None)
   if not layers:
     raise _no_selection()
   return QuantReport(sorted(layers, key=lambda l: l.path.split("/")), seconds)
