@@ -42,10 +42,10 @@ def recommended_refit(budget: float) -> bool:
   return budget < REFIT_BELOW
 
 
-# GPTQ's error feedback (`QuantConfig.rounding="gptq"`) lowers the fine-tuned perplexity up to 2.5
+# GPTQ's error feedback (`QuantConfig.rounding="gptq"`) lowers the fine-tuned perplexity up to 3
 # code bits and raises it at 4, where every channel has 4 bits (pycode-17m, the sweep's protocol:
-# -0.05 at 2.5 bits; +0.028 at 4 bits against nearest rounding with the same calibration and
-# LoftQ fit; docs/results.md "Calibration: fine-tuned A/B"). 3 bits are not measured either way.
+# -0.05 at 2.5 bits, -0.009 at 3; +0.028 at 4 bits against nearest rounding with the same
+# calibration and LoftQ fit; docs/results.md "Calibration: fine-tuned A/B").
 GPTQ_BELOW = 4.0
 
 
