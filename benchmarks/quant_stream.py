@@ -8,6 +8,7 @@
     python benchmarks/quant_stream.py --shape=7b --loftq=5         # + LoftQ's rounds (rank 16)
     python benchmarks/quant_stream.py --shape=7b --calibrate=256 --gptq
     python benchmarks/quant_stream.py --shape=7b --calibrate=256 --gptq --fisher
+    python benchmarks/quant_stream.py --shape=7b --calibrate=256 --gptq --sequential
 
 Weights come from `weights_source.SyntheticSource` (deterministic random bf16 of the named shape,
 drawn on the device one tensor at a time; nothing to download) or a checkpoint. They go through
@@ -23,6 +24,8 @@ LowRA with `calibration="kernel"`; with `--gptq`, `rounding="gptq"` (GPTQ's erro
 encoding) on the whole input covariances, computed one decoder layer at a time during pass 2
 (`calibration.LayerCovariances`; their seconds printed, part of the quantization's); with
 `--refit` as well, each channel's levels refitted to its GPTQ codes (`QuantConfig.refit`); with
+`--sequential`, the covariances taken through the layers before as quantized
+(`QuantConfig.gptq_sequential`: two forwards of each layer); with
 `--fisher`, `calibration="fisher"`: the output gradients' second moments of
 `--gradient_sequences` of those blocks too (`calibration.fisher_moments`: a forward and a backward
 layer by layer, whose first forward sums the input moments as well when they are all the blocks;
@@ -90,6 +93,9 @@ def parse_args():
   parser.add_argument("--calibrate", type=int, default=0, help="calibration blocks (0: none)")
   parser.add_argument("--gptq", action="store_true", help="with --calibrate: GPTQ rounding")
   parser.add_argument("--refit", action="store_true", help="with --gptq: refit the levels")
+  parser.add_argument(
+    "--sequential", action="store_true", help="with --gptq: covariances through quantized layers"
+  )
   parser.add_argument("--fisher", action="store_true", help="with --calibrate: fisher weighting")
   parser.add_argument(
     "--gradient_sequences",
@@ -111,6 +117,8 @@ def parse_args():
     raise cli.UserError("--fisher weighs by calibration gradients — add --calibrate=N")
   if args.refit and not args.gptq:
     raise cli.UserError("--refit refits the levels to GPTQ's codes — add --gptq")
+  if args.sequential and not args.gptq:
+    raise cli.UserError("--sequential orders GPTQ's covariances — add --gptq")
   if args.loftq:
     cli.positive("--loftq", args.loftq)
     if args.save:
@@ -131,6 +139,7 @@ def main():
       calibration=calibrated,
       rounding="gptq" if args.gptq else "nearest",
       refit=args.refit,
+      gptq_sequential=args.sequential,
       **({"precisions": recommended_precisions(args.budget)} if args.method == "lowra" else {}),
     )
   if args.checkpoint:
@@ -147,6 +156,7 @@ def main():
   label += " gptq" if args.gptq else ""
   label += " fisher" if args.fisher else ""
   label += " + refit" if args.refit else ""
+  label += " sequential" if args.sequential else ""
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {name}, {label}", flush=True)
 
   held, kept = [], {"packed": 0, "dense": 0}
@@ -165,7 +175,7 @@ def main():
     some = len(calibration.spread(tokens, args.gradient_sequences))
   covariances = None
   if args.gptq:
-    covariances = calibration.LayerCovariances(model, source, tokens, 8)
+    covariances = calibration.LayerCovariances(model, source, tokens, 8, sequential=args.sequential)
 
   def keep(path, leaf, _):
     """Holds every leaf, as training holds the base; counts its bytes."""
@@ -206,7 +216,7 @@ def main():
   if args.gptq:
     print(
       f"covariances: {covariances.seconds:.1f} s of the quantization, layer by layer as pass 2 "
-      "asks for them"
+      "asks for them" + (" (through the quantized layers)" if args.sequential else "")
     )
   if args.loftq:
     # LowRA: two passes per round; nf: every kernel's rounds within one pass

@@ -65,6 +65,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     (["--shape=tiny", "--gptq"], "--calibrate=N"),
     (["--shape=tiny", "--fisher"], "add --calibrate=N"),
     (["--shape=tiny", "--calibrate=2", "--refit"], "add --gptq"),
+    (["--shape=tiny", "--calibrate=2", "--sequential"], "--sequential orders GPTQ's"),
     (["--shape=tiny", "--loftq=1", f"--save={tmp_path / 'new'}"], "--save"),
   ]
   procs = [(_start(*args), named) for args, named in cases]  # concurrently
@@ -95,13 +96,18 @@ def test_loftq_rounds_report_the_in_memory_errors():
 
 
 def test_gptq_rounding_runs_on_calibration_covariances():
-  """`--calibrate=2 --gptq --refit --fisher`: covariances and output gradients of 2 blocks, then
-  LowRA weighted by both with GPTQ rounding and refitted levels, end to end (each tested against
-  float64 numpy or the whole model's gradient in test_gptq.py and test_calibration.py)."""
-  proc = _start("--shape=tiny", "--calibrate=2", "--gptq", "--refit", "--fisher", "--no_progress")
+  """`--calibrate=2 --gptq --refit --fisher --sequential`: covariances (through the quantized
+  layers) and output gradients of 2 blocks, then LowRA weighted by both with GPTQ rounding and
+  refitted levels, end to end (each tested against float64 numpy or the whole model's gradient in
+  test_gptq.py and test_calibration.py)."""
+  proc = _start(
+    "--shape=tiny", "--calibrate=2", "--gptq", "--refit", "--fisher", "--sequential",
+    "--no_progress",
+  )
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr[-3000:]
   assert "calibration: 2 x 512 tokens in" in stdout and "output gradients" in stdout
+  assert "(through the quantized layers)" in stdout
   header, _, row = stdout.strip().splitlines()[-3:]
   cells = {k.strip(): v.strip() for k, v in zip(header.split("|")[1:-1], row.split("|")[1:-1])}
-  assert cells["method"] == "lowra 1.5 gptq fisher + refit" and float(cells["code bits"]) <= 1.5
+  assert cells["method"] == "lowra 1.5 gptq fisher + refit sequential" and float(cells["code bits"]) <= 1.5
