@@ -149,7 +149,8 @@ class QuantConfig:
   factors), as GPTQ's paper runs them, so each layer's rounding answers the errors upstream;
   False: through the dense model. Needs covariances that follow the quantizer
   (`calibration.LayerCovariances(sequential=True)`, which `base.prepare` makes): two forwards of
-  each layer per quantizer pass, none kept across LoftQ rounds."""
+  each layer per quantizer pass, none kept across LoftQ rounds. On pycode-17m it fine-tunes the
+  same as the dense order at 2 and 2.5 bits (docs/results.md "GPTQ's sequential order")."""
   refit: bool = False
   """With `rounding="gptq"`: once the codes are chosen, refit each channel's levels to them by
   least squares through the input covariance H (levels L minimising (w - Z L)^T H (w - Z L),
