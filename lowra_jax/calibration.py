@@ -185,14 +185,7 @@ class _LayerForward:
   with an untied head, the step after the last layer is the final norm (the head's input).
   """
 
-  def __init__(
-    self,
-    model: llama.Llama,
-    source,
-    blocks: np.ndarray,
-    batch_size: int,
-    full: bool,
-  ):
+  def __init__(self, model: llama.Llama, source, blocks: np.ndarray, batch_size: int, full: bool):
     self.config, self.dtype, self.source, self.full = model.config, model.dtype, source, full
     self.paths = list(source.shapes())
     tokens = np.asarray(blocks)[:, :-1].astype(np.int32)
