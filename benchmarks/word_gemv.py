@@ -120,7 +120,8 @@ def _plain_loads(view, n_ok, volatile):
 ABLATIONS = {  # word_gemv functions replaced: what is left of the kernel's time
   "words": {},
   "plain loads": {"_stream": _plain_loads},  # not volatile: the assembler may sink each word load
-  "no lookup": {"lookup_pair": lambda word, *a: word},  # the word as its pair: no selector, prmt
+  # the word as its pairs: no selector, no prmt
+  "no lookup": {"lookup_pairs": lambda word, *a: [word, word]},
   "loads only": {"word_dots": _loads_only},  # words and scales loaded, nothing computed
 }
 

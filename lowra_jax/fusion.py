@@ -4,8 +4,10 @@ At one token a step, q/k/v (and gate/up) are three (two) small launches that eac
 activations; the decode kernels run every bucket of a tensor in one launch, so the kernels of
 such siblings concatenated along their output channels (`quantize.concat_channels`) are one
 launch over a wider weight: fewer, fuller launches, and one activation conversion and split sum
-instead of one per projection. Their adapters fuse the same way: A = [A_1 | A_2 | ...] and B
-block-diagonal, so x @ A @ B is two small matmuls for the group instead of two per projection.
+instead of one per projection. Their adapters fuse the same way: A = [A_1 | A_2 | ...] and
+B = [B_1 | B_2 | ...] (ranks padded with zeros to the largest), so h = x @ A is one small matmul
+for the group, and the GEMV adds each sibling's h_i @ B_i to its columns inside its launch
+(`word_gemv.LowRank`, through `lora.fused_outputs`).
 
 `fuse_siblings(tree, groups, keys, combine)` rewrites a params-like tree: in every dict node
 named in `groups` whose named children all hold `keys`, those entries move into one
@@ -94,28 +96,27 @@ def _concat_kernels(entries: list[dict]):
   return concat_channels(kernels)
 
 
-def _block_adapters(entries: list[dict]) -> dict:
-  """{"a": [in, sum r_i] the A's side by side, "b": [sum r_i, sum N_i] the B's on the diagonal}."""
-  a = jnp.concatenate([e["a"] for e in entries], axis=1)
-  rows, cols = sum(e["b"].shape[0] for e in entries), sum(e["b"].shape[1] for e in entries)
-  b = jnp.zeros((rows, cols), entries[0]["b"].dtype)
-  r0 = c0 = 0
-  for e in entries:
-    r, c = e["b"].shape
-    b = b.at[r0 : r0 + r, c0 : c0 + c].set(e["b"])
-    r0, c0 = r0 + r, c0 + c
-  return {"a": a, "b": b}
+def _side_by_side_adapters(entries: list[dict]) -> dict:
+  """{"a": [in, S r] the A's side by side, "b": [r, sum N_i] the B's side by side}, each sibling's
+  rank padded with zeros to the largest r (exact: the padded products are zero)."""
+  rank = max(e["a"].shape[1] for e in entries)
+  pad = lambda v, axis: jnp.pad(v, [(0, rank - v.shape[axis]) if i == axis else (0, 0)
+                                    for i in range(2)])  # noqa: E731
+  return {
+    "a": jnp.concatenate([pad(e["a"], 1) for e in entries], axis=1),
+    "b": jnp.concatenate([pad(e["b"], 0) for e in entries], axis=1),
+  }
 
 
 def fuse_for_decoding(variables: dict, groups: Mapping[str, Sequence[str]]) -> dict:
   """`variables` with each sibling group's kernels in ``quant`` fused where they are all in the
   word layout with one input width and group size (`quantize.concat_channels`; the plane kernels
-  are not measured on fused tensors), and the same groups' adapters in ``lora`` fused too (A side
-  by side, B block-diagonal: x @ A @ B gives the siblings' adapter terms side by side, exactly).
+  are not measured on fused tensors), and the same groups' adapters in ``lora`` fused too (A's and
+  B's side by side, `_side_by_side_adapters`: sibling i's term is x @ A[:, i r:(i+1) r] @ B_i).
   Traceable."""
   quant = fuse_siblings(variables["quant"], groups, ("kernel",), _concat_kernels)
   out = {**variables, "quant": quant}
   if "lora" in variables:
     at = fused_paths(quant, groups)
-    out["lora"] = fuse_siblings(variables["lora"], groups, ("a", "b"), _block_adapters, at)
+    out["lora"] = fuse_siblings(variables["lora"], groups, ("a", "b"), _side_by_side_adapters, at)
   return out

@@ -18,7 +18,8 @@ A `QLoRALinear` computes ``y = x @ W (+ bias) + (alpha / rank) * dropout(x) @ A 
 from ``quant`` when the module has a quantized kernel there and from ``params`` otherwise, and the
 adapter term is present when ``lora`` holds one for the module. Sibling projections whose kernels
 (and adapters) were fused for decoding (`fusion.fuse_for_decoding`) get their slice of the fused
-output as ``base`` (`fused_outputs`).
+output as ``base`` (`fused_outputs`). A kernel in the word layout (decoding) gets its adapter term
+inside the GEMV's launch (`adapted_matmul`) instead of as two small matmuls after it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ from lowra_jax.quantize import (
   is_quantized,
   quantize_params,
 )
+from lowra_jax.quantize.words import is_word_layout
 from pallas_kernels import quantized_matmul
+from pallas_kernels.quantized_ops import quantized_matmul_low_rank
+from pallas_kernels.word_gemv import LowRank
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("qlora", "loftq", "loftq_frozen")
@@ -137,10 +141,16 @@ class QLoRALinear(nn.Module):
   def __call__(self, x: jax.Array, base: jax.Array | None = None) -> jax.Array:
     """base: x @ W already computed ([..., features] in `dtype`, a fused kernel's slice)."""
     x = x.astype(self.dtype)
+    adapted = False  # the adapter term added inside the word GEMV's launch
     if base is not None:
       y = base
     elif self.has_variable("quant", "kernel"):
-      y = quantized_matmul(x, self.get_variable("quant", "kernel"), keep_weight=self.in_remat)
+      kernel = self.get_variable("quant", "kernel")
+      if self.has_variable("lora", "a") and is_word_layout(kernel):  # decoding: no dropout
+        a, b = (self.get_variable("lora", n) for n in "ab")
+        y, adapted = adapted_matmul(x, kernel, a, b, self.lora.scale, self.dtype), True
+      else:
+        y = quantized_matmul(x, kernel, keep_weight=self.in_remat)
     else:
       init = nn.initializers.lecun_normal()
       kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
@@ -151,7 +161,7 @@ class QLoRALinear(nn.Module):
       return y
     if self.has_variable("params", "correction_a"):
       y = y + self._low_rank(x, "params", "correction_a", "correction_b")
-    if self.has_variable("lora", "a"):
+    if self.has_variable("lora", "a") and not adapted:
       h = nn.Dropout(self.lora.dropout, deterministic=self.deterministic)(x)
       y = y + self._low_rank(h, "lora", "a", "b")
     return y
@@ -166,6 +176,19 @@ def adapter_term(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype) 
   a, b = a.astype(dtype), b.astype(dtype)
   h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(dtype)
   return (jnp.dot(h, b, preferred_element_type=jnp.float32) * scale).astype(dtype)
+
+
+def adapted_matmul(
+  x: jax.Array, kernel, a: jax.Array, b: jax.Array, scale: float, dtype, bounds=()
+) -> jax.Array:
+  """x @ W + scale * x @ A @ B for a packed kernel in the word layout (decoding, inference only):
+  h = x @ A by XLA, then the term inside the GEMV's launch (`quantized_matmul_low_rank`), in
+  `dtype`. With `bounds` (first columns of segments 1, 2, ...), A and B hold fused siblings'
+  adapters side by side (`fusion.fuse_for_decoding`): segment s's columns get h[:, s r:(s+1) r]
+  @ B's."""
+  x = x.astype(dtype)
+  h = jnp.dot(x, a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+  return quantized_matmul_low_rank(x, kernel, LowRank(h, b.astype(dtype), scale, tuple(bounds)))
 
 
 def fused_outputs(
@@ -183,11 +206,14 @@ def fused_outputs(
   if not module.has_variable("quant", name):
     return [None] * len(names)
   x = x.astype(dtype)
-  y = quantized_matmul(x, module.get_variable("quant", name))
+  kernel = module.get_variable("quant", name)
+  bounds = np.cumsum(widths)[:-1].tolist()
   if lora is not None and module.has_variable("lora", name):
     adapters = module.get_variable("lora", name)
-    y = y + adapter_term(x, adapters["a"], adapters["b"], lora.scale, dtype)
-  return jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
+    y = adapted_matmul(x, kernel, adapters["a"], adapters["b"], lora.scale, dtype, bounds)
+  else:
+    y = quantized_matmul(x, kernel)
+  return jnp.split(y, bounds, axis=-1)
 
 
 def _partition(tree, keep) -> tuple[dict, dict]:

@@ -366,9 +366,14 @@ def mma_tiles(qt: QuantizedTensor, m: int) -> wm.MmaTiles:
 
 # Jitted so that layers of identical shapes share one traced and lowered function.
 @functools.partial(jax.jit, static_argnums=2)
-def _forward(x, qt: QuantizedTensor, impl: str):
+def _forward(x, qt: QuantizedTensor, impl: str, low_rank: wg.LowRank | None = None):
+  """x [M, K] @ W_hat in x.dtype, plus `low_rank`'s term (inference only): inside the word GEMV's
+  launch where the plan takes it, else added after in float32."""
   m, k = x.shape
   p = plan(qt, m, x.dtype, impl)
+  if low_rank is not None and p.gemv is None:
+    y = _forward(x, qt, impl).astype(jnp.float32) + wg.low_rank_reference(low_rank)
+    return y.astype(x.dtype)
   x, qt = _after(x, qt)
   if p.dense:  # channels x rows: one GEMM on W_hat^T [N, K]
     if p.permute == "output":
@@ -383,6 +388,7 @@ def _forward(x, qt: QuantizedTensor, impl: str):
       group=qt.group_size,
       tiles=p.gemv,
       columns=qt.perm,
+      low_rank=low_rank,
       interpret=impl == "interpret",
     )
     return _sum_splits(partial, x.dtype)
@@ -554,6 +560,32 @@ def quantized_matmul(
     y = local(x, qt)
   else:
     y = _qmm(x, qt, impl, keep_weight)
+  return y.reshape(*lead, n)
+
+
+def quantized_matmul_low_rank(
+  x: jax.Array, qt: QuantizedTensor, low_rank: wg.LowRank, *, backend: str = "auto"
+) -> jax.Array:
+  """Inference only (no VJP): quantized_matmul(x, qt) plus `low_rank`'s term
+  (`word_gemv.LowRank`: unmerged adapters, h = x @ A computed by the caller), x [..., K] and
+  low_rank.h [..., S * r] -> [..., N] in x.dtype. Where the plan takes `word_gemv` (a tensor in
+  the word layout, decode rows) the term is added inside its launch: no adapter kernels after it;
+  elsewhere (and under a mesh) XLA adds it after."""
+  k, n = qt.shape
+  if x.shape[-1] != k or low_rank.b.shape[1] != n:
+    raise ValueError(
+      f"x [..., {x.shape[-1]}] and the adapter's b {low_rank.b.shape} do not fit the quantized "
+      f"kernel's shape {qt.shape}."
+    )
+  impl = backend_lib.resolve(backend)
+  lead = x.shape[:-1]
+  x = x.reshape(-1, k)
+  low_rank = dataclasses.replace(low_rank, h=low_rank.h.reshape(x.shape[0], -1))
+  if _row_axes(x.shape[0]):
+    y = quantized_matmul(x, qt, backend=backend).astype(jnp.float32)
+    y = (y + wg.low_rank_reference(low_rank)).astype(x.dtype)
+  else:
+    y = _forward(x, qt, impl, low_rank)
   return y.reshape(*lead, n)
 
 

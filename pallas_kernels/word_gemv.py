@@ -5,11 +5,12 @@ A word holds pairs of codes of one channel and scale group (rows 2p, 2p + 1 at b
 a_p + 8), so one byte permutation (PTX `prmt`) looks a pair up at once in the channel's float16
 levels (two level words at 2 bits, one at 1 bit), and one float16x2 FMA per activation row
 multiplies it by the pair's activations. The selector s = 0x1010 + 0x22 (a + 256 b) of codes a, b
-takes two integer instructions: a mask and a multiply-add that also moves the pair down (`mad.hi`
-by 0x22 << (32 - a_p) from a_p >= 6; bits 2 to 5 need a shift first). A word's products are
-summed in float16 (8 or 16 pairs), then in float32 with the group's scale: about 2.2 instructions
-a weight at M = 1 plus one FMA per pair and further row, against ~10 for the tensor-core
-kernels' byte lookups (`lut_matmul`).
+is a multiply-add of the masked word (`SelectorPlan`): the pairs at bits a_p and a_p + 16 share
+one mask (and, for a_p of 2 to 5, one shift), and `mad.hi` moves a pair down as it multiplies:
+1.75 integer instructions a pair besides its `prmt` (2.25 with a mask each). A word's products
+are summed in float16 (8 or 16 pairs), then in float32 with the group's scale: about 2.1
+instructions a weight at M = 1 plus one FMA per pair and further row, against ~10 for the
+tensor-core kernels' byte lookups (`lut_matmul`).
 
 Activations are converted to float16 (`x_pairs`), so a word's partial sum overflows when 16 / bits
 products of |x| |level| exceed 65504 (levels are at most 1 in magnitude: |x| up to ~4000 at 2
@@ -18,7 +19,9 @@ bits, ~2000 at 1 bit): a limit to check on models with massive activations.
 `word_gemv(x, buckets)` computes every bucket of a tensor in one launch, columns optionally in
 channel order (a mixed tensor's permutation), as partial sums over `splits` ranges of groups. A
 program owns `block_n` channels of one bucket and a range of groups, `block_g` groups a step.
-Compiled kernels run the per-pair work as inline PTX; Pallas' interpreter (CPU tests) runs the
+With a `LowRank` (unmerged adapters: h = x @ A, and B), the programs of group range 0 add
+scale * h @ B at their columns before storing, so decoding with adapters launches no kernels for
+them after the GEMV (`low_rank_reference` is its jnp form). Compiled kernels run the per-pair work as inline PTX; Pallas' interpreter (CPU tests) runs the
 same arithmetic in jnp (`prmt` by `byte_lookup.prmt_reference`, float16 rounding per FMA).
 """
 
@@ -45,31 +48,56 @@ def x_pairs(x: jax.Array, group: int) -> jax.Array:
   return float16_pairs(x).reshape(m, k // group, group // 2)
 
 
-def _selector(at: int, bits: int) -> tuple[int, int, int, bool]:
-  """(shift, mask, mul, high) of the pair at bit `at`: with t = (word >> shift) & mask, the
-  prmt selector is t * mul + 0x1010 (low 32 bits), or its high 32 bits when `high` -- a
-  multiply-add that also shifts the pair down, with no shift first (from bit 6)."""
-  mask = ((1 << bits) - 1) * 0x0101
-  if at <= 1:
-    return 0, mask << at, 34 >> at, False
-  if at >= 6:
-    return 0, mask << at, 34 << (32 - at), True
-  return at, mask, 34, False
+@dataclasses.dataclass(frozen=True)
+class SelectorPlan:
+  """How the `prmt` selectors of the pairs at bits `at` and `at + 16` of a word are built: with
+  t = (word >> shift) & mask (both pairs' codes), pair i's selector is the low 32 bits of
+  t * muls[i] + 0x1010 (`mad.lo`), or, where highs[i], the high 32 bits of t * muls[i] plus
+  0x1010 (`mad.hi`: the multiply also moves the pair down). `prmt` reads a selector's low 16 bits
+  only, so the other pair's bits may sit above them: the two pairs share the shift and mask."""
+
+  shift: int
+  mask: int
+  muls: tuple[int, int]
+  highs: tuple[bool, bool]
 
 
-def lookup_pair(word, levels, at: int, bits: int, interpret: bool):
-  """int32 [R, C]: the float16 levels of the pair at bit `at` of each word (low half: the first
-  row's). word int32 [R, C]; levels: `bits` level words [R, C] (or [1, C])."""
-  shift, mask, mul, high = _selector(at, bits)
+def selector_plan(at: int, bits: int) -> SelectorPlan:
+  """The `SelectorPlan` of the pairs at `at` (< 8) and `at + 16` of `bits`-bit codes. Pair i's
+  selector must be 0x1010 + 34 (c0 + 256 c1) in its low 16 bits for codes c0 at its bit a and c1
+  at a + 8 (`tests/test_word_gemv.py` checks every plan against Python integers)."""
+  shift = at if 2 <= at <= 5 else 0  # 34 >> a is not whole and 34 << (32 - a) is over 32 bits
+  a = at - shift
+  low = (34 << (32 - a), True) if a >= 6 else (34 >> a, False)
+  mask = ((1 << bits) - 1) * 0x01010101 << a
+  return SelectorPlan(shift, mask, (low[0], 34 << (16 - a)), (low[1], True))
+
+
+def lookup_pairs(word, levels, at: int, bits: int, interpret: bool):
+  """int32 [R, C] each: the float16 levels of the pairs at bits `at` and `at + 16` of each word
+  (low half: the pair's first row's). word int32 [R, C]; levels: `bits` level words [R, C] (or
+  [1, C])."""
   if interpret:
-    t = jax.lax.shift_right_logical(word, shift) & jnp.uint32(mask).astype(jnp.int32)
-    # mad.hi's product t * (34 << (32 - at)) >> 32 is (t >> at) * 34: no bits below `at`
-    s = (jax.lax.shift_right_logical(t, at) * 34 if high else t * mul) + 0x1010
-    return prmt(levels[0], levels[-1], s, interpret)
+    pairs = []
+    for a in (at, at + 16):
+      t = jax.lax.shift_right_logical(word, a) & ((1 << bits) - 1) * 0x0101
+      pairs.append(prmt(levels[0], levels[-1], t * 34 + 0x1010, interpret))
+    return pairs
+  plan = selector_plan(at, bits)
   table = [jnp.broadcast_to(v, word.shape) for v in (levels[0], levels[-1])]
-  get = f"shr.u32 t, $1, {shift}; " if shift else "mov.b32 t, $1; "
-  mad = f"and.b32 t, t, {mask:#x}; mad.{'hi' if high else 'lo'}.u32 s, t, {mul:#x}, 0x1010; "
-  return _asm("{ .reg .b32 t, s; " + get + mad + "prmt.b32 $0, $2, $3, s; }", word, *table)
+  # one asm block per pair (Pallas lowers one output per block); both start with the same shift
+  # and mask, which ptxas computes once
+  get = f"shr.u32 t, $1, {plan.shift}; " if plan.shift else "mov.b32 t, $1; "
+  get += f"and.b32 t, t, {plan.mask:#x}; "
+  return [
+    _asm(
+      "{ .reg .b32 t, s; " + get + f"mad.{'hi' if high else 'lo'}.u32 s, t, {mul:#x}, 0x1010; "
+      "prmt.b32 $0, $2, $3, s; }",
+      word,
+      *table,
+    )
+    for mul, high in zip(plan.muls, plan.highs)
+  ]
 
 
 def prmt(a, b, s, interpret: bool):
@@ -132,11 +160,11 @@ def word_dots(word, levels, xs, bits: int, interpret: bool):
   word int32 [R, C]; levels: `bits` level words [R, C] (or [1, C]); xs: per row, the 16 / bits
   pairs of float16 activations of the word's rows, int32 [R, 1] each (row r's pair p at
   r * pairs + p). Levels times activations are summed in float16 over the word, then converted."""
-  pairs = PAIR_BITS[bits]
-  accs = [None] * (len(xs) // len(pairs))
-  for p, at in enumerate(pairs):
-    v = lookup_pair(word, levels, at, bits, interpret)
-    accs = [_fma2(v, xs[r * len(pairs) + p], a, interpret) for r, a in enumerate(accs)]
+  npairs = len(PAIR_BITS[bits])
+  accs = [None] * (len(xs) // npairs)
+  for p, at in enumerate(PAIR_BITS[bits][: npairs // 2]):  # pairs p and p + npairs / 2 (at + 16)
+    for q, v in zip((p, p + npairs // 2), lookup_pairs(word, levels, at, bits, interpret)):
+      accs = [_fma2(v, xs[r * npairs + q], a, interpret) for r, a in enumerate(accs)]
   return [_sum2(a, interpret) for a in accs]
 
 
@@ -150,6 +178,49 @@ class GemvTiles:
   splits: int = 1
   num_warps: int = 4
   num_stages: int = 1  # > 1: the step loop software-pipelined (`loop_stages`)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+  """An adapter term added to a GEMV's output: y[m, n] += scale * sum_j h[m, s(n) r + j] b[j, n],
+  where s(n) is the segment of output column n (`bounds`: the first columns of segments 1, 2,
+  ...; fused siblings' adapters side by side, each its own rank-r h).
+
+  h: [M, S * r], the activations times each segment's A; b: [r, N], the segments' B's side by
+  side in output-column order (both any float dtype; products and sums in float32)."""
+
+  h: jax.Array
+  b: jax.Array
+  scale: float = dataclasses.field(metadata=dict(static=True))
+  bounds: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+
+def low_rank_reference(low_rank: LowRank) -> jax.Array:
+  """float32 [M, N]: `LowRank`'s term by jnp, segment by segment."""
+  rank, n = low_rank.b.shape
+  edges = (0, *low_rank.bounds, n)
+  h, b = (a.astype(jnp.float32) for a in (low_rank.h, low_rank.b))
+  parts = [h[:, s * rank : (s + 1) * rank] @ b[:, lo:hi] for s, (lo, hi) in
+           enumerate(zip(edges[:-1], edges[1:]))]
+  return jnp.concatenate(parts, axis=1) * low_rank.scale
+
+
+def low_rank_term(refs, low_rank: LowRank, row: int, cols, ok):
+  """float32 [1, bn]: row `row`'s adapter term at output columns `cols` (int [1, bn]); loads
+  masked by `ok` ([1, bn] bool: the lanes of this program that add it). The rank axis is padded
+  to a power of two (Triton's block shapes), its extra rows masked."""
+  h_ref, b_ref = refs
+  rank = b_ref.shape[0]
+  j = jax.lax.broadcasted_iota(jnp.int32, (pl.next_power_of_2(rank), 1), 0)
+  segment = sum((cols >= bound).astype(jnp.int32) for bound in low_rank.bounds)
+  mask = ok & (j < rank)
+  h = plgpu.load(
+    h_ref.at[jnp.full(j.shape, row, jnp.int32), segment * rank + j], mask=mask, other=0
+  )
+  b = plgpu.load(b_ref.at[j, cols], mask=mask, other=0)
+  product = h.astype(jnp.float32) * b.astype(jnp.float32)
+  return product.sum(axis=0, keepdims=True) * low_rank.scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,9 +288,13 @@ def columns(c_ref, o_ref, offset, n0, bn, n_ok):
   return plgpu.load(view, mask=n_ok, other=o_ref.shape[2]).astype(jnp.int32)
 
 
-def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, tiles, interpret):
+def _body(
+  x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, tiles, interpret,
+  low_rank=None, low_rank_refs=None,
+):
   """Channel block `block` of one bucket over group range `split`; written at output columns
-  offset + channel, or at c_ref[offset + channel] (int [1, N]) if given.
+  offset + channel, or at c_ref[offset + channel] (int [1, N]) if given; group range 0 also adds
+  the `LowRank` term when given (its refs: h, b).
 
   A step's words are loaded before any of its arithmetic (`_stream`): a program waits for memory
   once a step, not once per word of a group. Its level words are loaded as [block_g, block_n]
@@ -271,27 +346,42 @@ def _body(x_ref, refs, c_ref, o_ref, block, split, offset, layout: WordLayout, t
   init = tuple(jnp.zeros((bg, bn), jnp.float32) for _ in range(m))
   accs = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step, init)
   out = [a.sum(axis=0, keepdims=True) for a in accs]  # [1, bn] per row
+  if low_rank is not None:
+    cols = col_ids
+    if c_ref is None:
+      cols = offset + channels
+    ok = jnp.full((1, bn), split == 0) if n_ok is None else n_ok & (split == 0)
+    out = [o + low_rank_term(low_rank_refs, low_rank, r, cols, ok) for r, o in enumerate(out)]
   for r in range(m):
     row = pl.ds(r, 1) if c_ref is None else jnp.full((1, 1), r, jnp.int32)
     plgpu.store(o_ref.at[split, row, col_ids], out[r], mask=n_ok)
 
 
-def launch_buckets(family, body, x, buckets, m: int, tiles, columns, interpret: bool, out):
+def launch_buckets(
+  family, body, x, buckets, m: int, tiles, columns, interpret: bool, out, low_rank=None
+):
   """One launch of `body` over every bucket's channel blocks (`tiles.block_n`) and
   `tiles.splits` group ranges -> float32 partial sums [splits, m, sum Nb]: program (j, split)
   runs body(x_ref, bucket_refs, c_ref, o_ref, block, split, offset, layout) for the bucket whose
-  blocks include j (c_ref: `columns` as int [1, N], or None). Shared by `word_gemv` and
-  `word_mma` (`family`: the kernel's name; `x`: its activation operand)."""
+  blocks include j (c_ref: `columns` as int [1, N], or None), and passes `low_rank` and its refs
+  (h, b) as keywords when given. Shared by `word_gemv` and `word_mma` (`family`: the kernel's
+  name; `x`: its activation operand)."""
   checked = [operands(b) for b in buckets]
   layouts = tuple(layout for layout, _ in checked)
   permuted = columns is not None
+  extra = () if low_rank is None else (low_rank.h, low_rank.b)
 
   def kernel(x_ref, *refs):
     o_ref, (j, split) = refs[-1], (pl.program_id(0), pl.program_id(1))
-    c_ref, refs = (refs[-2], refs[:-2]) if permuted else (None, refs[:-1])
+    refs = refs[:-1]
+    lr = {}
+    if extra:
+      lr = dict(low_rank=low_rank, low_rank_refs=refs[-2:])
+      refs = refs[:-2]
+    c_ref, refs = (refs[-1], refs[:-1]) if permuted else (None, refs)
 
     def run(index, bucket_refs, local, offset):
-      body(x_ref, bucket_refs, c_ref, o_ref, local, split, offset, layouts[index])
+      body(x_ref, bucket_refs, c_ref, o_ref, local, split, offset, layouts[index], **lr)
 
     lm.by_channel_block(j, layouts, tiles.block_n, refs, run)
 
@@ -300,7 +390,8 @@ def launch_buckets(family, body, x, buckets, m: int, tiles, columns, interpret: 
   flat = [a for _, arrays in checked for a in arrays]
   if permuted:
     flat.append(columns.reshape(1, -1))
-  variant = "_".join(f"{lo.bits}bit" for lo in layouts)
+  flat.extend(extra)
+  variant = "_".join(f"{lo.bits}bit" for lo in layouts) + ("_lora" if extra else "")
   name = loop_stages.kernel_name(family, variant, tiles.num_stages, interpret)
   t = lm.Tiles(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
   return lm.launch(kernel, (x, *flat), shape, (blocks, tiles.splits), t, interpret, name, out)
@@ -313,10 +404,12 @@ def word_gemv(
   group: int,
   tiles: GemvTiles = GemvTiles(),
   columns=None,
+  low_rank: LowRank | None = None,
   interpret: bool = False,
   out=None,
 ):
-  """x [M, K_pad] (M <= 4) @ [W_1 | W_2 | ...] -> float32 partial sums [splits, M, sum Nb].
+  """x [M, K_pad] (M <= 4) @ [W_1 | W_2 | ...] -> float32 partial sums [splits, M, sum Nb], plus
+  `low_rank`'s term in partial sum 0 when given.
 
   Args:
     buckets: `WordBucket`s of one tensor (1 or 2 bits), computed in one launch.
@@ -333,4 +426,8 @@ def word_gemv(
     raise ValueError(f"block_g={tiles.block_g} must divide the {groups} groups.")
   body = functools.partial(_body, tiles=tiles, interpret=interpret)
   xp = x_pairs(x, group).reshape(-1, group // 2)  # [M * G, group / 2]
-  return launch_buckets("word_gemv", body, xp, buckets, m, tiles, columns, interpret, out)
+  if low_rank is not None and low_rank.h.shape[0] != m:
+    raise ValueError(f"low_rank.h has {low_rank.h.shape[0]} rows for {m} rows of x.")
+  return launch_buckets(
+    "word_gemv", body, xp, buckets, m, tiles, columns, interpret, out, low_rank
+  )

@@ -93,7 +93,11 @@ def test_fusion_moves_kernels_and_adapters_and_keeps_the_rest():
   pairs = [lora["0"]["self_attn"][n] for n in llama.FUSED_PROJECTIONS["self_attn"]]
   want = np.concatenate([x @ p["a"] @ p["b"] for p in pairs], axis=1)
   a, b = (np.asarray(fused[n], np.float64) for n in "ab")
-  np.testing.assert_allclose(x @ a @ b, want, rtol=1e-12)  # exact copies and exact zeros
+  rank, edges = 3, [0, 72, 112, 136]  # the largest rank; the siblings' columns
+  assert a.shape == (128, 3 * rank) and b.shape == (rank, 136)
+  got = [x @ a[:, s * rank : (s + 1) * rank] @ b[:, lo:hi] for s, (lo, hi) in
+         enumerate(zip(edges[:-1], edges[1:]))]
+  np.testing.assert_allclose(np.concatenate(got, 1), want, rtol=1e-12)  # copies and exact zeros
 
 
 def test_planes_are_not_fused():

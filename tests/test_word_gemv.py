@@ -40,6 +40,35 @@ def test_words_hold_the_codes_as_documented(bits):
   np.testing.assert_array_equal(np.asarray(words.unpack_words(got, bits)), codes)
 
 
+def mad_u32(t: int, mul: int, high: bool) -> int:
+  """PTX mad.lo / mad.hi.u32 with addend 0x1010 on Python integers: (t * mul)'s low or high 32
+  bits, plus 0x1010, modulo 2**32."""
+  product = t * mul
+  return (((product >> 32) if high else product) + 0x1010) % 2**32
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_selector_plans_give_every_pairs_selector(bits):
+  """For every pair position, both pairs' selectors (low 16 bits) are 0x1010 + 34 (c0 + 256 c1)
+  for all codes of the two pairs, whatever the word's other bits hold."""
+  rng = np.random.default_rng(bits)
+  lows = [a for a in words.PAIR_BITS[bits] if a < 16]
+  assert [a + 16 for a in lows] == [a for a in words.PAIR_BITS[bits] if a >= 16]
+  codes = range(1 << bits)
+  for at in lows:
+    plan = wg.selector_plan(at, bits)
+    assert all(m < 2**32 for m in plan.muls)  # PTX immediates of a .u32 multiply
+    for quad in np.array(np.meshgrid(codes, codes, codes, codes)).reshape(4, -1).T:
+      word = int(rng.integers(0, 2**32))  # other pairs' codes: noise
+      for i, a in enumerate((at, at + 16)):
+        for j, c in enumerate(quad[2 * i : 2 * i + 2]):
+          word = word & ~(((1 << bits) - 1) << (a + 8 * j)) | int(c) << (a + 8 * j)
+      t = (word >> plan.shift) & plan.mask
+      for i in range(2):
+        want = 0x1010 + 34 * (int(quad[2 * i]) + 256 * int(quad[2 * i + 1]))
+        assert mad_u32(t, plan.muls[i], plan.highs[i]) & 0xFFFF == want, (at, i, quad)
+
+
 CONFIGS = {  # groups of 32 rows: 1 or 2 words a group, to keep the interpreted kernels short
   "2 bits": dict(method="lloyd", bits=2, group_size=32),
   "1 bit": dict(method="lloyd", bits=1, group_size=32),
@@ -105,6 +134,62 @@ def test_word_gemv_matches_float64(name, m, stages):
   tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2, num_stages=stages)
   bits = min(b.bits for b in quantized(name).buckets)
   assert _relative_error(wg.word_gemv, tiles, name, m) <= gemv_bound(bits)
+
+
+@pytest.mark.parametrize("name, m", [("mixed 1.5", 2), ("2 bits", 1)])
+def test_word_gemv_adds_a_low_rank_term(name, m):
+  """word_gemv with a `LowRank` of three segments (fused siblings' adapters) against float64:
+  x @ W + scale * h_s(n) @ b[:, n], only once over the two group ranges, in channel order."""
+  qt = quantized(name)
+  wq = quantize.to_word_layout(qt)
+  n, rank, bounds = qt.shape[1], 3, (24, 56)  # segments of 24, 32 and 16 columns
+  keys = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(keys[0], (m, qt.shape[0]), jnp.bfloat16)
+  h = jax.random.normal(keys[1], (m, 3 * rank), jnp.float32)
+  b = jax.random.normal(keys[2], (rank, n), jnp.bfloat16)
+  low_rank = wg.LowRank(h, b, scale=0.5, bounds=bounds)
+  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2)
+  out = jnp.full((2, m, n), jnp.nan, jnp.float32)
+  got = wg.word_gemv(
+    x, wq.buckets, group=qt.group_size, tiles=tiles, columns=qt.perm, low_rank=low_rank,
+    interpret=not ON_GPU, out=out,
+  )
+  got = np.asarray(got, np.float64).sum(axis=0)
+  xd, wd = np.asarray(x, np.float64), dense64(qt)
+  hd, bd = np.asarray(h, np.float64), np.asarray(b, np.float64)
+  segment = np.searchsorted(np.array(bounds), np.arange(n), side="right")
+  term = np.stack([hd[:, s * rank : (s + 1) * rank] @ bd[:, c] for c, s in enumerate(segment)], 1)
+  # the GEMV's bound, plus float32 sums of the term's `rank` products
+  bits = min(bk.bits for bk in qt.buckets)
+  scale = np.abs(xd) @ np.abs(wd) + 0.5 * np.stack(
+    [np.abs(hd[:, s * rank : (s + 1) * rank]) @ np.abs(bd[:, c]) for c, s in enumerate(segment)], 1
+  )
+  assert (np.abs(got - xd @ wd - 0.5 * term) / scale).max() <= gemv_bound(bits)
+
+
+@pytest.mark.parametrize("layout", ["words", "planes"])
+def test_quantized_matmul_low_rank_adds_the_adapter_term(layout):
+  """`quantized_matmul_low_rank` against float64, on a word-layout tensor (the term inside the
+  GEMV's launch) and on the stored planes (added after by XLA); 3 leading rows, two segments."""
+  qt = quantized("mixed 1.5")
+  wq = quantize.to_word_layout(qt) if layout == "words" else qt
+  n, rank = qt.shape[1], 4
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (3, qt.shape[0]), jnp.bfloat16)
+  h = jax.random.normal(keys[1], (3, 2 * rank), jnp.float32)
+  b = jax.random.normal(keys[2], (rank, n), jnp.float32)
+  low_rank = wg.LowRank(h, b, scale=2.0, bounds=(40,))
+  got = quantized_ops.quantized_matmul_low_rank(
+    x, wq, low_rank, backend="interpret" if layout == "words" else "xla"
+  )
+  xd, wd, hd, bd = (np.asarray(a, np.float64) for a in (x, dense64(qt), h, b))
+  term = np.concatenate([hd[:, :rank] @ bd[:, :40], hd[:, rank:] @ bd[:, 40:]], axis=1)
+  scale = np.abs(xd) @ np.abs(wd) + 2 * np.concatenate(
+    [np.abs(hd[:, :rank]) @ np.abs(bd[:, :40]), np.abs(hd[:, rank:]) @ np.abs(bd[:, 40:])], 1
+  )
+  # words: the GEMV's float16 bound; planes: float32 sums (far below it)
+  err = np.abs(np.asarray(got, np.float64) - xd @ wd - 2 * term) / scale
+  assert err.max() <= gemv_bound(1)
 
 
 @pytest.mark.parametrize("stages", [1, 3])
