@@ -214,10 +214,9 @@ def low_rank_term(refs, low_rank: LowRank, row: int, cols, ok):
   rank = b_ref.shape[0]
   j = jax.lax.broadcasted_iota(jnp.int32, (pl.next_power_of_2(rank), 1), 0)
   segment = sum((cols >= bound).astype(jnp.int32) for bound in low_rank.bounds)
-  mask = ok & (j < rank)
-  h = plgpu.load(
-    h_ref.at[jnp.full(j.shape, row, jnp.int32), segment * rank + j], mask=mask, other=0
-  )
+  mask = ok & (j < rank)  # [R, bn]; Triton takes index arrays of the loaded shape
+  h_cols = jnp.broadcast_to(segment * rank + j, mask.shape)
+  h = plgpu.load(h_ref.at[jnp.full(mask.shape, row, jnp.int32), h_cols], mask=mask, other=0)
   b = plgpu.load(b_ref.at[j, cols], mask=mask, other=0)
   product = h.astype(jnp.float32) * b.astype(jnp.float32)
   return product.sum(axis=0, keepdims=True) * low_rank.scale

@@ -167,6 +167,29 @@ def test_word_gemv_adds_a_low_rank_term(name, m):
   assert (np.abs(got - xd @ wd - 0.5 * term) / scale).max() <= gemv_bound(bits)
 
 
+@pytest.mark.parametrize("bounds, rank", [((), 16), ((40,), 3)])
+def test_low_rank_gemv_lowers_for_triton(bounds, rank):
+  """Lowered for CUDA (no GPU needed; the interpreter broadcasts what Triton does not): one
+  segment and two, the rank a power of two and not."""
+  from pallas_kernels import loop_stages
+
+  qt = quantized("mixed 1.5")
+  wq = quantize.to_word_layout(qt)
+  x = jnp.ones((2, qt.shape[0]), jnp.bfloat16)
+  h = jnp.ones((2, (len(bounds) + 1) * rank), jnp.bfloat16)
+  b = jnp.ones((rank, qt.shape[1]), jnp.bfloat16)
+  tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2)
+
+  def gemv(a, w, h, b):
+    low_rank = wg.LowRank(h, b, scale=1.0, bounds=bounds)
+    return wg.word_gemv(
+      a, w.buckets, group=qt.group_size, tiles=tiles, columns=w.perm, low_rank=low_rank
+    )
+
+  (ir,) = loop_stages.cuda_modules(gemv, x, wq, h, b)
+  assert "tt.func" in ir
+
+
 @pytest.mark.parametrize("layout", ["words", "planes"])
 def test_quantized_matmul_low_rank_adds_the_adapter_term(layout):
   """`quantized_matmul_low_rank` against float64, on a word-layout tensor (the term inside the
