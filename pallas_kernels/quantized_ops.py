@@ -72,9 +72,11 @@ class Tuning:
     the dense path; 4: `word_mma` was no faster than the plane kernels at M = 8-64 on the H200
     (docs/results.md). mma: (up to M rows, `word_mma` tiles, programs per SM the splits aim at)
     in increasing M: block_n 256 needs 176 registers a thread (2 programs of 4 warps per SM) and
-    spills at M = 64, where block_n 128 needs 193 (`benchmarks/kernel_sass.py --m=M`). Levels are looked up in the activation
-    dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and in the
-    backward, the float32 select tree feeds the tensor cores faster.
+    spills at M = 64, where block_n 128 needs 193 (`benchmarks/kernel_sass.py --m=M`).
+    gemv_low_rank: `quantized_matmul_low_rank` adds unmerged adapters' term inside the word GEMV's
+    launch (False: XLA adds it after, the A/B of what that saves). Levels are looked up in the
+    activation dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and
+    in the backward, the float32 select tree feeds the tensor cores faster.
   """
 
   dense_from_m: int
@@ -90,6 +92,7 @@ class Tuning:
   gemv_per_sm: int
   word_max_rows: int
   mma: tuple[tuple[int, wm.MmaTiles, int], ...]
+  gemv_low_rank: bool
 
 
 H200 = Tuning(
@@ -106,6 +109,7 @@ H200 = Tuning(
   gemv_per_sm=16,
   word_max_rows=4,
   mma=((16, wm.MmaTiles(block_n=256, num_warps=4), 2), (64, wm.MmaTiles(block_n=128), 2)),
+  gemv_low_rank=True,
 )
 # Per `jax.Device.device_kind`; other GPUs (and the CPU's interpreted kernels) use the H200's.
 TUNINGS = {"NVIDIA H200": H200}
@@ -371,7 +375,7 @@ def _forward(x, qt: QuantizedTensor, impl: str, low_rank: wg.LowRank | None = No
   launch where the plan takes it, else added after in float32."""
   m, k = x.shape
   p = plan(qt, m, x.dtype, impl)
-  if low_rank is not None and p.gemv is None:
+  if low_rank is not None and (p.gemv is None or not tuning().gemv_low_rank):
     y = _forward(x, qt, impl).astype(jnp.float32) + wg.low_rank_reference(low_rank)
     return y.astype(x.dtype)
   x, qt = _after(x, qt)

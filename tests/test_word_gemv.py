@@ -190,10 +190,15 @@ def test_low_rank_gemv_lowers_for_triton(bounds, rank):
   assert "tt.func" in ir
 
 
-@pytest.mark.parametrize("layout", ["words", "planes"])
-def test_quantized_matmul_low_rank_adds_the_adapter_term(layout):
+@pytest.mark.parametrize(
+  "layout, in_gemv", [("words", True), ("words", False), ("planes", True)]
+)
+def test_quantized_matmul_low_rank_adds_the_adapter_term(layout, in_gemv, monkeypatch):
   """`quantized_matmul_low_rank` against float64, on a word-layout tensor (the term inside the
-  GEMV's launch) and on the stored planes (added after by XLA); 3 leading rows, two segments."""
+  GEMV's launch, or after it with the Tuning's `gemv_low_rank` off) and on the stored planes
+  (added after by XLA); 3 leading rows, two segments."""
+  monkeypatch.setattr(quantized_ops, "TUNINGS", dict(quantized_ops.TUNINGS))
+  quantized_ops.override_tuning({"gemv_low_rank": in_gemv})
   qt = quantized("mixed 1.5")
   wq = quantize.to_word_layout(qt) if layout == "words" else qt
   n, rank = qt.shape[1], 4
