@@ -24,6 +24,9 @@ dispatch setting in one call).
 weights above) and, `fused`, with the q/k/v and gate/up kernels (and adapters) fused into one
 each (`generate.word_form`: what generation decodes from up to 4 prompts); rows say which.
 
+`--steps_per_sync=1,8` times each batch also with several decode steps between the host's checks
+of the loop condition (`generate.decode`: a `while_loop` syncs with the host every iteration).
+
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
 on stderr, all of them in the JSON row): what a step spends in the quantized matmuls' kernels and
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -176,13 +180,15 @@ def worker(args) -> None:
   config, key, sampling = model.config, jax.random.key(0), gen.Sampling()
   slots = args.prompt + args.new + 1  # the context, `new` fed tokens and the last one sampled
   stop = jnp.asarray(args.prompt + args.new, jnp.int32)
-  for batch in args.batches:
+  for batch, sync in itertools.product(args.batches, args.steps_per_sync):
 
     def context(batch=batch):
       return context_state(config, batch, args.prompt, slots)
 
-    def decode(state):
-      return gen.decode(model, variables, state, key, stop, sampling=sampling, eos_id=None)
+    def decode(state, sync=sync):
+      return gen.decode(
+        model, variables, state, key, stop, sampling=sampling, eos_id=None, steps_per_sync=sync
+      )
 
     t0 = time.perf_counter()
     out = jax.block_until_ready(decode(context()))
@@ -193,6 +199,7 @@ def worker(args) -> None:
       "method": args.worker + ("" if layout == "planes" else f" ({layout})"),
       "shape": args.shape,
       "batch": batch,
+      "steps_per_sync": sync,
       "tokens_per_s": batch * args.new / seconds,
       "ms_per_step": 1e3 * seconds / args.new,
       "compile_s": compile_s,
@@ -214,9 +221,9 @@ def worker(args) -> None:
       row["prefill_ms"] = 1e3 * median_seconds(lambda p=prompts: p, prefill, args.repeat)
     if args.trace:
       row["step_kernels"] = step_kernels(decode, context, args.new)
-      print_kernels(f"{args.worker} batch {batch}, one step", row["step_kernels"])
+      print_kernels(f"{args.worker} batch {batch}, sync {sync}, one step", row["step_kernels"])
     row["peak_gb"] = peak_gb()
-    log(start, f"{args.worker} batch {batch}: {row['tokens_per_s']:.1f} tokens/s")
+    log(start, f"{args.worker} batch {batch}, sync {sync}: {row['tokens_per_s']:.1f} tokens/s")
     print(json.dumps(row), flush=True)
 
 
@@ -228,16 +235,23 @@ def save_rows(path: str, rows: list[dict]) -> None:
   os.replace(tmp, path)
 
 
+def _run(row: dict) -> tuple[int, int]:
+  """(batch, steps a sync) of a row: what its bf16 ratio is taken at."""
+  return row["batch"], row.get("steps_per_sync", 1)
+
+
 def table(rows: list[dict], prefill: bool) -> str:
-  bf16 = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "bf16"}
-  head = "| method | code bits | batch | tokens/s | ratio vs bf16 | ms/step | peak GB |"
-  head += " weights GB | packed shapes | compile s |" + (" prefill ms |" if prefill else "")
+  bf16 = {_run(r): r["tokens_per_s"] for r in rows if r["method"] == "bf16"}
+  head = "| method | code bits | batch | steps a sync | tokens/s | ratio vs bf16 | ms/step |"
+  head += " peak GB | weights GB | packed shapes | compile s |"
+  head += " prefill ms |" if prefill else ""
   lines = [head, "|" + "---|" * head.count(" |")]
   for r in rows:
-    ratio = f"{r['tokens_per_s'] / bf16[r['batch']]:.2f}x" if r["batch"] in bf16 else "-"
+    ratio = f"{r['tokens_per_s'] / bf16[_run(r)]:.2f}x" if _run(r) in bf16 else "-"
     peak = "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
     line = (
-      f"| {r['method']} | {r['code_bits']:.2f} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} "
+      f"| {r['method']} | {r['code_bits']:.2f} | {r['batch']} | {_run(r)[1]} "
+      f"| {r['tokens_per_s']:.1f} | {ratio} "
       f"| {r['ms_per_step']:.2f} | {peak} | {r['weights_gb']:.2f} | {r['packed_shapes']} "
       f"| {r['compile_s']:.1f} |"
     )
@@ -272,6 +286,11 @@ def main() -> None:
   parser.add_argument("--prompt", type=int, default=128, help="context tokens before decoding")
   parser.add_argument("--new", type=int, default=64, help="decode steps timed")
   parser.add_argument("--repeat", type=int, default=3)
+  parser.add_argument(
+    "--steps_per_sync",
+    default="1",
+    help="comma-separated: decode steps between the host's loop checks (`generate.decode`)",
+  )
   parser.add_argument("--prefill", action="store_true", help="also time the prefill")
   parser.add_argument("--trace", action="store_true", help="kernels of one step (profiler)")
   parser.add_argument("--out", default="", help="write the rows as JSON here")
@@ -286,6 +305,8 @@ def main() -> None:
   layouts = cli.parse_list(args.layouts, "--layouts", ("planes", "words", "fused"))
   args.batches = cli.parse_list(args.batches, "--batches", convert=int)
   cli.positive("--batches", *args.batches)
+  args.steps_per_sync = cli.parse_list(args.steps_per_sync, "--steps_per_sync", convert=int)
+  cli.positive("--steps_per_sync", *args.steps_per_sync)
   for flag in ("prompt", "new", "repeat"):
     cli.positive(f"--{flag}", getattr(args, flag))
   if args.layers:

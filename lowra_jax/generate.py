@@ -145,7 +145,7 @@ def prefill(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("model", "sampling", "eos_id", "on_token"),
+  static_argnames=("model", "sampling", "eos_id", "on_token", "steps_per_sync"),
   donate_argnames=("state",),
 )
 def decode(
@@ -158,12 +158,20 @@ def decode(
   sampling: Sampling,
   eos_id: int | None,
   on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
+  steps_per_sync: int = 1,
 ) -> DecodeState:
   """Decode steps while cache.index < stop (int32 [], <= S - 1) and some row is not done.
 
   Each step feeds the token at slot cache.index, writes its keys/values there and samples the
   token of the next slot (rows already done repeat EOS). `on_token(tokens int32 [B], live bool
   [B])` is called on the host with every step's tokens (live: rows not done before this step).
+
+  A `lax.while_loop` hands its condition to the host before every iteration, so the GPU drains
+  between steps. `steps_per_sync` > 1 runs that many steps an iteration (a loop of fixed trip
+  count inside); steps after the condition fails leave the state as it was (the cache index,
+  mask, tokens and done flags are kept; the one slot such a step writes stays masked out and is
+  what the next real step would write), so the results are the same, at the cost of up to
+  steps_per_sync - 1 steps computed in vain. Streaming (`on_token`) always syncs every step.
   """
 
   def cond(s: DecodeState):
@@ -181,7 +189,19 @@ def decode(
     tokens = jax.lax.dynamic_update_slice(s.tokens, new[:, None], (0, index + 1))
     return DecodeState(cache, tokens, s.pad, s.done | _is_eos(new, eos_id))
 
-  return jax.lax.while_loop(cond, step, state)
+  if steps_per_sync == 1 or on_token is not None:
+    return jax.lax.while_loop(cond, step, state)
+
+  def guarded(_, s: DecodeState) -> DecodeState:
+    go, n = cond(s), step(s)
+    keep = lambda new, old: jnp.where(go, new, old)  # noqa: E731
+    cache = n.cache.replace(
+      mask=keep(n.cache.mask, s.cache.mask), index=keep(n.cache.index, s.cache.index)
+    )
+    return DecodeState(cache, keep(n.tokens, s.tokens), s.pad, keep(n.done, s.done))
+
+  chunk = lambda s: jax.lax.fori_loop(0, steps_per_sync, guarded, s)  # noqa: E731
+  return jax.lax.while_loop(cond, chunk, state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +270,7 @@ def generate(
   eos_id: int | None = None,
   max_len: int | None = None,
   on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
+  steps_per_sync: int = 1,
 ) -> list[list[int]]:
   """New tokens for each prompt (lists of ids of any lengths), EOS not included.
 
@@ -260,6 +281,7 @@ def generate(
     eos_id: a row stops after this token (None: never).
     max_len: KV-cache slots per row, prompt included (see `layout`).
     on_token: streaming, called with (tokens int32 [B], live bool [B]) for every new token.
+    steps_per_sync: decode steps between the host's checks of the loop condition (`decode`).
   """
   if sampling.temperature > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=...).")
@@ -279,7 +301,10 @@ def generate(
   if on_token is not None:
     on_token(np.asarray(state.tokens[:, width]), np.ones(len(prompts), bool))
   stop = jnp.asarray(width + batch.new - 1, jnp.int32)
+  if steps_per_sync < 1:
+    raise ValueError(f"steps_per_sync must be at least 1, not {steps_per_sync}.")
   state = decode(
-    model, variables, state, key, stop, sampling=sampling, eos_id=eos_id, on_token=on_token
+    model, variables, state, key, stop, sampling=sampling, eos_id=eos_id, on_token=on_token,
+    steps_per_sync=steps_per_sync,
   )
   return _new_tokens(state, width, batch.new, eos_id)

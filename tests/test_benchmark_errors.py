@@ -27,6 +27,7 @@ def interop_missing() -> str:
 CASES = {
   "unknown_precision": (["kernels.py", "--precisions=2,3bit", "--rows={out}/rows.jsonl"], "'3bit'"),
   "negative_batch": (["generate.py", "--shape=tiny", "--batches=1,-8", "--out={out}/g.json"], "-8"),
+  "zero_steps_per_sync": (["generate.py", "--shape=tiny", "--steps_per_sync=0"], "--steps_per_sync"),
   "unknown_method": (
     ["model_step.py", "--shape=tiny", "--methods=bf16,nf5", "--out={out}/m.json"],
     "'nf5'",

@@ -160,6 +160,40 @@ def test_eos_stops_rows_and_streaming_reports_live_tokens(stories):
     assert live[len(out[row]) :] in ([], [eos])  # a finished row reports EOS once, then nothing
 
 
+@pytest.mark.parametrize("steps", [3, 8])
+def test_steps_per_sync_changes_nothing_but_syncs(stories, steps):
+  """Several steps a loop iteration: the same tokens and the same final cache (index, mask and
+  every unmasked slot) as one step an iteration, whether rows stop by EOS, by the step budget
+  (10 and 16 steps: not multiples of 3) or by a full cache."""
+  model, variables, tok = stories
+  prompts = [[tok.bos_id], tok.encode("Tom had a dog")]
+  free = gen.generate(model, variables, prompts, max_new_tokens=16, max_len=MAX_LEN)
+  for kwargs in (
+    dict(max_new_tokens=10, max_len=MAX_LEN),
+    dict(max_new_tokens=16, max_len=MAX_LEN, eos_id=free[1][6]),
+    dict(max_new_tokens=12, max_len=8),
+  ):
+    one = gen.generate(model, variables, prompts, **kwargs)
+    assert gen.generate(model, variables, prompts, steps_per_sync=steps, **kwargs) == one
+  batch = gen.layout(prompts, 11, MAX_LEN, model.config.vocab_size)
+  states = []
+  for k in (1, steps):
+    state = gen.prefill(
+      model, variables, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(0),
+      max_len=batch.max_len, sampling=gen.Sampling(), eos_id=None,
+    )
+    stop = jnp.asarray(batch.tokens.shape[1] + batch.new - 1, jnp.int32)
+    states.append(gen.decode(model, variables, state, jax.random.key(0), stop,
+                             sampling=gen.Sampling(), eos_id=None, steps_per_sync=k))
+  a, b = states
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.cache.mask, b.cache.mask)
+  assert int(a.cache.index) == int(b.cache.index)
+  written = np.asarray(a.cache.mask)[:, :, None, None]
+  for x, y in zip(a.cache.keys + a.cache.values, b.cache.keys + b.cache.values):
+    np.testing.assert_array_equal(np.where(written, x, 0), np.where(written, y, 0))
+
+
 def test_full_cache_stops_generation(stories):
   model, variables, tok = stories
   long = gen.generate(model, variables, [[tok.bos_id]], max_new_tokens=12, max_len=MAX_LEN)[0]
