@@ -542,15 +542,7 @@ def quantized_matmul(
   recomputation's weight at the cost of one layer's transient weights at a time. Outside remat it
   would keep every layer's weight, in the compute dtype, from forward to backward.
   """
-  k, n = qt.shape
-  if x.shape[-1] != k:
-    raise ValueError(
-      f"x has {x.shape[-1]} features but the quantized kernel expects {k} "
-      f"(kernel shape {qt.shape})."
-    )
-  impl = backend_lib.resolve(backend)
-  lead = x.shape[:-1]
-  x = x.reshape(-1, k)
+  impl, lead, x = _rows(x, qt, backend)
   axes = _row_axes(x.shape[0])
   if axes:
     row = P(axes, None)
@@ -564,7 +556,17 @@ def quantized_matmul(
     y = local(x, qt)
   else:
     y = _qmm(x, qt, impl, keep_weight)
-  return y.reshape(*lead, n)
+  return y.reshape(*lead, qt.shape[1])
+
+
+def _rows(x: jax.Array, qt: QuantizedTensor, backend: str):
+  """(implementation, x's leading dims, x as rows [M, K]) after checking x's features."""
+  if x.shape[-1] != qt.shape[0]:
+    raise ValueError(
+      f"x has {x.shape[-1]} features but the quantized kernel expects {qt.shape[0]} "
+      f"(kernel shape {qt.shape})."
+    )
+  return backend_lib.resolve(backend), x.shape[:-1], x.reshape(-1, qt.shape[0])
 
 
 def quantized_matmul_low_rank(
@@ -575,22 +577,18 @@ def quantized_matmul_low_rank(
   low_rank.h [..., S * r] -> [..., N] in x.dtype. Where the plan takes `word_gemv` (a tensor in
   the word layout, decode rows) the term is added inside its launch: no adapter kernels after it;
   elsewhere (and under a mesh) XLA adds it after."""
-  k, n = qt.shape
-  if x.shape[-1] != k or low_rank.b.shape[1] != n:
+  if low_rank.b.shape[1] != qt.shape[1]:
     raise ValueError(
-      f"x [..., {x.shape[-1]}] and the adapter's b {low_rank.b.shape} do not fit the quantized "
-      f"kernel's shape {qt.shape}."
+      f"the adapter's b {low_rank.b.shape} does not fit the quantized kernel's shape {qt.shape}."
     )
-  impl = backend_lib.resolve(backend)
-  lead = x.shape[:-1]
-  x = x.reshape(-1, k)
+  impl, lead, x = _rows(x, qt, backend)
   low_rank = dataclasses.replace(low_rank, h=low_rank.h.reshape(x.shape[0], -1))
   if _row_axes(x.shape[0]):
     y = quantized_matmul(x, qt, backend=backend).astype(jnp.float32)
     y = (y + wg.low_rank_reference(low_rank)).astype(x.dtype)
   else:
     y = _forward(x, qt, impl, low_rank)
-  return y.reshape(*lead, n)
+  return y.reshape(*lead, qt.shape[1])
 
 
 def _row_axes(rows: int) -> tuple[str, ...]:

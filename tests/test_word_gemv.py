@@ -218,6 +218,8 @@ def test_quantized_matmul_low_rank_adds_the_adapter_term(layout, in_gemv, monkey
   # words: the GEMV's float16 bound; planes: float32 sums (far below it)
   err = np.abs(np.asarray(got, np.float64) - xd @ wd - 2 * term) / scale
   assert err.max() <= gemv_bound(1)
+  with pytest.raises(ValueError, match="adapter's b"):
+    quantized_ops.quantized_matmul_low_rank(x, wq, wg.LowRank(h, b[:, 1:], scale=1.0))
 
 
 @pytest.mark.parametrize("stages", [1, 3])
