@@ -146,7 +146,8 @@ class QLoRALinear(nn.Module):
       y = base
     elif self.has_variable("quant", "kernel"):
       kernel = self.get_variable("quant", "kernel")
-      if self.has_variable("lora", "a") and is_word_layout(kernel):  # decoding: no dropout
+      # decoding (the word layout, no dropout): the adapter's term inside the GEMV's launch
+      if self.has_variable("lora", "a") and is_word_layout(kernel) and self.deterministic:
         a, b = (self.get_variable("lora", n) for n in "ab")
         y, adapted = adapted_matmul(x, kernel, a, b, self.lora.scale, self.dtype), True
       else:
