@@ -100,12 +100,9 @@ def _side_by_side_adapters(entries: list[dict]) -> dict:
   """{"a": [in, S r] the A's side by side, "b": [r, sum N_i] the B's side by side}, each sibling's
   rank padded with zeros to the largest r (exact: the padded products are zero)."""
   rank = max(e["a"].shape[1] for e in entries)
-  pad = lambda v, axis: jnp.pad(v, [(0, rank - v.shape[axis]) if i == axis else (0, 0)
-                                    for i in range(2)])  # noqa: E731
-  return {
-    "a": jnp.concatenate([pad(e["a"], 1) for e in entries], axis=1),
-    "b": jnp.concatenate([pad(e["b"], 0) for e in entries], axis=1),
-  }
+  a = [jnp.pad(e["a"], ((0, 0), (0, rank - e["a"].shape[1]))) for e in entries]
+  b = [jnp.pad(e["b"], ((0, rank - e["b"].shape[0]), (0, 0))) for e in entries]
+  return {"a": jnp.concatenate(a, axis=1), "b": jnp.concatenate(b, axis=1)}
 
 
 def fuse_for_decoding(variables: dict, groups: Mapping[str, Sequence[str]]) -> dict:
