@@ -21,8 +21,10 @@ channel order (a mixed tensor's permutation), as partial sums over `splits` rang
 program owns `block_n` channels of one bucket and a range of groups, `block_g` groups a step.
 With a `LowRank` (unmerged adapters: h = x @ A, and B), the programs of group range 0 add
 scale * h @ B at their columns before storing, so decoding with adapters launches no kernels for
-them after the GEMV (`low_rank_reference` is its jnp form). Compiled kernels run the per-pair work as inline PTX; Pallas' interpreter (CPU tests) runs the
-same arithmetic in jnp (`prmt` by `byte_lookup.prmt_reference`, float16 rounding per FMA).
+them after the GEMV (`low_rank_reference` is its jnp form). Compiled kernels run the per-pair
+work as inline PTX; Pallas' interpreter (CPU tests) runs the same lookups and arithmetic in jnp
+(`prmt` by `byte_lookup.prmt_reference`, float16 rounding per FMA), its selectors computed
+directly: the PTX's `SelectorPlan`s are checked on Python integers.
 """
 
 from __future__ import annotations
@@ -346,9 +348,7 @@ def _body(
   accs = jax.lax.fori_loop(lo, jnp.minimum(steps, lo + per_split), step, init)
   out = [a.sum(axis=0, keepdims=True) for a in accs]  # [1, bn] per row
   if low_rank is not None:
-    cols = col_ids
-    if c_ref is None:
-      cols = offset + channels
+    cols = offset + channels if c_ref is None else col_ids  # int [1, bn] output columns
     ok = jnp.full((1, bn), split == 0) if n_ok is None else n_ok & (split == 0)
     out = [o + low_rank_term(low_rank_refs, low_rank, r, cols, ok) for r, o in enumerate(out)]
   for r in range(m):

@@ -190,8 +190,11 @@ def test_steps_per_sync_changes_nothing_but_syncs(stories, steps):
   np.testing.assert_array_equal(a.cache.mask, b.cache.mask)
   assert int(a.cache.index) == int(b.cache.index)
   written = np.asarray(a.cache.mask)[:, :, None, None]
+  # the same steps compiled inside another loop may sum in other orders: float32 sums along the
+  # forward pass up to a layer's keys and values
+  bound = f32_sum(llama_terms(model.config, batch.max_len))
   for x, y in zip(a.cache.keys + a.cache.values, b.cache.keys + b.cache.values):
-    np.testing.assert_array_equal(np.where(written, x, 0), np.where(written, y, 0))
+    assert_close_at_scale(np.where(written, y, 0), np.where(written, x, 0), bound)
 
 
 def test_full_cache_stops_generation(stories):
