@@ -378,7 +378,10 @@ def _forward(x, qt: QuantizedTensor, impl: str, low_rank: wg.LowRank | None = No
   if low_rank is not None and (p.gemv is None or not tuning().gemv_low_rank):
     y = _forward(x, qt, impl).astype(jnp.float32) + wg.low_rank_reference(low_rank)
     return y.astype(x.dtype)
-  x, qt = _after(x, qt)
+  if p.gemv is None and p.mma is None:
+    # the word kernels dequantize nothing in XLA: without the barrier the activations' float16
+    # conversion fuses into their producer (one kernel less a matmul in a decode step)
+    x, qt = _after(x, qt)
   if p.dense:  # channels x rows: one GEMM on W_hat^T [N, K]
     if p.permute == "output":
       y_t = jnp.dot(dequantize_buckets(qt, x.dtype), x.T)

@@ -6,9 +6,9 @@ a_p + 8), so one byte permutation (PTX `prmt`) looks a pair up at once in the ch
 levels (two level words at 2 bits, one at 1 bit), and one float16x2 FMA per activation row
 multiplies it by the pair's activations. The selector s = 0x1010 + 0x22 (a + 256 b) of codes a, b
 is a multiply-add of the masked word (`SelectorPlan`): the pairs at bits a_p and a_p + 16 share
-one mask (and, for a_p of 2 to 5, one shift), and `mad.hi` moves a pair down as it multiplies:
-1.75 integer instructions a pair besides its `prmt` (2.25 with a mask each). A word's products
-are summed in float16 (8 or 16 pairs), then in float32 with the group's scale: about 2.1
+one shift, mask and `mad.lo` (each pair's selector in its own 16 bits), and the second's is shifted
+down: 2 integer instructions a pair besides its `prmt` (1.5 without the shift). A word's products
+are summed in float16 (8 or 16 pairs), then in float32 with the group's scale: about 2
 instructions a weight at M = 1 plus one FMA per pair and further row, against ~10 for the
 tensor-core kernels' byte lookups (`lut_matmul`).
 
@@ -53,26 +53,22 @@ def x_pairs(x: jax.Array, group: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class SelectorPlan:
   """How the `prmt` selectors of the pairs at bits `at` and `at + 16` of a word are built: with
-  t = (word >> shift) & mask (both pairs' codes), pair i's selector is the low 32 bits of
-  t * muls[i] + 0x1010 (`mad.lo`), or, where highs[i], the high 32 bits of t * muls[i] plus
-  0x1010 (`mad.hi`: the multiply also moves the pair down). `prmt` reads a selector's low 16 bits
-  only, so the other pair's bits may sit above them: the two pairs share the shift and mask."""
+  t = (word >> shift) & mask (both pairs' codes), s = t * mul + 0x10101010 (`mad.lo`) holds the
+  first pair's selector in its low 16 bits and the second's in its high 16 bits (no carry crosses
+  between them); `prmt` reads a selector's low 16 bits only, so the second pair takes s >> 16."""
 
   shift: int
   mask: int
-  muls: tuple[int, int]
-  highs: tuple[bool, bool]
+  mul: int
 
 
 def selector_plan(at: int, bits: int) -> SelectorPlan:
-  """The `SelectorPlan` of the pairs at `at` (< 8) and `at + 16` of `bits`-bit codes. Pair i's
-  selector must be 0x1010 + 34 (c0 + 256 c1) in its low 16 bits for codes c0 at its bit a and c1
-  at a + 8 (`tests/test_word_gemv.py` checks every plan against Python integers)."""
-  shift = at if 2 <= at <= 5 else 0  # 34 >> a is not whole and 34 << (32 - a) is over 32 bits
-  a = at - shift
-  low = (34 << (32 - a), True) if a >= 6 else (34 >> a, False)
-  mask = ((1 << bits) - 1) * 0x01010101 << a
-  return SelectorPlan(shift, mask, (low[0], 34 << (16 - a)), (low[1], True))
+  """The `SelectorPlan` of the pairs at `at` (< 8) and `at + 16` of `bits`-bit codes. A pair's
+  selector must be 0x1010 + 34 (c0 + 256 c1) for codes c0 at its bit a and c1 at a + 8
+  (`tests/test_word_gemv.py` checks every plan against Python integers)."""
+  shift = 0 if at == 1 else at  # at 1 the masked codes are 2 c: multiplied by 17, no shift
+  mask = ((1 << bits) - 1) * 0x01010101 << (at - shift)
+  return SelectorPlan(shift, mask, 17 if at == 1 else 34)
 
 
 def lookup_pairs(word, levels, at: int, bits: int, interpret: bool):
@@ -87,18 +83,13 @@ def lookup_pairs(word, levels, at: int, bits: int, interpret: bool):
     return pairs
   plan = selector_plan(at, bits)
   table = [jnp.broadcast_to(v, word.shape) for v in (levels[0], levels[-1])]
-  # one asm block per pair (Pallas lowers one output per block); both start with the same shift
-  # and mask, which ptxas computes once
+  # one asm block per pair (Pallas lowers one output per block); both compute the same selector
+  # word, which ptxas computes once
   get = f"shr.u32 t, $1, {plan.shift}; " if plan.shift else "mov.b32 t, $1; "
-  get += f"and.b32 t, t, {plan.mask:#x}; "
+  get += f"and.b32 t, t, {plan.mask:#x}; mad.lo.u32 s, t, {plan.mul}, 0x10101010; "
   return [
-    _asm(
-      "{ .reg .b32 t, s; " + get + f"mad.{'hi' if high else 'lo'}.u32 s, t, {mul:#x}, 0x1010; "
-      "prmt.b32 $0, $2, $3, s; }",
-      word,
-      *table,
-    )
-    for mul, high in zip(plan.muls, plan.highs)
+    _asm("{ .reg .b32 t, s; " + get + down + "prmt.b32 $0, $2, $3, s; }", word, *table)
+    for down in ("", "shr.u32 s, s, 16; ")
   ]
 
 

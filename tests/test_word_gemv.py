@@ -40,33 +40,27 @@ def test_words_hold_the_codes_as_documented(bits):
   np.testing.assert_array_equal(np.asarray(words.unpack_words(got, bits)), codes)
 
 
-def mad_u32(t: int, mul: int, high: bool) -> int:
-  """PTX mad.lo / mad.hi.u32 with addend 0x1010 on Python integers: (t * mul)'s low or high 32
-  bits, plus 0x1010, modulo 2**32."""
-  product = t * mul
-  return (((product >> 32) if high else product) + 0x1010) % 2**32
-
-
 @pytest.mark.parametrize("bits", [1, 2])
 def test_selector_plans_give_every_pairs_selector(bits):
-  """For every pair position, both pairs' selectors (low 16 bits) are 0x1010 + 34 (c0 + 256 c1)
-  for all codes of the two pairs, whatever the word's other bits hold."""
+  """For every pair position, both pairs' selectors (the low 16 bits of s and of s >> 16, s the
+  plan's 32-bit multiply-add) are 0x1010 + 34 (c0 + 256 c1) for all codes of the two pairs,
+  whatever the word's other bits hold."""
   rng = np.random.default_rng(bits)
   lows = [a for a in words.PAIR_BITS[bits] if a < 16]
   assert [a + 16 for a in lows] == [a for a in words.PAIR_BITS[bits] if a >= 16]
   codes = range(1 << bits)
   for at in lows:
     plan = wg.selector_plan(at, bits)
-    assert all(m < 2**32 for m in plan.muls)  # PTX immediates of a .u32 multiply
+    assert plan.shift < 32 and plan.mask < 2**32 and plan.mul < 2**32  # PTX .u32 immediates
     for quad in np.array(np.meshgrid(codes, codes, codes, codes)).reshape(4, -1).T:
       word = int(rng.integers(0, 2**32))  # other pairs' codes: noise
       for i, a in enumerate((at, at + 16)):
         for j, c in enumerate(quad[2 * i : 2 * i + 2]):
           word = word & ~(((1 << bits) - 1) << (a + 8 * j)) | int(c) << (a + 8 * j)
-      t = (word >> plan.shift) & plan.mask
+      s = (((word >> plan.shift) & plan.mask) * plan.mul + 0x10101010) % 2**32  # mad.lo.u32
       for i in range(2):
         want = 0x1010 + 34 * (int(quad[2 * i]) + 256 * int(quad[2 * i + 1]))
-        assert mad_u32(t, plan.muls[i], plan.highs[i]) & 0xFFFF == want, (at, i, quad)
+        assert (s >> 16 * i) & 0xFFFF == want, (at, i, quad)
 
 
 CONFIGS = {  # groups of 32 rows: 1 or 2 words a group, to keep the interpreted kernels short
