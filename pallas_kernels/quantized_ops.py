@@ -74,11 +74,9 @@ class Tuning:
     in increasing M: block_n 256 needs 176 registers a thread (2 programs of 4 warps per SM) and
     spills at M = 64, where block_n 128 needs 193 (`benchmarks/kernel_sass.py --m=M`).
     gemv_low_rank: `quantized_matmul_low_rank` adds unmerged adapters' term inside the word GEMV's
-    launch (False: XLA adds it after, the A/B of what that saves). decode_attention: a decode
-    step's attention over the KV cache by `pallas_kernels.decode_attention` (False: by XLA).
-    Levels are looked up in the activation dtype (`narrow`, byte permutations) only in the
-    forward up to M = 64: beyond, and in the backward, the float32 select tree feeds the tensor
-    cores faster.
+    launch (False: XLA adds it after, the A/B of what that saves). Levels are looked up in the
+    activation dtype (`narrow`, byte permutations) only in the forward up to M = 64: beyond, and
+    in the backward, the float32 select tree feeds the tensor cores faster.
   """
 
   dense_from_m: int
@@ -95,7 +93,6 @@ class Tuning:
   word_max_rows: int
   mma: tuple[tuple[int, wm.MmaTiles, int], ...]
   gemv_low_rank: bool
-  decode_attention: bool
 
 
 H200 = Tuning(
@@ -113,7 +110,6 @@ H200 = Tuning(
   word_max_rows=4,
   mma=((16, wm.MmaTiles(block_n=256, num_warps=4), 2), (64, wm.MmaTiles(block_n=128), 2)),
   gemv_low_rank=True,
-  decode_attention=True,
 )
 # Per `jax.Device.device_kind`; other GPUs (and the CPU's interpreted kernels) use the H200's.
 TUNINGS = {"NVIDIA H200": H200}

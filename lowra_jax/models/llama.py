@@ -40,9 +40,6 @@ import numpy as np
 
 from lowra_jax.lora import LoraConfig, QLoRALinear, fused_outputs
 from lowra_jax.models import weights
-from pallas_kernels import backend as kernel_backend
-from pallas_kernels import quantized_ops
-from pallas_kernels.decode_attention import decode_attention, supported
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # Sibling projections that read one input, by parent module: their quantized kernels may be fused
@@ -226,16 +223,6 @@ class RMSNorm(nn.Module):
     return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def decode_attention_impl(tokens: int, head_dim: int, group: int) -> str | None:
-  """How a cached attention call on `tokens` new tokens per row runs `decode_attention`: "triton"
-  or "interpret" (the kernels' backend, `pallas_kernels.backend`) for one token with a head
-  size and query heads per KV head it takes and `Tuning.decode_attention` on; None: by XLA."""
-  impl = kernel_backend.resolve("auto")
-  if tokens != 1 or impl not in ("triton", "interpret") or not supported(head_dim, group):
-    return None
-  return impl if quantized_ops.tuning().decode_attention else None
-
-
 class Attention(nn.Module):
   """Causal grouped-query self-attention with rotary embeddings (in_remat: see `QLoRALinear`)."""
 
@@ -280,13 +267,6 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
       v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
       kv_cache = (k, v)
-      impl = decode_attention_impl(t, dim, heads // kv)
-      if impl is not None:  # one kernel for the step's scores, softmax and weighted values
-        out = decode_attention(
-          q.reshape(b, heads, dim), k, v, mask[:, 0, 0, 0], index + 1,
-          interpret=impl == "interpret",
-        )
-        return self._proj(cfg.hidden_size, "o_proj")(out.reshape(b, t, heads * dim)), kv_cache
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores / math.sqrt(dim), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
