@@ -30,7 +30,9 @@ of the loop condition (`generate.decode`: a `while_loop` syncs with the host eve
 `--trace` adds, per method and batch, the GPU kernels of one decode step from a profiler trace
 (launches and µs per step, grouped by kernel name without its numeric suffix; the top 20 by time
 on stderr, all of them in the JSON row): what a step spends in the quantized matmuls' kernels and
-in everything around them.
+in everything around them; and one iteration of the decode loop in order (its span, the time
+kernels run, the idle time before its first kernel while the host checks the condition; its
+kernels in the JSON row).
 
 Weights: `7b` (LLaMA-2-7B shapes) and `tiny` are random (`synthetic.py`): every layer drawn and
 quantized on its own, LowRA's budget solved over the whole model, so each layer's tensors have their
@@ -65,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import synthetic
 from kernels import add_tuning_flag, apply_tuning
-from trace_kernels import check_gpu, grouped, kernels_of, print_kernels
+from trace_kernels import check_gpu, grouped, iteration, per_call, print_kernels, trace_events
 from lowra_jax import cli, lora
 from lowra_jax import generate as gen
 from lowra_jax.models import llama, shapes
@@ -159,9 +161,11 @@ def median_seconds(setup, fn, repeat: int) -> float:
   return float(np.median(times))
 
 
-def step_kernels(decode, context, steps: int) -> list[dict]:
-  """Kernels of one decode step: a traced decode of `steps` steps, divided by `steps`."""
-  return grouped(kernels_of(decode, lambda: (context(),), calls=1), per=steps)
+def step_kernels(decode, context, steps: int) -> tuple[list[dict], dict | None]:
+  """Kernels of one decode step from a traced decode of `steps` steps: grouped by name and
+  divided by `steps`, and one loop iteration in order (`trace_kernels.iteration`)."""
+  events = trace_events(decode, lambda: (context(),), calls=1)
+  return grouped(per_call(events, calls=1), per=steps), iteration(events)
 
 
 def worker(args) -> None:
@@ -220,8 +224,16 @@ def worker(args) -> None:
       jax.block_until_ready(prefill(prompts))
       row["prefill_ms"] = 1e3 * median_seconds(lambda p=prompts: p, prefill, args.repeat)
     if args.trace:
-      row["step_kernels"] = step_kernels(decode, context, args.new)
+      row["step_kernels"], row["iteration"] = step_kernels(decode, context, args.new)
       print_kernels(f"{args.worker} batch {batch}, sync {sync}, one step", row["step_kernels"])
+      if row["iteration"]:
+        it = row["iteration"]
+        log(
+          start,
+          f"one loop iteration ({sync} steps): {len(it['kernels'])} kernels, span "
+          f"{it['span_us']:.0f} µs, busy {it['busy_us']:.0f}, idle before its first kernel "
+          f"{it['first_gap_us']:.0f} (the JSON row lists its kernels in order)",
+        )
     row["peak_gb"] = peak_gb()
     log(start, f"{args.worker} batch {batch}, sync {sync}: {row['tokens_per_s']:.1f} tokens/s")
     print(json.dumps(row), flush=True)

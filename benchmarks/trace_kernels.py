@@ -3,8 +3,9 @@
 `kernels_of(fn, make_args, calls=5)` runs fn(*make_args()) once (compilation), then `calls` times
 under the profiler (fresh arguments each time: fn may donate them), and returns every kernel name
 seen with its launches and µs per call (`trace_events`: the raw events; `idle`: the device's idle
-time between kernels and which kernels it precedes); `grouped` sums them by name without numeric
-suffixes and `print_kernels` prints the top ones. Used by `op_breakdown.py` (one `quantized_matmul`),
+time between kernels and which kernels it precedes; `iteration`: one iteration of a device loop,
+in order); `grouped` sums them by name without numeric suffixes and `print_kernels` prints the
+top ones. Used by `op_breakdown.py` (one `quantized_matmul`),
 `generate.py --trace` (one decode step) and `model_step.py --trace` (one training step), which
 call `check_gpu` first.
 """
@@ -111,6 +112,30 @@ def idle(events, calls: int) -> tuple[float, list[Kernel]]:
     total[name] = total.get(name, 0.0) + gap
   rows = [Kernel(n, launches[n] / calls, total[n] / calls) for n in launches]
   return sum(total.values()) / calls, sorted(rows, key=lambda k: -k.us)
+
+
+def iteration(events, marker: str = "MemcpyD2H") -> dict | None:
+  """One iteration of a device `while` loop: the events after the first `marker` (the copy of
+  the loop's condition to the host) up to and including the next, in order. Returns {"span_us":
+  from the end of the first marker to the end of the next, "busy_us": time some kernel runs
+  (merged timeline), "first_gap_us": idle before the first kernel (the host's turn), "kernels":
+  [[µs from the first marker's end, name, µs], ...]}, or None with fewer than two markers."""
+  marks = [i for i, (_, name, _) in enumerate(events) if name.startswith(marker)]
+  if len(marks) < 2:
+    return None
+  start, _, dur = events[marks[0]]
+  origin = start + dur
+  inside = events[marks[0] + 1 : marks[1] + 1]
+  busy, end = 0.0, origin
+  for t, _, d in inside:
+    busy += max(0.0, t + d - max(t, end))
+    end = max(end, t + d)
+  return {
+    "span_us": end - origin,
+    "busy_us": busy,
+    "first_gap_us": inside[0][0] - origin,
+    "kernels": [[round(t - origin, 2), name, round(d, 2)] for t, name, d in inside],
+  }
 
 
 def grouped(kernels: list[Kernel], per: float = 1) -> list[dict]:

@@ -66,3 +66,24 @@ def test_idle_time_is_the_gaps_on_the_merged_timeline_without_the_gaps_between_c
   idle_us, before = trace_kernels.idle(events, calls=2)
   assert idle_us == 3.5
   assert before == [trace_kernels.Kernel("c", 1.0, 3.5)]
+
+
+def test_iteration_lists_the_kernels_between_two_condition_copies():
+  """Kernels a (81-91) and b on another stream (85-95) overlap; c after a 5 µs gap; the second
+  condition copy ends the iteration; what follows it is not part of it."""
+  events = [
+    (0.0, "MemcpyD2H", 1.0),
+    (81.0, "a", 10.0),
+    (85.0, "b", 10.0),
+    (100.0, "c", 2.0),
+    (103.0, "MemcpyD2H", 1.0),
+    (190.0, "a", 10.0),
+  ]
+  found = trace_kernels.iteration(events)
+  assert found == {
+    "span_us": 103.0,
+    "busy_us": 10.0 + 4.0 + 2.0 + 1.0,
+    "first_gap_us": 80.0,
+    "kernels": [[80.0, "a", 10.0], [84.0, "b", 10.0], [99.0, "c", 2.0], [102.0, "MemcpyD2H", 1.0]],
+  }
+  assert trace_kernels.iteration(events[:4]) is None
