@@ -161,6 +161,19 @@ def test_word_gemv_adds_a_low_rank_term(name, m):
   assert (np.abs(got - xd @ wd - 0.5 * term) / scale).max() <= gemv_bound(bits)
 
 
+def test_only_dequantizing_paths_hold_the_activations_behind_a_barrier():
+  """Lowered for CUDA (no GPU needed): the word GEMV (1 row) dequantizes nothing in XLA, so no
+  optimization barrier stands between the activations and their float16 conversion (which then
+  fuses into their producer); at 16 rows the word-layout tensor is dequantized by XLA, after a
+  barrier on (x, W)."""
+  wq = quantize.to_word_layout(quantized("2 bits"))
+  for rows, barriers in ((1, 0), (16, 1)):
+    x = jnp.ones((rows, wq.shape[0]), jnp.bfloat16)
+    f = jax.jit(lambda x, w: quantized_matmul(x, w, backend="triton"))
+    text = f.trace(x, wq).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.optimization_barrier") == barriers, rows
+
+
 @pytest.mark.parametrize("bounds, rank", [((), 16), ((40,), 3)])
 def test_low_rank_gemv_lowers_for_triton(bounds, rank):
   """Lowered for CUDA (no GPU needed; the interpreter broadcasts what Triton does not): one
