@@ -380,7 +380,7 @@ def _forward(x, qt: QuantizedTensor, impl: str, low_rank: wg.LowRank | None = No
     return y.astype(x.dtype)
   if p.gemv is None and p.mma is None:
     # the word kernels dequantize nothing in XLA: without the barrier the activations' float16
-    # conversion fuses into their producer (one kernel less a matmul in a decode step)
+    # conversion fuses into their producer (one kernel fewer per matmul in a decode step)
     x, qt = _after(x, qt)
   if p.dense:  # channels x rows: one GEMM on W_hat^T [N, K]
     if p.permute == "output":
