@@ -18,11 +18,14 @@ fine-tuned inference). Each method runs in its own subprocess, so each peak memo
 `--tuning='{"field": value}'` overrides fields of the kernels' per-GPU `Tuning` (an A/B of a
 dispatch setting in one call).
 
-`--layouts=planes,words,fused` runs each quantized method also in the word layout
+`--layouts` (default `auto`): the packed layout each quantized method decodes from. `auto` is what
+generation does (`generate.decode_layout`, per batch): the fused word layout up to
+`quantized_ops.word_rows()` prompts on the Pallas kernels, the stored planes above. `planes`,
+`words` and `fused` force one for every batch: the stored bit planes, the word layout
 (`quantize.to_word_layout`, converted on the device after quantizing: `word_gemv` at batch <= 4,
-`word_mma` up to `quantized_ops.word_rows()` (`--tuning='{"word_max_rows": 64}'`), XLA-dequantized
-weights above) and, `fused`, with the q/k/v and gate/up kernels (and adapters) fused into one
-each (`generate.word_form`: what generation decodes from up to 4 prompts); rows say which.
+`word_mma` up to `word_rows()` (`--tuning='{"word_max_rows": 64}'`), XLA-dequantized weights
+above) and, `fused`, with the q/k/v and gate/up kernels (and adapters) fused into one each
+(`generate.word_form`). Rows say the layout they ran.
 
 `--steps_per_sync=1,8` times each batch also with several decode steps between the host's checks
 of the loop condition (`generate.decode`: a `while_loop` syncs with the host every iteration).
@@ -171,20 +174,23 @@ def step_kernels(decode, context, steps: int) -> tuple[list[dict], dict | None]:
 def worker(args) -> None:
   """Measures one method at every batch size; prints one JSON row per batch on stdout."""
   start = time.perf_counter()
-  model, variables = build(args.shape, args.worker, args.layers, args.tiled, args.lowra_fields)
-  layout = args.worker_layout
-  if layout in ("words", "fused"):
-    convert = functools.partial(gen.word_form, fuse=layout == "fused")
-    parts = {k: variables.pop(k) for k in ("quant", "lora") if k in variables}
-    variables |= jax.jit(convert, donate_argnums=0)(parts)
-  jax.block_until_ready(variables)
-  weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
-  bits = bits_per_param(variables["quant"]).code if "quant" in variables else 16.0
-  log(start, f"{args.worker}: weights ready ({weights_gb:.2f} GB, {bits:.2f} code bits)")
+  model, stored = build(args.shape, args.worker, args.layers, args.tiled, args.lowra_fields)
+  if args.worker_layout in ("words", "fused"):
+    convert = functools.partial(gen.word_form, fuse=args.worker_layout == "fused")
+    parts = {k: stored.pop(k) for k in ("quant", "lora") if k in stored}
+    stored |= jax.jit(convert, donate_argnums=0)(parts)
+  jax.block_until_ready(stored)
+  bits = bits_per_param(stored["quant"]).code if "quant" in stored else 16.0
+  log(start, f"{args.worker}: weights ready ({bits:.2f} code bits)")
   config, key, sampling = model.config, jax.random.key(0), gen.Sampling()
   slots = args.prompt + args.new + 1  # the context, `new` fed tokens and the last one sampled
   stop = jnp.asarray(args.prompt + args.new, jnp.int32)
   for batch, sync in itertools.product(args.batches, args.steps_per_sync):
+    layout, variables = args.worker_layout, stored
+    if layout == "auto":  # as generation converts: per batch (the planes are kept)
+      variables = gen.decode_layout(stored, batch)
+      layout = "planes" if variables is stored else "fused"
+    weights_gb = sum(x.nbytes for x in jax.tree.leaves(variables)) / 1e9
 
     def context(batch=batch):
       return context_state(config, batch, args.prompt, slots)
@@ -308,13 +314,15 @@ def main() -> None:
   parser.add_argument("--out", default="", help="write the rows as JSON here")
   add_tuning_flag(parser)
   parser.add_argument(
-    "--layouts", default="planes", help="planes,words,fused: quantized methods in these layouts"
+    "--layouts",
+    default="auto",
+    help="auto,planes,words,fused: quantized methods in these layouts (auto: as generation does)",
   )
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
-  parser.add_argument("--worker_layout", default="planes", help=argparse.SUPPRESS)
+  parser.add_argument("--worker_layout", default="auto", help=argparse.SUPPRESS)
   args = parser.parse_args()
   methods = cli.parse_list(args.methods, "--methods", METHODS)
-  layouts = cli.parse_list(args.layouts, "--layouts", ("planes", "words", "fused"))
+  layouts = cli.parse_list(args.layouts, "--layouts", ("auto", "planes", "words", "fused"))
   args.batches = cli.parse_list(args.batches, "--batches", convert=int)
   cli.positive("--batches", *args.batches)
   args.steps_per_sync = cli.parse_list(args.steps_per_sync, "--steps_per_sync", convert=int)
@@ -348,7 +356,7 @@ def main() -> None:
     worker(args)
     return
   start, rows = time.perf_counter(), []
-  runs = [(m, lay) for m in methods for lay in (layouts if METHODS[m] else ["planes"])]
+  runs = [(m, lay) for m in methods for lay in (layouts if METHODS[m] else ["auto"])]
   for method, layout in runs:
     cmd = [sys.executable, __file__, *sys.argv[1:], f"--worker={method}"]
     out = subprocess.run(
