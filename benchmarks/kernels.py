@@ -12,6 +12,8 @@ cache. Also: packed bytes / time against the measured device copy bandwidth.
     python benchmarks/kernels.py --layouts words --ms 1,4 --no-backward --rows runs/kernels/w.jsonl
     python benchmarks/kernels.py --layouts words --ms 8,16,32,64 --no-backward \
       --tuning '{"word_max_rows": 64}' --rows runs/kernels/w.jsonl
+    python benchmarks/kernels.py --layouts planes,words --ms 1,4,16,64 --precisions 2,mix1.5,4 \
+      --no-backward --no-xla --rows runs/kernels/decode.jsonl           # the decode targets' rows
     python benchmarks/kernels.py --report runs/kernels/*.jsonl --figure docs/figures/kernels.png
 
 `--layouts=words` times the forward of tensors converted to the decode word layout
@@ -214,7 +216,7 @@ class Row:
   m: int
   direction: str  # "fwd" (x @ W) or "bwd" (dY @ W^T)
   bf16_s: float
-  xla_s: float
+  xla_s: float | None  # None: not timed (--no-xla)
   ours_s: float
   packed_bytes: int
   copy_bw: float  # bytes/s, measured in the same process
@@ -275,7 +277,9 @@ def measure(args) -> None:
         for (prec, layout), qs in q_copies.items():
           if layout == "words" and (direction != "fwd" or m > quantized_ops.word_rows()):
             continue  # the dense path, as for the planes: nothing of the layout's own
-          t_xla = bench(functools.partial(op, backend="xla"), a, qs, iters, reps)
+          t_xla = None if args.no_xla else bench(
+            functools.partial(op, backend="xla"), a, qs, iters, reps
+          )
           t_ours = bench(functools.partial(op, backend="auto"), a, qs, iters, reps)
           row = Row(
             shape, prec, m, direction, t_bf16, t_xla, t_ours, packed_bytes(qs[0]), bw, device,
@@ -285,10 +289,14 @@ def measure(args) -> None:
             f.write(json.dumps(dataclasses.asdict(row)) + "\n")
           print(
             f"{shape:>11s} {prec:>6s} {layout:>6s} M={m:<5d} {direction}  "
-            f"bf16 {t_bf16 * 1e6:8.1f} us  xla {t_xla * 1e6:8.1f} us  ours {t_ours * 1e6:8.1f} us  "
+            f"bf16 {t_bf16 * 1e6:8.1f} us  xla {_us(t_xla):>8s} us  ours {t_ours * 1e6:8.1f} us  "
             f"x{row.speedup:5.2f} vs bf16  {100 * row.bw_fraction:5.1f}% of copy bw",
             flush=True,
           )
+
+
+def _us(seconds: float | None) -> str:
+  return "—" if seconds is None else f"{seconds * 1e6:.1f}"
 
 
 def _order(rows: list[Row]) -> list[Row]:
@@ -367,7 +375,7 @@ def report(rows: list[Row]) -> str:
   for r in rows:
     lines.append(
       f"| {r.shape} | {r.precision} | {r.m} | {r.direction} | {r.layout} | {r.bf16_s * 1e6:.1f} | "
-      f"{r.xla_s * 1e6:.1f} | {r.ours_s * 1e6:.1f} | {r.speedup:.2f}x | "
+      f"{_us(r.xla_s)} | {r.ours_s * 1e6:.1f} | {r.speedup:.2f}x | "
       f"{100 * r.bw_fraction:.0f}% |"
     )
   lines += ["", "| K x N | bits | M | fwd+bwd ours / bf16 |", "|---|---|---|---|"]
@@ -443,6 +451,9 @@ def main():
     "--precisions", default=",".join(DEFAULT_PRECISIONS), help=f"of {', '.join(PRECISIONS)}"
   )
   parser.add_argument("--no-backward", action="store_true")
+  parser.add_argument(
+    "--no-xla", action="store_true", help="skip the XLA dequant + dot timing (a shorter run)"
+  )
   parser.add_argument(
     "--layouts", default="planes", help="planes,words: also the decode word layout (fwd)"
   )

@@ -110,10 +110,17 @@ def test_report_orders_rows_and_names_the_runs():
   assert "| 4096x11008 | 1 | 1 | fwd | planes | 30.0 | 60.0 | 15.0 | 2.00x |" in text
 
 
+def test_report_marks_rows_without_the_xla_timing(tmp_path):
+  untimed = dataclasses.replace(row("4096x4096", "2", 1, "fwd", 20, 5), xla_s=None)  # --no-xla
+  write(tmp_path / "r.jsonl", [untimed])
+  text = kb.report(kb.load_rows([tmp_path / "r.jsonl"]))
+  assert "| 4096x4096 | 2 | 1 | fwd | planes | 20.0 | — | 5.0 | 4.00x |" in text
+
+
 def test_measure_appends_rows_then_reports(tmp_path):
   args = argparse.Namespace(
     shapes="128x256", ms="1,8", precisions="2,4", no_backward=False, rows=tmp_path / "r.jsonl",
-    layouts="planes,words",
+    layouts="planes,words", no_xla=False,
   )  # fmt: skip
   kb.measure(args)
   rows = kb.load_rows([args.rows])
