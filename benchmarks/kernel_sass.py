@@ -44,8 +44,8 @@ def triton_ir(args) -> tuple[str, wg.GemvTiles]:
   _, _, wqs = setup(args.shape, args.precision)
   wq = wqs[0]
   if not is_word_layout(wq):
-    raise cli.UserError(f"--precision={args.precision}: channels other than 1- and 2-bit, which "
-                        "the word layout does not hold — give 1, 2 or mix1.5")
+    raise cli.UserError(f"--precision={args.precision}: channels the word layout does not hold "
+                        "— give one of 1, 2, 3, 4, mix1.5, mix2.0, mix3.0")
   x = jax.random.normal(jax.random.key(1), (args.m, wq.shape[0]), jnp.bfloat16)
   tiles = tiles_for(wq, json.loads(args.tiles) if args.tiles else None, args.m)
   print(f"{args.shape} {args.precision} M={args.m}: {tiles}", flush=True)
@@ -97,11 +97,14 @@ def main() -> None:
     for ext in ("ptx", "cubin"):
       with open(os.path.join(out, f"kernel.{ext}"), "w" if ext == "ptx" else "wb") as f:
         f.write(kernel.asm[ext])
-    report = subprocess.run(
-      [os.path.join(bin_dir, "ptxas"), "-v", "--gpu-name=sm_90a", os.path.join(out, "kernel.ptx"),
-       "-o", os.path.join(tmp, "check.o")], capture_output=True, text=True,
-    ).stderr
-    used = [line.split(":", 1)[-1].strip() for line in report.splitlines() if "Used" in line]
+    used = []
+    for ptxas in ("ptxas-blackwell", "ptxas"):  # Triton's newer assembler first (its PTX version)
+      if not used and os.path.exists(os.path.join(bin_dir, ptxas)):
+        report = subprocess.run(
+          [os.path.join(bin_dir, ptxas), "-v", "--gpu-name=sm_90a", os.path.join(out, "kernel.ptx"),
+           "-o", os.path.join(tmp, "check.o")], capture_output=True, text=True,
+        ).stderr  # fmt: skip
+        used = [line.split(":", 1)[-1].strip() for line in report.splitlines() if "Used" in line]
     cubin = os.path.join(out, "kernel.cubin")
     sass = subprocess.run(
       [os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True

@@ -19,7 +19,7 @@ cache. Also: packed bytes / time against the measured device copy bandwidth.
 `--layouts=words` times the forward of tensors converted to the decode word layout
 (`quantize.to_word_layout`, what generate.py decodes from) where it has its own kernels
 (`word_gemv` up to M = 4, `word_mma` up to `quantized_ops.word_rows()`; precisions whose channels
-all have 1 or 2 bits); rows say their layout. `--tuning` overrides fields of the kernels' `Tuning`
+all have 1 to 4 bits); rows say their layout. `--tuning` overrides fields of the kernels' `Tuning`
 (e.g. '{"word_max_rows": 64}': `word_mma` up to 64 rows). Each row is appended to the --rows file
 as it is measured, so a run cut short keeps what it measured; split a run that must fit a time
 limit by shape (or by M for the 70B shape) and merge the files with --report, which prints the

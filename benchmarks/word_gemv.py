@@ -110,7 +110,7 @@ def run(shapes, precs, ms, configs, bw) -> None:
 
 
 def _loads_only(word, levels, xs, bits, interpret):
-  return [word.astype(jnp.float32)] * (len(xs) // len(wg.PAIR_BITS[bits]))
+  return [word.astype(jnp.float32)] * (len(xs) // len(wg.PAIR_BITS[wg.field_bits(bits)]))
 
 
 def _plain_loads(view, n_ok, volatile):

@@ -1,20 +1,26 @@
-"""GEMV over 32-bit code words for decode sizes (M <= 4): x[M, K] @ W for 1- and 2-bit buckets in
+"""GEMV over 32-bit code words for decode sizes (M <= 4): x[M, K] @ W for 1- to 4-bit buckets in
 the word layout (`lowra_jax.quantize.words`).
 
 A word holds pairs of codes of one channel and scale group (rows 2p, 2p + 1 at bits a_p and
-a_p + 8), so one byte permutation (PTX `prmt`) looks a pair up at once in the channel's float16
-levels (two level words at 2 bits, one at 1 bit), and one float16x2 FMA per activation row
-multiplies it by the pair's activations. The selector s = 0x1010 + 0x22 (a + 256 b) of codes a, b
-is a multiply-add of the masked word (`SelectorPlan`): the pairs at bits a_p and a_p + 16 share
-one shift, mask and `mad.lo` (each pair's selector in its own 16 bits), and the second's is shifted
-down: 2 integer instructions a pair besides its `prmt` (1.5 without the shift). A word's products
-are summed in float16 (8 or 16 pairs), then in float32 with the group's scale: about 2
-instructions a weight at M = 1 plus one FMA per pair and further row, against ~10 for the
-tensor-core kernels' byte lookups (`lut_matmul`).
+a_p + 8), so one byte permutation (PTX `prmt`) looks a 1- or 2-bit pair up at once in the
+channel's float16 levels (two level words at 2 bits, one at 1 bit), and one float16x2 FMA per
+activation row multiplies it by the pair's activations. The selector s = 0x1010 + 0x22 (a + 256 b)
+of codes a, b is a multiply-add of the masked word (`SelectorPlan`): the pairs at bits a_p and
+a_p + 16 share one shift, mask and `mad.lo` (each pair's selector in its own 16 bits), and the
+second's is shifted down: 2 integer instructions a pair besides its `prmt` (1.5 without the
+shift). A word's products are summed in float16 (4 to 16 pairs), then in float32 with the
+group's scale: about 2 instructions a weight at M = 1 plus one FMA per pair and further row,
+against ~10 for the tensor-core kernels' byte lookups (`lut_matmul`).
 
-Activations are converted to float16 (`x_pairs`), so a word's partial sum overflows when 16 / bits
-products of |x| |level| exceed 65504 (levels are at most 1 in magnitude: |x| up to ~4000 at 2
-bits, ~2000 at 1 bit): a limit to check on models with massive activations.
+3- and 4-bit codes (4-bit fields) take a tree of permutations (`pair_lookup`): the two low bits
+select in each pair of level words, each further bit between pairs of those results, one
+selector a stage (`stage_plans`, each stage's selectors shared by the pairs at a_p and a_p + 16,
+the second's shifted down): 2 + 1 `prmt`s and ~3.5 selector instructions a 3-bit pair, 4 + 2 + 1
+and ~5.5 a 4-bit pair, about 6.75 instructions a weight at 4 bits and M = 1.
+
+Activations are converted to float16 (`x_pairs`), so a word's partial sum overflows when its 16 / f
+products (f-bit fields) of |x| |level| exceed 65504 (levels are at most 1 in magnitude: |x| up to
+~2000 at 1 bit, ~4000 at 2, ~8000 at 3 and 4): a limit to check on models with massive activations.
 
 `word_gemv(x, buckets)` computes every bucket of a tensor in one launch, columns optionally in
 channel order (a mixed tensor's permutation), as partial sums over `splits` ranges of groups. A
@@ -37,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lowra_jax.quantize.words import PAIR_BITS, WordBucket, float16_pairs
+from lowra_jax.quantize.words import PAIR_BITS, WordBucket, field_bits, float16_pairs
 from pallas_kernels import byte_lookup, loop_stages
 from pallas_kernels import lut_matmul as lm
 
@@ -53,13 +59,14 @@ def x_pairs(x: jax.Array, group: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class SelectorPlan:
   """How the `prmt` selectors of the pairs at bits `at` and `at + 16` of a word are built: with
-  t = (word >> shift) & mask (both pairs' codes), s = t * mul + 0x10101010 (`mad.lo`) holds the
-  first pair's selector in its low 16 bits and the second's in its high 16 bits (no carry crosses
+  t = (word >> shift) & mask (both pairs' codes), s = t * mul + add (`mad.lo`) holds the first
+  pair's selector in its low 16 bits and the second's in its high 16 bits (no carry crosses
   between them); `prmt` reads a selector's low 16 bits only, so the second pair takes s >> 16."""
 
   shift: int
   mask: int
   mul: int
+  add: int = 0x10101010
 
 
 def selector_plan(at: int, bits: int) -> SelectorPlan:
@@ -71,26 +78,69 @@ def selector_plan(at: int, bits: int) -> SelectorPlan:
   return SelectorPlan(shift, mask, 17 if at == 1 else 34)
 
 
+def stage_plans(at: int, bits: int) -> tuple[SelectorPlan, ...]:
+  """The `SelectorPlan` of each stage of `pair_lookup` for the pairs at `at` and `at + 16`: up to
+  2 bits `selector_plan`'s; above, the low two bits' (0x1010 + 34 (l0 + 256 l1)), then for each
+  further bit k one giving 0x3210 + 0x44 (b0 + 256 b1) from the codes' bits k (moved to bit 2)."""
+  if bits <= 2:
+    return (selector_plan(at, bits),)
+  high = (SelectorPlan(at + k - 2, 0x04040404, 17, 0x32103210) for k in range(2, bits))
+  return (SelectorPlan(at, 0x03030303, 34), *high)
+
+
+def pair_lookup(t, levels, bits: int, interpret: bool):
+  """int32 [R, C]: the float16 levels of codes c0 (low half) and c1 (high half) of b-bit codes
+  t = c0 + 256 c1 (int32 [R, C]); levels: the 2^b / 2 level words (broadcast to t).
+
+  Up to 2 bits one `prmt` of the level words. Above, a tree: the two low bits select in every
+  pair of level words (4 levels each), then each further bit of a code selects its half between
+  pairs of those results (`prmt` selector 0x3210 + 0x44 (b0 + 256 b1)): 2^b / 4 + ... + 1
+  permutations."""
+  low = t & 0x0303 if bits > 2 else t
+  found = [prmt(levels[i], levels[min(i + 1, len(levels) - 1)], low * 34 + 0x1010, interpret)
+           for i in range(0, len(levels), 2)]  # fmt: skip
+  for k in range(2, bits):
+    s = (jax.lax.shift_right_logical(t, k) & 0x0101) * 0x44 + 0x3210
+    found = [prmt(found[i], found[i + 1], s, interpret) for i in range(0, len(found), 2)]
+  (pairs,) = found
+  return pairs
+
+
+def lookup_code(plans: tuple[SelectorPlan, ...], down: bool) -> str:
+  """Inline PTX of one pair's `pair_lookup`: each stage's selector from the word ($1) by its
+  plan (shifted down by 16 when `down`: the pair at `at + 16`), then the tree of `prmt`s over
+  the level words ($2, $3, ...; two of them for one stage) into $0."""
+  code, names, temps = [], [f"${2 + i}" for i in range(2 ** len(plans))], []
+  for i, plan in enumerate(plans):
+    code.append(f"shr.u32 t, $1, {plan.shift};" if plan.shift else "mov.b32 t, $1;")
+    code.append(f"and.b32 s{i}, t, {plan.mask:#x};")
+    code.append(f"mad.lo.u32 s{i}, s{i}, {plan.mul}, {plan.add:#x};")
+    code += [f"shr.u32 s{i}, s{i}, 16;"] if down else []
+  for i in range(len(plans)):
+    found = []
+    for j in range(0, len(names), 2):
+      found.append("$0" if len(names) == 2 else f"v{len(temps)}")
+      temps += [found[-1]] if len(names) > 2 else []
+      code.append(f"prmt.b32 {found[-1]}, {names[j]}, {names[j + 1]}, s{i};")
+    names = found
+  regs = ", ".join(["t", *(f"s{i}" for i in range(len(plans))), *temps])
+  return "{ .reg .b32 " + regs + "; " + " ".join(code) + " }"
+
+
 def lookup_pairs(word, levels, at: int, bits: int, interpret: bool):
   """int32 [R, C] each: the float16 levels of the pairs at bits `at` and `at + 16` of each word
-  (low half: the pair's first row's). word int32 [R, C]; levels: `bits` level words [R, C] (or
-  [1, C])."""
+  (low half: the pair's first row's). word int32 [R, C]; levels: the 2^b / 2 level words [R, C]
+  (or [1, C])."""
   if interpret:
-    pairs = []
-    for a in (at, at + 16):
-      t = jax.lax.shift_right_logical(word, a) & ((1 << bits) - 1) * 0x0101
-      pairs.append(prmt(levels[0], levels[-1], t * 34 + 0x1010, interpret))
-    return pairs
-  plan = selector_plan(at, bits)
-  table = [jnp.broadcast_to(v, word.shape) for v in (levels[0], levels[-1])]
+    mask = ((1 << bits) - 1) * 0x0101
+    return [pair_lookup(jax.lax.shift_right_logical(word, a) & mask, levels, bits, interpret)
+            for a in (at, at + 16)]  # fmt: skip
+  plans = stage_plans(at, bits)
+  table = levels if bits > 2 else (levels[0], levels[-1])
+  table = [jnp.broadcast_to(v, word.shape) for v in table]
   # one asm block per pair (Pallas lowers one output per block); both compute the same selector
-  # word, which ptxas computes once
-  get = f"shr.u32 t, $1, {plan.shift}; " if plan.shift else "mov.b32 t, $1; "
-  get += f"and.b32 t, t, {plan.mask:#x}; mad.lo.u32 s, t, {plan.mul}, 0x10101010; "
-  return [
-    _asm("{ .reg .b32 t, s; " + get + down + "prmt.b32 $0, $2, $3, s; }", word, *table)
-    for down in ("", "shr.u32 s, s, 16; ")
-  ]
+  # words, which ptxas computes once
+  return [_asm(lookup_code(plans, down), word, *table) for down in (False, True)]
 
 
 def prmt(a, b, s, interpret: bool):
@@ -150,12 +200,14 @@ def _sum2(acc, interpret: bool):
 def word_dots(word, levels, xs, bits: int, interpret: bool):
   """Per row of activations, each word's dot product with its pairs' activations, float32 [R, C].
 
-  word int32 [R, C]; levels: `bits` level words [R, C] (or [1, C]); xs: per row, the 16 / bits
-  pairs of float16 activations of the word's rows, int32 [R, 1] each (row r's pair p at
-  r * pairs + p). Levels times activations are summed in float16 over the word, then converted."""
-  npairs = len(PAIR_BITS[bits])
+  word int32 [R, C]; levels: the 2^b / 2 level words [R, C] (or [1, C]); xs: per row, the 16 / f
+  pairs of float16 activations of the word's rows (f = `field_bits(bits)`), int32 [R, 1] each
+  (row r's pair p at r * pairs + p). Levels times activations are summed in float16 over the
+  word, then converted."""
+  pair_bits = PAIR_BITS[field_bits(bits)]
+  npairs = len(pair_bits)
   accs = [None] * (len(xs) // npairs)
-  for p, at in enumerate(PAIR_BITS[bits][: npairs // 2]):  # pairs p and p + npairs / 2 (at + 16)
+  for p, at in enumerate(pair_bits[: npairs // 2]):  # pairs p and p + npairs / 2 (at + 16)
     for q, v in zip((p, p + npairs // 2), lookup_pairs(word, levels, at, bits, interpret)):
       accs = [_fma2(v, xs[r * npairs + q], a, interpret) for r, a in enumerate(accs)]
   return [_sum2(a, interpret) for a in accs]
@@ -225,6 +277,10 @@ class WordLayout:
   per_group: int  # words per group
   nb: int
   dq_block: int
+
+  @property
+  def level_words(self) -> int:
+    return 2 ** (self.bits - 1)
 
   @property
   def num_refs(self) -> int:
@@ -297,7 +353,7 @@ def _body(
   m = x_ref.shape[0] // layout.groups
   n_ok = None if layout.nb % bn == 0 else lm.range_mask(n0, bn, layout.nb, 1)
   words_ref, lv_ref = refs[:2]
-  npairs = len(PAIR_BITS[layout.bits])
+  npairs = len(PAIR_BITS[field_bits(layout.bits)])
   col_ids = columns(c_ref, o_ref, offset, n0, bn, n_ok)
   channels = n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
 
@@ -323,7 +379,7 @@ def _body(
     # the level words in the words' own layout ([bg, bn], rows repeated): no layout conversion
     levels = [
       lm.masked_load(lv_ref, jnp.full((bg, 1), i, jnp.int32), channels, n_ok)
-      for i in range(layout.bits)
+      for i in range(layout.level_words)
     ]
     scale = scales(refs, layout, g0, bg, n0, bn, n_ok)
     sums = [jnp.zeros((bg, bn), jnp.float32) for _ in range(m)]
@@ -402,7 +458,7 @@ def word_gemv(
   `low_rank`'s term in partial sum 0 when given.
 
   Args:
-    buckets: `WordBucket`s of one tensor (1 or 2 bits), computed in one launch.
+    buckets: `WordBucket`s of one tensor (1 to 4 bits), computed in one launch.
     group: the tensor's group size; tiles.block_g must divide its group count.
     columns: optional int [sum Nb]: bucket-order column c is written at output column columns[c]
       (a mixed tensor's `perm` gives channel order).

@@ -1,10 +1,11 @@
 """Tensor-core matmul over 32-bit code words for small batches (5 <= M <= 64): x[M, K] @ W for 1-
-and 2-bit buckets in the word layout (`lowra_jax.quantize.words`), as `word_gemv` reads them.
+to 4-bit buckets in the word layout (`lowra_jax.quantize.words`), as `word_gemv` reads them.
 
 A program owns `block_n` channels of one bucket and a range of scale groups, one group a step.
 Its threads look a group's pairs up for their channels, vectorised over the pairs: each pair's
-word shifted by the pair's bit, masked, a multiply-add into the `prmt` selector and one `prmt`
-(the pair's two float16 levels, as `word_gemv` looks them up), then each pair split into its two
+word shifted by the pair's bit, masked, and its two float16 levels looked up as `word_gemv` does
+(`word_gemv.pair_lookup`: up to 2 bits a multiply-add into the `prmt` selector and one `prmt`,
+a tree of them above), then each pair split into its two
 halves, interleaved along K: W^T [block_n, group]. One tensor-core `dot` of that tile with the
 group's activations x^T [group, M_pad] (float16, M padded to a power of two >= 16) gives float32
 [block_n, M_pad], scaled by the group's scales and accumulated: `word_gemv`'s float16x2 FMA per
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lowra_jax.quantize.words import PAIR_BITS
+from lowra_jax.quantize.words import PAIR_BITS, field_bits
 from pallas_kernels import lut_matmul as lm
 from pallas_kernels import word_gemv as wg
 
@@ -50,27 +51,30 @@ def _halves(v):
   return [jax.lax.bitcast_convert_type(x, jnp.float16) for x in h]
 
 
-def pair_shifts(bits: int, pairs: int):
-  """int32 [1, pairs]: the bit of each of a group's pairs in its word (`PAIR_BITS`, repeated)."""
-  per_word = len(PAIR_BITS[bits])
+def pair_shifts(field: int, pairs: int):
+  """int32 [1, pairs]: the bit of each of a group's pairs in its word (`PAIR_BITS` of codes in
+  `field`-bit fields, repeated)."""
+  per_word = len(PAIR_BITS[field])
   q = jax.lax.broadcasted_iota(jnp.int32, (1, pairs), 1) % per_word
   half = per_word // 2
-  return (q % half) * bits + 16 * (q // half)
+  return (q % half) * field + 16 * (q // half)
 
 
 def levels_t(words, levels, bits: int, interpret: bool):
   """float16 [C, group]: W^T of one scale group for C channels, K in order.
 
   words: int32 [C, wpg], the group's words of each channel (word q holds rows [R q, R q + R),
-  R = 32 / bits); levels: the channels' `bits` level words, int32 [C, 1] each. Each pair's word
-  is shifted by the pair's bit (a shift, a mask, a multiply-add and a `prmt` per pair), its two
-  float16 levels split and interleaved along K."""
+  R = 32 / f, f = `field_bits(bits)`); levels: the channels' 2^b / 2 level words, int32 [C, 1]
+  each. Each pair's word is shifted by the pair's bit and masked, its levels looked up
+  (`word_gemv.pair_lookup`: a multiply-add and a `prmt` per pair up to 2 bits), its two float16
+  levels split and interleaved along K."""
   c, wpg = words.shape
-  per_word = len(PAIR_BITS[bits])
+  field = field_bits(bits)
+  per_word = len(PAIR_BITS[field])
   pairs = wpg * per_word
   w = jnp.broadcast_to(words[:, :, None], (c, wpg, per_word)).reshape(c, pairs)
-  t = jax.lax.shift_right_logical(w, pair_shifts(bits, pairs)) & ((1 << bits) - 1) * 0x0101
-  v = wg.prmt(levels[0], levels[-1], t * 34 + 0x1010, interpret)  # [C, pairs]
+  t = jax.lax.shift_right_logical(w, pair_shifts(field, pairs)) & ((1 << bits) - 1) * 0x0101
+  v = wg.pair_lookup(t, levels, bits, interpret)  # [C, pairs]
   lo, hi = _halves(v)
   return jnp.stack([lo, hi], axis=-1).reshape(c, 2 * pairs)
 
@@ -88,7 +92,7 @@ def _body(xt_ref, refs, c_ref, o_ref, block, split, offset, layout, tiles, m, in
   rows_n = channels.reshape(bn, 1)
   ok_n = None if n_ok is None else n_ok.reshape(bn, 1)
   levels = [lm.masked_load(lv_ref, jnp.full((1, 1), i, jnp.int32), rows_n, ok_n)
-            for i in range(layout.bits)]  # [bn, 1] each
+            for i in range(layout.level_words)]  # [bn, 1] each
   word_cols = rows_n + layout.nb * jax.lax.broadcasted_iota(jnp.int32, (1, layout.per_group), 1)
 
   def step(g, acc):
@@ -120,7 +124,7 @@ def word_mma(
   """x [M, K_pad] (M <= 64) @ [W_1 | W_2 | ...] -> float32 partial sums [splits, M, sum Nb].
 
   Args:
-    buckets: `WordBucket`s of one tensor (1 or 2 bits), computed in one launch.
+    buckets: `WordBucket`s of one tensor (1 to 4 bits), computed in one launch.
     group: the tensor's group size (a power of two).
     columns: optional int [sum Nb]: bucket-order column c is written at output column columns[c]
       (a mixed tensor's `perm` gives channel order).

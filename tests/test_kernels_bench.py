@@ -125,9 +125,9 @@ def test_measure_appends_rows_then_reports(tmp_path):
   kb.measure(args)
   rows = kb.load_rows([args.rows])
   planes = {(p, m, d, "planes") for p in ("2", "4") for m in (1, 8) for d in ("fwd", "bwd")}
-  # words: forward at M <= 4 of the tensors it holds (not 4-bit ones)
+  # words: the forward at M <= 4 (the word layout holds 1- to 4-bit codes)
   assert {(r.precision, r.m, r.direction, r.layout) for r in rows} == planes | {
-    ("2", 1, "fwd", "words")
+    ("2", 1, "fwd", "words"), ("4", 1, "fwd", "words")
   }
   assert all(r.ours_s > 0 and r.bf16_s > 0 and r.packed_bytes > 0 for r in rows)
   kb.plot(rows, tmp_path / "k.png")

@@ -4,6 +4,8 @@ The GEMV runs in Pallas' interpreter on CPU (its PTX emulated in jnp, float16 ro
 and compiled through Triton when a GPU is present.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +21,12 @@ F16_EPS = 2.0**-11  # float16 unit roundoff
 
 
 def words_numpy(codes: np.ndarray, bits: int, group: int) -> np.ndarray:
-  """The documented layout built bit by bit: pair p of word q at bits a_p and a_p + 8."""
+  """The documented layout built bit by bit: pair p of word q at bits a_p and a_p + 8, codes in
+  fields of 1, 2 or 4 bits (3-bit codes in 4)."""
   k, n = codes.shape
-  r = 32 // bits
-  at = {1: [*range(8), *range(16, 24)], 2: [0, 2, 4, 6, 16, 18, 20, 22]}[bits]
+  field = {1: 1, 2: 2, 3: 4, 4: 4}[bits]
+  r = 32 // field
+  at = {1: [*range(8), *range(16, 24)], 2: [0, 2, 4, 6, 16, 18, 20, 22], 4: [0, 4, 16, 20]}[field]
   out = np.zeros((k // r, n), np.uint64)
   for q in range(k // r):
     for p, a in enumerate(at):
@@ -31,7 +35,7 @@ def words_numpy(codes: np.ndarray, bits: int, group: int) -> np.ndarray:
   return out.astype(np.uint32).view(np.int32).reshape(k // group, group // r, n)
 
 
-@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_words_hold_the_codes_as_documented(bits):
   rng = np.random.default_rng(bits)
   codes = rng.integers(0, 1 << bits, (128, 24)).astype(np.uint8)
@@ -40,34 +44,74 @@ def test_words_hold_the_codes_as_documented(bits):
   np.testing.assert_array_equal(np.asarray(words.unpack_words(got, bits)), codes)
 
 
-@pytest.mark.parametrize("bits", [1, 2])
-def test_selector_plans_give_every_pairs_selector(bits):
-  """For every pair position, both pairs' selectors (the low 16 bits of s and of s >> 16, s the
-  plan's 32-bit multiply-add) are 0x1010 + 34 (c0 + 256 c1) for all codes of the two pairs,
-  whatever the word's other bits hold."""
+def run_ptx(code: str, args: list[int]) -> int:
+  """$0 after a block of PTX run on Python integers ($1, $2, ... = args): the subset the lookups
+  use, as the PTX ISA defines it -- mov.b32, shr.u32, and.b32, mad.lo.u32 (low 32 bits of a * b
+  + c) and prmt.b32 in its default mode (selector nibble i picks byte i of the result from the 8
+  bytes b:a by its low 3 bits; its bit 3 replicates that byte's sign bit)."""
+  regs = {f"${i + 1}": a for i, a in enumerate(args)}
+  body = code.strip()
+  assert body[0] == "{" and body[-1] == "}"
+  for stmt in body[1:-1].split(";"):
+    if not stmt.strip() or stmt.strip().startswith(".reg"):
+      continue
+    op, rest = stmt.split(None, 1)
+    dst, *src = [o.strip() for o in rest.split(",")]
+    a, b, c = ([regs[o] if o in regs else int(o, 0) for o in src] + [0, 0])[:3]
+    if op == "mov.b32":
+      out = a
+    elif op == "shr.u32":
+      out = a >> b
+    elif op == "and.b32":
+      out = a & b
+    elif op == "mad.lo.u32":
+      out = a * b + c
+    elif op == "prmt.b32":
+      source, out = b << 32 | a, 0
+      for i in range(4):
+        nibble = c >> 4 * i & 0xF
+        byte = source >> 8 * (nibble & 7) & 0xFF
+        out |= (0xFF * (byte >> 7) if nibble & 8 else byte) << 8 * i
+    else:
+      raise AssertionError(f"not in the subset: {op}")
+    regs[dst] = out % 2**32
+  return regs["$0"]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_compiled_lookups_give_both_levels_of_every_pair(bits):
+  """The inline PTX of a pair's lookup (`lookup_code` of the `stage_plans`), run by `run_ptx`:
+  for every pair position and all codes of a pair, the word's other bits random, both halves
+  hold that pair's two float16 levels (random 16-bit patterns here), for the pair at `at` and the
+  one at `at + 16`."""
   rng = np.random.default_rng(bits)
-  lows = [a for a in words.PAIR_BITS[bits] if a < 16]
-  assert [a + 16 for a in lows] == [a for a in words.PAIR_BITS[bits] if a >= 16]
-  codes = range(1 << bits)
+  field = words.field_bits(bits)
+  levels = [int(v) for v in rng.integers(0, 2**16, 1 << bits)]
+  level_words = [levels[i] | levels[i + 1] << 16 for i in range(0, len(levels), 2)]
+  table = level_words if bits > 2 else [level_words[0], level_words[-1]]
+  lows = [a for a in words.PAIR_BITS[field] if a < 16]
+  assert [a + 16 for a in lows] == [a for a in words.PAIR_BITS[field] if a >= 16]
   for at in lows:
-    plan = wg.selector_plan(at, bits)
-    assert plan.shift < 32 and plan.mask < 2**32 and plan.mul < 2**32  # PTX .u32 immediates
-    for quad in np.array(np.meshgrid(codes, codes, codes, codes)).reshape(4, -1).T:
-      word = int(rng.integers(0, 2**32))  # other pairs' codes: noise
-      for i, a in enumerate((at, at + 16)):
-        for j, c in enumerate(quad[2 * i : 2 * i + 2]):
-          word = word & ~(((1 << bits) - 1) << (a + 8 * j)) | int(c) << (a + 8 * j)
-      s = (((word >> plan.shift) & plan.mask) * plan.mul + 0x10101010) % 2**32  # mad.lo.u32
-      for i in range(2):
-        want = 0x1010 + 34 * (int(quad[2 * i]) + 256 * int(quad[2 * i + 1]))
-        assert (s >> 16 * i) & 0xFFFF == want, (at, i, quad)
+    plans = wg.stage_plans(at, bits)
+    assert all(p.shift < 32 and max(p.mask, p.mul, p.add) < 2**32 for p in plans)  # .u32
+    for down, a in ((False, at), (True, at + 16)):
+      code = wg.lookup_code(plans, down)
+      for c0, c1 in itertools.product(range(1 << bits), repeat=2):
+        word = int(rng.integers(0, 2**32))  # other pairs' codes: noise
+        for c, b in ((c0, a), (c1, a + 8)):
+          word = word & ~(((1 << field) - 1) << b) | c << b
+        got = run_ptx(code, [word, *table])
+        assert got == levels[c0] | levels[c1] << 16, (at, down, c0, c1)
 
 
-CONFIGS = {  # groups of 32 rows: 1 or 2 words a group, to keep the interpreted kernels short
+CONFIGS = {  # groups of 32 rows: 1 to 4 words a group, to keep the interpreted kernels short
   "2 bits": dict(method="lloyd", bits=2, group_size=32),
   "1 bit": dict(method="lloyd", bits=1, group_size=32),
   "mixed 1.5": dict(method="lowra", budget=1.5, precisions=(1, 2), group_size=32),
   "nf2, plain scales": dict(method="nf", bits=2, double_quant=False),
+  "4 bits": dict(method="lloyd", bits=4, group_size=32),
+  "nf4": dict(method="nf", bits=4, group_size=32),
+  "mixed 3.0": dict(method="lowra", budget=3.0, precisions=(1, 2, 3, 4), group_size=32),
 }
 
 
@@ -95,8 +139,8 @@ def dense64(qt) -> np.ndarray:
 
 def gemv_bound(bits: int) -> float:
   """|error| / (|x| @ |W|): float16 x (exact for these bf16 inputs), a float16 sum of each word's
-  16 / bits pairs (one rounding per FMA), then float32 sums."""
-  return (16 // bits + 2) * F16_EPS
+  16 / f pairs (f-bit fields; one rounding per FMA), then float32 sums."""
+  return (16 // words.field_bits(bits) + 2) * F16_EPS
 
 
 # the compiled kernels also with their loops pipelined (Triton only: the interpreter has no loads
@@ -122,7 +166,9 @@ def _relative_error(kernel, tiles, name: str, m: int) -> float:
 
 @pytest.mark.parametrize("stages", STAGES)
 @pytest.mark.parametrize(
-  "name, m", [("2 bits", 4), ("1 bit", 1), ("mixed 1.5", 2), ("nf2, plain scales", 1)]
+  "name, m",
+  [("2 bits", 4), ("1 bit", 1), ("mixed 1.5", 2), ("nf2, plain scales", 1), ("4 bits", 1),
+   ("nf4", 2), ("mixed 3.0", 3)],
 )
 def test_word_gemv_matches_float64(name, m, stages):
   tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2, num_stages=stages)
@@ -229,14 +275,14 @@ def test_quantized_matmul_low_rank_adds_the_adapter_term(layout, in_gemv, monkey
     quantized_ops.quantized_matmul_low_rank(x, wq, wg.LowRank(h, b[:, 1:], scale=1.0))
 
 
-@pytest.mark.parametrize("stages", [1, 3])
-def test_pipelined_gemv_marks_its_loop_for_triton(stages):
+@pytest.mark.parametrize("stages, name", [(1, "2 bits"), (3, "2 bits"), (1, "mixed 3.0")])
+def test_pipelined_gemv_marks_its_loop_for_triton(stages, name):
   """Lowered for CUDA (no GPU needed): stages > 1 puts Triton's `tt.num_stages` on the step loop
   and loads the words plainly (Triton then copies them asynchronously, steps ahead); 1 leaves the
-  loop unmarked and the words volatile."""
+  loop unmarked and the words volatile. Buckets of 1 to 4 bits lower (their inline PTX)."""
   from pallas_kernels import loop_stages
 
-  qt = quantized("2 bits")
+  qt = quantized(name)
   wq = quantize.to_word_layout(qt)
   x = jnp.ones((1, qt.shape[0]), jnp.bfloat16)
   tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2, num_stages=stages)
@@ -256,8 +302,12 @@ def test_word_layout_dequantizes_as_the_planes():
     assert all(isinstance(b, quantize.WordBucket) for b in wq.buckets)
     before, after = quantize.bits_per_param(qt), quantize.bits_per_param(wq)
     assert after.code == before.code
-    # Per-channel level words (at most 64 bits a channel) replace shared or indexed tables.
-    assert after.total <= before.total + 64 * qt.shape[1] / after.num_params
+    # Per-channel level words (16 bits a level) replace shared or indexed tables; 3-bit codes
+    # take 4 bits.
+    k_pad = wq.buckets[0].words.shape[0] * qt.group_size
+    grown = sum((16 * 2**b.bits + (words.field_bits(b.bits) - b.bits) * k_pad) * b.num_channels
+                for b in qt.buckets)  # fmt: skip
+    assert after.total <= before.total + grown / after.num_params
     # Both sides use the same float32 scales and float16 levels; only the float32 product of the
     # two is rounded (once: 2^-24 relative).
     np.testing.assert_allclose(
@@ -267,10 +317,11 @@ def test_word_layout_dequantizes_as_the_planes():
 
 def test_to_word_layout_leaves_what_it_cannot_hold():
   w = 0.02 * jax.random.normal(jax.random.key(0), (128, 64))
-  four = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=4))
-  tree = {"a": four, "b": quantized("2 bits"), "c": jnp.ones(3)}
+  # 2-bit codes take 16 rows a word: groups of 8 rows leave words half-filled
+  small = quantize.quantize_tensor(w, quantize.QuantConfig(method="lloyd", bits=2, group_size=8))
+  tree = {"a": small, "b": quantized("2 bits"), "c": jnp.ones(3)}
   out = quantize.to_word_layout(tree)
-  assert out["a"] is four and out["c"] is tree["c"]
+  assert out["a"] is small and out["c"] is tree["c"]
   assert isinstance(out["b"].buckets[0], quantize.WordBucket)
 
 
@@ -328,7 +379,9 @@ def test_generation_decodes_from_words_only_where_word_kernels_run():
 
 
 @pytest.mark.parametrize("stages", STAGES)
-@pytest.mark.parametrize("name, m", [("2 bits", 5), ("mixed 1.5", 19), ("nf2, plain scales", 8)])
+@pytest.mark.parametrize(
+  "name, m", [("2 bits", 5), ("mixed 1.5", 19), ("nf2, plain scales", 8), ("mixed 3.0", 6)]
+)
 def test_word_mma_matches_float64(name, m, stages):
   """The tensor-core kernel (5 <= M <= 64): float16 levels and activations (exact here: bf16
   inputs, float16 tables), float32 sums over K."""

@@ -1,22 +1,23 @@
-"""The word layout: a decode-time form of 1- and 2-bit buckets, read by `word_gemv` at M <= 4.
+"""The word layout: a decode-time form of 1- to 4-bit buckets, read by `word_gemv` at M <= 4.
 
 A bucket's codes C[K_pad, Nb] become int32 words [G, wpg, Nb]: G scale groups of `group` rows,
-wpg = group * bits / 32 words each, channels contiguous. Word q of a group holds its rows
-[R q, R q + R), R = 32 / bits, two adjacent rows (2p, 2p + 1) -- a *pair* -- at bits a_p and
-a_p + 8:
+wpg = group * f / 32 words each, channels contiguous, where a code takes a field of f bits
+(`field_bits`: its own bits, 4 for 3-bit codes). Word q of a group holds its rows [R q, R q + R),
+R = 32 / f, two adjacent rows (2p, 2p + 1) -- a *pair* -- at bits a_p and a_p + 8:
 
     word = sum_p C[R q + 2p] << a_p  |  C[R q + 2p + 1] << (a_p + 8)
-    a_p = (0, 2, 4, 6, 16, 18, 20, 22) at 2 bits,  (0, ..., 7, 16, ..., 23) at 1 bit.
+    a_p = (0, ..., 7, 16, ..., 23) at f = 1, (0, 2, 4, 6, 16, ..., 22) at 2, (0, 4, 16, 20) at 4.
 
-A pair lies in one channel and one scale group, so the GEMV looks both codes up with one byte
-permutation in the channel's levels, held as float16 pairs (`level_words`: L0 | L1 << 16 and, at
-2 bits, L2 | L3 << 16; levels are rounded to float16, which LowRA's tables already are). The
-scales stay as stored. The codes take the planes' bits (`packing`); per-channel level words (32
-or 64 bits a channel, ~0.016 bits a weight at K = 4096) replace shared or indexed tables, so
-converting and dropping the planes costs next to no memory.
+A pair lies in one channel and one scale group, so the GEMV looks both codes up at once with
+byte permutations in the channel's levels, held as float16 pairs (`level_words`: L0 | L1 << 16,
+L2 | L3 << 16, ...; levels are rounded to float16, which LowRA's tables already are): one
+permutation up to 2 bits, a tree of them above (`word_gemv.pair_lookup`). The scales stay as
+stored. The codes take the planes' bits (`packing`), 3-bit codes a third more; per-channel level
+words (2^b / 2 words a channel, ~0.06 bits a weight at 4 bits and K = 4096) replace shared or
+indexed tables, so converting and dropping the planes costs little memory.
 
-`to_word_layout(tree)` converts every `QuantizedTensor` whose buckets are all 1- or 2-bit (group
-size a multiple of 32) and leaves the rest. Converted tensors still dequantize (`WordBucket`
+`to_word_layout(tree)` converts every `QuantizedTensor` whose buckets all have 1 to 4 bits (group
+size a multiple of 32 / f) and leaves the rest. Converted tensors still dequantize (`WordBucket`
 has the `Bucket` methods the dense paths use), so `quantized_matmul` runs them at any M: by
 `word_gemv` up to 4 rows, else on a transient weight dequantized by XLA. They are for decoding
 (batch <= 4); training, saving and the plane kernels need the stored planes.
@@ -32,16 +33,26 @@ from lowra_jax.quantize import packing
 from lowra_jax.quantize.qtensor import Bucket, QuantizedTensor, is_quantized, select_levels
 from lowra_jax.quantize.scaling import GroupScales, expand_groups
 
-PAIR_BITS = {1: (*range(8), *range(16, 24)), 2: (0, 2, 4, 6, 16, 18, 20, 22)}
+PAIR_BITS = {  # by field width
+  1: (*range(8), *range(16, 24)),
+  2: (0, 2, 4, 6, 16, 18, 20, 22),
+  4: (0, 4, 16, 20),
+}
+FIELD_BITS = {1: 1, 2: 2, 3: 4, 4: 4}  # code bits -> the width of its field in a word
+
+
+def field_bits(bits: int) -> int:
+  """The bits a `bits`-bit code takes in a word."""
+  return FIELD_BITS[bits]
 
 
 def rows_per_word(bits: int) -> int:
-  return 32 // bits
+  return 32 // field_bits(bits)
 
 
 def covers(bits: int, group: int) -> bool:
   """Whether the word layout holds b-bit codes with this group size (whole words per group)."""
-  return bits in PAIR_BITS and group % rows_per_word(bits) == 0
+  return bits in FIELD_BITS and group % rows_per_word(bits) == 0
 
 
 def pack_words(codes: jax.Array, bits: int, group: int) -> jax.Array:
@@ -50,7 +61,7 @@ def pack_words(codes: jax.Array, bits: int, group: int) -> jax.Array:
   r = rows_per_word(bits)
   c = codes.astype(jnp.uint32).reshape(k // r, r, n)
   word = jnp.zeros((k // r, n), jnp.uint32)
-  for p, at in enumerate(PAIR_BITS[bits]):
+  for p, at in enumerate(PAIR_BITS[field_bits(bits)]):
     word = word | (c[:, 2 * p] << at) | (c[:, 2 * p + 1] << (at + 8))
   return jax.lax.bitcast_convert_type(word, jnp.int32).reshape(k // group, group // r, n)
 
@@ -60,8 +71,9 @@ def unpack_words(words: jax.Array, bits: int) -> jax.Array:
   w = jax.lax.bitcast_convert_type(words, jnp.uint32).reshape(-1, 1, words.shape[2])
   # row r of a word at bit shifts[r]: one broadcast shift (a stack of per-row slices made XLA
   # interleave them in a separate copy, ~70x slower on CPU)
-  shifts = jnp.array([s for at in PAIR_BITS[bits] for s in (at, at + 8)], jnp.uint32)
-  codes = (w >> shifts[:, None]) & jnp.uint32((1 << bits) - 1)
+  field = field_bits(bits)
+  shifts = jnp.array([s for at in PAIR_BITS[field] for s in (at, at + 8)], jnp.uint32)
+  codes = (w >> shifts[:, None]) & jnp.uint32((1 << field) - 1)
   return codes.reshape(-1, words.shape[2]).astype(jnp.uint8)
 
 
@@ -74,7 +86,8 @@ def float16_pairs(a: jax.Array) -> jax.Array:
 
 
 def level_words(tables: jax.Array) -> jax.Array:
-  """Per-channel tables [Nb, 2^b] -> int32 [2^b / 2, Nb]: float16 levels in pairs."""
+  """Per-channel tables [Nb, 2^b] -> int32 [2^b / 2, Nb]: float16 levels in pairs (word i holds
+  levels 2i and 2i + 1)."""
   return float16_pairs(tables).T
 
 
@@ -83,7 +96,7 @@ class WordBucket:
   """One precision bucket in the word layout (module docstring).
 
   words: int32 [G, wpg, Nb]; level_words: int32 [2^b / 2, Nb]; scales: the bucket's
-  `GroupScales` [G, Nb], as stored."""
+  `GroupScales` [G, Nb], as stored; bits: the codes' (a field of `field_bits(bits)` each)."""
 
   words: jax.Array
   level_words: jax.Array
@@ -114,7 +127,7 @@ def word_bucket(bucket: Bucket, group: int) -> WordBucket:
   """A stored bucket in the word layout (traceable)."""
   if not covers(bucket.bits, group):
     raise ValueError(
-      f"the word layout holds 1- or 2-bit codes in whole words per group, not bits="
+      f"the word layout holds 1- to 4-bit codes in whole words per group, not bits="
       f"{bucket.bits} with group size {group}."
     )
   codes = packing.unpack(bucket.planes, bucket.bits)
