@@ -49,7 +49,8 @@ a prefill; its contents do not change the cost), median of `--repeat` runs after
 (compilation): tokens/s = batch * new / seconds, no EOS (every step runs). `--prefill` also times
 the prefill of random prompts. Peak GB: the device's peak_bytes_in_use in the method's process
 after its batch (batches run in increasing order and memory grows with the batch, so this is the
-batch's own peak); n/a on CPU. Prints one markdown table last; `--out` writes the rows as JSON,
+batch's own peak); n/a on CPU. Prints one markdown table last (after it, for a 7B run of all 32
+layers, the decode issue's targets met or not: `TARGETS`); `--out` writes the rows as JSON,
 rewritten after each method (a run stopped by a time limit keeps the methods it finished).
 """
 
@@ -216,6 +217,7 @@ def worker(args) -> None:
       "code_bits": bits,
       "weights_gb": weights_gb,
       "tiled": args.tiled,
+      "layers": config.num_layers,
       "packed_shapes": synthetic.distinct_packed_shapes(variables),
     }
     if args.prefill:
@@ -256,6 +258,43 @@ def save_rows(path: str, rows: list[dict]) -> None:
 def _run(row: dict) -> tuple[int, int]:
   """(batch, steps a sync) of a row: what its bf16 ratio is taken at."""
   return row["batch"], row.get("steps_per_sync", 1)
+
+
+# The decode issue's targets: (method, batch) -> tokens/s at least this many times bf16's, for the
+# 7B shape with all 32 layers quantized on their own (not --tiled), one step a sync.
+TARGETS = {
+  ("lowra2", 1): 3.5, ("lowra1.5", 1): 4.0, ("nf4", 1): 2.5,
+  ("lowra2", 8): 3.0, ("lowra1.5", 8): 3.0,
+  ("lowra2", 32): 1.5, ("lowra1.5", 32): 1.5,
+}  # fmt: skip
+
+
+def targets(rows: list[dict]) -> list[tuple[str, int, float, float, bool]]:
+  """(method, batch, goal, ratio vs bf16, met) for each row of a 32-layer 7B run (untiled, one
+  step a sync) that `TARGETS` names, a method's rows by its name without the layout."""
+  bf16 = {_run(r): r["tokens_per_s"] for r in rows if r["method"] == "bf16"}
+  out = []
+  for r in rows:
+    method = r["method"].split(" (")[0]
+    goal = TARGETS.get((method, r["batch"]))
+    whole = r["shape"] == "7b" and r.get("layers") == 32 and not r["tiled"]
+    if goal is None or not whole or _run(r)[1] != 1 or _run(r) not in bf16:
+      continue
+    ratio = r["tokens_per_s"] / bf16[_run(r)]
+    out.append((r["method"], r["batch"], goal, ratio, ratio >= goal))
+  return out
+
+
+def targets_table(rows: list[dict]) -> str:
+  """Markdown: the targets `targets` judges, or "" when the run judges none."""
+  judged = targets(rows)
+  if not judged:
+    return ""
+  lines = ["| method | batch | target vs bf16 | measured | met |", "|---|---|---|---|---|"]
+  for method, batch, goal, ratio, met in judged:
+    met = "yes" if met else "**no**"
+    lines.append(f"| {method} | {batch} | >= {goal:g}x | {ratio:.2f}x | {met} |")
+  return "\n".join(lines)
 
 
 def table(rows: list[dict], prefill: bool) -> str:
@@ -375,6 +414,9 @@ def main() -> None:
     f"{time.perf_counter() - start:.0f} s in all"
   )
   print(table(rows, args.prefill))
+  judged = targets_table(rows)
+  if judged:
+    print("\nThe decode targets (7B, 32 layers quantized on their own):\n" + judged)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from lowra_jax.models import llama
 from pallas_kernels import backend, quantized_matmul
 
 PIECES = [("mixed 1.5", 72, 0), ("mixed 1.5", 40, 1), ("2 bits", 24, 2)]  # name, N, seed
+WIDE = [("nf4", 40, 0), ("mixed 3.0", 72, 1), ("2 bits", 24, 2)]  # 2 to 4 bits, NF4's tables
 
 
-def pieces():
-  return [quantized(name, n=n, seed=seed) for name, n, seed in PIECES]
+def pieces(which=PIECES):
+  return [quantized(name, n=n, seed=seed) for name, n, seed in which]
 
 
 @pytest.mark.parametrize("layout", ["planes", "words"])
@@ -39,11 +40,11 @@ ON_GPU = jax.default_backend() == "gpu"
 
 
 @pytest.mark.parametrize("impl", ["interpret"] + (["triton"] if ON_GPU else []))
-@pytest.mark.parametrize("m", [1, 4])
-def test_fused_word_gemv_matches_float64(m, impl):
+@pytest.mark.parametrize("m, which", [(1, PIECES), (4, PIECES), (2, WIDE)])
+def test_fused_word_gemv_matches_float64(m, which, impl):
   """All buckets of three tensors in one `word_gemv` launch, columns in the pieces' order."""
-  fused = quantize.concat_channels([quantize.to_word_layout(p) for p in pieces()])
-  w = np.concatenate([dense64(p) for p in pieces()], axis=1)
+  fused = quantize.concat_channels([quantize.to_word_layout(p) for p in pieces(which)])
+  w = np.concatenate([dense64(p) for p in pieces(which)], axis=1)
   x = jax.random.normal(jax.random.key(m), (m, w.shape[0])).astype(jnp.bfloat16)
   y = quantized_matmul(x, fused, backend=impl).astype(jnp.float32)
   x64 = np.asarray(x, np.float64)
