@@ -20,8 +20,8 @@ the same key, prompts and settings give the same tokens. Streaming (`on_token`) 
 inside the loop, traced only when asked for.
 
 `decode_layout(variables, batch)` puts the packed base in the word layout where the GPU kernels
-decode it faster (`quantize.to_word_layout`: batch <= `quantized_ops.word_rows()` rows, 1- and
-2-bit tensors) and fuses the kernels and adapters of sibling projections (q/k/v, gate/up:
+decode it faster (`quantize.to_word_layout`: batch <= `quantized_ops.word_rows()` rows, tensors
+of 1- to 4-bit channels) and fuses the kernels and adapters of sibling projections (q/k/v, gate/up:
 `fusion.fuse_for_decoding` by `llama.FUSED_PROJECTIONS`) into one launch each: generate.py does
 so before generating.
 """
