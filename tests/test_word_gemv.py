@@ -168,7 +168,7 @@ def _relative_error(kernel, tiles, name: str, m: int) -> float:
 @pytest.mark.parametrize(
   "name, m",
   [("2 bits", 4), ("1 bit", 1), ("mixed 1.5", 2), ("nf2, plain scales", 1), ("4 bits", 1),
-   ("nf4", 2), ("mixed 3.0", 3)],
+   ("nf4", 2), ("mixed 3.0", 1)],
 )
 def test_word_gemv_matches_float64(name, m, stages):
   tiles = wg.GemvTiles(block_g=1, block_n=64, splits=2, num_stages=stages)
