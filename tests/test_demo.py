@@ -20,9 +20,15 @@ from lowra_jax.models import weights
 ROOT = Path(__file__).resolve().parents[1]
 PYCODE = ROOT / ".." / "shared" / "data" / "models" / "pycode-llama-17m"
 # Perplexity after 60 AdamW steps carries float32 reduction-order noise through training: 4e-4
-# relative between an AMD EPYC and an Intel Xeon (23.164 vs 23.154); 1 % bounds it with margin.
-# Rows before training differ less (1e-5 relative on the quantized base).
-PPL_RTOL = 1e-2
+# relative between an AMD EPYC and an Intel Xeon (23.164 vs 23.154). The quantized rows also carry
+# the base's channel counts: a shape class's count is the rounded mean of its tensors' solved
+# counts (`precision.shared_counts`), which float32 noise in the per-channel errors can move by
+# one channel, and with it every later rounding: between two Intel Xeon machines 1.496 vs 1.497
+# code bits, perplexity 30.353 vs 29.568 (2.6 %) for the quantized base and 16.514 vs 16.673
+# (1.0 %) after fine-tuning. Bounds: 1 % for the bf16 row, 5 % and 0.002 code bits (two such
+# one-channel moves of the 384-channel classes, 0.00087 bits each) for the quantized rows.
+PPL_RTOL = {"bf16 base": 1e-2}
+QUANTIZED_PPL_RTOL, BITS_ATOL = 5e-2, 2e-3
 
 
 def demo_commands() -> list[list[str]]:
@@ -72,9 +78,12 @@ def test_readme_table_is_what_make_demo_prints(demo):
   _, _, printed = demo
   readme = table((ROOT / "README.md").read_text())
   got = table(printed)
-  assert [row[:3] for row in readme] == [row[:3] for row in got]  # names and bits exactly
+  assert [row[0] for row in readme] == [row[0] for row in got]
   for want, have in zip(readme, got):
-    assert float(have[3]) == pytest.approx(float(want[3]), rel=PPL_RTOL), (want, have)
+    bits = [float(v) for v in want[1:3]]
+    assert [float(v) for v in have[1:3]] == pytest.approx(bits, abs=BITS_ATOL), (want, have)
+    rtol = PPL_RTOL.get(want[0], QUANTIZED_PPL_RTOL)
+    assert float(have[3]) == pytest.approx(float(want[3]), rel=rtol), (want, have)
 
 
 def test_metrics_hold_one_record_per_step_and_eval(demo):
