@@ -16,7 +16,8 @@ against ~10 for the tensor-core kernels' byte lookups (`lut_matmul`).
 select in each pair of level words, each further bit between pairs of those results, one
 selector a stage (`stage_plans`, each stage's selectors shared by the pairs at a_p and a_p + 16,
 the second's shifted down): 2 + 1 `prmt`s and ~3.5 selector instructions a 3-bit pair, 4 + 2 + 1
-and ~5.5 a 4-bit pair, about 6.75 instructions a weight at 4 bits and M = 1.
+and ~5.5 a 4-bit pair, about 6.75 instructions a weight at 4 bits and M = 1 by count (7.8 in
+its SASS: `benchmarks/kernel_sass.py`).
 
 Activations are converted to float16 (`x_pairs`), so a word's partial sum overflows when its 16 / f
 products (f-bit fields) of |x| |level| exceed 65504 (levels are at most 1 in magnitude: |x| up to
@@ -30,7 +31,7 @@ scale * h @ B at their columns before storing, so decoding with adapters launche
 them after the GEMV (`low_rank_reference` is its jnp form). Compiled kernels run the per-pair
 work as inline PTX; Pallas' interpreter (CPU tests) runs the same lookups and arithmetic in jnp
 (`prmt` by `byte_lookup.prmt_reference`, float16 rounding per FMA), its selectors computed
-directly: the PTX's `SelectorPlan`s are checked on Python integers.
+directly: the inline PTX of each lookup (`lookup_code`) is run on Python integers by the tests.
 """
 
 from __future__ import annotations
